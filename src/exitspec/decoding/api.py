@@ -1,0 +1,137 @@
+"""The Python API of decoding: `generate()` returns results, `stream()` yields events.
+
+    import exitspec
+    m = exitspec.load("default")
+    out = exitspec.generate(m, "Write a haiku about caches.", strategy="vanilla", max_new_tokens=64)
+    print(out.texts[0], out.stats.tokens_per_s)
+
+Prompts may be a string (wrapped as one user chat message when the tokenizer has a chat template
+and chat=True), a list of chat messages, or a batch (list) of either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from exitspec.decoding.driver import GenerateConfig, GenerationError, decode
+from exitspec.decoding.events import DoneEvent, Event, GenerationStats
+from exitspec.decoding.sampling import SamplingParams
+from exitspec.decoding.strategy import Strategy
+from exitspec.decoding.vanilla import Vanilla
+
+Prompt = str | Sequence[dict]
+
+# name -> factory(model, **options) -> Strategy. Strategy modules register themselves here.
+STRATEGIES: dict[str, Callable[..., Strategy]] = {"vanilla": lambda model, **_: Vanilla()}
+
+
+def register_strategy(name: str, factory: Callable[..., Strategy]) -> None:
+    STRATEGIES[name] = factory
+
+
+def make_strategy(name: str | Strategy, model, **options) -> Strategy:
+    if isinstance(name, Strategy):
+        return name
+    _load_builtin_strategies()
+    if name not in STRATEGIES:
+        raise GenerationError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](model, **options)
+
+
+def _load_builtin_strategies() -> None:
+    """Import the strategy modules that register themselves (kept lazy: vanilla needs none)."""
+    import importlib
+
+    for mod in ("exitspec.decoding.self_spec", "exitspec.decoding.dssd", "exitspec.decoding.cascade",
+                "exitspec.decoding.mlp_skip"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise
+
+
+def is_batch(prompts: Any) -> bool:
+    if isinstance(prompts, str):
+        return False
+    if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict):
+        return False  # one conversation
+    return isinstance(prompts, Sequence)
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool = True) -> list[int]:
+    """Token ids of one prompt, through the chat template when there is one and chat is on."""
+    if isinstance(prompt, str):
+        if chat and getattr(tokenizer, "chat_template", None):
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not isinstance(prompt, Sequence) or not prompt or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+    ):
+        raise GenerationError("a prompt must be a string or a non-empty list of {'role', 'content'} messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError("this tokenizer has no chat template; pass plain text prompts")
+    ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    stats: GenerationStats
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+def stream(
+    model,
+    prompts: Prompt | Sequence[Prompt],
+    *,
+    strategy: str | Strategy = "vanilla",
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    chat: bool = True,
+    ignore_eos: bool = False,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+    **strategy_options,
+) -> Iterator[Event]:
+    """Yield TokenEvent / FinishEvent / DoneEvent for one prompt or a batch (see decoding/events.py).
+
+    `model` is what `exitspec.load()` returns. `prompt_ids` bypasses tokenisation.
+    """
+    if prompt_ids is None:
+        batch = list(prompts) if is_batch(prompts) else [prompts]
+        prompt_ids = [encode_prompt(model.tokenizer, p, chat) for p in batch]
+    config = GenerateConfig(
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        stop=list(stop),
+        ignore_eos=ignore_eos,
+    )
+    strat = make_strategy(strategy, model, **strategy_options)
+    yield from decode(model.lm, model.tokenizer, [list(p) for p in prompt_ids], strat, config,
+                      heads=getattr(model, "heads", None))
+
+
+def generate(model, prompts: Prompt | Sequence[Prompt], **kwargs) -> GenerationResult:
+    """Run `stream()` to the end and return texts, token ids, finish reasons and stats."""
+    done = None
+    for ev in stream(model, prompts, **kwargs):
+        if isinstance(ev, DoneEvent):
+            done = ev
+    assert done is not None
+    return GenerationResult(texts=done.texts, token_ids=done.token_ids,
+                            finish_reasons=done.finish_reasons, stats=done.stats)

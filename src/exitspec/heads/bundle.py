@@ -1,0 +1,188 @@
+"""A bundle of exit heads for one base model: a folder with `bundle.json` + `heads.safetensors`.
+
+`bundle.json` names the base model and carries a fingerprint of its architecture and weights, so a
+bundle is never silently applied to a different model; it also stores the exit layers, head kinds,
+calibrated thresholds and the training settings that produced it. Saving writes a temporary folder
+and renames it into place: a crash leaves either the old bundle or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exitspec.heads.base import ExitHead, make_head
+from exitspec.runtime.layered import LayeredModel
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "bundle.json"
+WEIGHTS_FILE = "heads.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, corrupt, or made for another base model."""
+
+
+def fingerprint(lm: LayeredModel) -> dict:
+    """Identity of a base model: its architecture and a hash of a few of its weight tensors."""
+    a = lm.adapter
+    arch = {"model_type": lm.model.config.model_type, "layers": lm.num_layers, "hidden_size": lm.hidden_size,
+            "vocab_size": lm.vocab_size, "kv_heads": a.num_kv_heads, "head_dim": a.head_dim}
+    h = hashlib.sha256()
+    probes = [lm.lm_head.weight[:64], next(a.layers[0].parameters()).flatten()[:4096],
+              next(a.layers[-1].parameters()).flatten()[:4096]]
+    probes += [p.flatten() for p in lm.final_norm.parameters()]
+    for t in probes:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return {"arch": arch, "weights_sha256": h.hexdigest()[:32]}
+
+
+@dataclass
+class BundleConfig:
+    base_model: str
+    fingerprint: dict
+    exit_layers: list[int]
+    head_kinds: dict[str, str]  # str(layer) -> kind
+    head_options: dict[str, dict] = field(default_factory=dict)  # str(layer) -> kind kwargs
+    # str(layer) -> {"score": "max_prob"|"entropy"|"margin"|"learned", "value": float, ...report}
+    thresholds: dict[str, dict] = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+class HeadBundle(nn.Module):
+    def __init__(self, lm: LayeredModel, heads: dict[int, ExitHead], config: BundleConfig):
+        super().__init__()
+        self.heads = nn.ModuleDict({str(layer): heads[layer] for layer in sorted(heads)})
+        self.config = config
+        self._base = (lm,)
+        # Optional learned confidence estimators, str(layer) -> module (see calibration).
+        self.estimators = nn.ModuleDict()
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, lm: LayeredModel, layers: list[int], kind: str | dict[int, str] = "norm_lm",
+               base_model: str = "", **head_kwargs) -> HeadBundle:
+        kinds = kind if isinstance(kind, dict) else {layer: kind for layer in layers}
+        heads = {layer: make_head(kinds[layer], lm, layer, **head_kwargs) for layer in layers}
+        cfg = BundleConfig(base_model=base_model, fingerprint=fingerprint(lm),
+                           exit_layers=sorted(layers), head_kinds={str(k): v for k, v in kinds.items()},
+                           head_options={str(layer): dict(head_kwargs) for layer in layers})
+        return cls(lm, heads, cfg)
+
+    # --- access -------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(k) for k in self.heads)
+
+    def head(self, layer: int) -> ExitHead:
+        try:
+            return self.heads[str(layer)]
+        except KeyError:
+            raise BundleError(f"no exit head at layer {layer}; this bundle has layers {self.layers}") from None
+
+    def threshold(self, layer: int) -> dict | None:
+        """Calibrated threshold of an exit: {"score": name, "value": float, ...} or None."""
+        return self.config.thresholds.get(str(layer))
+
+    def describe(self) -> dict:
+        return {"layers": self.layers, "kinds": self.config.head_kinds,
+                "thresholds": {k: round(v.get("value", float("nan")), 4) for k, v in self.config.thresholds.items()}}
+
+    # --- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Atomically write the bundle folder (weights optionally cast, e.g. to fp16 for shipping)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in self.state_dict().items()}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "exitspec-heads"})
+            (tmp / CONFIG_FILE).write_text(self.config.to_json())
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, lm: LayeredModel, *, check_fingerprint: bool = True) -> HeadBundle:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not path.is_dir():
+            raise BundleError(f"head bundle {path} does not exist; train one with `exitspec train` "
+                              "or use --heads default")
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise BundleError(f"{path} is not a complete head bundle (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                              "re-save or retrain it")
+        try:
+            raw = json.loads(cfg_path.read_text())
+            cfg = BundleConfig(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise BundleError(f"{cfg_path} is corrupt ({err}); re-save or retrain the bundle") from err
+        if cfg.format_version != FORMAT_VERSION:
+            raise BundleError(f"{path} has bundle format {cfg.format_version}; this exitspec reads {FORMAT_VERSION}")
+        if check_fingerprint:
+            mine = fingerprint(lm)
+            if cfg.fingerprint.get("arch") != mine["arch"]:
+                raise BundleError(
+                    f"head bundle {path} was trained for {cfg.base_model or 'another model'} "
+                    f"({cfg.fingerprint.get('arch')}), not this model ({mine['arch']}); "
+                    "load the matching --model or train heads for this one")
+            if cfg.fingerprint.get("weights_sha256") != mine["weights_sha256"]:
+                raise BundleError(
+                    f"head bundle {path} matches this architecture but was trained on different weights "
+                    f"({cfg.base_model}); train heads for this model with `exitspec train`")
+        heads = {int(k): make_head(v, lm, int(k), **cfg.head_options.get(k, {})) for k, v in cfg.head_kinds.items()}
+        bundle = cls(lm, heads, cfg)
+        try:
+            state = load_file(str(w_path))
+        except Exception as err:  # safetensors raises several types for truncated files
+            raise BundleError(f"{w_path} is corrupt ({err}); re-save or retrain the bundle") from err
+        ref = bundle.state_dict()
+        missing = sorted(set(ref) - set(state))
+        unexpected = sorted(set(state) - set(ref))
+        if missing or unexpected:
+            raise BundleError(f"{w_path} does not match {CONFIG_FILE} (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); the bundle is damaged, retrain or re-save it")
+        bundle.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
+        return bundle.to(lm.device).eval().requires_grad_(False)
+
+
+def shipped_bundle_path() -> Path:
+    """The bundle shipped inside the package for the default model."""
+    return Path(__file__).resolve().parent.parent / "assets" / "heads" / "smollm2-135m-instruct"
+
+
+def attach_heads(model, heads: str | Path | HeadBundle) -> HeadBundle:
+    """Load a bundle for `model` (a LoadedModel) and attach it as `model.heads`."""
+    if isinstance(heads, HeadBundle):
+        bundle = heads
+    else:
+        path = shipped_bundle_path() if str(heads) == "default" else Path(heads)
+        if str(heads) == "default" and not (path / CONFIG_FILE).is_file():
+            raise BundleError("this build ships no default head bundle; train one with `exitspec train`")
+        bundle = HeadBundle.load(path, model.lm)
+    model.heads = bundle
+    return bundle

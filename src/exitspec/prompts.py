@@ -1,0 +1,123 @@
+"""Prompt sets: read the common public formats, with a fixed train / held-out split.
+
+Formats (detected per record): a JSON string per line; MT-Bench / Spec-Bench (`turns`, optional
+`category`, `question_id`); ShareGPT (`conversations` with `from`/`value` or `role`/`content`);
+instruction / response pairs (`instruction`, `input`); GSM8K (`question`); HumanEval (`prompt`);
+Open-Assistant trees (`prompt.text`); plain `prompt` / `text` fields. `.json` arrays, `.jsonl` and
+`.jsonl.gz` files are read.
+
+Split: the last `heldout_fraction` (20%) of every file is held out for evaluation and never used
+for training (the recipe suggested by ../shared/data/SOURCES.md); `split="train"` gives the rest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+HELDOUT_FRACTION = 0.2
+
+
+@dataclass
+class Prompt:
+    text: str  # the user turn (first turn for multi-turn records)
+    category: str = ""
+    id: str = ""
+    reference: str = ""  # a reference answer when the record has one (training may use it)
+
+
+def shared_data_dir() -> Path | None:
+    """`../shared/data` beside the repository checkout, when present (examples, tests, benchmarks)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent.parent / "shared" / "data"
+        if (parent / "pyproject.toml").is_file() and cand.is_dir():
+            return cand
+    return None
+
+
+def _records(path: Path) -> list:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("[") and not path.name.endswith((".jsonl", ".jsonl.gz")):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _to_prompt(rec, index: int, category: str) -> Prompt | None:
+    if isinstance(rec, str):
+        return Prompt(rec, category, str(index))
+    if not isinstance(rec, dict):
+        return None
+    rid = str(rec.get("question_id", rec.get("task_id", rec.get("id", index))))
+    cat = rec.get("category", category)
+    if rec.get("turns"):
+        turn = rec["turns"][0]
+        return Prompt(turn if isinstance(turn, str) else turn.get("content", ""), cat, rid)
+    if rec.get("conversations"):
+        conv = rec["conversations"]
+        user = next((m for m in conv if m.get("from", m.get("role")) in ("human", "user")), conv[0])
+        reply = next((m for m in conv if m.get("from", m.get("role")) in ("gpt", "assistant")), None)
+        text = user.get("value", user.get("content", ""))
+        ref = (reply or {}).get("value", (reply or {}).get("content", ""))
+        return Prompt(text, cat, rid, ref)
+    if "instruction" in rec:
+        text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        return Prompt(text, cat, rid, rec.get("response", rec.get("output", "")))
+    if "question" in rec:
+        return Prompt(rec["question"], cat, rid, rec.get("answer", ""))
+    if isinstance(rec.get("prompt"), dict):  # Open-Assistant message tree
+        return Prompt(rec["prompt"].get("text", ""), cat, rid)
+    for key in ("prompt", "text"):
+        if isinstance(rec.get(key), str):
+            return Prompt(rec[key], cat, rid)
+    return None
+
+
+def load_prompts(path: str | Path, *, split: str = "all", limit: int | None = None,
+                 heldout_fraction: float = HELDOUT_FRACTION, max_chars: int | None = None) -> list[Prompt]:
+    """Prompts of one file. split: "train" (first 80%), "heldout" (last 20%) or "all"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be train, heldout or all, got {split!r}")
+    category = path.parent.name
+    prompts = [p for i, r in enumerate(_records(path)) if (p := _to_prompt(r, i, category)) and p.text.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts in a format exitspec reads (see exitspec.prompts)")
+    cut = len(prompts) - max(1, int(round(len(prompts) * heldout_fraction)))
+    if split == "train":
+        prompts = prompts[:cut]
+    elif split == "heldout":
+        prompts = prompts[cut:]
+    if max_chars:
+        prompts = [p for p in prompts if len(p.text) <= max_chars]
+    return prompts[:limit] if limit else prompts
+
+
+DEFAULT_SETS = (
+    "oasst_sample/prompt_lottery_en_250_text.jsonl",
+    "gpteacher/codegen-instruct.json",
+    "gsm8k/train.jsonl",
+    "gpteacher/roleplay-simple-deduped-roleplay-instruct.json",
+    "humaneval/HumanEval.jsonl.gz",
+)
+
+
+def mixed_prompts(split: str, per_set: int, data_dir: str | Path | None = None,
+                  max_chars: int = 1500) -> list[Prompt]:
+    """`per_set` prompts from each of the shared public sets, interleaved (chat, code, math, roleplay)."""
+    root = Path(data_dir) if data_dir else shared_data_dir()
+    if root is None or not root.is_dir():
+        raise FileNotFoundError("no prompt data folder found; pass --prompts FILE or --data-dir DIR")
+    sets = [load_prompts(root / rel, split=split, limit=per_set, max_chars=max_chars)
+            for rel in DEFAULT_SETS if (root / rel).is_file()]
+    out = []
+    for i in range(per_set):
+        out.extend(s[i] for s in sets if i < len(s))
+    return out

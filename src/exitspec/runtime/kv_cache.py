@@ -1,0 +1,94 @@
+"""A preallocated, position-indexed KV cache (the gpt-fast design) with per-layer fill lengths.
+
+Slot j of every layer holds the key/value of the token at position j. Three things follow:
+- Writing is an index_put at the tokens' positions; nothing is ever concatenated or reallocated.
+- Rollback after a rejected draft is just a smaller length: stale slots beyond it are masked out by
+  the causal rule "a query at position p attends to slots j <= p", and are overwritten before any
+  later query can see them (a token at position p writes slot p before it attends).
+- Rows of a batch may have different lengths: each row's queries carry their own positions.
+
+Per-layer lengths exist because self-speculation fills the layers below the exit further than the
+layers above it while drafting. `hidden` optionally keeps the hidden states entering layer
+`hidden_layer` (the exit layer's output), so that verification can resume at that layer for the
+drafted tokens instead of recomputing them from the bottom (the LayerSkip trick).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """The cache has no room for the tokens to be written."""
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        hidden_layer: int | None = None,
+        hidden_size: int | None = None,
+    ):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (n_layer, B, Hkv, L, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # lengths[l, b]: how many leading positions of row b are valid in layer l.
+        self.lengths = torch.zeros(num_layers, batch, dtype=torch.long)
+        self.max_len = max_len
+        self.hidden_layer = hidden_layer
+        self.hidden: torch.Tensor | None = None
+        if hidden_layer is not None:
+            if hidden_size is None:
+                raise ValueError("hidden_size is needed to keep hidden states")
+            self.hidden = torch.zeros(batch, max_len, hidden_size, dtype=dtype, device=device)  # (B, L, C)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    def check_room(self, end_positions: torch.Tensor) -> None:
+        """Raise if any row would write past the preallocated length."""
+        need = int(end_positions.max())
+        if need > self.max_len:
+            raise CacheFullError(
+                f"KV cache holds {self.max_len} positions but {need} are needed; "
+                "raise max_len (prompt length + max_new_tokens + draft length)"
+            )
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+    def mark_filled(self, start: int, stop: int, end_positions: torch.Tensor) -> None:
+        """Layers start..stop-1 now hold rows up to `end_positions` (B,) (exclusive)."""
+        self.lengths[start:stop] = end_positions.to(self.lengths.device)
+
+    def rollback(self, lengths: torch.Tensor | int, layers: slice = slice(None)) -> None:
+        """Truncate rows to at most `lengths` (int or (B,)) in the given layers. O(1): no data moves."""
+        cur = self.lengths[layers]
+        new = torch.as_tensor(lengths, dtype=torch.long).expand_as(cur)
+        self.lengths[layers] = torch.minimum(cur, new)
+
+    def keep_hidden(self, h: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store hidden states h (B, T, C) of `hidden_layer` at their positions (B, T)."""
+        assert self.hidden is not None
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]
+        self.hidden[rows, positions] = h
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (e.g. drop finished sequences)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.lengths = self.lengths[:, rows.cpu()]
+        if self.hidden is not None:
+            self.hidden = self.hidden[rows]

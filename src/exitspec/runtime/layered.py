@@ -1,0 +1,122 @@
+"""The layered runtime: an HF decoder run in pieces — embed, layers start..stop, final norm, LM head.
+
+Every decoding strategy is written against this one interface. A forward over new tokens is:
+
+    h = lm.embed(ids, positions)                       # (B, T, C)
+    h = lm.run_layers(h, positions, cache, 0, lm.num_layers)
+    logits = lm.logits(h)                              # (B, T, V)
+
+and an early exit at layer l is simply `run_layers(..., 0, l)` followed by an exit head; the deep
+part `run_layers(..., l, L)` can run later, on the same positions, reusing the cache of layers < l.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exitspec.models.adapters import Adapter, StepContext, adapter_for
+from exitspec.runtime.kv_cache import KVCache
+
+
+class LayeredModel:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.adapter: Adapter = adapter_for(model)
+        a = self.adapter
+        self.num_layers = a.num_layers
+        self.hidden_size = a.hidden_size
+        self.vocab_size = a.vocab_size
+        self.max_positions = a.max_positions
+        self.lm_head = a.lm_head
+        self.final_norm = a.final_norm
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+
+    # ------------------------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int, hidden_layer: int | None = None) -> KVCache:
+        if max_len > self.max_positions:
+            raise ValueError(
+                f"{max_len} positions asked for but the model supports {self.max_positions}; "
+                "shorten the prompt or lower max_new_tokens"
+            )
+        a = self.adapter
+        return KVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, max_len, dtype=self.dtype,
+                       device=self.device, hidden_layer=hidden_layer, hidden_size=a.hidden_size)
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.adapter.embed(ids, positions)
+
+    def context(self, h: torch.Tensor, positions: torch.Tensor) -> StepContext:
+        """Shared per-call state: cache write pattern, causal mask, rotary tables."""
+        B, T = positions.shape
+        first = positions[:, :1]
+        # Fast path: every row writes the same contiguous positions (batch 1 always does).
+        contiguous = bool((positions == first[:1] + torch.arange(T, device=positions.device)).all())
+        start = int(positions[0, 0])
+        attend_len = int(positions.max()) + 1
+        slots = torch.arange(attend_len, device=positions.device)
+        if contiguous and T == 1:
+            mask = None  # a single query at the last position may see every slot 0..L-1
+        else:
+            mask = (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+        windowed: dict[int, torch.Tensor | None] = {}
+        for i in range(self.num_layers):
+            w = self.adapter.window(i)
+            if w is not None and w not in windowed and attend_len > w:
+                near = slots[None, None, :] > positions[:, :, None] - w
+                causal = slots[None, None, :] <= positions[:, :, None]
+                windowed[w] = (near & causal).unsqueeze(1)
+        rows = None if contiguous else torch.arange(B, device=positions.device)[:, None]
+        return StepContext(positions=positions, rows=rows, start=start, attend_len=attend_len,
+                           mask=mask, rope=self.adapter.rope(h, positions), windowed_mask=windowed)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,  # (B, T, C) hidden states entering layer `start`
+        positions: torch.Tensor,  # (B, T)
+        cache: KVCache,
+        start: int,
+        stop: int,
+        *,
+        ctx: StepContext | None = None,
+        skip_mlp: set[int] | frozenset[int] = frozenset(),
+    ) -> torch.Tensor:  # (B, T, C) hidden states leaving layer stop-1
+        if not 0 <= start <= stop <= self.num_layers:
+            raise ValueError(f"layer range {start}..{stop} outside 0..{self.num_layers}")
+        if ctx is None:
+            ctx = self.context(h, positions)
+        end = positions[:, -1] + 1
+        cache.check_room(end)
+        for i in range(start, stop):
+            h = self.adapter.layer(i, h, cache.layer(i), ctx, skip_mlp=i in skip_mlp)
+        cache.mark_filled(start, stop, end)
+        return h
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(h)
+
+    def head(self, h_normed: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h_normed)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: (B, T, C) -> (B, T, V)."""
+        return self.lm_head(self.final_norm(h))
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Full model on new tokens: (B, T) ids -> (B, T, V) logits, cache updated."""
+        h = self.embed(ids, positions)
+        h = self.run_layers(h, positions, cache, 0, self.num_layers)
+        return self.logits(h)
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by part: embedding, layers, final norm, LM head (tied heads counted once)."""
+        def count(m):
+            return sum(p.numel() for p in m.parameters())
+        layers = sum(count(blk) for blk in self.adapter.layers)
+        total = sum(p.numel() for p in self.model.parameters())  # dedups tied weights
+        head = count(self.lm_head)
+        norm = count(self.final_norm)
+        return {"total": total, "layers": layers, "per_layer": layers // self.num_layers,
+                "lm_head": head, "final_norm": norm,
+                "tied_embeddings": int(total < layers + norm + 2 * head)}

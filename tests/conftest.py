@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random models of each supported family, built in memory (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+torch.set_num_threads(2)
+
+VOCAB = 96
+EOS = 95
+
+
+def tiny_model(family: str, *, layers: int = 6, seed: int = 0) -> torch.nn.Module:
+    """A random fp32 model. initializer_range is raised so next-token distributions are peaked,
+    as in a trained model: near-uniform random logits would make greedy argmax ties common."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, initializer_range=0.2)
+    # No EOS in the model config: HF generate then never stops early, like our ignore_eos runs.
+    # The character tokenizer still names EOS for the driver's stop tests.
+    common.update(eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    if family == "llama":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, **common)
+        model = LlamaForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=False, **common)
+        model = Qwen2ForCausalLM(cfg)
+    elif family == "gpt_neox":
+        cfg = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                            num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.5,
+                            use_parallel_residual=True, **common)
+        model = GPTNeoXForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=512, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(family)
+    return model.eval().requires_grad_(False)
+
+
+FAMILIES = ["llama", "qwen2", "gpt_neox", "gpt2"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII (ids 0..94) plus <eos> = 95, in memory."""
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["<eos>"] = EOS
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_loaded(family: str = "llama", **kw):
+    """A LoadedModel over a tiny random model and the character tokenizer."""
+    from exitspec.models.loading import LoadedModel
+
+    return LoadedModel.from_hf(tiny_model(family, **kw), char_tokenizer(), name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""
+    from exitspec.models.loading import load
+
+    return load("default")
