@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     strategies = ["vanilla"]
     recommended = {}
     if model.heads is not None:
-        recommended = model.heads.config.training.get("recommended", {})
+        recommended = model.heads.config.recommended
         strategies += [s for s in ("self-spec", "dssd", "cascade", "mlp-skip") if s in recommended]
     if args.strategies:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]

@@ -54,7 +54,11 @@ class BundleConfig:
     head_options: dict[str, dict] = field(default_factory=dict)  # str(layer) -> kind kwargs
     # str(layer) -> {"score": "max_prob"|"entropy"|"margin"|"learned", "value": float, ...report}
     thresholds: dict[str, dict] = field(default_factory=dict)
-    training: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # settings that produced the heads (TrainConfig)
+    # str(layer) -> learned confidence estimator settings (weights live in heads.safetensors)
+    estimators: dict[str, dict] = field(default_factory=dict)
+    # strategy name -> decode options measured best for this bundle, e.g. {"self-spec": {"exit_layer": 12}}
+    recommended: dict[str, dict] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
