@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
 
+from conftest import VOCAB, tiny_model
 from exitspec.models.adapters import UnsupportedArchitectureError
 from exitspec.runtime.kv_cache import CacheFullError
 from exitspec.runtime.layered import LayeredModel

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, tiny_loaded
 
 import exitspec
+from conftest import EOS, tiny_loaded
 from exitspec.decoding.driver import GenerationError
 from exitspec.decoding.events import DoneEvent, FinishEvent, TokenEvent
 from exitspec.decoding.sampling import SamplingError, SamplingParams, probs
