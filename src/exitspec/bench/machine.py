@@ -33,3 +33,59 @@ def machine_line(m: dict | None = None) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     return (f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['mem_gib']} GiB{gpu}; "
             f"torch {m['torch']}, Python {m['python']}")
+
+
+class PeakMemory:
+    """Peak memory while the `with` block runs, in MiB.
+
+    GPU: torch.cuda.max_memory_allocated after a reset (exact). CPU: the resident set size sampled
+    every 5 ms by a background thread with psutil (the process-lifetime peak from `resource` cannot
+    be reset, so it is only the fallback when psutil is missing, reported as `ru_maxrss`).
+    """
+
+    def __init__(self, device: str = "cpu", interval_s: float = 0.005):
+        self.device = str(device)
+        self.interval_s = interval_s
+        self.peak_mib: float | None = None
+        self.source = ""
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = None
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.source = "cuda_max_allocated"
+            return self
+        try:
+            import psutil
+        except ImportError:
+            self.source = "ru_maxrss"
+            return self
+        proc = psutil.Process()
+        self.source = "rss_sampled"
+        self._peak = proc.memory_info().rss
+
+        def sample():
+            while not self._stop.wait(self.interval_s):
+                self._peak = max(self._peak, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.source == "cuda_max_allocated":
+            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        elif self.source == "rss_sampled":
+            self._stop.set()
+            self._thread.join()
+            import psutil
+
+            self.peak_mib = max(self._peak, psutil.Process().memory_info().rss) / 2**20
+        else:
+            import resource
+
+            self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return False

@@ -1,0 +1,194 @@
+"""What a benchmark run measures: prompts x contenders x option grids x temperatures.
+
+A run is described by a `BenchConfig`, read from a TOML file and/or command-line options:
+
+    [bench]
+    num_prompts = 20          # held-out prompts (or `prompts = "path/to/file.jsonl"`)
+    max_new_tokens = 128
+    temperatures = [0.0]
+    repeats = 3
+    warmup = 1
+
+    [[run]]
+    name = "self-spec"        # an exitspec strategy (exitspec.decoding.api.STRATEGIES) or a peer (bench/peers.py)
+    exit_layer = [8, 12]      # every list is a grid axis; scalars are fixed options
+    gamma = [3, 5]
+
+Every `[[run]]` expands to the cartesian product of its list-valued options. The config is saved as
+`config.json` next to the results, so every result file says exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Peers: the decoders a user would pick instead of exitspec (implemented in bench/peers.py).
+PEERS = ("hf-generate", "hf-early-exit", "hf-prompt-lookup", "economize-early-exit")
+# The two vanilla decoders every run includes: speedups are against the faster of them.
+BASELINES = ("vanilla", "hf-generate")
+
+
+class BenchConfigError(ValueError):
+    """A benchmark configuration that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration of the sweep: a contender with fixed options at one temperature."""
+
+    name: str  # strategy or peer name
+    options: tuple[tuple[str, object], ...] = ()  # sorted (key, value) pairs, hashable
+    temperature: float = 0.0
+
+    @property
+    def opts(self) -> dict:
+        return dict(self.options)
+
+    @property
+    def is_peer(self) -> bool:
+        return self.name in PEERS
+
+    @property
+    def label(self) -> str:
+        """Unique, human-readable id, e.g. `self-spec[exit_layer=8,gamma=3]@T0`."""
+        inner = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.name}{f'[{inner}]' if inner else ''}@T{self.temperature:g}"
+
+    @property
+    def exit_layer(self) -> int | None:
+        v = self.opts.get("exit_layer")
+        return int(v) if v is not None else None
+
+    @property
+    def gamma(self) -> int | None:
+        """The configured draft length, whatever the contender calls it."""
+        o = self.opts
+        for key in ("gamma", "draft_len", "num_tokens", "num_speculative_tokens"):
+            if o.get(key) is not None:
+                return int(o[key])
+        return None
+
+
+@dataclass
+class BenchConfig:
+    prompts: str = "heldout"  # "heldout" = the shared held-out mix; else a prompt file (its held-out split)
+    split: str = "heldout"  # split of a prompt file: heldout, train or all
+    num_prompts: int = 20
+    max_new_tokens: int = 128
+    temperatures: list[float] = field(default_factory=lambda: [0.0])
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0  # sampling seed of prompt i is seed + i, identical for every contender
+    model: str = "default"
+    heads: str | None = None  # head bundle for strategies that need one ("default" = shipped)
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    chat: bool = True
+    quality: bool = True  # teacher-forced layer sweep + perplexity of lossy outputs
+    quality_layers: list[int] | None = None  # None: every layer 1..L-1
+    bootstrap: int = 1000
+    runs: list[dict] = field(default_factory=list)  # [{"name": ..., option: value | [values]}]
+
+    def validate(self) -> None:
+        if self.num_prompts <= 0:
+            raise BenchConfigError(f"num_prompts must be >= 1, got {self.num_prompts}")
+        if self.max_new_tokens <= 0:
+            raise BenchConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repeats <= 0 or self.warmup < 0:
+            raise BenchConfigError("repeats must be >= 1 and warmup >= 0")
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise BenchConfigError(f"temperatures must be a non-empty list of values >= 0, got {self.temperatures}")
+        if self.split not in ("heldout", "train", "all"):
+            raise BenchConfigError(f"split must be heldout, train or all, got {self.split!r}")
+        for r in self.runs:
+            if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
+                raise BenchConfigError(f"every [[run]] needs a name (a strategy or peer), got {r!r}")
+
+    def specs(self) -> list[RunSpec]:
+        """The sweep: baselines first (speedups need them), then every run's grid, per temperature."""
+        self.validate()
+        runs = [dict(r) for r in self.runs]
+        for base in reversed(BASELINES):
+            if not any(r["name"] == base and len(r) == 1 for r in runs):
+                runs.insert(0, {"name": base})
+        specs: list[RunSpec] = []
+        for t in self.temperatures:
+            for r in runs:
+                for opts in expand_grid({k: v for k, v in r.items() if k != "name"}):
+                    spec = RunSpec(r["name"], tuple(sorted(opts.items())), float(t))
+                    if spec not in specs:
+                        specs.append(spec)
+        # Baselines first within each temperature, in a stable order.
+        rank = {b: i for i, b in enumerate(BASELINES)}
+        return sorted(specs, key=lambda s: (self.temperatures.index(s.temperature),
+                                            rank.get(s.name, len(rank)) if not s.options else len(rank)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expand_grid(options: dict) -> list[dict]:
+    """{"a": [1, 2], "b": 3} -> [{"a": 1, "b": 3}, {"a": 2, "b": 3}] (lists are axes)."""
+    keys = list(options)
+    axes = [v if isinstance(v, list) else [v] for v in options.values()]
+    if any(len(a) == 0 for a in axes):
+        raise BenchConfigError(f"empty option list in {options}; give at least one value")
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes)]
+
+
+def parse_run(text: str) -> dict:
+    """`--run "self-spec exit_layer=8,12 gamma=3"` -> {"name": "self-spec", "exit_layer": [8, 12], "gamma": 3}."""
+    parts = text.split()
+    if not parts:
+        raise BenchConfigError("--run needs a strategy or peer name, e.g. --run 'self-spec exit_layer=8,12 gamma=4'")
+    run: dict = {"name": parts[0]}
+    for item in parts[1:]:
+        if "=" not in item:
+            raise BenchConfigError(f"--run option {item!r} must look like key=value or key=v1,v2")
+        key, raw = item.split("=", 1)
+        values = [_scalar(v) for v in raw.split(",") if v != ""]
+        run[key] = values if len(values) > 1 else values[0]
+    return run
+
+
+def _scalar(s: str):
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(s.lower(), s)
+
+
+def load_toml(path: str | Path) -> BenchConfig:
+    """A BenchConfig from a TOML file with a `[bench]` table and `[[run]]` entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark config {path} does not exist")
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise BenchConfigError(f"{path} is not valid TOML: {err}") from err
+    unknown = set(data) - {"bench", "run"}
+    if unknown:
+        raise BenchConfigError(f"{path}: unknown tables {sorted(unknown)}; use [bench] and [[run]]")
+    fields = set(BenchConfig.__dataclass_fields__) - {"runs"}
+    bench = data.get("bench", {})
+    bad = set(bench) - fields
+    if bad:
+        raise BenchConfigError(f"{path}: unknown [bench] keys {sorted(bad)}; known: {sorted(fields)}")
+    cfg = BenchConfig(**bench, runs=list(data.get("run", [])))
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: BenchConfig, out: Path, extra: dict | None = None) -> None:
+    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2, default=str))

@@ -1,0 +1,239 @@
+"""Peers: what a user would run instead of exitspec, timed on the same model and prompts.
+
+- `hf-generate`: `model.generate`, greedy or sampled (the vanilla every speedup is measured against,
+  together with exitspec's own vanilla loop).
+- `hf-early-exit`: `generate(assistant_early_exit=l)`, HF's self-speculative early exit (LayerSkip
+  style: the model's first l layers + its own norm and LM head draft, the full model verifies). The
+  draft length is HF's default for the model's generation config (20 drafts max, cut short when the
+  draft's top probability falls below 0.4): HF takes the assistant's settings from the model's own
+  generation config, which we do not modify.
+- `hf-prompt-lookup`: `generate(prompt_lookup_num_tokens=k)`, n-gram copying from the context.
+- `economize-early-exit`: the `early_exit` drafter of the optional `economize` package (frozen
+  layers, shared head), cycle length gamma + 1.
+
+All run with EOS disabled (a copy of the generation config with no EOS), so every contender produces
+exactly `max_new_tokens` tokens, like exitspec's `ignore_eos=True`. HF reports no draft statistics,
+so target calls, drafts and layer work are counted with forward hooks on the decoder layers (a draft
+of an early-exit assistant never reaches the last layer); the hooks are removed after each call.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from exitspec.bench.config import RunSpec
+from exitspec.bench.contenders import Contender, Sample
+
+# HF's defaults for the assistant, applied when the model's generation config leaves them unset.
+HF_DEFAULT_DRAFTS = 20
+HF_DEFAULT_CONFIDENCE = 0.4
+
+
+class _FirstTokenTimer:
+    """A generate() streamer that notes when the first generated token arrives (the first put() is
+    the prompt itself)."""
+
+    def __init__(self):
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class _LayerCounter:
+    """Forward hooks on every decoder layer while active: calls of the first and last layer, and
+    token-layer applications (tokens through each layer, summed over layers)."""
+
+    def __init__(self, layers: torch.nn.ModuleList):
+        self.layers = list(layers)
+        self.first_calls = 0
+        self.last_calls = 0
+        self.layer_tokens = 0
+        self.handles: list = []
+
+    def __enter__(self):
+        n = len(self.layers)
+        for i, m in enumerate(self.layers):
+            self.handles.append(m.register_forward_hook(self._hook(i == 0, i == n - 1), with_kwargs=True))
+        return self
+
+    def _hook(self, first: bool, last: bool):
+        def hook(_module, args, kwargs, _output):
+            h = args[0] if args else kwargs.get("hidden_states")
+            self.layer_tokens += int(h.shape[1]) if h is not None else 0
+            self.first_calls += first
+            self.last_calls += last
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+class HFGenerate(Contender):
+    """`model.generate`: plain greedy or sampled decoding (also the base class of the HF peers)."""
+
+    lossless = True
+
+    def __init__(self, spec: RunSpec, model):
+        super().__init__(spec, model)
+        # A private copy with EOS removed; the model's own generation config stays untouched.
+        self.gen_config = copy.deepcopy(model.model.generation_config)
+        self.gen_config.eos_token_id = None
+
+    def generate_kwargs(self) -> dict:
+        return {}
+
+    def run(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Sample:
+        hf, tok = self.model.model, self.model.tokenizer
+        x = torch.tensor([ids], device=self.model.lm.device)
+        # top_k=0 turns off HF's default top-k of 50, so sampling matches exitspec's plain temperature.
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+            else dict(do_sample=False)
+        cfg = copy.deepcopy(self.gen_config)
+        cfg.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                   **sampling, **self.generate_kwargs())
+        if temperature > 0:
+            torch.manual_seed(seed)
+        timer = _FirstTokenTimer()
+        with _LayerCounter(self.model.lm.adapter.layers) as calls, torch.inference_mode():
+            t0 = time.perf_counter()
+            out = hf.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, streamer=timer)
+            total = time.perf_counter() - t0
+        tokens = out[0, len(ids):].tolist()
+        ttft = timer.first_token_at - t0 if timer.first_token_at is not None else None
+        # The target's prefill of all but the last prompt token is not decoding work (exitspec counts
+        # from the pending token on); an assistant's own re-prefill of the prompt is, and stays in.
+        calls.layer_tokens -= self.model.lm.num_layers * (len(ids) - 1)
+        return self.sample(Sample(tokens=tokens, total_s=total, ttft_s=ttft), calls)
+
+    def sample(self, s: Sample, calls: _LayerCounter) -> Sample:
+        s.target_calls = calls.last_calls
+        s.layers_computed = float(calls.layer_tokens)
+        s.exit_hist = {self.model.lm.num_layers: len(s.tokens)}
+        return s
+
+
+class HFEarlyExit(HFGenerate):
+    """`generate(assistant_early_exit=l)`: HF's self-speculative early-exit decoding."""
+
+    def __init__(self, spec: RunSpec, model):
+        super().__init__(spec, model)
+        L = model.lm.num_layers
+        if spec.exit_layer is None or not 0 < spec.exit_layer < L:
+            raise ValueError(f"hf-early-exit needs exit_layer in 1..{L - 1}, got {spec.exit_layer}")
+        if set(spec.opts) - {"exit_layer"}:
+            raise ValueError(f"hf-early-exit takes only exit_layer (HF takes the draft length from the model's "
+                             f"generation config), got {spec.opts}")
+
+    def generate_kwargs(self) -> dict:
+        return {"assistant_early_exit": self.spec.exit_layer}
+
+    def describe(self) -> dict:
+        gc = self.model.model.generation_config
+        return {**super().describe(), "num_assistant_tokens": gc.num_assistant_tokens or HF_DEFAULT_DRAFTS,
+                "assistant_confidence_threshold": gc.assistant_confidence_threshold or HF_DEFAULT_CONFIDENCE}
+
+    def sample(self, s: Sample, calls: _LayerCounter) -> Sample:
+        # Every call of the last layer is a verification. The first layer runs once per verification
+        # and once per draft step (the assistant's first step also re-reads the accepted tokens), so
+        # drafts = first-layer calls - last-layer calls. Accepted drafts follow from the token count:
+        # each verification yields its accepted drafts + 1 token.
+        s = super().sample(s, calls)
+        s.drafted = calls.first_calls - calls.last_calls
+        s.accept_lengths = _spread(max(0, len(s.tokens) - calls.last_calls), calls.last_calls)
+        s.accept_lengths_exact = False
+        return s
+
+
+class HFPromptLookup(HFGenerate):
+    """`generate(prompt_lookup_num_tokens=k)`: drafts copied from matching n-grams of the context."""
+
+    def __init__(self, spec: RunSpec, model):
+        super().__init__(spec, model)
+        k = spec.opts.get("num_tokens", 10)
+        if not isinstance(k, int) or k <= 0:
+            raise ValueError(f"hf-prompt-lookup needs num_tokens >= 1, got {k!r}")
+        self.k = k
+
+    def generate_kwargs(self) -> dict:
+        return {"prompt_lookup_num_tokens": self.k}
+
+    def sample(self, s: Sample, calls: _LayerCounter) -> Sample:
+        # No model drafts here: the number of drafts proposed is unknown, only accepted ones are.
+        s = super().sample(s, calls)
+        s.accept_lengths = _spread(max(0, len(s.tokens) - calls.last_calls), calls.last_calls)
+        s.accept_lengths_exact = False
+        return s
+
+
+class EconomizeEarlyExit(Contender):
+    """economize's `early_exit` drafter (frozen layers 1..l, the model's own norm + head)."""
+
+    lossless = True
+
+    def __init__(self, spec: RunSpec, model):
+        super().__init__(spec, model)
+        try:
+            import economize
+            from economize.techniques.early_exit import EarlyExitConfig
+        except ImportError as err:
+            raise ValueError("economize-early-exit needs the optional package `economize` "
+                             "(pip install economize); drop the run or install it") from err
+        L = model.lm.num_layers
+        if spec.exit_layer is None or not 0 < spec.exit_layer < L:
+            raise ValueError(f"economize-early-exit needs exit_layer in 1..{L - 1}, got {spec.exit_layer}")
+        self.gamma = spec.gamma or 4
+        self.economize = economize
+        # economize wraps the model without changing its modules or forward; drafts run layers 1..l.
+        self.wrapped = economize.apply(model.model, EarlyExitConfig(exit_layer=spec.exit_layer, head="shared"))
+        self.decoding = economize.DecodeConfig(cycle_length=self.gamma + 1)
+
+    def run(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Sample:
+        eco = self.economize
+        x = torch.tensor(ids, device=self.model.lm.device)
+        decoding, selector = self.decoding, None
+        if temperature > 0:
+            decoding = eco.DecodeConfig(cycle_length=self.gamma + 1, verifier="rejection")
+            selector = eco.TopPSampler(temperature=temperature, top_p=1.0, seed=seed, device=str(x.device))
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            r = self.wrapped.decode(x, max_new_tokens, decoding=decoding, selector=selector)
+            total = time.perf_counter() - t0
+        cost = r.cost_summary()
+        tokens = r.tokens.tolist()
+        L = self.model.lm.num_layers
+        return Sample(tokens=tokens, total_s=total, ttft_s=None, target_calls=int(cost["exact_calls"]),
+                      drafted=sum(d for d, _ in r.acceptance), accept_lengths=[a for _, a in r.acceptance],
+                      layers_computed=float(cost["layer_tokens"]), exit_hist={L: len(tokens)})
+
+
+def _spread(total: int, n: int) -> list[int] | None:
+    """Per-verification accepted counts when only the total is known: n values summing to total
+    (their mean is exact; their spread is not, so histograms skip contenders built this way)."""
+    if n <= 0:
+        return None
+    q, r = divmod(total, n)
+    return [q + 1] * r + [q] * (n - r)
+
+
+PEER_CLASSES: dict[str, type[Contender]] = {
+    "hf-generate": HFGenerate,
+    "hf-early-exit": HFEarlyExit,
+    "hf-prompt-lookup": HFPromptLookup,
+    "economize-early-exit": EconomizeEarlyExit,
+}
+
+
+def make_peer(spec: RunSpec, model) -> Contender:
+    return PEER_CLASSES[spec.name](spec, model)

@@ -1,0 +1,176 @@
+"""Figures of a benchmark run, drawn only from its saved files (so `--replot DIR` redraws them).
+
+Each figure is written as PNG (for the Markdown report) and PDF (for papers). A figure whose data
+the run does not have (e.g. no speculative configuration) is skipped, not drawn empty.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from exitspec.bench.results import SavedResults
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"{name}.{ext}", dpi=130)
+    _plt().close(fig)
+    return name
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _series_key(r: dict) -> str:
+    opts = {k: v for k, v in (r.get("options") or {}).items() if k not in ("exit_layer", "strategy")}
+    inner = ",".join(f"{k}={v}" for k, v in sorted(opts.items()) if not isinstance(v, dict | list))
+    return f"{r['name']}{f' ({inner})' if inner else ''} T={r['temperature']:g}"
+
+
+def layer_sweep(res: SavedResults, out: Path) -> str | None:
+    if not res.layers:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    by_reading: dict[str, list[dict]] = defaultdict(list)
+    for r in res.layers:
+        by_reading[r["reading"]].append(r)
+    names = {"lens": "logit lens (model's norm + LM head)", "head": "exit head (bundle)"}
+    for reading, rows in by_reading.items():
+        rows.sort(key=lambda r: r["layer"])
+        x = [r["layer"] for r in rows]
+        for ax, key in zip(axes, ("kl", "perplexity", "top1_agreement"), strict=True):
+            ax.plot(x, [r[key] for r in rows], marker="o", ms=3, label=names.get(reading, reading))
+    axes[0].set_ylabel("KL(full || exit), nats")
+    axes[1].set_ylabel("perplexity of vanilla's text")
+    axes[1].set_yscale("log")
+    axes[2].set_ylabel("top-1 agreement with full model")
+    for ax in axes:
+        ax.set_xlabel("exit layer")
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    fig.suptitle("Exit quality by layer (teacher-forced on vanilla's generations)", fontsize=10)
+    return _save(fig, out, "layer_sweep")
+
+
+def acceptance_sweep(res: SavedResults, out: Path) -> str | None:
+    rows = [r for r in _ok(res.rows) if r.get("exit_layer") is not None and r.get("mean_accepted") is not None]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    series: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        series[_series_key(r)].append(r)
+    for key, rs in sorted(series.items()):
+        rs.sort(key=lambda r: r["exit_layer"])
+        x = [r["exit_layer"] for r in rs]
+        axes[0].plot(x, [r["mean_accepted"] for r in rs], marker="o", ms=4, label=key)
+        if any(r.get("acceptance_rate") is not None for r in rs):
+            pts = [(r["exit_layer"], r["acceptance_rate"]) for r in rs if r.get("acceptance_rate") is not None]
+            axes[1].plot(*zip(*pts, strict=True), marker="o", ms=4, label=key)
+    lens = sorted((r for r in res.layers if r["reading"] == "lens" and "tv_T1" in r), key=lambda r: r["layer"])
+    heads = sorted((r for r in res.layers if r["reading"] == "head" and "tv_T1" in r), key=lambda r: r["layer"])
+    for rs, lab in ((lens, "logit lens"), (heads, "exit head")):
+        if rs:
+            axes[2].plot([r["layer"] for r in rs], [r["tv_T1"] for r in rs], marker="o", ms=3, label=lab)
+    axes[0].set_ylabel("E[accepted drafts] per verification")
+    axes[1].set_ylabel("acceptance rate = E[accepted] / gamma")
+    axes[2].set_ylabel("TV(draft, target) at T=1")
+    for ax in axes:
+        ax.set_xlabel("exit layer")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if lens or heads:
+        axes[2].legend(fontsize=7)
+    return _save(fig, out, "acceptance_sweep")
+
+
+def pareto(res: SavedResults, out: Path) -> str | None:
+    rows = [r for r in _ok(res.rows) if r.get("speedup") is not None]
+    qual = [r for r in rows if r.get("agreement") is not None or r.get("perplexity") is not None]
+    if not qual:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, ylabel in ((axes[0], "agreement", "token agreement with vanilla (greedy)"),
+                            (axes[1], "perplexity", "full-model perplexity of the output")):
+        pts = [r for r in qual if r.get(key) is not None]
+        for r in pts:
+            lossless = r.get("lossless_claim") is True
+            ax.scatter(r["speedup"], r[key], marker="o" if lossless else "^", s=28,
+                       color="tab:blue" if lossless else "tab:red")
+            lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+            if lo is not None and hi is not None:
+                ax.plot([r["speedup"]] * 2, [lo, hi], color="gray", lw=0.8)
+            tag = f"l={r['exit_layer']}" if r.get("exit_layer") is not None else r["name"]
+            ax.annotate(tag, (r["speedup"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(1.0, color="gray", ls=":", lw=0.8)
+        ax.set_xlabel("speedup vs fastest vanilla")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("circles: lossless claim, triangles: lossy", fontsize=8)
+    return _save(fig, out, "pareto")
+
+
+def acceptance_histograms(res: SavedResults, out: Path, max_panels: int = 12) -> str | None:
+    lens: dict[str, list[int]] = defaultdict(list)
+    for rec in res.prompts:
+        if rec.get("accept_lengths"):
+            lens[rec["label"]].extend(rec["accept_lengths"])
+    if not lens:
+        return None
+    plt = _plt()
+    labels = sorted(lens)[:max_panels]
+    cols = min(4, len(labels))
+    rows_n = (len(labels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.3 * cols, 2.6 * rows_n), squeeze=False)
+    for ax, label in zip(axes.flat, labels, strict=False):
+        v = lens[label]
+        ax.hist(v, bins=range(0, max(v) + 2), align="left", rwidth=0.85)
+        ax.set_title(f"{label}\nmean {sum(v) / len(v):.2f} (+1 = {sum(v) / len(v) + 1:.2f} tokens/verif.)",
+                     fontsize=7)
+        ax.set_xlabel("accepted drafts per verification", fontsize=7)
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    return _save(fig, out, "acceptance_hist")
+
+
+def exit_distribution(res: SavedResults, out: Path, max_series: int = 10) -> str | None:
+    rows = [r for r in _ok(res.rows) if isinstance(r.get("exit_hist"), dict) and len(r["exit_hist"]) > 1]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for r in rows[:max_series]:
+        h = {int(k): v for k, v in r["exit_hist"].items()}
+        total = sum(h.values())
+        xs = sorted(h)
+        ax.plot(xs, [h[x] / total for x in xs], marker="o", ms=4, label=r["label"])
+    ax.set_xlabel("layer whose output chose the token")
+    ax.set_ylabel("fraction of tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out, "exit_distribution")
+
+
+FIGURES = (layer_sweep, acceptance_sweep, pareto, acceptance_histograms, exit_distribution)
+
+
+def draw_all(out: str | Path) -> list[str]:
+    """Redraw every figure of a results folder; returns the names drawn."""
+    out = Path(out)
+    res = SavedResults(out)
+    return [name for fig in FIGURES if (name := fig(res, out))]

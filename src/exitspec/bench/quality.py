@@ -1,0 +1,105 @@
+"""Quality measurements from teacher-forced passes over generated text (no decoding involved).
+
+`layer_sweep` runs prompt + generated tokens through the model once, layer by layer, and compares
+each exit's next-token distribution with the full model's at every generated position: KL, the
+exit's own perplexity of the text, top-1 agreement (the greedy acceptance probability of a draft
+from that exit) and overlap / TV at the run's temperatures (the sampling acceptance probability).
+Both readings of a layer are measured: the logit lens (the model's own final norm + LM head, which
+HF's and economize's early exit use) and the attached exit head when the bundle has one.
+
+`text_nll` is the full model's negative log-likelihood of a generated text (perplexity of lossy
+outputs).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from exitspec.bench import metrics
+from exitspec.decoding.sampling import SamplingParams, probs
+
+
+def _temps_key(t: float) -> str:
+    return f"overlap_T{t:g}"
+
+
+@torch.inference_mode()
+def layer_sweep(model, prompt: list[int], generated: list[int], layers: list[int],
+                temperatures: list[float]) -> dict[str, dict[int, dict[str, float]]]:
+    """Per reading ("lens", "head") and layer: sums over generated positions of kl, nll, top1 and
+    overlap_T<t>, plus the count n. Sums (not means) so prompts can be pooled exactly."""
+    lm, heads = model.lm, getattr(model, "heads", None)
+    if not generated:
+        return {}
+    seq = prompt + generated
+    P, n = len(prompt), len(generated)
+    ids = torch.tensor([seq], device=lm.device)
+    pos = torch.arange(len(seq), device=lm.device)[None]  # (1, T)
+    cache = lm.new_cache(1, len(seq))
+    h = lm.embed(ids, pos)  # (1, T, C)
+    ctx = lm.context(h, pos)
+    target = torch.tensor(generated, device=lm.device)  # (n,)
+    sl = slice(P - 1, P + n - 1)  # positions whose logits predict the generated tokens
+    states: dict[int, torch.Tensor] = {}
+    for layer in range(1, lm.num_layers + 1):
+        h = lm.run_layers(h, pos, cache, layer - 1, layer, ctx=ctx)
+        if layer in layers or layer == lm.num_layers:
+            states[layer] = h[0, sl]  # (n, C)
+    full = lm.logits(states[lm.num_layers])  # (n, V)
+    temps = sorted({1.0, *[t for t in temperatures if t > 0]})
+    full_p = {t: probs(full, SamplingParams(temperature=t)) for t in temps}
+    full_top = full.argmax(-1)
+    out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
+    for layer in layers:
+        if layer >= lm.num_layers:
+            continue
+        readings = {"lens": lm.logits(states[layer])}
+        if heads is not None and layer in getattr(heads, "layers", []):
+            readings["head"] = heads.head(layer)(states[layer][None])[0]
+        for name, logits in readings.items():
+            row = {"n": float(n),
+                   "kl": float(metrics.kl_divergence(full, logits).sum()),
+                   "nll": float(metrics.nll(logits, target).sum()),
+                   "top1": float((logits.argmax(-1) == full_top).sum())}
+            for t in temps:
+                draft_p = probs(logits, SamplingParams(temperature=t))
+                row[_temps_key(t)] = float(metrics.overlap(full_p[t], draft_p).sum())
+            out[name][layer] = row
+    return dict(out)
+
+
+def pool_sweeps(sweeps: list[dict]) -> list[dict]:
+    """Pool per-prompt sweeps into one row per (reading, layer) with means, perplexity and TV."""
+    acc: dict[tuple[str, int], dict[str, float]] = {}
+    for sw in sweeps:
+        for reading, by_layer in sw.items():
+            for layer, row in by_layer.items():
+                tot = acc.setdefault((reading, int(layer)), defaultdict(float))
+                for k, v in row.items():
+                    tot[k] += v
+    rows = []
+    for (reading, layer), tot in sorted(acc.items()):
+        n = tot["n"]
+        row = {"reading": reading, "layer": layer, "positions": int(n), "kl": tot["kl"] / n,
+               "perplexity": metrics.perplexity(tot["nll"], int(n)), "top1_agreement": tot["top1"] / n}
+        for k in sorted(k for k in tot if k.startswith("overlap_T")):
+            t = k[len("overlap_T"):]
+            row[k] = tot[k] / n
+            row[f"tv_T{t}"] = 1.0 - tot[k] / n
+        rows.append(row)
+    return rows
+
+
+@torch.inference_mode()
+def text_nll(model, prompt: list[int], generated: list[int]) -> tuple[float, int]:
+    """(sum of NLL, token count) of `generated` after `prompt` under the full model."""
+    lm = model.lm
+    if not generated:
+        return 0.0, 0
+    seq = prompt + generated
+    ids = torch.tensor([seq], device=lm.device)
+    pos = torch.arange(len(seq), device=lm.device)[None]
+    logits = lm.forward(ids, pos, lm.new_cache(1, len(seq)))[0, len(prompt) - 1: len(seq) - 1]  # (n, V)
+    return float(metrics.nll(logits, torch.tensor(generated, device=lm.device)).sum()), len(generated)

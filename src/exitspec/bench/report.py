@@ -1,0 +1,109 @@
+"""The Markdown report of a run (report.md), written from its saved files only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exitspec.bench.results import SavedResults
+
+
+def _f(v, spec: str = ".2f", none: str = "–") -> str:
+    if v is None or v == "":
+        return none
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _ci(r: dict, key: str, spec: str) -> str:
+    if r.get(key) is None:
+        return "–"
+    lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+    return f"{_f(r[key], spec)} [{_f(lo, spec)}, {_f(hi, spec)}]" if lo is not None else _f(r[key], spec)
+
+
+def _audit_cell(r: dict) -> str:
+    if r.get("lossless_ok") is True:
+        return "ok"
+    if r.get("lossless_ok") is False:
+        return f"**FAILED ({r.get('lossless_mismatches')})**"
+    return "ref" if r["name"] == "vanilla" and r["temperature"] == 0 else "–"
+
+
+def render(res: SavedResults, figures: list[str]) -> str:
+    cfg = res.config or {}
+    rows = res.rows
+    ok = [r for r in rows if r.get("status") == "ok"]
+    first = rows[0] if rows else {}
+    lines = [f"# exitspec benchmark: {first.get('model', '?')}", ""]
+    audit = res.audit or {}
+    if audit.get("failed"):
+        lines += [f"> **LOSSLESS AUDIT FAILED** for {', '.join(audit['failed'])}: their greedy output differs from "
+                  "vanilla's (see audit.json and the `lossless_ok` column).", ""]
+    elif audit.get("ran"):
+        n = len(audit.get("entries", []))
+        lines += [f"Lossless audit: all {n} lossless-claiming configurations produced vanilla's greedy tokens "
+                  "exactly, on every prompt.", ""]
+    else:
+        lines += ["Lossless audit: not run (no greedy vanilla reference in this run).", ""]
+    if audit.get("status") in ("interrupted", "running"):
+        lines += ["> This run was interrupted; the tables hold the configurations that finished.", ""]
+    lines += [f"Machine: {first.get('machine', '?')}", "",
+              f"Prompts: {first.get('prompts', '?')} ({cfg.get('prompts', '?')} split {cfg.get('split', '?')}), "
+              f"{first.get('max_new_tokens', '?')} new tokens each (EOS ignored), warm-up {cfg.get('warmup', '?')}, "
+              f"median of {first.get('repeats', '?')} repeats per prompt. Heads: {cfg.get('heads') or 'none'}.", ""]
+    if cfg.get("command"):
+        lines += ["Command:", "", f"    {cfg['command']}", ""]
+    lines += [
+        "Speedup is against the faster of exitspec's vanilla loop and HF `generate` in this run. "
+        "E[acc] = accepted drafts per verification; tau = E[acc] + 1 (the token every verification adds); "
+        "rate = E[acc] / gamma (gamma = mean drafts per verification); calls/tok = full-model calls per token; "
+        "overlap = sum min(p, q) of the draft exit vs the full model at the row's temperature (T=1 for greedy), "
+        "TV = 1 - overlap; agreement and perplexity with 95% bootstrap intervals across prompts. "
+        "HF peers' E[acc] comes from counted forward calls (exact mean, no histogram).", "",
+        "| configuration | tok/s | speedup | TTFT s | E[acc] | tau | rate | calls/tok | layers/tok | overlap | TV "
+        "| peak MiB | lossless | agreement | perplexity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in ok:
+        lines.append(
+            f"| {r['label']} | {_f(r.get('tokens_per_s'), '.1f')} | {_f(r.get('speedup'))}x | "
+            f"{_f(r.get('ttft_s'), '.3f')} | {_f(r.get('mean_accepted'))} | {_f(r.get('mean_accept_length'))} | "
+            f"{_f(r.get('acceptance_rate'))} | {_f(r.get('target_calls_per_token'))} | "
+            f"{_f(r.get('layers_per_token'), '.1f')} | {_f(r.get('overlap'))} | {_f(r.get('tv'))} | "
+            f"{_f(r.get('peak_mem_mib'), '.0f')} | {_audit_cell(r)} | {_ci(r, 'agreement', '.3f')} | "
+            f"{_ci(r, 'perplexity', '.2f')} |")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        lines += ["", "Configurations that did not run:", ""]
+        lines += [f"- {r['label']}: {r.get('status')}" for r in failed]
+    cats = sorted({c["category"] for c in res.categories})
+    if len(cats) > 1:
+        lines += ["", "## Speedup by prompt category", "",
+                  "| configuration | " + " | ".join(cats) + " |", "|---|" + "---:|" * len(cats)]
+        by = {(c["label"], c["category"]): c for c in res.categories}
+        for r in ok:
+            cells = [_f(by.get((r["label"], c), {}).get("speedup")) for c in cats]
+            lines.append(f"| {r['label']} | " + " | ".join(f"{x}x" if x != "–" else x for x in cells) + " |")
+    captions = {
+        "layer_sweep": "Exit quality by layer: KL to the full model, perplexity, top-1 agreement.",
+        "acceptance_sweep": "Acceptance by exit layer: E[accepted], acceptance rate, and draft/target TV.",
+        "pareto": "Speedup vs quality, points labelled by exit layer (bars: 95% bootstrap intervals).",
+        "acceptance_hist": "Accepted drafts per verification.",
+        "exit_distribution": "Which layer chose each token.",
+    }
+    if figures:
+        lines += ["", "## Figures", ""]
+        for name in figures:
+            lines += [f"![{name}]({name}.png)", "", f"{captions.get(name, name)} ([PDF]({name}.pdf))", ""]
+    lines += ["", "Files: results.csv (one row per configuration), results.jsonl (per prompt), categories.csv, "
+              "layers.csv (layer sweep), audit.json, config.json. Redraw: `exitspec bench --replot <this folder>`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, figures: list[str]) -> Path:
+    out = Path(out)
+    path = out / "report.md"
+    path.write_text(render(SavedResults(out), figures))
+    return path

@@ -1,0 +1,326 @@
+"""The sweep: every configuration over every prompt, timed, audited and written as it finishes.
+
+Order within a temperature: exitspec vanilla, HF generate, then the rest. Vanilla's greedy tokens
+are the reference of the lossless audit and of token agreement; the faster of the two vanillas is
+the speedup baseline (per temperature, and per category for the category table). Right after
+vanilla, one teacher-forced layer sweep over its generated text gives every exit layer's KL,
+perplexity, top-1 agreement and draft/target overlap (results filled into each row by exit layer).
+
+Timing protocol per configuration: `warmup` untimed generations on the first prompt, then each
+prompt `repeats` times; a prompt's time is the median of its repeats, a configuration's tokens/s is
+total tokens / total median time (and the median of per-prompt tokens/s is reported beside it).
+Configurations run one after the other, so on a shared machine compare ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exitspec.bench import metrics
+from exitspec.bench.config import BASELINES, BenchConfig, RunSpec
+from exitspec.bench.contenders import Contender, Sample, make_contender
+from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
+from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
+from exitspec.bench.results import ResultsWriter
+from exitspec.prompts import Prompt
+
+
+@dataclass
+class AuditEntry:
+    label: str
+    prompts: int
+    mismatches: list[dict] = field(default_factory=list)  # {"prompt_id", "position", "got", "vanilla"}
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+@dataclass
+class RunOutcome:
+    rows: list[dict]
+    audit: list[AuditEntry]
+    interrupted: bool = False
+
+    @property
+    def audit_failed(self) -> list[AuditEntry]:
+        return [a for a in self.audit if not a.ok]
+
+
+class BenchRunner:
+    def __init__(self, cfg: BenchConfig, model, prompts: list[Prompt], out: Path, *,
+                 injected: dict | None = None, progress: bool = True, command: str = ""):
+        from exitspec.decoding.api import encode_prompt
+
+        self.cfg, self.model, self.prompts, self.out = cfg, model, prompts, out
+        self.injected = injected or {}
+        self.ids = [encode_prompt(model.tokenizer, p.text, cfg.chat) for p in prompts]
+        self.specs = cfg.specs()
+        self.machine = describe_machine()
+        self.writer = ResultsWriter(out)
+        self.progress = progress
+        self.command = command
+        L = model.lm.num_layers
+        self.sweep_layers = [x for x in (cfg.quality_layers or range(1, L)) if 0 < x < L]
+        self.vanilla_tokens: list[list[int]] | None = None  # exitspec vanilla, greedy
+        self.ref_tokens: list[list[int]] | None = None  # exitspec vanilla at the reference temperature
+        self.pending: list[tuple[RunSpec, dict, list[dict]]] = []  # baseline rows waiting for both baselines
+        self.baseline: dict[float, dict] = {}  # temperature -> {"label", "tps", "by_category"}
+        self.layer_rows: list[dict] = []
+        self.audit: list[AuditEntry] = []
+        self.rows: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> RunOutcome:
+        from tqdm import tqdm
+
+        P, r = len(self.ids), self.cfg.repeats
+        units = sum(self.cfg.warmup + P * r for _ in self.specs) + (P if self.cfg.quality else 0)
+        bar = tqdm(total=units, desc="bench", unit="gen", disable=not self.progress, dynamic_ncols=True,
+                   file=sys.stderr)
+        self.writer.write_json("audit.json", {"status": "running"})
+        try:
+            for spec in self.specs:
+                if not _is_baseline(spec):
+                    self._flush_baselines()
+                bar.set_postfix_str(spec.label[:40])
+                self._run_spec(spec, bar)
+                if spec.name == "vanilla" and spec.temperature == self._ref_temperature() and self.cfg.quality \
+                        and self.ref_tokens is not None and not self.layer_rows:
+                    self._layer_sweep(bar)
+            self._flush_baselines()
+        except KeyboardInterrupt:
+            bar.close()
+            self._flush_baselines()
+            self._write_audit(interrupted=True)
+            return RunOutcome(self.rows, self.audit, interrupted=True)
+        bar.close()
+        self._write_audit(interrupted=False)
+        return RunOutcome(self.rows, self.audit)
+
+    def _ref_temperature(self) -> float:
+        return 0.0 if 0.0 in self.cfg.temperatures else self.cfg.temperatures[0]
+
+    # ------------------------------------------------------------------------------------------
+    def _run_spec(self, spec: RunSpec, bar) -> None:
+        cfg = self.cfg
+        units = cfg.warmup + len(self.ids) * cfg.repeats
+        try:
+            contender = make_contender(spec, self.model, self.injected)
+        except Exception as err:  # a broken or missing contender must not end the whole sweep
+            bar.update(units)
+            print(f"\n[bench] skipping {spec.label}: {err}", file=sys.stderr)
+            self._write(self._settings(spec, None) | {"status": f"error: {err}"}, [], [])
+            return
+        samples: list[Sample] = []
+        times: list[list[float]] = []
+        done = 0
+        try:
+            with PeakMemory(str(self.model.lm.device)) as mem:
+                for _ in range(cfg.warmup):
+                    contender.run(self.ids[0], min(16, cfg.max_new_tokens), spec.temperature, cfg.seed)
+                    bar.update(1)
+                    done += 1
+                for i, ids in enumerate(self.ids):
+                    reps = []
+                    for _ in range(cfg.repeats):
+                        s = contender.run(ids, cfg.max_new_tokens, spec.temperature, cfg.seed + i)
+                        reps.append(s)
+                        bar.update(1)
+                        done += 1
+                    # Same tokens every repeat (fixed seed); the median time stands for the prompt.
+                    order = sorted(range(len(reps)), key=lambda j: reps[j].total_s)
+                    samples.append(reps[order[len(order) // 2]])
+                    times.append([x.total_s for x in reps])
+        except Exception as err:
+            bar.update(max(0, units - done))
+            print(f"\n[bench] {spec.label} failed: {err}", file=sys.stderr)
+            self._write(self._settings(spec, contender) | {"status": f"error: {err}"}, [], [])
+            return
+        self._finish_spec(spec, contender, samples, times, mem)
+
+    def _finish_spec(self, spec: RunSpec, contender: Contender, samples: list[Sample], times: list[list[float]],
+                     mem: PeakMemory) -> None:
+        cfg = self.cfg
+        greedy = spec.temperature == 0.0
+        if spec.name == "vanilla" and greedy:
+            self.vanilla_tokens = [s.tokens for s in samples]
+        if spec.name == "vanilla" and spec.temperature == self._ref_temperature():
+            self.ref_tokens = [s.tokens for s in samples]
+        ref = self.vanilla_tokens if greedy else None
+        lossy = not contender.lossless
+        per_prompt = []
+        for i, (p, s) in enumerate(zip(self.prompts, samples, strict=True)):
+            rec = {"label": spec.label, "prompt_index": i, "prompt_id": p.id, "category": p.category,
+                   "prompt_tokens": len(self.ids[i]), "new_tokens": len(s.tokens), "times_s": times[i],
+                   "time_s": s.total_s, "tokens_per_s": len(s.tokens) / s.total_s if s.total_s else None,
+                   "ttft_s": s.ttft_s, "target_calls": s.target_calls, "drafted": s.drafted,
+                   "accept_lengths": s.accept_lengths if s.accept_lengths_exact else None,
+                   "mean_accepted": (sum(s.accept_lengths) / len(s.accept_lengths)) if s.accept_lengths else None,
+                   "layers_computed": s.layers_computed, "exit_hist": {str(k): v for k, v in s.exit_hist.items()},
+                   "tokens": s.tokens, "text": self.model.tokenizer.decode(s.tokens, skip_special_tokens=True)}
+            if ref is not None:
+                rec["first_mismatch"] = metrics.first_mismatch(s.tokens, ref[i])
+                rec["agreement"] = metrics.token_agreement(s.tokens, ref[i])
+            if cfg.quality and (lossy or spec.name == "vanilla"):
+                rec["nll"], rec["nll_tokens"] = text_nll(self.model, self.ids[i], s.tokens)
+            per_prompt.append(rec)
+        row = self._settings(spec, contender) | self._aggregate(spec, per_prompt, samples)
+        row["peak_mem_mib"], row["mem_source"] = mem.peak_mib, mem.source
+        # The lossless audit: greedy outputs of every lossless-claiming contender against vanilla's.
+        row["lossless_claim"] = contender.lossless
+        if contender.lossless and greedy and ref is not None and spec.name != "vanilla":
+            entry = AuditEntry(spec.label, len(per_prompt))
+            for rec, p in zip(per_prompt, self.prompts, strict=True):
+                if rec["first_mismatch"] is not None:
+                    j = rec["first_mismatch"]
+                    got, want = rec["tokens"], ref[rec["prompt_index"]]
+                    entry.mismatches.append({"prompt_id": p.id, "position": j,
+                                             "got": got[j] if j < len(got) else None,
+                                             "vanilla": want[j] if j < len(want) else None})
+            self.audit.append(entry)
+            row["lossless_ok"] = entry.ok
+            row["lossless_mismatches"] = len(entry.mismatches)
+            if not entry.ok:
+                m = entry.mismatches[0]
+                print(f"\n[bench] LOSSLESS AUDIT FAILED: {spec.label} differs from vanilla on "
+                      f"{len(entry.mismatches)}/{entry.prompts} prompts (first: prompt {m['prompt_id']}, "
+                      f"token {m['position']}: {m['got']} vs vanilla {m['vanilla']})", file=sys.stderr)
+        if _is_baseline(spec):
+            # Written once both vanillas of this temperature are measured: the faster is the baseline.
+            self._note_baseline(spec, row, per_prompt)
+            self.pending.append((spec, row, per_prompt))
+        else:
+            self._emit(spec, row, per_prompt)
+
+    def _emit(self, spec: RunSpec, row: dict, per_prompt: list[dict]) -> None:
+        base = self.baseline.get(spec.temperature)
+        if base:
+            row["baseline"], row["baseline_tokens_per_s"] = base["label"], base["tps"]
+            row["speedup"] = metrics.speedup(row["tokens_per_s"], base["tps"])
+        self._write(row, per_prompt, self._categories(spec, per_prompt))
+
+    def _flush_baselines(self) -> None:
+        pending, self.pending = self.pending, []
+        for spec, row, per_prompt in pending:
+            self._emit(spec, row, per_prompt)
+
+    # ------------------------------------------------------------------------------------------
+    def _settings(self, spec: RunSpec, contender: Contender | None) -> dict:
+        opts = contender.describe() if contender is not None else {"name": spec.name, **spec.opts}
+        opts.pop("name", None)
+        if opts.get("strategy") == spec.name:
+            opts.pop("strategy")
+        return {"label": spec.label, "name": spec.name, "options": opts, "exit_layer": spec.exit_layer,
+                "gamma": spec.gamma, "temperature": spec.temperature, "max_new_tokens": self.cfg.max_new_tokens,
+                "prompts": len(self.ids), "repeats": self.cfg.repeats, "model": self.model.name,
+                "heads": self.cfg.heads or "", "machine": machine_line(self.machine), "status": "ok"}
+
+    def _aggregate(self, spec: RunSpec, per_prompt: list[dict], samples: list[Sample]) -> dict:
+        cfg = self.cfg
+        tokens = [len(s.tokens) for s in samples]
+        row = {"new_tokens": sum(tokens),
+               "tokens_per_s": metrics.throughput(tokens, [s.total_s for s in samples]),
+               "tokens_per_s_prompt_median": metrics.median([r["tokens_per_s"] for r in per_prompt]),
+               "ttft_s": metrics.median([s.ttft_s for s in samples if s.ttft_s is not None]) if any(
+                   s.ttft_s is not None for s in samples) else None,
+               "target_calls_per_token": metrics.calls_per_token(
+                   sum(s.target_calls for s in samples) if all(s.target_calls is not None for s in samples)
+                   else None, sum(tokens)),
+               "layers_per_token": metrics.layers_per_token(
+                   sum(s.layers_computed for s in samples) if all(s.layers_computed is not None for s in samples)
+                   else None, sum(tokens)),
+               "exit_hist": {str(k): v for k, v in metrics.merge_histograms(s.exit_hist for s in samples).items()}}
+        lens = [n for s in samples for n in (s.accept_lengths or [])]
+        if lens:
+            drafted = sum(s.drafted for s in samples) if all(s.drafted is not None for s in samples) else None
+            acc = metrics.acceptance(lens, drafted if drafted is not None else 0)
+            row["mean_accepted"], row["mean_accept_length"] = acc["mean_accepted"], acc["mean_accept_length"]
+            if drafted:
+                row["gamma_mean"], row["acceptance_rate"] = acc["gamma_mean"], acc["acceptance_rate"]
+        if "agreement" in per_prompt[0]:
+            row["agreement"], row["agreement_lo"], row["agreement_hi"] = metrics.bootstrap_ci(
+                [r["agreement"] for r in per_prompt], cfg.bootstrap, seed=cfg.seed)
+        if "nll" in per_prompt[0]:
+            pairs = [(r["nll"], r["nll_tokens"]) for r in per_prompt]
+            row["perplexity"], row["perplexity_lo"], row["perplexity_hi"] = metrics.bootstrap_ci(
+                pairs, cfg.bootstrap, seed=cfg.seed,
+                stat=lambda ps: metrics.perplexity(sum(a for a, _ in ps), sum(b for _, b in ps)))
+        row.update(self._draft_quality(spec))
+        return row
+
+    def _draft_quality(self, spec: RunSpec) -> dict:
+        """Overlap / TV / top-1 agreement of the draft exit vs the full model, from the layer sweep."""
+        if spec.exit_layer is None or not self.layer_rows:
+            return {}
+        reading = "head" if (not spec.is_peer and getattr(self.model, "heads", None) is not None) else "lens"
+        match = [r for r in self.layer_rows if r["layer"] == spec.exit_layer and r["reading"] == reading]
+        if not match:
+            return {}
+        r, t = match[0], (spec.temperature if spec.temperature > 0 else 1.0)
+        ov = r.get(f"overlap_T{t:g}")
+        return {"draft_reading": reading, "top1_agreement": r["top1_agreement"], "overlap": ov,
+                "tv": None if ov is None else 1.0 - ov, "overlap_temperature": t}
+
+    def _note_baseline(self, spec: RunSpec, row: dict, per_prompt: list[dict]) -> None:
+        tps = row["tokens_per_s"]
+        cur = self.baseline.get(spec.temperature)
+        if tps is None or math.isnan(tps) or (cur and cur["tps"] >= tps):
+            return
+        self.baseline[spec.temperature] = {"label": spec.label, "tps": tps,
+                                           "by_category": _category_tps(per_prompt)}
+
+    def _categories(self, spec: RunSpec, per_prompt: list[dict]) -> list[dict]:
+        base = self.baseline.get(spec.temperature, {}).get("by_category", {})
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in per_prompt:
+            groups[r["category"] or "-"].append(r)
+        out = []
+        for cat, recs in sorted(groups.items()):
+            tps = metrics.throughput([r["new_tokens"] for r in recs], [r["time_s"] for r in recs])
+            acc = [r["mean_accepted"] for r in recs if r["mean_accepted"] is not None]
+            agr = [r["agreement"] for r in recs if r.get("agreement") is not None]
+            out.append({"label": spec.label, "name": spec.name, "exit_layer": spec.exit_layer, "gamma": spec.gamma,
+                        "temperature": spec.temperature, "category": cat, "prompts": len(recs),
+                        "tokens_per_s": tps, "speedup": metrics.speedup(tps, base.get(cat)),
+                        "mean_accepted": metrics.median(acc) if acc else None,
+                        "agreement": sum(agr) / len(agr) if agr else None})
+        return out
+
+    def _layer_sweep(self, bar) -> None:
+        sweeps = []
+        for ids, gen in zip(self.ids, self.ref_tokens, strict=True):
+            sweeps.append(layer_sweep(self.model, ids, gen, self.sweep_layers, self.cfg.temperatures))
+            bar.update(1)
+        self.layer_rows = pool_sweeps(sweeps)
+        self.writer.write_layers(self.layer_rows)
+
+    def _write(self, row: dict, per_prompt: list[dict], per_category: list[dict]) -> None:
+        self.rows.append(row)
+        self.writer.write_row(row, per_prompt, per_category)
+
+    def _write_audit(self, interrupted: bool) -> None:
+        failed = [a.label for a in self.audit if not a.ok]
+        self.writer.write_json("audit.json", {
+            "status": "interrupted" if interrupted else "finished",
+            "ran": bool(self.vanilla_tokens is not None),
+            "passed": not failed, "failed": failed,
+            "entries": [{"label": a.label, "prompts": a.prompts, "ok": a.ok, "mismatches": a.mismatches}
+                        for a in self.audit],
+        })
+
+
+def _is_baseline(spec: RunSpec) -> bool:
+    return spec.name in BASELINES and not spec.options
+
+
+def _category_tps(per_prompt: list[dict]) -> dict[str, float]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in per_prompt:
+        groups[r["category"] or "-"].append(r)
+    return {c: metrics.throughput([r["new_tokens"] for r in rs], [r["time_s"] for r in rs])
+            for c, rs in groups.items()}

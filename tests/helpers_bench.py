@@ -1,0 +1,41 @@
+"""Test helpers for the benchmark suite: strategies that lie about being lossless, tiny prompt sets."""
+
+from __future__ import annotations
+
+from exitspec.decoding.strategy import DecodeState, StepOutput
+from exitspec.decoding.vanilla import Vanilla
+from exitspec.prompts import Prompt
+
+
+class PerturbingVanilla(Vanilla):
+    """Vanilla decoding that swaps its third token for another one, yet claims lossless=True:
+    exactly the bug the benchmark's lossless audit exists to catch."""
+
+    name = "cheat"
+    lossless = True
+
+    def __init__(self, at_step: int = 2):
+        self.at_step = at_step
+        self.steps = 0
+
+    def step(self, state: DecodeState) -> StepOutput:
+        out = super().step(state)
+        if self.steps == self.at_step:
+            out.tokens = [[(t[0] + 1) % state.lm.vocab_size] for t in out.tokens]
+        self.steps += 1
+        return out
+
+
+class HonestLossy(PerturbingVanilla):
+    """The same perturbation, declared lossy: the audit must leave it alone (agreement < 1 instead)."""
+
+    name = "lossy"
+    lossless = False
+
+
+INJECTED = {"cheat": lambda model, **_: PerturbingVanilla(), "lossy": lambda model, **_: HonestLossy()}
+
+
+def tiny_prompts() -> list[Prompt]:
+    return [Prompt("hello world, this is", "chat", "a"), Prompt("def f(x): return", "code", "b"),
+            Prompt("one two three four", "chat", "c")]

@@ -1,0 +1,63 @@
+"""The sweep grid: TOML files, --run strings, expansion, baselines first, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from exitspec.bench.config import BenchConfig, BenchConfigError, expand_grid, load_toml, parse_run
+
+
+def test_expand_grid_is_the_cartesian_product_of_lists():
+    assert expand_grid({"a": [1, 2], "b": 3}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+    assert len(expand_grid({"a": [1, 2], "b": [3, 4, 5]})) == 6
+    assert expand_grid({}) == [{}]
+    with pytest.raises(BenchConfigError):
+        expand_grid({"a": []})
+
+
+def test_parse_run():
+    assert parse_run("self-spec exit_layer=8,12 gamma=3") == {"name": "self-spec", "exit_layer": [8, 12], "gamma": 3}
+    assert parse_run("cascade threshold=0.9 score=max_prob") == {"name": "cascade", "threshold": 0.9,
+                                                                  "score": "max_prob"}
+    with pytest.raises(BenchConfigError, match="key=value"):
+        parse_run("self-spec 8")
+
+
+def test_specs_put_both_vanillas_first_per_temperature():
+    cfg = BenchConfig(temperatures=[0.0, 0.7],
+                      runs=[{"name": "self-spec", "exit_layer": [4, 8], "gamma": 3}, {"name": "hf-generate"}])
+    labels = [s.label for s in cfg.specs()]
+    assert labels[:2] == ["vanilla@T0", "hf-generate@T0"]
+    assert labels[2:4] == ["self-spec[exit_layer=4,gamma=3]@T0", "self-spec[exit_layer=8,gamma=3]@T0"]
+    assert labels[4:6] == ["vanilla@T0.7", "hf-generate@T0.7"]
+    assert len(labels) == len(set(labels)) == 8
+    spec = cfg.specs()[2]
+    assert (spec.exit_layer, spec.gamma, spec.is_peer) == (4, 3, False)
+
+
+def test_load_toml(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text('[bench]\nnum_prompts = 3\nmax_new_tokens = 16\n\n[[run]]\nname = "hf-early-exit"\n'
+                    'exit_layer = [2, 4]\n')
+    cfg = load_toml(path)
+    assert (cfg.num_prompts, cfg.max_new_tokens) == (3, 16)
+    assert [s.label for s in cfg.specs()][2:] == ["hf-early-exit[exit_layer=2]@T0", "hf-early-exit[exit_layer=4]@T0"]
+    path.write_text("[bench]\nnum_promts = 3\n")
+    with pytest.raises(BenchConfigError, match="num_promts"):
+        load_toml(path)
+    path.write_text("[bench\n")
+    with pytest.raises(BenchConfigError, match="not valid TOML"):
+        load_toml(path)
+    with pytest.raises(FileNotFoundError):
+        load_toml(tmp_path / "missing.toml")
+    with pytest.raises(BenchConfigError, match="temperatures"):
+        BenchConfig(temperatures=[-1.0]).validate()
+
+
+def test_shipped_default_config_parses():
+    from pathlib import Path
+
+    cfg = load_toml(Path(__file__).resolve().parent.parent / "benchmarks" / "default.toml")
+    names = {s.name for s in cfg.specs()}
+    assert {"vanilla", "hf-generate", "hf-early-exit", "hf-prompt-lookup", "self-spec"} <= names
+    assert cfg.num_prompts >= 20 and cfg.max_new_tokens == 128 and cfg.temperatures == [0.0]

@@ -1,0 +1,110 @@
+"""End-to-end benchmark runs on a tiny model: files, audit, quality sweep, plots from saved results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_loaded
+from exitspec.bench.cli import finish
+from exitspec.bench.config import BenchConfig
+from exitspec.bench.quality import layer_sweep, pool_sweeps
+from exitspec.bench.results import SavedResults
+from exitspec.bench.runner import BenchRunner
+from helpers_bench import INJECTED, tiny_prompts
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    model = tiny_loaded("llama", layers=4)
+    cfg = BenchConfig(num_prompts=3, max_new_tokens=8, repeats=2, warmup=1, bootstrap=100,
+                      runs=[{"name": "hf-early-exit", "exit_layer": [1, 2]}, {"name": "cheat"}, {"name": "lossy"},
+                            {"name": "no-such-strategy"}])
+    outcome = BenchRunner(cfg, model, tiny_prompts(), out, injected=INJECTED, progress=False).run()
+    return out, outcome, model
+
+
+def test_rows_and_per_prompt_records(tiny_run):
+    out, outcome, _ = tiny_run
+    res = SavedResults(out)
+    labels = [r["label"] for r in res.rows]
+    assert labels == ["vanilla@T0", "hf-generate@T0", "hf-early-exit[exit_layer=1]@T0",
+                      "hf-early-exit[exit_layer=2]@T0", "cheat@T0", "lossy@T0", "no-such-strategy@T0"]
+    rows = {r["label"]: r for r in res.rows}
+    assert "unknown strategy" in rows["no-such-strategy@T0"]["status"]
+    ok = [r for r in res.rows if r["status"] == "ok"]
+    assert all(r["new_tokens"] == 3 * 8 and r["tokens_per_s"] > 0 and r["machine"] for r in ok)
+    # Speedups are against the faster vanilla, which therefore has speedup 1 and the other <= 1.
+    base = max(rows["vanilla@T0"]["tokens_per_s"], rows["hf-generate@T0"]["tokens_per_s"])
+    for r in ok:
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / base, rel=1e-4)
+    assert max(rows["vanilla@T0"]["speedup"], rows["hf-generate@T0"]["speedup"]) == pytest.approx(1.0)
+    assert rows["vanilla@T0"]["target_calls_per_token"] == pytest.approx(1.0)
+    assert rows["vanilla@T0"]["layers_per_token"] == pytest.approx(4.0)
+    ee = rows["hf-early-exit[exit_layer=2]@T0"]
+    assert ee["mean_accept_length"] == pytest.approx(ee["mean_accepted"] + 1)
+    assert ee["target_calls_per_token"] <= 1.0 and ee["draft_reading"] == "lens"
+    assert ee["tv"] == pytest.approx(1 - ee["overlap"])
+    assert len(res.prompts) == 6 * 3  # six configurations ran, three prompts each
+    rec = res.prompts[0]
+    assert rec["label"] == "vanilla@T0" and len(rec["tokens"]) == 8 and len(rec["times_s"]) == 2
+    cats = {(c["label"], c["category"]) for c in res.categories}
+    assert ("vanilla@T0", "chat") in cats and ("vanilla@T0", "code") in cats
+
+
+def test_lossless_audit_catches_a_strategy_that_lies(tiny_run):
+    out, outcome, _ = tiny_run
+    rows = {r["label"]: r for r in SavedResults(out).rows}
+    assert rows["cheat@T0"]["lossless_ok"] is False
+    assert rows["cheat@T0"]["lossless_mismatches"] == 3
+    assert rows["hf-generate@T0"]["lossless_ok"] is True
+    assert rows["hf-early-exit[exit_layer=1]@T0"]["lossless_ok"] is True
+    assert rows["lossy@T0"]["lossless_ok"] is None  # no claim, no audit ...
+    assert rows["lossy@T0"]["agreement"] < 1.0  # ... but its agreement and perplexity are reported
+    assert rows["lossy@T0"]["agreement_lo"] <= rows["lossy@T0"]["agreement"] <= rows["lossy@T0"]["agreement_hi"]
+    assert rows["lossy@T0"]["perplexity"] > 0
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["passed"] is False and audit["failed"] == ["cheat@T0"]
+    entry = next(e for e in audit["entries"] if e["label"] == "cheat@T0")
+    assert {m["position"] for m in entry["mismatches"]} == {2}
+    assert [a.label for a in outcome.audit_failed] == ["cheat@T0"]
+
+
+def test_plots_and_report_come_from_saved_files_only(tiny_run):
+    out, _, _ = tiny_run
+    figures = finish(out)
+    assert {"layer_sweep", "acceptance_sweep", "pareto"} <= set(figures)
+    for name in figures:
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.pdf").is_file()
+    report = (out / "report.md").read_text()
+    assert "LOSSLESS AUDIT FAILED" in report and "cheat@T0" in report
+    assert "![layer_sweep](layer_sweep.png)" in report
+    # Redraw from the files alone into a copy of the folder (the model is not needed).
+    import shutil
+
+    copy = out.parent / "replot"
+    shutil.copytree(out, copy)
+    for p in copy.glob("*.png"):
+        p.unlink()
+    assert set(finish(copy)) == set(figures)
+
+
+def test_layer_sweep_matches_hf_hidden_states():
+    """The exitspec teacher-forced sweep equals the logit lens on HF's own hidden states."""
+    model = tiny_loaded("llama", layers=4)
+    prompt, gen = [5, 6, 7, 8], [9, 10, 11]
+    sweep = layer_sweep(model, prompt, gen, [1, 2, 3], [0.0])
+    with torch.inference_mode():
+        hs = model.model(torch.tensor([prompt + gen]), output_hidden_states=True).hidden_states
+    full = model.model.lm_head(model.model.model.norm(hs[-1]))[0, 3:6]
+    for layer in (1, 2, 3):
+        lens = model.model.lm_head(model.model.model.norm(hs[layer]))[0, 3:6]
+        top1 = (lens.argmax(-1) == full.argmax(-1)).sum().item()
+        assert sweep["lens"][layer]["top1"] == top1
+        ov = torch.minimum(full.softmax(-1), lens.softmax(-1)).sum(-1).sum().item()
+        assert sweep["lens"][layer]["overlap_T1"] == pytest.approx(ov, rel=1e-4)
+    rows = pool_sweeps([sweep, sweep])
+    assert rows[0]["positions"] == 6 and rows[0]["tv_T1"] == pytest.approx(1 - rows[0]["overlap_T1"])
