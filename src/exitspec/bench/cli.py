@@ -130,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out DIR is required (or --replot DIR to redraw a finished run)")
     from transformers.utils import logging as hf_logging
 
-    from exitspec.bench.config import save_config
     from exitspec.bench.runner import BenchRunner
     from exitspec.commands.common import set_threads
     from exitspec.models.loading import load
@@ -147,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
 
         attach_heads(model, cfg.heads)
     command = "exitspec bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
-    save_config(cfg, out, {"command": command})
     runner = BenchRunner(cfg, model, prompts, out, progress=not args.no_progress, command=command)
     print(f"bench: {len(runner.specs)} configurations x {len(prompts)} prompts x {cfg.repeats} repeats, "
           f"{cfg.max_new_tokens} tokens -> {out}", file=sys.stderr)

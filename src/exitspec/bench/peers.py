@@ -215,7 +215,8 @@ class EconomizeEarlyExit(Contender):
         L = self.model.lm.num_layers
         return Sample(tokens=tokens, total_s=total, ttft_s=None, target_calls=int(cost["exact_calls"]),
                       drafted=sum(d for d, _ in r.acceptance), accept_lengths=[a for _, a in r.acceptance],
-                      layers_computed=float(cost["layer_tokens"]), exit_hist={L: len(tokens)})
+                      # Minus the prefill of all but the last prompt token, as for every contender.
+                      layers_computed=float(cost["layer_tokens"] - L * (len(ids) - 1)), exit_hist={L: len(tokens)})
 
 
 def _spread(total: int, n: int) -> list[int] | None:

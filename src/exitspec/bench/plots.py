@@ -21,8 +21,9 @@ def _plt():
     return plt
 
 
-def _save(fig, out: Path, name: str) -> str:
-    fig.tight_layout()
+def _save(fig, out: Path, name: str, tight: bool = True) -> str:
+    if tight:
+        fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(out / f"{name}.{ext}", dpi=130)
     _plt().close(fig)
@@ -34,9 +35,14 @@ def _ok(rows: list[dict]) -> list[dict]:
 
 
 def _series_key(r: dict) -> str:
-    opts = {k: v for k, v in (r.get("options") or {}).items() if k not in ("exit_layer", "strategy")}
-    inner = ",".join(f"{k}={v}" for k, v in sorted(opts.items()) if not isinstance(v, dict | list))
-    return f"{r['name']}{f' ({inner})' if inner else ''} T={r['temperature']:g}"
+    gamma = f" gamma={r['gamma']}" if r.get("gamma") is not None else ""
+    return f"{r['name']}{gamma} T={r['temperature']:g}"
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def layer_sweep(res: SavedResults, out: Path) -> str | None:
@@ -60,6 +66,7 @@ def layer_sweep(res: SavedResults, out: Path) -> str | None:
     for ax in axes:
         ax.set_xlabel("exit layer")
         ax.grid(alpha=0.3)
+        _integer_x(ax)
     axes[2].legend(fontsize=8)
     fig.suptitle("Exit quality by layer (teacher-forced on vanilla's generations)", fontsize=10)
     return _save(fig, out, "layer_sweep")
@@ -92,10 +99,13 @@ def acceptance_sweep(res: SavedResults, out: Path) -> str | None:
     for ax in axes:
         ax.set_xlabel("exit layer")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        _integer_x(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
     if lens or heads:
         axes[2].legend(fontsize=7)
-    return _save(fig, out, "acceptance_sweep")
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
+    return _save(fig, out, "acceptance_sweep", tight=False)
 
 
 def pareto(res: SavedResults, out: Path) -> str | None:
@@ -105,24 +115,33 @@ def pareto(res: SavedResults, out: Path) -> str | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = sorted({r["name"] for r in qual})
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
     for ax, key, ylabel in ((axes[0], "agreement", "token agreement with vanilla (greedy)"),
                             (axes[1], "perplexity", "full-model perplexity of the output")):
-        pts = [r for r in qual if r.get(key) is not None]
-        for r in pts:
+        for r in (r for r in qual if r.get(key) is not None):
             lossless = r.get("lossless_claim") is True
-            ax.scatter(r["speedup"], r[key], marker="o" if lossless else "^", s=28,
-                       color="tab:blue" if lossless else "tab:red")
+            ax.scatter(r["speedup"], r[key], marker="o" if lossless else "^", s=30, color=colors[r["name"]],
+                       label=r["name"])
             lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
-            if lo is not None and hi is not None:
-                ax.plot([r["speedup"]] * 2, [lo, hi], color="gray", lw=0.8)
-            tag = f"l={r['exit_layer']}" if r.get("exit_layer") is not None else r["name"]
-            ax.annotate(tag, (r["speedup"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if lo is not None and hi is not None and hi > lo:
+                ax.plot([r["speedup"]] * 2, [lo, hi], color=colors[r["name"]], lw=0.8, alpha=0.6)
+            if r.get("exit_layer") is not None:
+                ax.annotate(f"l={r['exit_layer']}", (r["speedup"], r[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
         ax.axvline(1.0, color="gray", ls=":", lw=0.8)
         ax.set_xlabel("speedup vs fastest vanilla")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].set_title("circles: lossless claim, triangles: lossy", fontsize=8)
-    return _save(fig, out, "pareto")
+    seen: dict = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(5, len(seen)), fontsize=7,
+               frameon=False)
+    axes[0].set_title("circles: lossless claim, triangles: lossy; l = exit layer", fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(seen) - 1) // 5), 1, 1))
+    return _save(fig, out, "pareto", tight=False)
 
 
 def acceptance_histograms(res: SavedResults, out: Path, max_panels: int = 12) -> str | None:
@@ -143,6 +162,7 @@ def acceptance_histograms(res: SavedResults, out: Path, max_panels: int = 12) ->
         ax.set_title(f"{label}\nmean {sum(v) / len(v):.2f} (+1 = {sum(v) / len(v) + 1:.2f} tokens/verif.)",
                      fontsize=7)
         ax.set_xlabel("accepted drafts per verification", fontsize=7)
+        _integer_x(ax)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
     return _save(fig, out, "acceptance_hist")

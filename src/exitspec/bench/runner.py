@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exitspec.bench import metrics
-from exitspec.bench.config import BASELINES, BenchConfig, RunSpec
+from exitspec.bench.config import BASELINES, BenchConfig, RunSpec, save_config
 from exitspec.bench.contenders import Contender, Sample, make_contender
 from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
 from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
@@ -62,6 +62,8 @@ class BenchRunner:
         self.specs = cfg.specs()
         self.machine = describe_machine()
         self.writer = ResultsWriter(out)
+        save_config(cfg, out, {"command": command, "model_name": model.name,
+                               "prompt_ids": [p.id for p in prompts]})
         self.progress = progress
         self.command = command
         L = model.lm.num_layers
