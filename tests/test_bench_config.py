@@ -19,6 +19,7 @@ def test_parse_run():
     assert parse_run("self-spec exit_layer=8,12 gamma=3") == {"name": "self-spec", "exit_layer": [8, 12], "gamma": 3}
     assert parse_run("cascade threshold=0.9 score=max_prob") == {"name": "cascade", "threshold": 0.9,
                                                                   "score": "max_prob"}
+    assert parse_run("cascade exit_layers=8+16,12") == {"name": "cascade", "exit_layers": [[8, 16], 12]}
     with pytest.raises(BenchConfigError, match="key=value"):
         parse_run("self-spec 8")
 
@@ -33,6 +34,9 @@ def test_specs_put_both_vanillas_first_per_temperature():
     assert len(labels) == len(set(labels)) == 8
     spec = cfg.specs()[2]
     assert (spec.exit_layer, spec.gamma, spec.is_peer) == (4, 3, False)
+    # A list-valued option is one grid value when wrapped in a list.
+    cascade = BenchConfig(runs=[{"name": "cascade", "exit_layers": [[8, 16], [12]]}]).specs()[2:]
+    assert [s.opts for s in cascade] == [{"exit_layers": [8, 16]}, {"exit_layers": [12]}]
 
 
 def test_load_toml(tmp_path):

@@ -23,7 +23,7 @@ from exitspec.commands.common import add_model_args
 # Which option the --exit-layers / --draft-lengths shortcuts set, per contender (for --run, name it).
 LAYER_OPTION = {"self-spec": "exit_layer", "dssd": "exit_layer", "hf-early-exit": "exit_layer",
                 "economize-early-exit": "exit_layer"}
-DRAFT_OPTION = {"self-spec": "gamma", "dssd": "gamma", "economize-early-exit": "gamma",
+DRAFT_OPTION = {"self-spec": "draft_len", "dssd": "draft_len", "economize-early-exit": "gamma",
                 "hf-prompt-lookup": "num_tokens"}
 
 

@@ -12,7 +12,11 @@ A run is described by a `BenchConfig`, read from a TOML file and/or command-line
     [[run]]
     name = "self-spec"        # an exitspec strategy (exitspec.decoding.api.STRATEGIES) or a peer (bench/peers.py)
     exit_layer = [8, 12]      # every list is a grid axis; scalars are fixed options
-    gamma = [3, 5]
+    draft_len = [3, 5]
+
+    [[run]]
+    name = "cascade"
+    exit_layers = [[8, 16]]   # a list-valued option is one grid value: wrap it in a list
 
 Every `[[run]]` expands to the cartesian product of its list-valued options. The config is saved as
 `config.json` next to the results, so every result file says exactly what produced it.
@@ -45,7 +49,8 @@ class RunSpec:
 
     @property
     def opts(self) -> dict:
-        return dict(self.options)
+        # List-valued options are stored as tuples (hashable) and handed back as lists.
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
 
     @property
     def is_peer(self) -> bool:
@@ -119,7 +124,8 @@ class BenchConfig:
         for t in self.temperatures:
             for r in runs:
                 for opts in expand_grid({k: v for k, v in r.items() if k != "name"}):
-                    spec = RunSpec(r["name"], tuple(sorted(opts.items())), float(t))
+                    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items()))
+                    spec = RunSpec(r["name"], items, float(t))
                     if spec not in specs:
                         specs.append(spec)
         # Baselines first within each temperature, in a stable order.
@@ -141,7 +147,10 @@ def expand_grid(options: dict) -> list[dict]:
 
 
 def parse_run(text: str) -> dict:
-    """`--run "self-spec exit_layer=8,12 gamma=3"` -> {"name": "self-spec", "exit_layer": [8, 12], "gamma": 3}."""
+    """`--run "self-spec exit_layer=8,12 draft_len=3"` -> {"name": "self-spec", "exit_layer": [8, 12], "draft_len": 3}.
+
+    Commas separate grid values; `+` joins a list-valued option: `exit_layers=8+16,12+20` is two values.
+    """
     parts = text.split()
     if not parts:
         raise BenchConfigError("--run needs a strategy or peer name, e.g. --run 'self-spec exit_layer=8,12 gamma=4'")
@@ -150,7 +159,7 @@ def parse_run(text: str) -> dict:
         if "=" not in item:
             raise BenchConfigError(f"--run option {item!r} must look like key=value or key=v1,v2")
         key, raw = item.split("=", 1)
-        values = [_scalar(v) for v in raw.split(",") if v != ""]
+        values = [[_scalar(x) for x in v.split("+")] if "+" in v else _scalar(v) for v in raw.split(",") if v]
         run[key] = values if len(values) > 1 else values[0]
     return run
 

@@ -259,7 +259,11 @@ class BenchRunner:
         """Overlap / TV / top-1 agreement of the draft exit vs the full model, from the layer sweep."""
         if spec.exit_layer is None or not self.layer_rows:
             return {}
-        reading = "head" if (not spec.is_peer and getattr(self.model, "heads", None) is not None) else "lens"
+        # exitspec strategies read the attached head at that layer when the bundle has one (else the
+        # logit lens, as HF's and economize's early exit always do).
+        heads = getattr(self.model, "heads", None)
+        has_head = heads is not None and spec.exit_layer in getattr(heads, "layers", [])
+        reading = "head" if (not spec.is_peer and has_head) else "lens"
         match = [r for r in self.layer_rows if r["layer"] == spec.exit_layer and r["reading"] == reading]
         if not match:
             return {}
