@@ -39,3 +39,25 @@ INJECTED = {"cheat": lambda model, **_: PerturbingVanilla(), "lossy": lambda mod
 def tiny_prompts() -> list[Prompt]:
     return [Prompt("hello world, this is", "chat", "a"), Prompt("def f(x): return", "code", "b"),
             Prompt("one two three four", "chat", "c")]
+
+
+class Interrupting(Vanilla):
+    """Raises KeyboardInterrupt on its first step, as Ctrl-C in the middle of a sweep would."""
+
+    name = "interrupt"
+
+    def step(self, state: DecodeState) -> StepOutput:
+        raise KeyboardInterrupt
+
+
+INJECTED["interrupt"] = lambda model, **_: Interrupting()
+
+
+def write_mt_bench(path) -> None:
+    """A tiny prompt file in the MT-Bench / Spec-Bench format (question_id, category, turns)."""
+    import json
+
+    recs = [{"question_id": 81 + i, "category": cat, "turns": [text, "and a follow-up"]}
+            for i, (cat, text) in enumerate([("writing", "Write a poem"), ("math", "What is 2+2?"),
+                                              ("coding", "def add(a, b):"), ("writing", "Tell a story")])]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")

@@ -108,3 +108,60 @@ def test_layer_sweep_matches_hf_hidden_states():
         assert sweep["lens"][layer]["overlap_T1"] == pytest.approx(ov, rel=1e-4)
     rows = pool_sweeps([sweep, sweep])
     assert rows[0]["positions"] == 6 and rows[0]["tv_T1"] == pytest.approx(1 - rows[0]["overlap_T1"])
+
+
+def test_interrupt_keeps_finished_rows(tmp_path):
+    model = tiny_loaded("llama", layers=2)
+    cfg = BenchConfig(num_prompts=2, max_new_tokens=4, repeats=1, warmup=0, quality=False,
+                      runs=[{"name": "interrupt"}, {"name": "lossy"}])
+    outcome = BenchRunner(cfg, model, tiny_prompts()[:2], tmp_path, injected=INJECTED, progress=False).run()
+    assert outcome.interrupted
+    res = SavedResults(tmp_path)
+    assert [r["label"] for r in res.rows] == ["vanilla@T0", "hf-generate@T0"]  # finished before Ctrl-C
+    assert len(res.prompts) == 4
+    assert json.loads((tmp_path / "audit.json").read_text())["status"] == "interrupted"
+    finish(tmp_path)
+    assert "interrupted" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_on_a_saved_tiny_model_and_an_mt_bench_file(tmp_path):
+    from conftest import char_tokenizer, tiny_model
+    from helpers_bench import write_mt_bench
+
+    from exitspec.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", layers=3).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    prompts = tmp_path / "question.jsonl"
+    write_mt_bench(prompts)
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(model_dir), "--prompts", str(prompts), "--split", "all",
+               "--num-prompts", "3", "--max-new-tokens", "5", "--repeats", "1", "--warmup", "0", "--no-progress",
+               "--strategies", "hf-early-exit", "--exit-layers", "1,2", "--out", str(out)])
+    assert rc == 0
+    res = SavedResults(out)
+    assert [r["label"] for r in res.rows][2:] == ["hf-early-exit[exit_layer=1]@T0", "hf-early-exit[exit_layer=2]@T0"]
+    assert {p["category"] for p in res.prompts} == {"writing", "math", "coding"}
+    assert res.config["num_prompts"] == 3 and res.config["runs"] == [{"name": "hf-early-exit", "exit_layer": [1, 2]}]
+    assert (out / "report.md").is_file() and (out / "layer_sweep.png").is_file()
+    (out / "report.md").unlink()
+    assert main(["bench", "--replot", str(out)]) == 0 and (out / "report.md").is_file()
+    assert main(["bench", "--replot", str(tmp_path / "nothing")]) == 2  # clear error, no traceback
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[bench]\nrepeats = 0\n")
+    assert main(["bench", "--config", str(bad), "--out", str(tmp_path / "o2")]) == 2
+
+
+@pytest.mark.slow
+def test_real_model_peers_are_lossless(default_model, tmp_path):
+    """HF generate and HF's early exit reproduce exitspec vanilla's greedy tokens on the real model."""
+    from exitspec.prompts import mixed_prompts
+
+    cfg = BenchConfig(num_prompts=1, max_new_tokens=12, repeats=1, warmup=0, quality=False,
+                      runs=[{"name": "hf-early-exit", "exit_layer": 12}])
+    outcome = BenchRunner(cfg, default_model, mixed_prompts("heldout", 1)[:1], tmp_path, progress=False).run()
+    rows = {r["label"]: r for r in outcome.rows}
+    assert rows["hf-generate@T0"]["lossless_ok"] is True
+    assert rows["hf-early-exit[exit_layer=12]@T0"]["lossless_ok"] is True
+    assert 0 <= rows["hf-early-exit[exit_layer=12]@T0"]["mean_accepted"]

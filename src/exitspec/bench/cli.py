@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperatures", type=_list(float), default=None, help="e.g. 0,0.7 (default 0 = greedy)")
     g.add_argument("--prompts", default=None, help="prompt file (MT-Bench/Spec-Bench/plain JSONL...) or 'heldout'")
     g.add_argument("--split", default=None, help="split of --prompts: heldout (default), train, all")
+    g.add_argument("--data-dir", default=None, help="folder of the shared prompt sets (default: ../shared/data)")
     g.add_argument("--num-prompts", type=int, default=None)
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--repeats", type=int, default=None)
@@ -65,7 +66,7 @@ def build_config(args: argparse.Namespace):
     from exitspec.bench.config import BenchConfig, BenchConfigError, load_toml, parse_run
 
     cfg = load_toml(args.config) if args.config else BenchConfig()
-    for key in ("prompts", "split", "num_prompts", "max_new_tokens", "repeats", "warmup", "seed", "temperatures"):
+    for key in ("prompts", "split", "data_dir", "num_prompts", "max_new_tokens", "repeats", "warmup", "seed", "temperatures"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     # Model options: the command line wins when it differs from its defaults.
@@ -98,7 +99,8 @@ def load_bench_prompts(cfg):
     from exitspec.prompts import load_prompts, mixed_prompts
 
     if cfg.prompts in ("heldout", "", None):
-        prompts = mixed_prompts("heldout", per_set=(cfg.num_prompts + 4) // 5)[: cfg.num_prompts]
+        prompts = mixed_prompts("heldout", per_set=(cfg.num_prompts + 4) // 5, data_dir=cfg.data_dir)
+        prompts = prompts[: cfg.num_prompts]
     else:
         prompts = load_prompts(cfg.prompts, split=cfg.split, limit=cfg.num_prompts)
     if not prompts:
@@ -145,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         from exitspec.heads.bundle import attach_heads
 
         attach_heads(model, cfg.heads)
-    command = "exitspec bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
+    argv = sys.argv  # recorded for the report when run as a command (not from Python)
+    command = "exitspec " + " ".join(shlex.quote(a) for a in argv[argv.index("bench"):]) if "bench" in argv else ""
     runner = BenchRunner(cfg, model, prompts, out, progress=not args.no_progress, command=command)
     print(f"bench: {len(runner.specs)} configurations x {len(prompts)} prompts x {cfg.repeats} repeats, "
           f"{cfg.max_new_tokens} tokens -> {out}", file=sys.stderr)

@@ -59,7 +59,7 @@ class RunSpec:
     @property
     def label(self) -> str:
         """Unique, human-readable id, e.g. `self-spec[exit_layer=8,gamma=3]@T0`."""
-        inner = ",".join(f"{k}={v}" for k, v in self.options)
+        inner = ",".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in self.options)
         return f"{self.name}{f'[{inner}]' if inner else ''}@T{self.temperature:g}"
 
     @property
@@ -81,6 +81,7 @@ class RunSpec:
 class BenchConfig:
     prompts: str = "heldout"  # "heldout" = the shared held-out mix; else a prompt file (its held-out split)
     split: str = "heldout"  # split of a prompt file: heldout, train or all
+    data_dir: str | None = None  # folder of the shared prompt sets (None: ../shared/data beside the checkout)
     num_prompts: int = 20
     max_new_tokens: int = 128
     temperatures: list[float] = field(default_factory=lambda: [0.0])
