@@ -126,9 +126,8 @@ def test_interrupt_keeps_finished_rows(tmp_path):
 
 def test_cli_on_a_saved_tiny_model_and_an_mt_bench_file(tmp_path):
     from conftest import char_tokenizer, tiny_model
-    from helpers_bench import write_mt_bench
-
     from exitspec.cli import main
+    from helpers_bench import write_mt_bench
 
     model_dir = tmp_path / "tiny"
     tiny_model("llama", layers=3).save_pretrained(model_dir)
@@ -164,4 +163,4 @@ def test_real_model_peers_are_lossless(default_model, tmp_path):
     rows = {r["label"]: r for r in outcome.rows}
     assert rows["hf-generate@T0"]["lossless_ok"] is True
     assert rows["hf-early-exit[exit_layer=12]@T0"]["lossless_ok"] is True
-    assert 0 <= rows["hf-early-exit[exit_layer=12]@T0"]["mean_accepted"]
+    assert rows["hf-early-exit[exit_layer=12]@T0"]["mean_accepted"] >= 0

@@ -66,7 +66,8 @@ def build_config(args: argparse.Namespace):
     from exitspec.bench.config import BenchConfig, BenchConfigError, load_toml, parse_run
 
     cfg = load_toml(args.config) if args.config else BenchConfig()
-    for key in ("prompts", "split", "data_dir", "num_prompts", "max_new_tokens", "repeats", "warmup", "seed", "temperatures"):
+    for key in ("prompts", "split", "data_dir", "num_prompts", "max_new_tokens", "repeats", "warmup", "seed",
+                "temperatures"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     # Model options: the command line wins when it differs from its defaults.

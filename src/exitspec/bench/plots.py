@@ -173,15 +173,19 @@ def exit_distribution(res: SavedResults, out: Path, max_series: int = 10) -> str
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for r in rows[:max_series]:
+    rows = rows[:max_series]
+    layers = sorted({int(k) for r in rows for k in r["exit_hist"]})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(layers) * max(1, len(rows)) / 2), 3.8))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
         h = {int(k): v for k, v in r["exit_hist"].items()}
         total = sum(h.values())
-        xs = sorted(h)
-        ax.plot(xs, [h[x] / total for x in xs], marker="o", ms=4, label=r["label"])
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(layers))]
+        ax.bar(xs, [h.get(layer, 0) / total for layer in layers], width=width, label=r["label"])
+    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("layer whose output chose the token")
     ax.set_ylabel("fraction of tokens")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     return _save(fig, out, "exit_distribution")
 

@@ -31,6 +31,12 @@ def _audit_cell(r: dict) -> str:
     return "ref" if r["name"] == "vanilla" and r["temperature"] == 0 else "–"
 
 
+def _prompt_source(cfg: dict) -> str:
+    if cfg.get("prompts") in (None, "", "heldout"):
+        return "held-out mix of the shared prompt sets"
+    return f"{cfg['prompts']}, split {cfg.get('split', '?')}"
+
+
 def render(res: SavedResults, figures: list[str]) -> str:
     cfg = res.config or {}
     rows = res.rows
@@ -50,7 +56,7 @@ def render(res: SavedResults, figures: list[str]) -> str:
     if audit.get("status") in ("interrupted", "running"):
         lines += ["> This run was interrupted; the tables hold the configurations that finished.", ""]
     lines += [f"Machine: {first.get('machine', '?')}", "",
-              f"Prompts: {first.get('prompts', '?')} ({cfg.get('prompts', '?')} split {cfg.get('split', '?')}), "
+              f"Prompts: {first.get('prompts', '?')} ({_prompt_source(cfg)}), "
               f"{first.get('max_new_tokens', '?')} new tokens each (EOS ignored), warm-up {cfg.get('warmup', '?')}, "
               f"median of {first.get('repeats', '?')} repeats per prompt. Heads: {cfg.get('heads') or 'none'}.", ""]
     if cfg.get("command"):
