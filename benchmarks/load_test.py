@@ -140,7 +140,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="write the markdown report here")
     args = p.parse_args()
 
-    from exitspec.bench.machine import machine_line
+    from exitspec.bench.machine import describe_machine, machine_line
     from exitspec.prompts import mixed_prompts
 
     prompts = [pr.text for pr in mixed_prompts("heldout", 16, max_chars=args.max_chars)]
@@ -166,7 +166,9 @@ def main() -> int:
             log = server.stop()
             if "Traceback" in log:
                 print(log, file=sys.stderr)
-    text = report(args, machine_line(), warm, run, health)
+    machine = describe_machine()
+    machine["threads"] = args.threads if server is not None else "?"  # the server's, not this client's
+    text = report(args, machine_line(machine), warm, run, health)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
