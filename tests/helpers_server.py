@@ -9,9 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import torch
 
 from conftest import char_tokenizer, tiny_model
 
@@ -28,6 +30,17 @@ def save_tiny_model(folder: Path) -> Path:
     tiny_model("llama", layers=4).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@contextmanager
+def one_torch_thread():
+    """Decode in the test process with one torch thread (see ServerProcess on why), then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:
