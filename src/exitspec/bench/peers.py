@@ -109,6 +109,7 @@ class HFGenerate(Contender):
         with _LayerCounter(self.model.lm.adapter.layers) as calls, torch.inference_mode():
             t0 = time.perf_counter()
             out = hf.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, streamer=timer)
+            _sync(x.device)
             total = time.perf_counter() - t0
         tokens = out[0, len(ids):].tolist()
         ttft = timer.first_token_at - t0 if timer.first_token_at is not None else None
@@ -209,6 +210,7 @@ class EconomizeEarlyExit(Contender):
         with torch.inference_mode():
             t0 = time.perf_counter()
             r = self.wrapped.decode(x, max_new_tokens, decoding=decoding, selector=selector)
+            _sync(x.device)
             total = time.perf_counter() - t0
         cost = r.cost_summary()
         tokens = r.tokens.tolist()
@@ -217,6 +219,12 @@ class EconomizeEarlyExit(Contender):
                       drafted=sum(d for d, _ in r.acceptance), accept_lengths=[a for _, a in r.acceptance],
                       # Minus the prefill of all but the last prompt token, as for every contender.
                       layers_computed=float(cost["layer_tokens"] - L * (len(ids) - 1)), exit_hist={L: len(tokens)})
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall times cover it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _spread(total: int, n: int) -> list[int] | None:
