@@ -33,7 +33,18 @@ class HonestLossy(PerturbingVanilla):
     lossless = False
 
 
-INJECTED = {"cheat": lambda model, **_: PerturbingVanilla(), "lossy": lambda model, **_: HonestLossy()}
+class SelfDescribed(Vanilla):
+    """Vanilla that reports an exit layer it chose itself (as strategies using a bundle's recommended
+    settings do): the benchmark must record it although the run did not set it."""
+
+    name = "described"
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "exit_layer": 2, "draft_len": 3}
+
+
+INJECTED = {"cheat": lambda model, **_: PerturbingVanilla(), "lossy": lambda model, **_: HonestLossy(),
+            "described": lambda model, **_: SelfDescribed()}
 
 
 def tiny_prompts() -> list[Prompt]:

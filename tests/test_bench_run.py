@@ -22,7 +22,7 @@ def tiny_run(tmp_path_factory):
     model = tiny_loaded("llama", layers=4)
     cfg = BenchConfig(num_prompts=3, max_new_tokens=8, repeats=2, warmup=1, bootstrap=100,
                       runs=[{"name": "hf-early-exit", "exit_layer": [1, 2]}, {"name": "cheat"}, {"name": "lossy"},
-                            {"name": "no-such-strategy"}])
+                            {"name": "no-such-strategy"}, {"name": "described"}])
     outcome = BenchRunner(cfg, model, tiny_prompts(), out, injected=INJECTED, progress=False).run()
     return out, outcome, model
 
@@ -32,7 +32,8 @@ def test_rows_and_per_prompt_records(tiny_run):
     res = SavedResults(out)
     labels = [r["label"] for r in res.rows]
     assert labels == ["vanilla@T0", "hf-generate@T0", "hf-early-exit[exit_layer=1]@T0",
-                      "hf-early-exit[exit_layer=2]@T0", "cheat@T0", "lossy@T0", "no-such-strategy@T0"]
+                      "hf-early-exit[exit_layer=2]@T0", "cheat@T0", "lossy@T0", "no-such-strategy@T0",
+                      "described@T0"]
     rows = {r["label"]: r for r in res.rows}
     assert "unknown strategy" in rows["no-such-strategy@T0"]["status"]
     ok = [r for r in res.rows if r["status"] == "ok"]
@@ -48,7 +49,10 @@ def test_rows_and_per_prompt_records(tiny_run):
     assert ee["mean_accept_length"] == pytest.approx(ee["mean_accepted"] + 1)
     assert ee["target_calls_per_token"] <= 1.0 and ee["draft_reading"] == "lens"
     assert ee["tv"] == pytest.approx(1 - ee["overlap"])
-    assert len(res.prompts) == 6 * 3  # six configurations ran, three prompts each
+    assert len(res.prompts) == 7 * 3  # seven configurations ran, three prompts each
+    described = rows["described@T0"]  # settings the strategy chose itself are recorded too
+    assert (described["exit_layer"], described["gamma"], described["draft_reading"]) == (2, 3, "lens")
+    assert described["overlap"] == ee["overlap"]
     rec = res.prompts[0]
     assert rec["label"] == "vanilla@T0" and len(rec["tokens"]) == 8 and len(rec["times_s"]) == 2
     cats = {(c["label"], c["category"]) for c in res.categories}

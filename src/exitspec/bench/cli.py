@@ -16,6 +16,7 @@ import argparse
 import shlex
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from exitspec.commands.common import add_model_args
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hf_logging.set_verbosity_error()  # HF's per-call deprecation notes would bury the progress bar
+    warnings.filterwarnings("ignore", category=FutureWarning)  # (so would peers' FutureWarnings)
     set_threads(cfg.threads)
     model = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if cfg.heads:

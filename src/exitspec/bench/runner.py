@@ -171,7 +171,8 @@ class BenchRunner:
             if cfg.quality and (lossy or spec.name == "vanilla"):
                 rec["nll"], rec["nll_tokens"] = text_nll(self.model, self.ids[i], s.tokens)
             per_prompt.append(rec)
-        row = self._settings(spec, contender) | self._aggregate(spec, per_prompt, samples)
+        settings = self._settings(spec, contender)
+        row = settings | self._aggregate(spec, per_prompt, samples) | self._draft_quality(spec, settings["exit_layer"])
         row["peak_mem_mib"], row["mem_source"] = mem.peak_mib, mem.source
         # The lossless audit: greedy outputs of every lossless-claiming contender against vanilla's.
         row["lossless_claim"] = contender.lossless
@@ -217,8 +218,13 @@ class BenchRunner:
         opts.pop("name", None)
         if opts.get("strategy") == spec.name:
             opts.pop("strategy")
-        return {"label": spec.label, "name": spec.name, "options": opts, "exit_layer": spec.exit_layer,
-                "gamma": spec.gamma, "temperature": spec.temperature, "max_new_tokens": self.cfg.max_new_tokens,
+        # Settings a strategy chose itself (e.g. the bundle's recommended exit layer) count as set.
+        described = RunSpec(spec.name, tuple(sorted((k, v) for k, v in opts.items()
+                                                    if isinstance(v, int | float | str))))
+        exit_layer = spec.exit_layer if spec.exit_layer is not None else described.exit_layer
+        gamma = spec.gamma if spec.gamma is not None else described.gamma
+        return {"label": spec.label, "name": spec.name, "options": opts, "exit_layer": exit_layer,
+                "gamma": gamma, "temperature": spec.temperature, "max_new_tokens": self.cfg.max_new_tokens,
                 "prompts": len(self.ids), "repeats": self.cfg.repeats, "model": self.model.name,
                 "heads": self.cfg.heads or "", "machine": machine_line(self.machine), "status": "ok"}
 
@@ -252,19 +258,18 @@ class BenchRunner:
             row["perplexity"], row["perplexity_lo"], row["perplexity_hi"] = metrics.bootstrap_ci(
                 pairs, cfg.bootstrap, seed=cfg.seed,
                 stat=lambda ps: metrics.perplexity(sum(a for a, _ in ps), sum(b for _, b in ps)))
-        row.update(self._draft_quality(spec))
         return row
 
-    def _draft_quality(self, spec: RunSpec) -> dict:
+    def _draft_quality(self, spec: RunSpec, exit_layer: int | None) -> dict:
         """Overlap / TV / top-1 agreement of the draft exit vs the full model, from the layer sweep."""
-        if spec.exit_layer is None or not self.layer_rows:
+        if exit_layer is None or not self.layer_rows:
             return {}
         # exitspec strategies read the attached head at that layer when the bundle has one (else the
         # logit lens, as HF's and economize's early exit always do).
         heads = getattr(self.model, "heads", None)
-        has_head = heads is not None and spec.exit_layer in getattr(heads, "layers", [])
+        has_head = heads is not None and exit_layer in getattr(heads, "layers", [])
         reading = "head" if (not spec.is_peer and has_head) else "lens"
-        match = [r for r in self.layer_rows if r["layer"] == spec.exit_layer and r["reading"] == reading]
+        match = [r for r in self.layer_rows if r["layer"] == exit_layer and r["reading"] == reading]
         if not match:
             return {}
         r, t = match[0], (spec.temperature if spec.temperature > 0 else 1.0)
