@@ -168,3 +168,21 @@ def test_real_model_peers_are_lossless(default_model, tmp_path):
     assert rows["hf-generate@T0"]["lossless_ok"] is True
     assert rows["hf-early-exit[exit_layer=12]@T0"]["lossless_ok"] is True
     assert rows["hf-early-exit[exit_layer=12]@T0"]["mean_accepted"] >= 0
+
+
+def test_sampling_temperature_rows(tmp_path):
+    """At T > 0 there is no audit or agreement, speedups use that temperature's vanillas, and the
+    draft overlap is read at the run's temperature."""
+    model = tiny_loaded("llama", layers=3)
+    cfg = BenchConfig(num_prompts=2, max_new_tokens=5, repeats=1, warmup=0, temperatures=[0.8], bootstrap=50,
+                      runs=[{"name": "hf-early-exit", "exit_layer": 1}, {"name": "lossy"}])
+    outcome = BenchRunner(cfg, model, tiny_prompts()[:2], tmp_path, injected=INJECTED, progress=False).run()
+    rows = {r["label"]: r for r in outcome.rows}
+    assert list(rows) == ["vanilla@T0.8", "hf-generate@T0.8", "hf-early-exit[exit_layer=1]@T0.8", "lossy@T0.8"]
+    assert all(r.get("lossless_ok") is None and r.get("agreement") is None for r in rows.values())
+    assert rows["lossy@T0.8"]["perplexity"] > 0 and rows["lossy@T0.8"]["speedup"] > 0
+    ee = rows["hf-early-exit[exit_layer=1]@T0.8"]
+    assert ee["overlap_temperature"] == 0.8 and 0 < ee["overlap"] <= 1
+    layers = SavedResults(tmp_path).layers
+    assert {"overlap_T0.8", "overlap_T1", "tv_T0.8"} <= set(layers[0])
+    assert json.loads((tmp_path / "audit.json").read_text())["ran"] is False
