@@ -55,8 +55,11 @@ def test_rows_and_per_prompt_records(tiny_run):
     assert described["overlap"] == ee["overlap"]
     rec = res.prompts[0]
     assert rec["label"] == "vanilla@T0" and len(rec["tokens"]) == 8 and len(rec["times_s"]) == 2
-    cats = {(c["label"], c["category"]) for c in res.categories}
+    cats = {(c["label"], c["category"]): c for c in res.categories}
     assert ("vanilla@T0", "chat") in cats and ("vanilla@T0", "code") in cats
+    assert cats[("vanilla@T0", "chat")]["target_calls_per_token"] == pytest.approx(1.0)
+    ee_chat = cats[("hf-early-exit[exit_layer=2]@T0", "chat")]
+    assert ee_chat["prompts"] == 2 and ee_chat["mean_accept_length"] == pytest.approx(ee_chat["mean_accepted"] + 1)
 
 
 def test_lossless_audit_catches_a_strategy_that_lies(tiny_run):

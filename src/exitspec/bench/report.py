@@ -92,6 +92,13 @@ def render(res: SavedResults, figures: list[str]) -> str:
         for r in ok:
             cells = [_f(by.get((r["label"], c), {}).get("speedup")) for c in cats]
             lines.append(f"| {r['label']} | " + " | ".join(f"{x}x" if x != "–" else x for x in cells) + " |")
+        spec_rows = [r for r in ok if r.get("mean_accepted") is not None]
+        if spec_rows:
+            lines += ["", "E[accepted drafts] per verification by category (+1 for tokens per verification):", "",
+                      "| configuration | " + " | ".join(cats) + " |", "|---|" + "---:|" * len(cats)]
+            for r in spec_rows:
+                cells = [_f(by.get((r["label"], c), {}).get("mean_accepted")) for c in cats]
+                lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     captions = {
         "layer_sweep": "Exit quality by layer: KL to the full model, perplexity, top-1 agreement.",
         "acceptance_sweep": "Acceptance by exit layer: E[accepted], acceptance rate, and draft/target TV.",

@@ -33,7 +33,8 @@ COLUMNS = [
     "status",
 ]
 CATEGORY_COLUMNS = ["label", "name", "exit_layer", "gamma", "temperature", "category", "prompts", "tokens_per_s",
-                    "speedup", "mean_accepted", "agreement"]
+                    "speedup", "ttft_s", "mean_accepted", "mean_accept_length", "acceptance_rate",
+                    "target_calls_per_token", "layers_per_token", "agreement"]
 LAYER_COLUMNS_BASE = ["reading", "layer", "positions", "kl", "perplexity", "top1_agreement"]
 
 

@@ -163,6 +163,8 @@ class BenchRunner:
                    "ttft_s": s.ttft_s, "target_calls": s.target_calls, "drafted": s.drafted,
                    "accept_lengths": s.accept_lengths if s.accept_lengths_exact else None,
                    "mean_accepted": (sum(s.accept_lengths) / len(s.accept_lengths)) if s.accept_lengths else None,
+                   "accepted": sum(s.accept_lengths) if s.accept_lengths else None,
+                   "verifications": len(s.accept_lengths) if s.accept_lengths else None,
                    "layers_computed": s.layers_computed, "exit_hist": {str(k): v for k, v in s.exit_hist.items()},
                    "tokens": s.tokens, "text": self.model.tokenizer.decode(s.tokens, skip_special_tokens=True)}
             if ref is not None:
@@ -292,14 +294,23 @@ class BenchRunner:
             groups[r["category"] or "-"].append(r)
         out = []
         for cat, recs in sorted(groups.items()):
+            tokens = sum(r["new_tokens"] for r in recs)
             tps = metrics.throughput([r["new_tokens"] for r in recs], [r["time_s"] for r in recs])
-            acc = [r["mean_accepted"] for r in recs if r["mean_accepted"] is not None]
             agr = [r["agreement"] for r in recs if r.get("agreement") is not None]
-            out.append({"label": spec.label, "name": spec.name, "exit_layer": spec.exit_layer, "gamma": spec.gamma,
-                        "temperature": spec.temperature, "category": cat, "prompts": len(recs),
-                        "tokens_per_s": tps, "speedup": metrics.speedup(tps, base.get(cat)),
-                        "mean_accepted": metrics.median(acc) if acc else None,
-                        "agreement": sum(agr) / len(agr) if agr else None})
+            ttft = [r["ttft_s"] for r in recs if r["ttft_s"] is not None]
+            row = {"label": spec.label, "name": spec.name, "exit_layer": spec.exit_layer, "gamma": spec.gamma,
+                   "temperature": spec.temperature, "category": cat, "prompts": len(recs), "tokens_per_s": tps,
+                   "speedup": metrics.speedup(tps, base.get(cat)), "ttft_s": metrics.median(ttft) if ttft else None,
+                   "target_calls_per_token": _sum_per(recs, "target_calls", tokens),
+                   "layers_per_token": _sum_per(recs, "layers_computed", tokens),
+                   "agreement": sum(agr) / len(agr) if agr else None}
+            if all(r["verifications"] for r in recs):
+                accepted = sum(r["accepted"] for r in recs)
+                row["mean_accepted"] = accepted / sum(r["verifications"] for r in recs)
+                row["mean_accept_length"] = row["mean_accepted"] + 1.0
+                if all(r["drafted"] for r in recs):
+                    row["acceptance_rate"] = accepted / sum(r["drafted"] for r in recs)
+            out.append(row)
         return out
 
     def _layer_sweep(self, bar) -> None:
@@ -327,6 +338,11 @@ class BenchRunner:
 
 def _is_baseline(spec: RunSpec) -> bool:
     return spec.name in BASELINES and not spec.options
+
+
+def _sum_per(recs: list[dict], key: str, tokens: int) -> float | None:
+    vals = [r[key] for r in recs]
+    return sum(vals) / tokens if tokens and all(v is not None for v in vals) else None
 
 
 def _category_tps(per_prompt: list[dict]) -> dict[str, float]:
