@@ -37,11 +37,12 @@ def calibrate_bundle(bundle, data: dict[int, ExitTokens], target: float, score: 
         if tok.n == 0:
             raise ValueError(f"no calibration tokens for exit layer {layer}; use more or longer prompts")
         wanted = list(SCORES) + ["learned"] if score == "auto" else [score]
-        has_features = tok.features is not None
-        if "learned" in wanted and not has_features:
+        if "learned" in wanted and tok.features is None:
             if score == "learned":
                 raise ValueError("the learned score needs estimator features; collect with keep_features=True")
             wanted.remove("learned")
+        if "learned" in wanted and score == "auto" and len(tok.seq_index.unique()) < 2:
+            wanted.remove("learned")  # cannot be cross-fitted, so its coverage would be an in-sample guess
         choices: dict[str, ThresholdChoice] = {}
         for name in wanted:
             if name == "learned":

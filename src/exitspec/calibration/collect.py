@@ -51,6 +51,18 @@ class Collected:
     n_sequences: int
 
 
+def token_metrics(exit_logits: torch.Tensor, full_logp: torch.Tensor, labels: torch.Tensor) -> dict:
+    """exit logits (N, V), full-model log-probs (N, V), labels (N,) -> per-token kl, ce, agree, correct."""
+    logp = torch.log_softmax(exit_logits.float(), -1)
+    top1 = logp.argmax(-1)
+    return {
+        "kl": (full_logp.exp() * (full_logp - logp)).sum(-1),  # KL(p_full || p_exit), nats
+        "ce": -logp.gather(-1, labels[:, None])[:, 0],
+        "agree": top1 == full_logp.argmax(-1),
+        "correct": top1 == labels,
+    }
+
+
 def _cat(chunks: list[dict]) -> dict:
     out = {}
     for k in chunks[0]:
@@ -91,16 +103,11 @@ def collect(lm, bundles: dict[str, object], sequences: list[EvalSequence], *,
             for layer in bundle.layers:
                 h = hidden[layer]  # (N, C)
                 logits = bundle.head(layer)(h[None])[0]  # (N, V)
-                logp = torch.log_softmax(logits.float(), -1)
-                top1 = logp.argmax(-1)
                 sc = scores(logits)
                 if str(layer) in bundle.estimators:
                     sc["learned"] = learned_score(bundle, layer, h[None], logits[None])[0]
                 row = {
-                    "kl": (full_p * (full_logp - logp)).sum(-1),
-                    "ce": -logp.gather(-1, labels[:, None])[:, 0],
-                    "agree": top1 == full_top1,
-                    "correct": top1 == labels,
+                    **token_metrics(logits, full_logp, labels),
                     "scores": {k: v.cpu() for k, v in sc.items()},
                     "seq_index": torch.full_like(labels, si),
                     "features": score_features(h[None], logits[None])[0] if keep_features else None,

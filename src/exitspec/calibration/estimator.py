@@ -26,7 +26,7 @@ class EstimatorTrainConfig:
     steps: int = 300
     lr: float = 1e-2
     weight_decay: float = 1e-2
-    folds: int = 2
+    folds: int = 2  # cross-fitting folds over sequences (at least 2)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -71,19 +71,18 @@ def cross_fit(features: torch.Tensor, normed: torch.Tensor | None, labels: torch
               seq_index: torch.Tensor, cfg: EstimatorTrainConfig,
               hidden_size: int) -> tuple[ConfidenceEstimator, torch.Tensor, dict]:
     """Returns (estimator trained on all tokens, out-of-fold scores (N,), report)."""
-    folds = seq_index % max(1, cfg.folds)
+    folds = seq_index % max(2, cfg.folds)
+    if len(torch.unique(folds)) < 2:
+        raise ValueError("training a learned estimator needs at least 2 calibration sequences (its threshold "
+                         "is chosen on sequences it did not train on); use more prompts")
     oof = torch.full((labels.numel(),), float("nan"))
-    if cfg.folds > 1 and len(torch.unique(folds)) > 1:
-        for f in torch.unique(folds).tolist():
-            held = folds == f
-            est = train_estimator(features[~held], None if normed is None else normed[~held], labels[~held],
-                                  cfg, hidden_size)
-            with torch.no_grad():
-                oof[held] = est(features[held], None if normed is None else normed[held])
-    final = train_estimator(features, normed, labels, cfg, hidden_size)
-    if torch.isnan(oof).any():  # a single sequence: no held-out fold exists, fall back (optimistic)
+    for f in torch.unique(folds).tolist():
+        held = folds == f
+        est = train_estimator(features[~held], None if normed is None else normed[~held], labels[~held],
+                              cfg, hidden_size)
         with torch.no_grad():
-            oof = final(features, normed)
+            oof[held] = est(features[held], None if normed is None else normed[held])
+    final = train_estimator(features, normed, labels, cfg, hidden_size)
     with torch.no_grad():
         train_p = final(features, normed)
     y = labels.float()

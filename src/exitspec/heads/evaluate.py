@@ -97,6 +97,7 @@ def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [("kl", "KL(p_full || p_exit) [nats]", False), ("ppl", "perplexity of labels", True),
@@ -118,6 +119,7 @@ def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("exit layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
