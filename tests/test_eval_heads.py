@@ -67,9 +67,14 @@ def test_calibrate_then_eval_heads_commands(tmp_path):
     cfg = json.loads((cal / "bundle.json").read_text())
     assert set(cfg["thresholds"]) == {"2", "4"} and cfg["thresholds"]["4"]["score"] == "max_prob"
     out = tmp_path / "eval"
-    assert main(["eval-heads", "--heads", str(cal), "--out", str(out), *common]) == 0
+    seq_file = tmp_path / "eval-seqs.json"
+    assert main(["eval-heads", "--heads", str(cal), "--out", str(out), "--save-sequences", str(seq_file), *common]) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
+    # Re-running on the saved sequences reproduces the results exactly (no regeneration needed).
+    again = tmp_path / "again"
+    assert main(["eval-heads", "--heads", str(cal), "--out", str(again), "--sequences", str(seq_file), *common]) == 0
+    assert (again / "results.csv").read_text() == (out / "results.csv").read_text()
     assert [r["layer"] for r in rows] == ["2", "4", "6"]
     assert all(r["coverage"] != "" for r in rows)  # calibrated: coverage at the stored threshold
     png = (out / "layer_sweep.png").read_bytes()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 from pathlib import Path
 
 from exitspec.calibration.sequences import EvalSequence, greedy_sequences, heldout_prompts, reference_sequences
@@ -17,9 +20,51 @@ def add_data_args(p: argparse.ArgumentParser, num_prompts: int, max_new_tokens: 
                    help="length of the greedy continuation scored per prompt")
     g.add_argument("--text", choices=("greedy", "reference"), default="greedy",
                    help="score the base model's greedy answers (default) or the data set's reference answers")
+    g.add_argument("--save-sequences", default=None, metavar="FILE",
+                   help="write the scored token sequences as JSON (greedy decoding is the slow part)")
+    g.add_argument("--sequences", default=None, metavar="FILE",
+                   help="reuse sequences written by --save-sequences instead of building them")
 
 
 def sequences_from_args(model, args: argparse.Namespace, part: str) -> list[EvalSequence]:
+    if args.sequences:
+        seqs, made_for = load_sequences(args.sequences, model.lm.vocab_size)
+        if made_for != part:
+            print(f"warning: {args.sequences} was built for {made_for!r}, not {part!r}: calibration and "
+                  "evaluation on the same text overstate coverage", file=sys.stderr)
+    else:
+        seqs = build_sequences(model, args, part)
+    if args.save_sequences:
+        save_sequences(seqs, args.save_sequences, part)
+    return seqs
+
+
+def save_sequences(seqs: list[EvalSequence], path: str | Path, part: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"part": part, "sequences": [{"ids": s.ids, "start": s.start} for s in seqs]}))
+    os.replace(tmp, path)
+
+
+def load_sequences(path: str | Path, vocab_size: int) -> tuple[list[EvalSequence], str]:
+    """A file from save_sequences -> (sequences, the part they were built for)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sequence file {path} does not exist; write one with --save-sequences")
+    try:
+        doc = json.loads(path.read_text())
+        seqs = [EvalSequence([int(t) for t in r["ids"]], int(r["start"])) for r in doc["sequences"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a sequence file written by --save-sequences ({err})") from err
+    if not seqs:
+        raise ValueError(f"{path} holds no sequences")
+    if any(t < 0 or t >= vocab_size for s in seqs for t in s.ids):
+        raise ValueError(f"{path} has token ids outside this model's vocabulary; it was made for another model")
+    return seqs, str(doc.get("part", ""))
+
+
+def build_sequences(model, args: argparse.Namespace, part: str) -> list[EvalSequence]:
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     if args.max_new_tokens < 1:
@@ -34,7 +79,7 @@ def sequences_from_args(model, args: argparse.Namespace, part: str) -> list[Eval
 
 
 def data_info(args: argparse.Namespace, seqs: list[EvalSequence], part: str) -> dict:
-    return {"part": part, "prompts": str(args.prompts or "shared held-out sets"), "text": args.text,
+    return {"part": part, "prompts": str(args.sequences or args.prompts or "shared held-out sets"), "text": args.text,
             "n_sequences": len(seqs), "max_new_tokens": args.max_new_tokens,
             "n_tokens": sum(s.n_scored for s in seqs)}
 
