@@ -12,6 +12,8 @@ out-of-fold scores stand in for how that estimator behaves on new text.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +33,18 @@ class EstimatorTrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run tiny full-batch steps on one thread: with a busy CPU, intra-op thread synchronisation
+    made each step ~20x slower than the arithmetic itself (measured: 17.6 s vs 0.8 s for 100 steps)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def train_estimator(features: torch.Tensor, normed: torch.Tensor | None, labels: torch.Tensor,
@@ -57,7 +71,7 @@ def train_estimator(features: torch.Tensor, normed: torch.Tensor | None, labels:
         return est.eval().requires_grad_(False)
     opt = torch.optim.AdamW(est.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Buffers (feat_mean / feat_std) are not parameters, so the optimiser never touches them.
-    with torch.enable_grad():
+    with torch.enable_grad(), single_thread():
         est.train()
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
