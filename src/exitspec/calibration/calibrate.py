@@ -15,7 +15,7 @@ from __future__ import annotations
 from exitspec.calibration.collect import ExitTokens
 from exitspec.calibration.estimator import EstimatorTrainConfig, cross_fit
 from exitspec.calibration.thresholds import ThresholdChoice, check_target, pick_best, select_threshold
-from exitspec.heads.confidence import ALL_SCORES, SCORES
+from exitspec.heads.confidence import ALL_SCORES, LOWER_IS_CONFIDENT, SCORES
 
 SCORE_CHOICES = (*ALL_SCORES, "auto")
 
@@ -63,6 +63,7 @@ def calibrate_bundle(bundle, data: dict[int, ExitTokens], target: float, score: 
         out[layer] = entry
         if progress:
             cands = ", ".join(f"{c.score} {c.coverage:.1%}" for c in choices.values())
-            print(f"  layer {layer:>2}: {best.score:<8} >= {best.value:.4g} -> coverage {best.coverage:.1%} "
+            op = "<=" if best.score in LOWER_IS_CONFIDENT else ">="
+            print(f"  layer {layer:>2}: {best.score:<8} {op} {best.value:.6g} -> coverage {best.coverage:.1%} "
                   f"[{cands}]", flush=True)
     return out
