@@ -85,6 +85,12 @@ def test_threshold_unreachable_target_never_fires():
     # Everything agreeing: accept everything.
     c = select_threshold(values, torch.ones(3, dtype=torch.bool), 1.0, "margin")
     assert c.coverage == 1.0 and c.agreement == 1.0
+    # A perfect but tiny accepted set is not trusted.
+    values = torch.arange(100.0) / 100
+    agree = torch.zeros(100, dtype=torch.bool)
+    agree[-5:] = True
+    assert select_threshold(values, agree, 0.95, "max_prob").coverage == 0.0
+    assert select_threshold(values, agree, 0.95, "max_prob", min_accepted=5).coverage == 0.05
 
 
 def is_confident_value(score, values, value):

@@ -6,7 +6,8 @@ We take the largest k whose agreement reaches the target, restricted to cuts bet
 score values (a threshold cannot split ties), and set the threshold to the k-th score, so that
 `confident(score, s, value)` accepts exactly those k tokens on the calibration data.
 
-When no cut reaches the target the exit must never fire: the threshold is put beyond every observed
+Cuts that accept fewer than MIN_ACCEPTED tokens are ignored (their agreement is noise). When no cut
+reaches the target the exit must never fire: the threshold is put beyond every observed
 score (a finite number, so bundle.json stays plain JSON) and coverage is 0.
 """
 
@@ -39,8 +40,16 @@ def check_target(target: float) -> float:
     return target
 
 
-def select_threshold(values: torch.Tensor, agree: torch.Tensor, target: float, score: str) -> ThresholdChoice:
-    """values (N,) of `score`, agree (N,) bool -> the maximal-coverage threshold reaching `target`."""
+MIN_ACCEPTED = 10
+
+
+def select_threshold(values: torch.Tensor, agree: torch.Tensor, target: float, score: str,
+                     min_accepted: int = MIN_ACCEPTED) -> ThresholdChoice:
+    """values (N,) of `score`, agree (N,) bool -> the maximal-coverage threshold reaching `target`.
+
+    Cuts accepting fewer than `min_accepted` tokens are not considered: "3 of 3 agreed" says little
+    (on SmolLM2's logit lens such a threshold held 36% agreement on new text); the exit then never fires.
+    """
     target = check_target(target)
     if score not in ALL_SCORES:
         raise ValueError(f"unknown confidence score {score!r}; choose one of {', '.join(ALL_SCORES)}")
@@ -60,7 +69,7 @@ def select_threshold(values: torch.Tensor, agree: torch.Tensor, target: float, s
     boundary = torch.ones(n, dtype=torch.bool)
     boundary[:-1] = s_sorted[:-1] > s_sorted[1:]  # cut after position i only between distinct scores
     # A tiny tolerance so that e.g. exactly 19/20 passes a 0.95 target despite float rounding.
-    ok = boundary & (agr >= target - 1e-12)
+    ok = boundary & (agr >= target - 1e-12) & (k >= min(min_accepted, n))
     if not bool(ok.any()):
         never = float(values.max() + 1.0) if sign > 0 else float(values.min() - 1.0)
         return ThresholdChoice(score, never, target, 0.0, None, n)
