@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from exitspec.heads.base import ExitHead, make_head
+from exitspec.heads.confidence import ConfidenceEstimator, EstimatorConfig
 from exitspec.runtime.layered import LayeredModel
 
 FORMAT_VERSION = 1
@@ -100,6 +101,13 @@ class HeadBundle(nn.Module):
         """Calibrated threshold of an exit: {"score": name, "value": float, ...} or None."""
         return self.config.thresholds.get(str(layer))
 
+    def set_estimator(self, layer: int, estimator: ConfidenceEstimator) -> None:
+        """Attach a learned confidence estimator to an exit; saved with the bundle (weights under
+        `estimators.<layer>.` in heads.safetensors, settings in config.estimators)."""
+        self.head(layer)  # raises for a layer this bundle has no head at
+        self.estimators[str(layer)] = estimator
+        self.config.estimators[str(layer)] = estimator.config.to_dict()
+
     def describe(self) -> dict:
         return {"layers": self.layers, "kinds": self.config.head_kinds,
                 "thresholds": {k: round(v.get("value", float("nan")), 4) for k, v in self.config.thresholds.items()}}
@@ -160,6 +168,8 @@ class HeadBundle(nn.Module):
                     f"({cfg.base_model}); train heads for this model with `exitspec train`")
         heads = {int(k): make_head(v, lm, int(k), **cfg.head_options.get(k, {})) for k, v in cfg.head_kinds.items()}
         bundle = cls(lm, heads, cfg)
+        for k, est_cfg in cfg.estimators.items():
+            bundle.estimators[k] = ConfidenceEstimator(EstimatorConfig.from_dict(est_cfg))
         try:
             state = load_file(str(w_path))
         except Exception as err:  # safetensors raises several types for truncated files

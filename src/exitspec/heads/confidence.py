@@ -1,10 +1,31 @@
-"""Confidence scores of an exit's next-token distribution, used to decide whether to trust it."""
+"""Confidence of an exit's next-token distribution: should a decoder trust this exit's top-1 token?
+
+Three fixed scores read the exit's logits (max probability, entropy, top-2 margin). A learned
+estimator (`ConfidenceEstimator`) is a tiny classifier over those scores plus a low-rank projection
+of the exit's hidden state, trained to predict "the exit's argmax equals the full model's argmax";
+its score is that predicted probability. Calibration (exitspec.calibration) picks, per exit, one
+score and the threshold that reaches a target agreement; decoders then only need
+
+    s = exit_confidence(bundle, layer, h, logits)   # (B, T)
+    ok = is_confident(bundle, layer, s)             # (B, T) bool
+
+Convention: every score but entropy is "higher = more confident"; entropy passes when *below* the
+threshold. `confident()` is the one place that knows this.
+"""
 
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import asdict, dataclass
 
-SCORES = ("max_prob", "entropy", "margin")
+import torch
+from torch import nn
+
+SCORES = ("max_prob", "entropy", "margin")  # computed from logits alone
+ALL_SCORES = (*SCORES, "learned")
+LOWER_IS_CONFIDENT = frozenset({"entropy"})
+# Per-token inputs of the learned estimator, besides the hidden-state projection (see features()).
+SCORE_FEATURES = ("max_prob", "log_max_prob", "entropy", "margin", "second_prob", "log_hidden_rms")
 
 
 def scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -21,6 +42,121 @@ def scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def confident(score_name: str, value: torch.Tensor, threshold: float) -> torch.Tensor:
     """True where the score passes the threshold (entropy passes when *below* it)."""
-    if score_name == "entropy":
+    if score_name in LOWER_IS_CONFIDENT:
         return value <= threshold
     return value >= threshold
+
+
+def score_features(h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) hidden, (B, T, V) logits -> (B, T, len(SCORE_FEATURES)) float32 features."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    top2 = p.topk(2, dim=-1).values  # (B, T, 2)
+    entropy = -(p * logp).sum(-1)
+    # The hidden state's scale grows with depth and with "settledness"; its log is a cheap cue.
+    rms = h.float().pow(2).mean(-1).clamp_min(1e-12).sqrt()
+    cols = [top2[..., 0], top2[..., 0].clamp_min(1e-12).log(), entropy, top2[..., 0] - top2[..., 1],
+            top2[..., 1], rms.log()]
+    return torch.stack(cols, dim=-1)
+
+
+@dataclass
+class EstimatorConfig:
+    """Shape of a learned estimator; saved in BundleConfig.estimators[str(layer)]."""
+
+    hidden_size: int  # C of the base model (input of the projection)
+    proj_dim: int = 8  # rank of the hidden-state projection (0 = scores only)
+    mlp_dim: int = 16  # width of the hidden layer (0 = logistic regression)
+    kind: str = "mlp"
+    # Filled in by training, for the report only (not needed to run the estimator).
+    train_report: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EstimatorConfig:
+        try:
+            return cls(**d)
+        except TypeError as err:
+            raise ValueError(f"malformed estimator settings {d!r} ({err}); recalibrate the bundle") from err
+
+
+class ConfidenceEstimator(nn.Module):
+    """P(exit top-1 == full-model top-1) from score features and a projection of the normed hidden.
+
+    Input standardisation (mean / std of the score features) is a buffer, so the saved weights are
+    self-contained. Runs in float32 whatever the model dtype; cost is negligible next to the head.
+    """
+
+    def __init__(self, config: EstimatorConfig):
+        super().__init__()
+        self.config = config
+        n = len(SCORE_FEATURES)
+        self.register_buffer("feat_mean", torch.zeros(n))
+        self.register_buffer("feat_std", torch.ones(n))
+        self.proj = nn.Linear(config.hidden_size, config.proj_dim, bias=False) if config.proj_dim else None
+        d_in = n + config.proj_dim
+        if config.mlp_dim:
+            self.net = nn.Sequential(nn.Linear(d_in, config.mlp_dim), nn.GELU(), nn.Linear(config.mlp_dim, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(d_in, 1))
+
+    def inputs(self, feats: torch.Tensor, normed_h: torch.Tensor | None) -> torch.Tensor:
+        """(N.., F) features, (N.., C) normed hidden -> (N.., F + proj_dim) standardised inputs."""
+        x = (feats.float() - self.feat_mean) / self.feat_std
+        if self.proj is not None:
+            if normed_h is None:
+                raise ValueError("this estimator reads the hidden state; pass normed_h")
+            x = torch.cat([x, self.proj(normed_h.float())], dim=-1)
+        return x
+
+    def logit(self, feats: torch.Tensor, normed_h: torch.Tensor | None) -> torch.Tensor:  # (N..,)
+        return self.net(self.inputs(feats, normed_h)).squeeze(-1)
+
+    def forward(self, feats: torch.Tensor, normed_h: torch.Tensor | None) -> torch.Tensor:  # (N..,) in [0, 1]
+        return torch.sigmoid(self.logit(feats, normed_h))
+
+
+def normed_hidden(bundle, layer: int, h: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) exit-layer hidden -> (B, T, C) RMS-normalised features the head's LM head reads."""
+    return bundle.head(layer).normed(h)
+
+
+def learned_score(bundle, layer: int, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B, T) probability of agreement from the exit's learned estimator."""
+    if str(layer) not in bundle.estimators:
+        raise ValueError(f"exit layer {layer} has no learned confidence estimator; run "
+                         "`exitspec calibrate --score learned` or use max_prob / entropy / margin")
+    est = bundle.estimators[str(layer)]
+    nh = normed_hidden(bundle, layer, h) if est.proj is not None else None
+    return est(score_features(h, logits), nh)
+
+
+def exit_confidence(bundle, layer: int, h: torch.Tensor, logits: torch.Tensor,
+                    score: str | None = None) -> torch.Tensor:
+    """Confidence of exit `layer`: (B, T, C) hidden at that layer, (B, T, V) its logits -> (B, T).
+
+    `score` defaults to the one calibrated for this exit (bundle.threshold(layer)["score"]), else
+    max_prob. The learned score needs the hidden state; the others read only the logits.
+    """
+    if score is None:
+        th = bundle.threshold(layer)
+        score = th["score"] if th else "max_prob"
+    if score == "learned":
+        return learned_score(bundle, layer, h, logits)
+    if score not in SCORES:
+        raise ValueError(f"unknown confidence score {score!r}; choose one of {', '.join(ALL_SCORES)}")
+    return scores(logits)[score]
+
+
+def is_confident(bundle, layer: int, score: torch.Tensor) -> torch.Tensor:
+    """(B, T) score from exit_confidence -> (B, T) bool: passes this exit's calibrated threshold."""
+    th = bundle.threshold(layer)
+    if th is None:
+        raise ValueError(f"exit layer {layer} has no calibrated threshold; run `exitspec calibrate` on "
+                         f"this bundle (calibrated layers: {sorted(int(k) for k in bundle.config.thresholds)})")
+    value = float(th["value"])
+    if math.isnan(value):
+        raise ValueError(f"threshold of exit layer {layer} is NaN; recalibrate the bundle")
+    return confident(th["score"], score, value)

@@ -1,0 +1,116 @@
+"""Command-line pieces shared by `exitspec calibrate` and `exitspec eval-heads`: which heads, which text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from exitspec.calibration.sequences import EvalSequence, greedy_sequences, heldout_prompts, reference_sequences
+
+
+def add_data_args(p: argparse.ArgumentParser, num_prompts: int, max_new_tokens: int) -> None:
+    g = p.add_argument_group("held-out data")
+    g.add_argument("--prompts", default=None,
+                   help="prompt file (its held-out last 20%%); default: the shared public prompt sets")
+    g.add_argument("--num-prompts", type=int, default=num_prompts)
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="length of the greedy continuation scored per prompt")
+    g.add_argument("--text", choices=("greedy", "reference"), default="greedy",
+                   help="score the base model's greedy answers (default) or the data set's reference answers")
+    g.add_argument("--save-sequences", default=None, metavar="FILE",
+                   help="write the scored token sequences as JSON (greedy decoding is the slow part)")
+    g.add_argument("--sequences", default=None, metavar="FILE",
+                   help="reuse sequences written by --save-sequences instead of building them")
+
+
+def sequences_from_args(model, args: argparse.Namespace, part: str) -> list[EvalSequence]:
+    if args.sequences:
+        seqs, made_for = load_sequences(args.sequences, model.lm.vocab_size)
+        if made_for != part:
+            print(f"warning: {args.sequences} was built for {made_for!r}, not {part!r}: calibration and "
+                  "evaluation on the same text overstate coverage", file=sys.stderr)
+    else:
+        seqs = build_sequences(model, args, part)
+    if args.save_sequences:
+        save_sequences(seqs, args.save_sequences, part)
+    return seqs
+
+
+def save_sequences(seqs: list[EvalSequence], path: str | Path, part: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"part": part, "sequences": [{"ids": s.ids, "start": s.start} for s in seqs]}))
+    os.replace(tmp, path)
+
+
+def load_sequences(path: str | Path, vocab_size: int) -> tuple[list[EvalSequence], str]:
+    """A file from save_sequences -> (sequences, the part they were built for)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sequence file {path} does not exist; write one with --save-sequences")
+    try:
+        doc = json.loads(path.read_text())
+        seqs = [EvalSequence([int(t) for t in r["ids"]], int(r["start"])) for r in doc["sequences"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a sequence file written by --save-sequences ({err})") from err
+    if not seqs:
+        raise ValueError(f"{path} holds no sequences")
+    if any(t < 0 or t >= vocab_size for s in seqs for t in s.ids):
+        raise ValueError(f"{path} has token ids outside this model's vocabulary; it was made for another model")
+    return seqs, str(doc.get("part", ""))
+
+
+def build_sequences(model, args: argparse.Namespace, part: str) -> list[EvalSequence]:
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    prompts = heldout_prompts(part, args.num_prompts, args.prompts)
+    if args.text == "reference":
+        return reference_sequences(model, prompts, max_answer_tokens=args.max_new_tokens)
+    seqs = greedy_sequences(model, prompts, max_new_tokens=args.max_new_tokens)
+    if not seqs:
+        raise ValueError("the model produced no tokens for any prompt; check the prompts")
+    return seqs
+
+
+def data_info(args: argparse.Namespace, seqs: list[EvalSequence], part: str) -> dict:
+    return {"part": part, "prompts": str(args.sequences or args.prompts or "shared held-out sets"), "text": args.text,
+            "n_sequences": len(seqs), "max_new_tokens": args.max_new_tokens,
+            "n_tokens": sum(s.n_scored for s in seqs)}
+
+
+def resolve_bundle(model, spec: str):
+    """--heads value -> HeadBundle: a folder, 'default' (shipped), or 'norm_lm[:L1,L2,..]'.
+
+    'norm_lm' builds the parameter-free logit-lens bundle in memory (every 4th layer by default):
+    the baseline every trained head must beat, and a way to try the tools before training.
+    """
+    from exitspec.heads.bundle import HeadBundle, attach_heads
+
+    if spec is None:
+        raise ValueError("--heads is required: a bundle folder, 'default', or 'norm_lm[:4,8,12]'")
+    if spec == "norm_lm" or spec.startswith("norm_lm:"):
+        return HeadBundle.create(model.lm, norm_lm_layers(model.lm.num_layers, spec.partition(":")[2]),
+                                 "norm_lm", base_model=model.name)
+    if spec != "default" and not Path(spec).exists():
+        raise FileNotFoundError(f"head bundle {spec} does not exist; pass a bundle folder, 'default', or "
+                                "'norm_lm[:4,8,12]' for the logit-lens baseline")
+    return attach_heads(model, spec)
+
+
+def norm_lm_layers(num_layers: int, text: str = "") -> list[int]:
+    if not text:
+        return list(range(4, num_layers, 4)) or [num_layers // 2 or 1]
+    try:
+        layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"norm_lm layers must be comma-separated integers, got {text!r}") from None
+    bad = [layer for layer in layers if not 0 < layer < num_layers]
+    if bad or not layers:
+        raise ValueError(f"norm_lm exit layers must lie in 1..{num_layers - 1}, got {text!r}")
+    return layers
