@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_loaded
 
+from conftest import tiny_loaded
 from exitspec.heads.base import HEAD_KINDS, make_head
 from exitspec.heads.bundle import BundleError, HeadBundle
 from exitspec.heads.kinds import default_adapter_width

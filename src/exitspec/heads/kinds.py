@@ -2,9 +2,10 @@
 
 Every kind is initialised so that, untrained, it computes exactly the `norm_lm` logit lens:
 - `linear`: h -> W h + b fed to the frozen final norm + LM head; W = I, b = 0 at init.
-- `swiglu`: h -> h + down(silu(gate(n(h))) * up(n(h))) fed to the frozen norm + LM head; the output
-  projection `down` starts at zero, so the residual path alone is used until training moves it.
-  `n` is a learnable RMS norm: residual-stream scales differ a lot between layers.
+- `swiglu`: h -> h + r(h) * down(silu(gate(n(h))) * up(n(h))) fed to the frozen norm + LM head, where
+  r(h) is the RMS of h and n a learnable RMS norm. The adapter thus works at unit scale whatever the
+  size of the residual stream at that depth (it grows a lot with depth), and since the final norm is
+  scale-free its effect does not shrink where h is large. `down` starts at zero: untrained == norm_lm.
 - `lm_head`: a tuned copy of the LM head (and its bias) over the frozen final norm. It is as big as
   the embedding (V x C), so it is a training option, never shipped in the small default bundle.
 """
@@ -48,8 +49,11 @@ class _RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device))
         self.eps = eps
 
+    def rms(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., 1)
+        return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return x / self.rms(x) * self.weight
 
 
 @register_head_kind
@@ -70,8 +74,9 @@ class SwiGLUHead(ExitHead):
         nn.init.zeros_(self.down.weight)  # untrained adapter == identity == norm_lm exactly
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        x = self.norm(h.to(torch.float32))
-        delta = self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        hf = h.to(torch.float32)
+        x = self.norm(hf)
+        delta = self.norm.rms(hf) * self.down(nn.functional.silu(self.gate(x)) * self.up(x))
         return h + delta.to(h.dtype)
 
     def extra_config(self) -> dict:

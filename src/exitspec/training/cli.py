@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     bundle = result.bundle
     bundle.config.training = {
         "config": cfg.to_dict(), "sequences": len(examples), "steps": result.steps,
-        "data_s": round(t_data, 1), "train_s": round(result.wall_s, 1),
+        "data_s": round(t_data, 1), "teacher_s": round(trainer.teacher_s, 1),
+        "teacher_tokens_per_s": round(sum(len(e.ids) for e in examples) / max(trainer.teacher_s, 1e-9), 1),
+        "train_s": round(result.wall_s, 1),
         "train_tokens_per_s": round(result.tokens_per_s, 1), "final_kd": result.history[-1]["kd"],
         "rebuild": f"exitspec train --config {args.config} --out {args.out}" if args.config else "",
     }

@@ -4,9 +4,10 @@ overrides, and saved into the bundle's `training` field so a bundle says how it 
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import tomllib
 
 
 @dataclass

@@ -35,13 +35,15 @@ class VocabSubset:
         for t in targets:
             mass.index_add_(0, t.top_ids.flatten().cpu(), t.top_logits.float().softmax(-1).flatten().double().cpu())
         labels = torch.cat([t.labels for t in targets]).cpu()
-        mass[labels[labels >= 0]] += 1e-9  # every label stays in the subset (for the CE term)
+        is_label = torch.zeros(vocab_size, dtype=torch.float64)
+        is_label[labels[labels >= 0]] = 1.0  # every label stays in the subset (for the CE term)
         if reduce is not None:
-            mass = reduce(mass)
+            mass, is_label = reduce(mass), reduce(is_label)
         keep = torch.nonzero(mass > 0).squeeze(-1)
         if 0 < size < len(keep):
             keep = mass.topk(size).indices
-        return cls(torch.sort(keep).values, vocab_size)
+        keep = torch.unique(torch.cat([keep, torch.nonzero(is_label > 0).squeeze(-1)]))
+        return cls(keep, vocab_size)  # unique() sorts
 
     @property
     def size(self) -> int:

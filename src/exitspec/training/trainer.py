@@ -135,8 +135,9 @@ class Trainer:
             return
         cfg, pad = self.cfg, self.model.tokenizer.pad_token_id
         t0 = time.perf_counter()
-        self.targets = compute_targets(self.model.lm, self.shard[: self.shard_len], cfg.layers, pad_id=0 if pad is None else pad,
-                                       batch_size=cfg.batch_size, topk=cfg.kd_topk, answer_only=cfg.answer_only,
+        self.targets = compute_targets(self.model.lm, self.shard[: self.shard_len], cfg.layers,
+                                       pad_id=0 if pad is None else pad, batch_size=cfg.batch_size,
+                                       topk=cfg.kd_topk, answer_only=cfg.answer_only,
                                        progress=self.progress and self.rank == 0)
         self.teacher_s = time.perf_counter() - t0
         reduce = (lambda x: self.acc.reduce(x, "sum")) if self.acc and self.world > 1 else None
@@ -228,8 +229,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         wall = time.perf_counter() - t0
-        if self.step < self.total_steps:
-            self.save_checkpoint()  # stopped early on purpose: leave a resumable state
+        self.save_checkpoint()  # the end state: `--resume` of a finished run has nothing left to do
         self.bundle.eval().requires_grad_(False)
         return TrainResult(self.bundle, self.step, self.tokens - tokens0, wall, self.history)
 
