@@ -219,7 +219,9 @@ def test_accelerate_launch_with_two_processes(tmp_path):
     pytest.importorskip("accelerate")
     cfg = _cli_setup(tmp_path)
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # `--multi_gpu` is accelerate's torchrun launcher; without a GPU each process runs MULTI_CPU (gloo).
+    # (`--cpu` alone would start a single process.)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "exitspec.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "bundle"),
            "--work", str(tmp_path / "w"), "--no-progress"]

@@ -4,7 +4,8 @@
 
 Work files (self-distilled answers, checkpoints) go to --work (default runs/<name of DIR>); the
 bundle folder DIR is written atomically at the end and holds only bundle.json + heads.safetensors.
-Runs unchanged under `accelerate launch --cpu --num_processes N -m exitspec.cli train ...`.
+Runs unchanged under `accelerate launch --multi_gpu --num_processes N -m exitspec.cli train ...`
+(on a machine without GPUs this is N CPU processes over gloo; `--cpu` alone starts one process).
 """
 
 from __future__ import annotations
