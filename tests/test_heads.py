@@ -111,3 +111,26 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     (tmp_path / "b" / "bundle.json").write_text(cfg.replace('"width": 16', ''))
     with pytest.raises((BundleError, ValueError)):
         HeadBundle.load(tmp_path / "b", m.lm)
+
+
+@pytest.mark.slow
+def test_shipped_bundle_loads_and_beats_norm_lm_on_heldout_prompts(default_model, tmp_path):
+    """The shipped default bundle: fp16 swiglu heads that are closer to the full model than the
+    logit lens at every exit, on the full model's own answers to held-out prompts."""
+    import dataclasses
+
+    from exitspec.heads.bundle import attach_heads, shipped_bundle_path
+    from exitspec.prompts import mixed_prompts
+    from exitspec.training.data import DistillSettings, self_distill
+    from exitspec.training.evaluate import evaluate_heads
+
+    model = dataclasses.replace(default_model, heads=None)
+    bundle = attach_heads(model, "default")
+    assert model.heads is bundle and bundle.config.head_kinds["12"] == "swiglu"
+    assert sum(f.stat().st_size for f in shipped_bundle_path().iterdir()) < 8e6
+    examples = self_distill(model, mixed_prompts("heldout", 1), tmp_path / "h.jsonl",
+                            DistillSettings(max_new_tokens=48), progress=False)
+    baseline = HeadBundle.create(model.lm, bundle.layers, "norm_lm")
+    scores = evaluate_heads(model, {"norm_lm": baseline, "trained": bundle}, examples)
+    for base, ours in zip(scores["norm_lm"], scores["trained"], strict=True):
+        assert ours.kl < base.kl and ours.top1 > base.top1, (base, ours)
