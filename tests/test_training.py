@@ -182,7 +182,7 @@ def test_resume_continues_from_the_same_step_and_matches(tmp_path):
 def test_norm_lm_and_bad_layers_are_refused(tmp_path):
     m = tiny_loaded("llama")
     with pytest.raises(ValueError, match="no trainable parameters"):
-        Trainer(m, _cfg(kind="norm_lm"), random_examples(8), tmp_path)
+        Trainer(m, _cfg(kind="norm_lm", head_options={}), random_examples(8), tmp_path)
     with pytest.raises(ValueError, match="outside"):
         Trainer(m, _cfg(layers=[6]), random_examples(8), tmp_path)
     with pytest.raises(ValueError, match="fewer than one"):
