@@ -129,7 +129,7 @@ def test_shipped_bundle_loads_and_beats_norm_lm_on_heldout_prompts(default_model
     assert model.heads is bundle and bundle.config.head_kinds["12"] == "swiglu"
     assert sum(f.stat().st_size for f in shipped_bundle_path().iterdir()) < 8e6
     examples = self_distill(model, mixed_prompts("heldout", 1), tmp_path / "h.jsonl",
-                            DistillSettings(max_new_tokens=48), progress=False)
+                            DistillSettings(max_new_tokens=32), progress=False)
     baseline = HeadBundle.create(model.lm, bundle.layers, "norm_lm")
     scores = evaluate_heads(model, {"norm_lm": baseline, "trained": bundle}, examples)
     for base, ours in zip(scores["norm_lm"], scores["trained"], strict=True):
