@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import char_tokenizer, tiny_loaded
+from conftest import tiny_loaded
 from exitspec.heads.bundle import HeadBundle
 from exitspec.training.config import TrainConfig
 from exitspec.training.data import DistillSettings, Example, collate, read_source, self_distill
@@ -234,6 +234,3 @@ def test_accelerate_launch_with_two_processes(tmp_path):
     assert bundle.config.training["steps"] == 4
     assert "saved 2 swiglu heads" in proc.stdout
 
-
-def test_char_tokenizer_pad_is_defined():
-    assert char_tokenizer().pad_token_id is not None

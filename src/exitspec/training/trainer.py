@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exitspec.heads.base import ExitHead
 from exitspec.heads.bundle import HeadBundle
 from exitspec.training.config import TrainConfig
 from exitspec.training.data import Example
@@ -233,6 +232,3 @@ class Trainer:
         self.bundle.eval().requires_grad_(False)
         return TrainResult(self.bundle, self.step, self.tokens - tokens0, wall, self.history)
 
-
-def trained_heads(bundle: HeadBundle) -> dict[int, ExitHead]:
-    return {layer: bundle.head(layer) for layer in bundle.layers}
