@@ -1,0 +1,95 @@
+"""`exitspec train`: train exit heads by self-distillation and save a bundle.
+
+    exitspec train --config configs/heads-smollm2.toml --out DIR [--resume] [KEY=VALUE ...]
+
+Work files (self-distilled answers, checkpoints) go to --work (default runs/<name of DIR>); the
+bundle folder DIR is written atomically at the end and holds only bundle.json + heads.safetensors.
+Runs unchanged under `accelerate launch --multi_gpu --num_processes N -m exitspec.cli train ...`
+(on a machine without GPUs this is N CPU processes over gloo; `--cpu` alone starts one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from exitspec.training.config import TrainConfig, apply_overrides
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML or JSON training config (see configs/); defaults if omitted")
+    p.add_argument("--out", required=True, help="bundle folder to write (bundle.json + heads.safetensors)")
+    p.add_argument("--work", help="folder for self-distilled data and checkpoints (default runs/<out name>)")
+    p.add_argument("--resume", action="store_true", help="continue from WORK/checkpoint.pt at the same step")
+    p.add_argument("--eval-per-set", type=int, default=0,
+                   help="after training, evaluate norm_lm vs the trained heads on N held-out prompts per set")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. lr=3e-4 layers=[4,8]")
+
+
+def run(args: argparse.Namespace) -> int:
+    import exitspec
+    from exitspec.training.data import build_examples
+    from exitspec.training.trainer import Trainer
+
+    cfg = (TrainConfig.from_file(args.config, args.overrides) if args.config
+           else TrainConfig.from_dict(apply_overrides({}, args.overrides)))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else Path("runs") / out.name
+    model = exitspec.load(cfg.model)
+    t_start = time.perf_counter()
+    # Only the main process generates the self-distilled data; the others wait and read the cache.
+    acc_state = _accelerate_state()
+    if acc_state is None or acc_state.is_main_process:
+        examples = build_examples(model, cfg, work, progress=not args.no_progress)
+    if acc_state is not None:
+        acc_state.wait_for_everyone()
+        if not acc_state.is_main_process:
+            examples = build_examples(model, cfg, work, progress=False)
+    t_data = time.perf_counter() - t_start
+    trainer = Trainer(model, cfg, examples, work, progress=not args.no_progress)
+    result = trainer.train(resume=args.resume)
+    if trainer.rank != 0:
+        return 0
+    bundle = result.bundle
+    bundle.config.training = {
+        "config": cfg.to_dict(), "sequences": len(examples), "steps": result.steps,
+        "data_s": round(t_data, 1), "teacher_s": round(trainer.teacher_s, 1),
+        "teacher_tokens_per_s": round(sum(len(e.ids) for e in examples) / max(trainer.teacher_s, 1e-9), 1),
+        "train_s": round(result.wall_s, 1),
+        "train_tokens_per_s": round(result.tokens_per_s, 1), "final_kd": result.history[-1]["kd"],
+        "rebuild": f"exitspec train --config {args.config} --out {args.out}" if args.config else "",
+    }
+    if args.eval_per_set:
+        bundle.config.training["heldout_eval"] = _evaluate(model, bundle, args.eval_per_set, work)
+    bundle.save(out, dtype=getattr(torch, cfg.save_dtype))
+    (work / "history.json").write_text(json.dumps(result.history))
+    print(f"saved {len(bundle.layers)} {cfg.kind} heads at layers {bundle.layers} to {out} "
+          f"({result.steps} steps, {result.tokens_per_s:.0f} trained tokens/s, {result.wall_s:.0f} s training)")
+    return 0
+
+
+def _accelerate_state():
+    try:
+        from accelerate import PartialState
+    except ModuleNotFoundError:
+        return None
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _evaluate(model, bundle, per_set: int, work: Path) -> dict:
+    """Held-out comparison of the trained heads (as saved, i.e. after the save dtype) vs norm_lm."""
+    from exitspec.heads.bundle import HeadBundle
+    from exitspec.training.evaluate import evaluate_heads, heldout_examples, metrics_json, metrics_table
+
+    examples = heldout_examples(model, per_set, work / "heldout.jsonl")
+    baseline = HeadBundle.create(model.lm, bundle.layers, "norm_lm", base_model=model.name)
+    results = evaluate_heads(model, {"norm_lm": baseline, "trained": bundle}, examples)
+    print(metrics_table(results))
+    return metrics_json(results)

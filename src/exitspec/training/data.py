@@ -1,0 +1,218 @@
+"""Training sequences for exit heads: chat records, plain text, or the base model's own answers.
+
+A training example is a token sequence plus `prompt_len` (how many leading tokens are the prompt),
+so the loss mask can keep answer tokens only. Sources:
+- chat JSONL: ShareGPT `conversations`, instruction/response pairs, formatted with the model's chat
+  template (exitspec.prompts parses the record formats);
+- prompt-only records (MT-Bench `turns`, GSM8K questions...) and "mixed" (exitspec.prompts.
+  mixed_prompts): answered by the base model itself (self-distillation);
+- plain text (.txt, or JSONL records with only `text`): trained on as is.
+Only the "train" split of a prompt file is ever read: held-out prompts are for evaluation.
+
+Self-distilled answers come from exitspec's own batched vanilla decoding and are cached in a JSONL
+file, appended batch by batch, so an interrupted generation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exitspec.prompts import Prompt, load_prompts, mixed_prompts
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    prompt_len: int  # tokens [0, prompt_len) are the prompt; the rest is the answer
+
+
+def chat_ids(tokenizer, prompt: str, answer: str | None = None) -> tuple[list[int], int]:
+    """Prompt (+ answer) through the chat template: (ids, prompt_len)."""
+    from exitspec.decoding.api import encode_prompt
+
+    p_ids = encode_prompt(tokenizer, prompt, chat=True)
+    if answer is None:
+        return p_ids, len(p_ids)
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        full = tokenizer.apply_chat_template(msgs, tokenize=True)
+        full = list(full["input_ids"] if hasattr(full, "keys") else full)
+        if full[: len(p_ids)] == p_ids:
+            return full, len(p_ids)
+    # No template, or one whose prompt is not a prefix of the conversation: plain concatenation.
+    return p_ids + tokenizer(answer, add_special_tokens=False)["input_ids"], len(p_ids)
+
+
+def read_source(source: str, *, per_set: int = 60, limit: int = 0) -> tuple[list[Prompt], list[str]]:
+    """(prompts with optional reference answers, plain texts) of a data source, train split only."""
+    if source == "mixed":
+        return mixed_prompts("train", per_set), []
+    if source.startswith("hf:"):
+        return _read_hf(source[3:], limit)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {path} does not exist; pass a JSONL/JSON/.txt file, "
+                                "'mixed' or 'hf:NAME'")
+    if path.suffix == ".txt":
+        texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        cut = len(texts) - max(1, round(0.2 * len(texts)))  # same 80/20 rule as exitspec.prompts
+        return [], texts[:cut][: limit or None]
+    plain = _plain_texts(path)
+    if plain is not None:
+        cut = len(plain) - max(1, round(0.2 * len(plain)))
+        return [], plain[:cut][: limit or None]
+    return load_prompts(path, split="train", limit=limit or None), []
+
+
+def _plain_texts(path: Path) -> list[str] | None:
+    """Records that carry only a `text` field are plain text (pre-training style), not prompts."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not (isinstance(first, dict) and set(first) <= {"text", "id", "meta"} and "text" in first):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _read_hf(spec: str, limit: int) -> tuple[list[Prompt], list[str]]:
+    """'NAME[:SPLIT]' from the `datasets` library (optional; needs the dataset locally or network)."""
+    try:
+        import datasets
+    except ModuleNotFoundError as err:
+        raise ValueError("hf: data needs the `datasets` package; pip install datasets") from err
+    name, _, split = spec.partition(":")
+    rows = datasets.load_dataset(name, split=split or "train")
+    from exitspec.prompts import _to_prompt
+
+    prompts = [p for i, r in enumerate(rows) if (p := _to_prompt(dict(r), i, name))]
+    cut = len(prompts) - max(1, round(0.2 * len(prompts)))
+    return prompts[:cut][: limit or None], []
+
+
+# --- self-distillation -----------------------------------------------------------------------------
+@dataclass
+class DistillSettings:
+    max_new_tokens: int = 128
+    batch: int = 16
+    temperature: float = 0.0
+    seed: int = 0
+
+    def meta(self, model_name: str, fingerprint: dict) -> dict:
+        return {"model": model_name, "fingerprint": fingerprint, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "seed": self.seed}
+
+
+def self_distill(model, prompts: list[Prompt], cache: str | Path, settings: DistillSettings,
+                 *, progress: bool = True) -> list[Example]:
+    """The base model's own answers to `prompts` (cached in `cache`): one Example per prompt."""
+    from tqdm import tqdm
+
+    import exitspec
+    from exitspec.heads.bundle import fingerprint
+
+    cache = Path(cache)
+    meta = settings.meta(model.name, fingerprint(model.lm))
+    done = _read_cache(cache, meta)
+    texts = [p.text for p in prompts]
+    todo = [t for t in dict.fromkeys(texts) if t not in done]
+    if todo:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not cache.exists():
+            cache.write_text(json.dumps({"meta": meta}) + "\n")
+        enc = {t: chat_ids(model.tokenizer, t)[0] for t in todo}
+        todo.sort(key=lambda t: len(enc[t]))  # similar lengths per batch: less padding in prefill
+        bar = tqdm(total=len(todo), desc="self-distill", unit="prompt", disable=not progress)
+        t0, n_tok = time.perf_counter(), 0
+        for i in range(0, len(todo), settings.batch):
+            chunk = todo[i: i + settings.batch]
+            out = exitspec.generate(model, None, prompt_ids=[enc[t] for t in chunk],
+                                    max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                    seed=settings.seed + i if settings.temperature > 0 else None)
+            with open(cache, "a", encoding="utf-8") as f:  # one line per answer: a crash loses one batch
+                for t, ids in zip(chunk, out.token_ids, strict=True):
+                    f.write(json.dumps({"prompt": t, "prompt_ids": enc[t], "answer_ids": ids}) + "\n")
+                    done[t] = (enc[t], ids)
+            n_tok += sum(len(x) for x in out.token_ids)
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+        bar.close()
+    return [Example(done[t][0] + done[t][1], len(done[t][0])) for t in texts]
+
+
+def _read_cache(cache: Path, meta: dict) -> dict[str, tuple[list[int], list[int]]]:
+    if not cache.exists():
+        return {}
+    lines = cache.read_text(encoding="utf-8").splitlines()
+    try:
+        head = json.loads(lines[0])["meta"] if lines else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        head = None
+    if head != meta:
+        raise ValueError(f"self-distillation cache {cache} was made with other settings or another model "
+                         f"({head}); delete it or set distill_cache to a new file")
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: that prompt is generated again
+        done[rec["prompt"]] = (rec["prompt_ids"], rec["answer_ids"])
+    return done
+
+
+# --- building and batching --------------------------------------------------------------------------
+def build_examples(model, cfg, out_dir: Path, *, progress: bool = True) -> list[Example]:
+    """All training examples of a TrainConfig (self-distilled answers generated/cached as needed)."""
+    prompts, plain = read_source(cfg.data, per_set=cfg.per_set, limit=cfg.limit)
+    tok = model.tokenizer
+    examples = [Example(tok(t, add_special_tokens=True)["input_ids"], 0) for t in plain]
+    if prompts:
+        if cfg.self_distill:
+            cache = Path(cfg.distill_cache) if cfg.distill_cache else out_dir / "distill.jsonl"
+            settings = DistillSettings(cfg.gen_max_new_tokens, cfg.gen_batch, cfg.gen_temperature, cfg.gen_seed)
+            examples += self_distill(model, prompts, cache, settings, progress=progress)
+        else:
+            missing = sum(not p.reference for p in prompts)
+            if missing:
+                raise ValueError(f"{missing} of {len(prompts)} records have no reference answer; "
+                                 "set self_distill = true to answer them with the base model")
+            examples += [Example(*chat_ids(tok, p.text, p.reference)) for p in prompts]
+    examples = [Example(e.ids[: cfg.max_len], min(e.prompt_len, cfg.max_len)) for e in examples]
+    examples = [e for e in examples if len(e.ids) >= 3]
+    if not examples:
+        raise ValueError(f"no usable training sequences in {cfg.data!r}")
+    return examples
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) right-padded
+    mask: torch.Tensor  # (B, T) bool: positions whose next-token distribution is trained
+    labels: torch.Tensor  # (B, T) next token at each position (-100 where there is none)
+
+
+def collate(examples: list[Example], pad_id: int, answer_only: bool = False) -> Batch:
+    """Right-pad: under causal attention, pads after a row's tokens never change its real positions.
+
+    Position t's hidden state predicts token t+1. Masked out: padding, position 0 (the first token's
+    state is an attention sink, unlike anything seen while decoding) and, with answer_only, every
+    position before the last prompt token."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.bool)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.ids)
+        ids[b, :n] = torch.tensor(e.ids)
+        first = max(1, e.prompt_len - 1) if answer_only else 1
+        mask[b, first:n] = True
+        labels[b, : n - 1] = ids[b, 1:n]
+    return Batch(ids, mask, labels)

@@ -1,0 +1,234 @@
+"""The head trainer: frozen base, one teacher pass for all exits, AdamW, resumable, data parallel.
+
+    compute_targets(examples) -> per sequence: hidden states at every exit layer + teacher logits
+                                 (one pass of the frozen base, before the first step)
+    per optimizer step, `grad_accum` micro-batches of
+        HeadSet(targets) -> sum over exits of KD (+ CE) loss   (only the heads get gradients)
+Multi-process data parallel goes through accelerate's Accelerator: only the small HeadSet module is
+wrapped (DDP all-reduces the heads' gradients); the base model runs unwrapped and frozen. Process r
+owns the sequences r::world (so its teacher pass covers only those) and shuffles them per epoch
+from the seed: the data order depends on the seed, the world size and the micro-batch counter alone,
+so a resumed run sees exactly the batches it would have seen.
+
+Checkpoints (`WORK/checkpoint.pt`) hold heads, optimizer, scheduler, step, micro-batch counter and
+RNG state; they are written to a temporary file and renamed, so a crash never leaves a torn one.
+The teacher targets are not checkpointed: the teacher is deterministic, resuming recomputes them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exitspec.heads.bundle import HeadBundle
+from exitspec.training.config import TrainConfig
+from exitspec.training.data import Example
+from exitspec.training.losses import VocabSubset, exit_loss
+from exitspec.training.teacher import Targets, compute_targets
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class HeadSet(nn.Module):
+    """All trainable exits as one module, so DDP sees a single forward per micro-batch."""
+
+    def __init__(self, heads: nn.ModuleDict):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, targets: Targets, vocab: VocabSubset, temperature: float,
+                ce_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """N trained positions -> (loss summed over exits, per-exit KD (n_exits,))."""
+        teacher = vocab.teacher(targets)  # (N, S), shared by every exit
+        losses, kds = [], []
+        for key, head in self.heads.items():
+            loss, kd = exit_loss(head, int(key), targets, teacher, vocab, temperature, ce_weight)
+            losses.append(loss)
+            kds.append(kd)
+        return torch.stack(losses).sum(), torch.stack(kds)
+
+
+@dataclass
+class TrainResult:
+    bundle: HeadBundle
+    steps: int
+    tokens: int  # trained (masked-in) positions, all processes
+    wall_s: float
+    history: list[dict] = field(default_factory=list)  # {"step", "lr", "loss", "kd": {layer: kd}}
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to min_ratio at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_accelerator():
+    """accelerate's Accelerator when installed (works unlaunched as a single process), else None."""
+    try:
+        from accelerate import Accelerator
+    except ModuleNotFoundError:
+        return None
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+class Trainer:
+    def __init__(self, model, cfg: TrainConfig, examples: list[Example], work_dir: str | Path,
+                 *, progress: bool = True):
+        self.model, self.cfg, self.examples = model, cfg, examples
+        self.work = Path(work_dir)
+        self.progress = progress
+        self.acc = make_accelerator()
+        self.rank = self.acc.process_index if self.acc else 0
+        self.world = self.acc.num_processes if self.acc else 1
+        lm = model.lm
+        bad = [x for x in cfg.layers if not 0 < x < lm.num_layers]
+        if bad:
+            raise ValueError(f"exit layers {bad} are outside 1..{lm.num_layers - 1} for {model.name}")
+        torch.manual_seed(cfg.seed)  # head initialisation (zero/identity inits make this moot today)
+        self.bundle = HeadBundle.create(lm, cfg.layers, cfg.kind, base_model=model.name, **cfg.head_options)
+        self.bundle.train()
+        params = [p for p in self.bundle.heads.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"head kind {cfg.kind!r} has no trainable parameters; pick linear, swiglu or lm_head")
+        self.headset = HeadSet(self.bundle.heads)
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.shard = examples[self.rank:: self.world]
+        self.shard_len = len(examples) // self.world  # equal on every process: same number of steps
+        self.micro_per_epoch = self.shard_len // cfg.batch_size
+        if self.micro_per_epoch == 0:
+            raise ValueError(f"{len(examples)} sequences are fewer than one global batch "
+                             f"({cfg.batch_size} x {self.world} processes); lower batch_size or add data")
+        steps = cfg.epochs * self.micro_per_epoch // cfg.grad_accum
+        self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
+        if self.total_steps == 0:
+            raise ValueError("this configuration makes zero optimizer steps; lower grad_accum or add data")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+        # Only the small trainable module is wrapped; optimizer and scheduler stay ours so one
+        # scheduler step is one optimizer step whatever the number of processes.
+        self.ddp = self.acc.prepare(self.headset) if self.acc else self.headset
+        self.step = 0
+        self.micro = 0  # global micro-batches consumed: the data position
+        self.tokens = 0
+        self.history: list[dict] = []
+        self.targets: list[Targets] | None = None
+        self.teacher_s = 0.0
+
+    # --- teacher targets --------------------------------------------------------------------------
+    def prepare_targets(self) -> None:
+        """The one teacher pass over this process's data (every exit's inputs and targets at once)."""
+        if self.targets is not None:
+            return
+        cfg, pad = self.cfg, self.model.tokenizer.pad_token_id
+        t0 = time.perf_counter()
+        self.targets = compute_targets(self.model.lm, self.shard[: self.shard_len], cfg.layers,
+                                       pad_id=0 if pad is None else pad, batch_size=cfg.batch_size,
+                                       topk=cfg.kd_topk, answer_only=cfg.answer_only,
+                                       progress=self.progress and self.rank == 0)
+        self.teacher_s = time.perf_counter() - t0
+        reduce = (lambda x: self.acc.reduce(x, "sum")) if self.acc and self.world > 1 else None
+        self.vocab = VocabSubset.from_targets(self.targets, self.model.lm.vocab_size, cfg.kd_vocab, reduce=reduce)
+
+    # --- data order --------------------------------------------------------------------------------
+    def micro_batch(self, micro: int) -> list[int]:
+        epoch, i = divmod(micro, self.micro_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch * 1009 + self.rank)
+        order = torch.randperm(self.shard_len, generator=g)
+        lo = i * self.cfg.batch_size
+        return order[lo: lo + self.cfg.batch_size].tolist()
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        state = {"heads": self.bundle.heads.state_dict(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "step": self.step, "micro": self.micro,
+                 "tokens": self.tokens, "history": self.history, "config": self.cfg.to_dict(),
+                 "rng": torch.get_rng_state(), "world": self.world}
+        tmp = self.work / f".{CHECKPOINT}.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, self.work / CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        path = self.work / CHECKPOINT
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        mine = self.cfg.to_dict()
+        theirs = state["config"]
+        diff = sorted(k for k in mine if k not in ("threads", "checkpoint_every") and mine[k] != theirs.get(k))
+        if diff:
+            raise ValueError(f"checkpoint {path} was made with different settings ({diff}); resume with the "
+                             "same config or start fresh in another --work folder")
+        if state["world"] != self.world:
+            raise ValueError(f"checkpoint {path} was made with {state['world']} processes, not {self.world}; "
+                             "resume with the same number of processes")
+        self.bundle.heads.load_state_dict(state["heads"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]
+        self.history = state["history"]
+        torch.set_rng_state(state["rng"])
+        return True
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def train(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Run to the end (or `stop_after` optimizer steps, for tests of resuming)."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if resume and not self.load_checkpoint() and self.rank == 0:
+            print(f"no checkpoint in {self.work}; starting from step 0")
+        self.prepare_targets()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train heads", unit="step",
+                   disable=not self.progress or self.rank != 0)
+        t0, tokens0 = time.perf_counter(), self.tokens
+        end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
+        while self.step < end:
+            loss_sum, kd_sum = 0.0, torch.zeros(len(cfg.layers))
+            for _ in range(cfg.grad_accum):
+                targets = Targets.cat([self.targets[i] for i in self.micro_batch(self.micro)])
+                loss, kd = self.ddp(targets, self.vocab, cfg.temperature, cfg.ce_weight)
+                scaled = loss / cfg.grad_accum
+                if self.acc:
+                    self.acc.backward(scaled)
+                else:
+                    scaled.backward()
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                kd_sum += kd.float().cpu() / cfg.grad_accum
+                self.micro += 1
+                n = torch.tensor(float(targets.tokens))
+                self.tokens += int(self.acc.reduce(n, "sum")) if self.acc and self.world > 1 else int(n)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.headset.parameters(), cfg.max_grad_norm)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            rec = {"step": self.step, "lr": self.sched.get_last_lr()[0], "loss": round(loss_sum, 5),
+                   "kd": {str(layer): round(float(k), 5) for layer, k in zip(cfg.layers, kd_sum, strict=True)}}
+            self.history.append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{(self.tokens - tokens0) / (time.perf_counter() - t0):.0f}")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        wall = time.perf_counter() - t0
+        self.save_checkpoint()  # the end state: `--resume` of a finished run has nothing left to do
+        self.bundle.eval().requires_grad_(False)
+        return TrainResult(self.bundle, self.step, self.tokens - tokens0, wall, self.history)
+

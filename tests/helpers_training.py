@@ -1,0 +1,34 @@
+"""Shared helpers for the head/training tests: tiny data sets and a tiny model saved to disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from exitspec.training.data import Example
+
+
+def random_examples(n: int = 16, length: int = 20, prompt_len: int = 5, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    return [Example(torch.randint(0, 90, (length,), generator=g).tolist(), prompt_len) for _ in range(n)]
+
+
+def write_chat_jsonl(path: Path, n: int = 20) -> Path:
+    """ShareGPT-style records with short user turns and replies."""
+    with open(path, "w") as f:
+        for i in range(n):
+            conv = [{"from": "human", "value": f"say {i} twice"}, {"from": "gpt", "value": f"{i} {i}."}]
+            f.write(json.dumps({"id": str(i), "conversations": conv}) + "\n")
+    return path
+
+
+def save_tiny_model(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+    """A tiny random model + character tokenizer as an HF folder that exitspec.load() reads."""
+    from conftest import char_tokenizer, tiny_model
+
+    model = tiny_model(family, seed=seed)
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,236 @@
+"""Head training: data and masks, losses, one teacher pass, KL goes down, exact resume, CLI, accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_loaded
+from exitspec.heads.bundle import HeadBundle
+from exitspec.training.config import TrainConfig
+from exitspec.training.data import DistillSettings, Example, collate, read_source, self_distill
+from exitspec.training.evaluate import evaluate_heads
+from exitspec.training.losses import VocabSubset, kd_loss
+from exitspec.training.teacher import compute_targets, teacher_pass
+from exitspec.training.trainer import Trainer, lr_factor
+from helpers_training import random_examples, save_tiny_model, write_chat_jsonl
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(model="tiny", layers=[2, 4], kind="swiglu", head_options={"width": 16}, batch_size=4,
+                epochs=2, lr=3e-3, warmup_steps=2, checkpoint_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --- config ------------------------------------------------------------------------------------------
+def test_config_file_sections_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('layers = [3, 1]\nkind = "linear"\n[optim]\nlr = 0.01\n[head_options]\nwidth = 8\n')
+    cfg = TrainConfig.from_file(p, ["lr=3e-4", "data=some/file.jsonl", "answer_only=true"])
+    assert cfg.layers == [1, 3] and cfg.kind == "linear" and cfg.lr == 3e-4
+    assert cfg.head_options == {"width": 8} and cfg.data == "some/file.jsonl" and cfg.answer_only is True
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_file(p, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        TrainConfig.from_file(p, ["lr"])
+    with pytest.raises(FileNotFoundError):
+        TrainConfig.from_file(tmp_path / "missing.toml")
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, 4, 20, 0.1) for s in range(20)]
+    assert f[0] == 0.25 and f[3] == 1.0 and all(a >= b for a, b in zip(f[3:], f[4:], strict=False))
+    assert f[-1] == pytest.approx(0.1, abs=0.01)
+
+
+# --- data -----------------------------------------------------------------------------------------------
+def test_collate_masks_padding_first_token_and_prompt():
+    ex = [Example([5, 6, 7, 8, 9], 3), Example([1, 2, 3], 1)]
+    b = collate(ex, pad_id=0)
+    assert b.ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 0, 0]]
+    assert b.mask.tolist() == [[False, True, True, True, True], [False, True, True, False, False]]
+    assert b.labels.tolist() == [[6, 7, 8, 9, -100], [2, 3, -100, -100, -100]]
+    a = collate(ex, pad_id=0, answer_only=True)
+    # position 2 (last prompt token) predicts the first answer token
+    assert a.mask.tolist()[0] == [False, False, True, True, True]
+
+
+def test_read_source_formats_use_the_train_split_only(tmp_path):
+    chat = write_chat_jsonl(tmp_path / "chat.jsonl", n=10)
+    prompts, plain = read_source(str(chat))
+    assert [p.text for p in prompts] == [f"say {i} twice" for i in range(8)]  # last 20% held out
+    assert prompts[0].reference == "0 0." and plain == []
+    mt = tmp_path / "mt.jsonl"
+    mt.write_text("\n".join(json.dumps({"question_id": i, "turns": [f"q{i}", "more"]}) for i in range(5)))
+    assert [p.text for p in read_source(str(mt))[0]] == ["q0", "q1", "q2", "q3"]
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(f"paragraph {i}" for i in range(5)))
+    assert read_source(str(txt)) == ([], [f"paragraph {i}" for i in range(4)])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_source(str(tmp_path / "nope.jsonl"))
+
+
+def test_self_distill_generates_once_and_checks_the_cache(tmp_path, monkeypatch):
+    import exitspec
+    from exitspec.prompts import Prompt
+
+    m = tiny_loaded("llama")
+    prompts = [Prompt("abc"), Prompt("hello"), Prompt("xy")]
+    cache = tmp_path / "d.jsonl"
+    first = self_distill(m, prompts, cache, DistillSettings(max_new_tokens=5, batch=2), progress=False)
+    ref = exitspec.generate(m, "hello", max_new_tokens=5)
+    assert first[1].ids == first[1].ids[: first[1].prompt_len] + ref.token_ids[0]
+
+    def boom(*a, **k):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(exitspec, "generate", boom)
+    again = self_distill(m, prompts, cache, DistillSettings(max_new_tokens=5, batch=2), progress=False)
+    assert [e.ids for e in again] == [e.ids for e in first]
+    with pytest.raises(ValueError, match="other settings"):
+        self_distill(m, prompts, cache, DistillSettings(max_new_tokens=6), progress=False)
+
+
+# --- teacher and losses ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_teacher_pass_matches_hf_hidden_states(family):
+    m = tiny_loaded(family)
+    ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    tp = teacher_pass(m.lm, ids, [2, 4])
+    with torch.no_grad():
+        hf = m.model(ids, output_hidden_states=True)
+    for layer in (2, 4):
+        torch.testing.assert_close(tp.hidden[layer], hf.hidden_states[layer], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tp.logits, hf.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kd_loss_is_kl_with_temperature_scaling():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    assert kd_loss(t, t).abs().item() < 1e-6
+    ref = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="batchmean")
+    torch.testing.assert_close(kd_loss(s, t, 2.0), ref * 4)
+
+
+def test_sparse_targets_with_full_topk_equal_dense_targets():
+    m = tiny_loaded("llama")
+    ex = random_examples(4)
+    dense = compute_targets(m.lm, ex, [2], pad_id=0, batch_size=2, topk=0, answer_only=False, progress=False)
+    sparse = compute_targets(m.lm, ex, [2], pad_id=0, batch_size=2, topk=m.lm.vocab_size, answer_only=False,
+                             progress=False)
+    vd = VocabSubset.from_targets(dense, m.lm.vocab_size, 0)
+    vs = VocabSubset.from_targets(sparse, m.lm.vocab_size, 0)
+    assert vd.ids is None and vs.size == m.lm.vocab_size
+    torch.testing.assert_close(vd.teacher(dense[0]), vs.teacher(sparse[0]))
+    small = VocabSubset.from_targets(sparse, m.lm.vocab_size, 10)
+    labels = sparse[0].labels
+    assert torch.equal(small.ids[small.labels(labels)[labels >= 0]], labels[labels >= 0])
+
+
+# --- training ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["swiglu", "linear", "lm_head"])
+def test_a_few_steps_lower_the_kl(tmp_path, kind):
+    m = tiny_loaded("llama")
+    ex = random_examples(16)
+    cfg = _cfg(kind=kind, head_options={"width": 32} if kind == "swiglu" else {}, epochs=4, lr=1e-2)
+    before = HeadBundle.create(m.lm, cfg.layers, "norm_lm")
+    result = Trainer(m, cfg, ex, tmp_path, progress=False).train()
+    scores = evaluate_heads(m, {"before": before, "after": result.bundle}, ex)
+    for b, a in zip(scores["before"], scores["after"], strict=True):
+        assert a.kl < 0.9 * b.kl, (kind, b, a)
+    assert result.steps == 16 and result.tokens > 0
+
+
+def test_sparse_kd_over_a_reduced_vocabulary_also_trains(tmp_path):
+    m = tiny_loaded("llama")
+    ex = random_examples(16)
+    cfg = _cfg(epochs=4, lr=1e-2, kd_topk=8, kd_vocab=40, head_options={"width": 32})
+    before = HeadBundle.create(m.lm, cfg.layers, "norm_lm")
+    trained = Trainer(m, cfg, ex, tmp_path, progress=False).train().bundle
+    scores = evaluate_heads(m, {"before": before, "after": trained}, ex)
+    assert all(a.kl < b.kl for b, a in zip(scores["before"], scores["after"], strict=True))
+
+
+def test_resume_continues_from_the_same_step_and_matches(tmp_path):
+    m = tiny_loaded("llama")
+    ex = random_examples(16)
+    cfg = _cfg(grad_accum=2, epochs=3, checkpoint_every=2)  # 2 micro-batches/step, 6 steps
+    full = Trainer(m, cfg, ex, tmp_path / "a", progress=False).train()
+    first = Trainer(m, cfg, ex, tmp_path / "b", progress=False)
+    first.train(stop_after=3)
+    assert first.step == 3
+    second = Trainer(m, cfg, ex, tmp_path / "b", progress=False)
+    resumed = second.train(resume=True)
+    assert second.step == full.steps == 6 and second.micro == 12
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for k, v in full.bundle.state_dict().items():
+        assert torch.equal(v, resumed.bundle.state_dict()[k]), k
+    with pytest.raises(ValueError, match="different settings"):
+        Trainer(m, _cfg(grad_accum=2, epochs=3, lr=0.5), ex, tmp_path / "b", progress=False).train(resume=True)
+
+
+def test_norm_lm_and_bad_layers_are_refused(tmp_path):
+    m = tiny_loaded("llama")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Trainer(m, _cfg(kind="norm_lm", head_options={}), random_examples(8), tmp_path)
+    with pytest.raises(ValueError, match="outside"):
+        Trainer(m, _cfg(layers=[6]), random_examples(8), tmp_path)
+    with pytest.raises(ValueError, match="fewer than one"):
+        Trainer(m, _cfg(batch_size=32), random_examples(8), tmp_path)
+
+
+# --- CLI and accelerate ---------------------------------------------------------------------------------------
+def _cli_setup(tmp_path: Path) -> Path:
+    save_tiny_model(tmp_path / "model")
+    write_chat_jsonl(tmp_path / "chat.jsonl", n=20)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'model = "{tmp_path / "model"}"\nlayers = [2, 4]\nkind = "swiglu"\nthreads = 1\n'
+                   f'[head_options]\nwidth = 16\n[data]\ndata = "{tmp_path / "chat.jsonl"}"\n'
+                   'gen_max_new_tokens = 6\ngen_batch = 8\n[loss]\nkd_topk = 8\nkd_vocab = 40\n'
+                   '[optim]\nepochs = 2\nbatch_size = 4\ncheckpoint_every = 1\n')
+    return cfg
+
+
+def test_cli_trains_and_saves_a_loadable_bundle(tmp_path):
+    from exitspec.cli import main
+    from exitspec.models.loading import load
+
+    cfg = _cli_setup(tmp_path)
+    rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "bundle"), "--work", str(tmp_path / "w"),
+               "--no-progress", "lr=2e-3"])
+    assert rc == 0
+    bundle = HeadBundle.load(tmp_path / "bundle", load(str(tmp_path / "model")).lm)
+    assert bundle.layers == [2, 4] and bundle.config.training["config"]["lr"] == 2e-3
+    assert bundle.config.training["steps"] == 8 and (tmp_path / "w" / "distill.jsonl").is_file()
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["bundle.json", "heads.safetensors"]
+
+
+def test_accelerate_launch_with_two_processes(tmp_path):
+    pytest.importorskip("accelerate")
+    cfg = _cli_setup(tmp_path)
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    # `--multi_gpu` is accelerate's torchrun launcher; without a GPU each process runs MULTI_CPU (gloo).
+    # (`--cpu` alone would start a single process.)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "exitspec.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "bundle"),
+           "--work", str(tmp_path / "w"), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from exitspec.models.loading import load
+
+    bundle = HeadBundle.load(tmp_path / "bundle", load(str(tmp_path / "model")).lm)
+    # 16 train sequences over 2 processes of batch 4: 2 micro-batches per epoch, 2 epochs
+    assert bundle.config.training["steps"] == 4
+    assert "saved 2 swiglu heads" in proc.stdout
+
