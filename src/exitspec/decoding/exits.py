@@ -14,6 +14,7 @@ import torch
 
 from exitspec.heads.bundle import BundleError, HeadBundle
 from exitspec.heads.confidence import SCORES, confident, scores
+from exitspec.runtime.layered import LayeredModel
 
 
 class StrategyOptionError(ValueError):
@@ -95,3 +96,11 @@ def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str 
                                           f"pass a threshold for score {score!r} too")
         out[layer] = Gate(name, float(value))
     return out
+
+
+def attention_share(lm: LayeredModel) -> float:
+    """Fraction of a decoder layer's parameters outside its MLP (what a layer costs with the MLP skipped)."""
+    blk = lm.adapter.layers[0]
+    total = sum(p.numel() for p in blk.parameters())
+    mlp = sum(p.numel() for p in blk.mlp.parameters())  # llama, gpt_neox and gpt2 blocks all name it `mlp`
+    return (total - mlp) / total

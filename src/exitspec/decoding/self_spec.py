@@ -49,14 +49,14 @@ class SelfSpec(Strategy):
 
     def step(self, state: DecodeState) -> StepOutput:
         lm, cache, params = state.lm, state.cache, state.params
-        L, l, K = lm.num_layers, self.layer, self.gamma
+        L, E, K = lm.num_layers, self.layer, self.gamma  # E: the exit layer
         x, p0 = state.pending()  # (B, 1) each
         B = x.shape[0]
         drafts, qs = [], []
         # --- draft: gamma+1 passes of layers 0..l (the last one only to feed verification) ----
         for i in range(K + 1):
             pos = p0 + i  # (B, 1): each row at its own position
-            h = lm.run_layers(lm.embed(x, pos), pos, cache, 0, l)  # (B, 1, C)
+            h = lm.run_layers(lm.embed(x, pos), pos, cache, 0, E)  # (B, 1, C)
             cache.keep_hidden(h, pos)
             if i == K:
                 break
@@ -67,7 +67,7 @@ class SelfSpec(Strategy):
         # --- verify: layers l..L once, over the pending token and all drafts ----------------
         vpos = p0 + torch.arange(K + 1, device=p0.device)  # (B, K+1)
         rows = torch.arange(B, device=p0.device)[:, None]
-        h = lm.run_layers(cache.hidden[rows, vpos], vpos, cache, l, L)  # (B, K+1, C)
+        h = lm.run_layers(cache.hidden[rows, vpos], vpos, cache, E, L)  # (B, K+1, C)
         d = torch.stack(drafts, 1)  # (B, K)
         q = torch.stack(qs, 1) if not params.greedy else None  # (B, K, V)
         v = verify(lm.logits(h), d, q, params, state.generator)
@@ -78,7 +78,7 @@ class SelfSpec(Strategy):
         for b in range(B):
             k = int(n[b])
             tokens.append(d[b, :k].tolist() + [int(v.next_token[b])])
-            exits.append([l] * k + [L])
+            exits.append([E] * k + [L])
         # Every row ran (K+1) tokens through all L layers (0..l while drafting, l..L verifying).
         return StepOutput(tokens=tokens, exit_layers=exits, layers_computed=[float((K + 1) * L)] * B,
                           drafted=[K] * B, accepted=n.tolist())
