@@ -37,10 +37,12 @@ def tokens_and_exits(m, prompts, n=24, **kw) -> tuple[list[list[int]], list[list
 
 
 @torch.inference_mode()
-def reference_hidden(lm, ids: list[int], frozen: dict[int, int] | None = None, skip_mlp=frozenset()) -> list:
+def reference_hidden(lm, ids: list[int], frozen: dict[int, int] | None = None, skip_mlp=frozenset(),
+                     skip_from: int = 0) -> list:
     """Hidden states entering every layer for all positions of `ids`, from a fresh cache in one pass
     per layer. `frozen` {position: layer e}: from layer e on, that position's input is its layer-e
-    hidden state (CALM state propagation); None = the exact model. Returns [h_0 .. h_L], each (T, C)."""
+    hidden state (CALM state propagation); None = the exact model. `skip_mlp` layers skip their MLP
+    for positions >= skip_from. Returns [h_0 .. h_L], each (T, C)."""
     frozen = frozen or {}
     T = len(ids)
     x = torch.tensor([ids])
@@ -56,6 +58,8 @@ def reference_hidden(lm, ids: list[int], frozen: dict[int, int] | None = None, s
                 keep[p] = h[0, p].clone()
             if e <= m:
                 inp[0, p] = keep[p]
-        h = lm.run_layers(inp, pos, cache, m, m + 1, skip_mlp=skip_mlp)
+        a = lm.run_layers(inp[:, :skip_from], pos[:, :skip_from], cache, m, m + 1) if skip_from else inp[:, :0]
+        b = lm.run_layers(inp[:, skip_from:], pos[:, skip_from:], cache, m, m + 1, skip_mlp=skip_mlp)
+        h = torch.cat([a, b], 1)
         hs.append(h[0])
     return hs

@@ -52,7 +52,8 @@ def test_draft_head_subset_logits_match_full_head():
     h = torch.randn(2, 64)
     sub = DraftHead(head, vocab).logits(h)
     torch.testing.assert_close(sub, head(h)[:, vocab])
-    tok, q = DraftHead(head, vocab).choose(sub, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0), VOCAB)
+    gen = torch.Generator().manual_seed(0)
+    tok, q = DraftHead(head, vocab).choose(sub, SamplingParams(temperature=1.0), gen, VOCAB)
     assert set(tok.tolist()) <= set(vocab.tolist())
     assert torch.all(q.sum(-1).sub(1).abs() < 1e-5) and q[:, [1, 2, 3]].sum() == 0
 
