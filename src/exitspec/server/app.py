@@ -1,0 +1,272 @@
+"""The FastAPI app: OpenAI's /v1/models, /v1/chat/completions and /v1/completions, plus /health.
+
+Handlers validate and tokenise (cheap, on the event loop), then hand a `Job` to the scheduler's
+decode thread and await its results. Streams are server-sent events in OpenAI's chunk format,
+ending with `data: [DONE]`. exitspec's own numbers (strategy, batch size, accepted drafts, exit
+histogram, tokens/s) ride in an "exitspec" field of the response (of the last chunk when streaming),
+which standard clients ignore; a request picks its strategy with `"exitspec": {"strategy": ...,
+"options": {...}}` (the openai client: `extra_body={"exitspec": {...}}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from exitspec.decoding.api import encode_prompt, make_strategy
+from exitspec.decoding.driver import GenerationError
+from exitspec.server.protocol import APIError, CompletionRequest, parse_chat, parse_completion, parse_json
+from exitspec.server.scheduler import DecodeSettings, Delta, Failed, Finished, Job, Scheduler
+
+KEEPALIVE_S = 2.0  # how often a waiting handler checks that its client is still there
+
+
+@dataclass
+class ServerConfig:
+    strategy: str = "vanilla"  # used when a request names none
+    options: dict = field(default_factory=dict)  # options of the default strategy
+    served_name: str | None = None  # the model id clients send; None: the loaded model's name
+    max_batch: int = 32
+    max_queue: int = 256
+    default_max_tokens: int = 256  # when a request sends no max_tokens (capped by the context)
+
+
+class Server:
+    """Everything the handlers share: the model, the scheduler, the config."""
+
+    def __init__(self, model, config: ServerConfig):
+        self.model, self.config = model, config
+        self.name = config.served_name or model.name
+        self.created = int(time.time())
+        self.scheduler = Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue)
+        # HF fast tokenizers are not safe to call from two threads at once; the decode thread uses
+        # the model's tokenizer (detokenising), the event loop this copy (tokenising).
+        self.encoder = copy.deepcopy(model.tokenizer)
+        self._strategies: dict[tuple[str, str], int | APIError] = {}
+
+    async def extra_positions(self, name: str, options_json: str) -> int:
+        """Build the strategy once per (name, options) to validate them; cache slots it needs."""
+        key = (name, options_json)
+        if key not in self._strategies:
+            try:
+                strat = await asyncio.to_thread(make_strategy, name, self.model, **json.loads(options_json))
+                self._strategies[key] = strat.extra_positions()
+            except (GenerationError, ValueError, TypeError) as err:
+                self._strategies[key] = APIError(400, f"strategy {name!r} with options {options_json}: {err}",
+                                                 param="exitspec", code="invalid_strategy")
+        got = self._strategies[key]
+        if isinstance(got, APIError):
+            raise got
+        return got
+
+    def prompt_ids(self, req: CompletionRequest) -> list[int]:
+        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
+            vocab = self.model.lm.vocab_size
+            if any(t < 0 or t >= vocab for t in req.prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return list(req.prompt)
+        try:
+            ids = encode_prompt(self.encoder, req.prompt, chat=req.kind == "chat")
+        except GenerationError as err:
+            param = "messages" if req.kind == "chat" else "prompt"
+            raise APIError(400, str(err), param=param) from None
+        if not ids:
+            raise APIError(400, "the prompt encodes to zero tokens", param="prompt")
+        return ids
+
+    async def make_job(self, req: CompletionRequest) -> Job:
+        if req.model not in (self.name, self.model.source):
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r} "
+                           "(see GET /v1/models)", param="model", code="model_not_found")
+        ids = self.prompt_ids(req)
+        strategy = req.strategy or self.config.strategy
+        options = dict(self.config.options) if strategy == self.config.strategy else {}
+        options.update(req.options)
+        options_json = json.dumps(options, sort_keys=True)
+        extra = await self.extra_positions(strategy, options_json)
+        context = self.model.lm.max_positions
+        room = context - len(ids) - extra - 1
+        max_tokens = req.max_tokens or min(self.config.default_max_tokens, room)
+        if max_tokens > room or room <= 0:
+            raise APIError(400, f"this model's maximum context length is {context} tokens, but you requested "
+                           f"{len(ids) + (req.max_tokens or 1)} ({len(ids)} in the prompt, {req.max_tokens or 1} "
+                           f"for the completion, {extra + 1} reserved by the strategy); shorten the prompt or "
+                           "lower max_tokens", param="max_tokens" if req.max_tokens else "messages",
+                           code="context_length_exceeded")
+        settings = DecodeSettings(strategy=strategy, options_json=options_json, temperature=req.temperature,
+                                  top_p=req.top_p, seed=req.seed, stop=tuple(req.stop))
+        return Job(prompt_ids=ids, max_tokens=max_tokens, settings=settings, extra_positions=extra,
+                   loop=asyncio.get_running_loop())
+
+
+async def _next(job: Job, request: Request) -> Delta | Finished | Failed | None:
+    """The job's next message, or None when the client disconnected while we waited."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.queue.get(), timeout=KEEPALIVE_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+def _usage(job: Job, done: Finished) -> dict:
+    p = len(job.prompt_ids)
+    return {"prompt_tokens": p, "completion_tokens": done.completion_tokens,
+            "total_tokens": p + done.completion_tokens}
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+class _Responder:
+    """Formats one request's results as an OpenAI chat completion or text completion."""
+
+    def __init__(self, server: Server, req: CompletionRequest, job: Job):
+        self.req, self.job, self.model = req, job, server.name
+        self.chat = req.kind == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices, **extra}
+
+    def full(self, text: str, done: Finished) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": done.reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.reason}
+        return self._envelope("chat.completion" if self.chat else "text_completion", [choice],
+                              usage=_usage(self.job, done), exitspec=done.stats)
+
+    def chunk(self, text: str | None = None, reason: str | None = None, role: bool = False, **extra) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        if self.req.include_usage:
+            extra.setdefault("usage", None)
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice], **extra)
+
+    async def events(self, first: Delta | Finished | Failed, request: Request) -> AsyncIterator[str]:
+        msg: Delta | Finished | Failed | None = first
+        try:
+            if self.chat:
+                yield _sse(self.chunk(role=True))
+            while True:
+                if isinstance(msg, Delta):
+                    yield _sse(self.chunk(msg.text))
+                elif isinstance(msg, Finished):
+                    yield _sse(self.chunk(reason=msg.reason, exitspec=msg.stats))
+                    if self.req.include_usage:
+                        yield _sse(self._envelope("chat.completion.chunk" if self.chat else "text_completion",
+                                                  [], usage=_usage(self.job, msg)))
+                    break
+                elif isinstance(msg, Failed):
+                    yield _sse(msg.error.body())
+                    break
+                else:  # client gone
+                    return
+                msg = await _next(self.job, request)
+            yield _sse("[DONE]")
+        finally:
+            self.job.cancelled.set()  # no-op when finished; frees the row when the client went away
+
+
+async def _complete(server: Server, request: Request, req: CompletionRequest):
+    job = await server.make_job(req)
+    server.scheduler.submit(job)
+    try:
+        # Wait for the first result before answering, so a failure is still a proper error status.
+        msg = await _next(job, request)
+        if msg is None:
+            return JSONResponse({"error": "client disconnected"}, status_code=499)
+        if isinstance(msg, Failed):
+            raise msg.error
+        resp = _Responder(server, req, job)
+        if req.stream:
+            sse = resp.events(msg, request)
+            job = None  # the stream owns the job from here (and cancels it when it ends)
+            return StreamingResponse(sse, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        while isinstance(msg, Delta):  # the final message carries the whole text
+            msg = await _next(job, request)
+        if msg is None:
+            return JSONResponse({"error": "client disconnected"}, status_code=499)
+        if isinstance(msg, Failed):
+            raise msg.error
+        return JSONResponse(resp.full(msg.text, msg))
+    finally:
+        if job is not None:
+            job.cancelled.set()  # finished, failed or abandoned: the worker ignores this row from now on
+
+
+def create_app(model, config: ServerConfig | None = None) -> FastAPI:
+    """The app over an `exitspec.load()`ed model; the decode thread runs while the app does."""
+    server = Server(model, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        yield
+        server.scheduler.close()
+
+    app = FastAPI(title="exitspec", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+                                     code=code).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error",
+                                     code="internal_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        s = server.scheduler
+        return {"status": "ok", "model": server.name, "strategy": server.config.strategy,
+                "waiting": s.waiting, "running": s.running, "batches": s.completed}
+
+    def model_card() -> dict:
+        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "exitspec"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(model_id: str):
+        if model_id not in (server.name, server.model.source):
+            raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _complete(server, request, parse_chat(parse_json(await request.body())))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _complete(server, request, parse_completion(parse_json(await request.body())))
+
+    return app
