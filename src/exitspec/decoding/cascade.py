@@ -1,0 +1,127 @@
+"""CascadeExit: each token is emitted by the shallowest exit that is confident, else by the full model.
+
+Lossy by design: a confident exit's token is emitted without consulting the deeper layers. What
+must stay right is the KV cache: a token that exited at layer e never ran layers e..L, yet later
+tokens attend to its entries there. Two ways to fill them:
+
+- deferred recomputation (default): keep the exited token's layer-e hidden state and run its
+  skipped layers later, together with the next token that goes deeper (deferred.py). The entries
+  are then exactly what the full model computes, so a later deep token sees an exact context; the
+  skipped layers are batched into that token's pass (one call per segment, not one per token).
+  `max_deferred` bounds the backlog: once that many tokens wait, the next token runs to the top.
+- state propagation (`state_propagation=True`, CALM): feed the exit's hidden state to every
+  skipped layer as if it were that layer's input and write the KV it yields. Cheaper bookkeeping,
+  approximate entries. We run each skipped layer with skip_mlp on the exit state, which writes its
+  KV (the output is discarded) at the price of one query's attention + output projection.
+
+In a batch, a deeper segment runs when any row is not yet confident; each row still takes its
+token from its own shallowest confident exit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exitspec.decoding.api import register_strategy
+from exitspec.decoding.deferred import DeferredStack
+from exitspec.decoding.exits import (
+    Gate,
+    StrategyOptionError,
+    as_layers,
+    attention_share,
+    default_exit_layers,
+    exit_bundle,
+    gates_for,
+)
+from exitspec.decoding.sampling import sample
+from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
+from exitspec.heads.base import ExitHead
+
+
+class Cascade(Strategy):
+    name = "cascade"
+    lossless = False
+
+    def __init__(self, heads: list[ExitHead], gates: dict[int, Gate], state_propagation: bool = False,
+                 max_deferred: int = 16):
+        if not isinstance(max_deferred, int) or max_deferred < 1:
+            raise StrategyOptionError(f"max_deferred must be a positive integer, got {max_deferred!r}")
+        self.heads = sorted(heads, key=lambda h: h.layer)
+        self.gates = gates
+        self.propagate = state_propagation
+        self.max_deferred = max_deferred
+        self.stack: DeferredStack | None = None
+
+    def prepare(self, state: DecodeState) -> None:
+        self.stack = DeferredStack(state.lm, state.cache)
+
+    def select_rows(self, keep: list[int]) -> None:
+        self.stack.select_rows(keep)
+
+    def step(self, state: DecodeState) -> StepOutput:
+        lm, stack = state.lm, self.stack
+        L = lm.num_layers
+        x, pos = state.pending()  # (B, 1)
+        B, dev = x.shape[0], x.device
+        before = stack.token_layers
+        first = self.heads[0].layer
+        h = lm.run_layers(lm.embed(x, pos), pos, state.cache, 0, first)[:, -1]  # (B, C)
+        stack.push(h, pos, first)
+        tok = torch.zeros(B, dtype=torch.long, device=dev)
+        layer_of = torch.full((B,), L, dtype=torch.long)
+        decided = torch.zeros(B, dtype=torch.bool, device=dev)
+        # A full backlog forces this token to the top, which also runs every deferred token.
+        force = len(stack) - 1 >= self.max_deferred
+        for j, head in enumerate(self.heads):
+            if force:
+                break
+            if j > 0:
+                h = stack.advance(head.layer)
+            logits = head(h[:, None])[:, 0]  # (B, V)
+            ok = self.gates[head.layer].passes(logits) & ~decided
+            tok = torch.where(ok, sample(logits, state.params, state.generator), tok)
+            layer_of = torch.where(ok.cpu(), head.layer, layer_of)
+            decided |= ok
+            if bool(decided.all()):
+                break
+        if not bool(decided.all()):
+            h = stack.advance(L)
+            tok = torch.where(decided, tok, sample(lm.logits(h[:, None])[:, 0], state.params, state.generator))
+        elif self.propagate:
+            self._propagate(lm, state, stack.last)
+        stack.drop_complete()
+        work = float(first + stack.token_layers - before)
+        toks = tok.tolist()
+        return StepOutput(tokens=[[t] for t in toks], exit_layers=[[int(e)] for e in layer_of],
+                          layers_computed=[work] * B, extra={"deferred": len(stack)})
+
+    def _propagate(self, lm, state: DecodeState, entry) -> None:
+        """CALM: write the skipped layers' KV from the exit hidden state, then call the token complete."""
+        h = entry.h[:, None]  # (B, 1, C)
+        ctx = lm.context(h, entry.pos)
+        for m in range(entry.depth, lm.num_layers):
+            lm.run_layers(h, entry.pos, state.cache, m, m + 1, ctx=ctx, skip_mlp={m})
+        # Attention (with its KV projections) ran, the MLPs did not.
+        self.stack.token_layers += (lm.num_layers - entry.depth) * attention_share(lm)
+        entry.depth = lm.num_layers
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "exit_layers": [h.layer for h in self.heads],
+                "thresholds": {k: (g.score, g.value) for k, g in self.gates.items()},
+                "state_propagation": self.propagate, "max_deferred": self.max_deferred}
+
+
+def make_cascade(model, exit_layers=None, exit_layer=None, threshold=None, score: str | None = None,
+                 state_propagation: bool = False, max_deferred: int = 16, **unknown) -> Cascade:
+    if unknown:
+        raise StrategyOptionError(f"cascade has no option(s) {sorted(unknown)}; it takes exit_layers, threshold, "
+                                  "score, state_propagation, max_deferred")
+    chosen = exit_layers if exit_layers is not None else exit_layer
+    layers = as_layers(chosen) if chosen is not None else default_exit_layers(model, "cascade")
+    bundle = exit_bundle(model, layers)
+    gates = gates_for(bundle, layers, threshold, score, strategy="cascade")
+    return Cascade([bundle.head(layer) for layer in layers], gates, state_propagation=bool(state_propagation),
+                   max_deferred=max_deferred)
+
+
+register_strategy("cascade", make_cascade)

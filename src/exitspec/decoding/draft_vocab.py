@@ -1,0 +1,139 @@
+"""Drafting from an exit head, optionally over a reduced vocabulary (the N most frequent tokens).
+
+The LM head is the largest matmul of a small model's draft step (SmolLM2-135M: 49152 x 576, as many
+weights as ~8 decoder layers' attention), so drafting from only the N most frequent tokens cuts the
+draft step a lot. Verification still uses the full head, so speculative decoding stays lossless:
+in greedy mode a draft outside the subset is simply never proposed; in sampling mode the draft
+distribution q is zero outside the subset, which rejection sampling handles exactly.
+
+Token frequencies: a list of token ids, most frequent first. Sources, in order: an explicit list,
+`bundle.config.training["token_frequencies"]` when a bundle stores one, else counts of the tokens in
+the train split of the shared prompt sets (prompts and reference answers, through the chat
+template's special tokens), cached per tokenizer under the exitspec cache folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from exitspec.decoding.sampling import SamplingParams, probs, sample_from
+from exitspec.heads.base import ExitHead
+
+
+class DraftHead:
+    """An exit head used for drafting: hidden (B, C) -> draft token (B,) and its distribution q."""
+
+    def __init__(self, head: ExitHead, vocab: torch.Tensor | None = None):
+        self.head = head
+        self.layer = head.layer
+        self.vocab = vocab  # (N,) long token ids, or None for the full vocabulary
+        if vocab is not None:
+            # Slice the rows once: (N, C). Tuned heads change their weights only when trained.
+            self.weight = head.head_weight()[vocab].contiguous()
+            bias = head.head_bias()
+            self.bias = bias[vocab].contiguous() if bias is not None else None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset)."""
+        if self.vocab is None:
+            return self.head(h)
+        return F.linear(self.head.normed(h), self.weight, self.bias)
+
+    def to_full(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Subset logits (..., N) -> (..., V) with -inf outside the subset (for confidence scores)."""
+        if self.vocab is None:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.vocab, logits)
+
+    def choose(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft tokens (B,) and their full-vocabulary distribution q (B, V) (None when greedy)."""
+        if params.greedy:
+            idx = logits.argmax(-1)
+            return (idx if self.vocab is None else self.vocab[idx]), None
+        q = probs(logits, params)  # (B, N)
+        tok = sample_from(q, generator)
+        if self.vocab is None:
+            return tok, q
+        full = q.new_zeros(q.shape[0], vocab_size)
+        return self.vocab[tok], full.index_copy_(-1, self.vocab, q)
+
+
+# ---------------------------------------------------------------------------------------------
+def draft_vocabulary(model, n: int | list[int], bundle=None) -> torch.Tensor:
+    """(N,) long ids: the N most frequent tokens (+ EOS / special tokens), or an explicit id list."""
+    lm = model.lm
+    if isinstance(n, (list, tuple)):
+        ids = sorted({int(i) for i in n})
+        if not ids or ids[0] < 0 or ids[-1] >= lm.vocab_size:
+            raise ValueError(f"draft_vocab ids must be in 0..{lm.vocab_size - 1}")
+        return torch.tensor(ids, device=lm.device)
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"draft_vocab must be a positive number of tokens, got {n!r}")
+    if n >= lm.vocab_size:
+        return torch.arange(lm.vocab_size, device=lm.device)
+    ranked = None
+    if bundle is not None:
+        ranked = bundle.config.training.get("token_frequencies")
+    if ranked is None:
+        ranked = corpus_token_ranking(model.tokenizer)
+    keep: list[int] = list(_special_ids(model.tokenizer))
+    seen = set(keep)
+    for t in ranked:
+        if len(keep) >= n:
+            break
+        if 0 <= t < lm.vocab_size and t not in seen:
+            keep.append(t)
+            seen.add(t)
+    # A corpus smaller than N: fill with the lowest ids (BPE ids grow with merge order, a rough
+    # frequency order).
+    t = 0
+    while len(keep) < n and t < lm.vocab_size:
+        if t not in seen:
+            keep.append(t)
+            seen.add(t)
+        t += 1
+    return torch.tensor(sorted(keep), device=lm.device)
+
+
+def _special_ids(tokenizer) -> list[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def corpus_token_ranking(tokenizer, per_set: int = 400) -> list[int]:
+    """Token ids by frequency in the train split of the shared prompt sets (prompts + references)."""
+    from exitspec.models.loading import cache_dir
+    from exitspec.prompts import mixed_prompts
+
+    key = f"{type(tokenizer).__name__}-{len(tokenizer)}-{getattr(tokenizer, 'name_or_path', '')}"
+    path = cache_dir() / "token_rankings" / (key.replace("/", "_") + f"-{per_set}.json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    try:
+        prompts = mixed_prompts("train", per_set)
+    except FileNotFoundError:
+        return []
+    counts: Counter = Counter()
+    for p in prompts:
+        for text in (p.text, p.reference):
+            if text:
+                counts.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ranked = [t for t, _ in counts.most_common()]
+    _atomic_write(path, json.dumps(ranked))
+    return ranked
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,106 @@
+"""Exit heads and their confidence gates as the strategies use them.
+
+Strategies take their heads from the bundle attached to the model (`model.heads`). Without one they
+fall back to untrained `norm_lm` heads (the logit lens), so every strategy runs on any model; the
+strategies that need a *calibrated* threshold (dssd, cascade, mlp-skip) then need the threshold as
+an option and say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exitspec.heads.bundle import BundleError, HeadBundle
+from exitspec.heads.confidence import SCORES, confident, scores
+from exitspec.runtime.layered import LayeredModel
+
+
+class StrategyOptionError(ValueError):
+    """A strategy option is missing or impossible; the message says what to pass."""
+
+
+def exit_bundle(model, layers: list[int]) -> HeadBundle:
+    """The attached bundle if it has every layer in `layers`, else norm_lm heads when none is attached."""
+    lm = model.lm
+    for layer in layers:
+        if not isinstance(layer, int) or not 0 < layer < lm.num_layers:
+            raise StrategyOptionError(f"exit layer {layer!r} must be an integer in 1..{lm.num_layers - 1}")
+    bundle = getattr(model, "heads", None)
+    if bundle is None:
+        return HeadBundle.create(lm, sorted(set(layers)), "norm_lm")
+    missing = [layer for layer in layers if layer not in bundle.layers]
+    if missing:
+        raise BundleError(f"the attached head bundle has exits at layers {bundle.layers}, not {missing}; "
+                          "pick one of those layers or train heads there")
+    return bundle
+
+
+def default_exit_layers(model, strategy: str) -> list[int]:
+    """Exit layers to use when the user names none: the bundle's recommendation, else its layers,
+    else the middle layer (untrained norm_lm heads are rarely useful much shallower)."""
+    bundle = getattr(model, "heads", None)
+    if bundle is not None:
+        rec = bundle.config.recommended.get(strategy, {})
+        if "exit_layers" in rec:
+            return [int(x) for x in rec["exit_layers"]]
+        if "exit_layer" in rec:
+            return [int(rec["exit_layer"])]
+        return list(bundle.layers)
+    return [model.lm.num_layers // 2]
+
+
+def as_layers(value) -> list[int]:
+    """An option given as 12, "12", [8, 16] or "8,16" -> [int]."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    try:
+        return sorted({int(v) for v in value})
+    except (TypeError, ValueError):
+        raise StrategyOptionError(f"exit layers must be integers, got {value!r}") from None
+
+
+@dataclass
+class Gate:
+    """Confidence test of one exit: `score` of its distribution against a threshold."""
+
+    score: str
+    value: float
+
+    def passes(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (..., V) -> (...) bool."""
+        return confident(self.score, scores(logits)[self.score], self.value)
+
+
+def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str | None = None,
+              strategy: str = "") -> dict[int, Gate]:
+    """Gate per exit: `threshold` option (one value or {layer: value}) overrides the bundle's calibration."""
+    out = {}
+    for layer in layers:
+        cal = bundle.threshold(layer) or {}
+        value = threshold.get(layer, threshold.get(str(layer))) if isinstance(threshold, dict) else threshold
+        name = score or cal.get("score", "max_prob")
+        if name not in SCORES:
+            raise StrategyOptionError(f"score {name!r} is not one of {', '.join(SCORES)}")
+        if value is None:
+            if "value" not in cal:
+                raise StrategyOptionError(
+                    f"{strategy} needs a calibrated confidence threshold for the exit at layer {layer}; "
+                    "attach a calibrated bundle (--heads) or pass --option threshold=0.9 (max_prob)")
+            value = cal["value"]
+            if score is not None and score != cal.get("score", "max_prob"):
+                raise StrategyOptionError(f"the bundle calibrated layer {layer} with {cal.get('score')!r}; "
+                                          f"pass a threshold for score {score!r} too")
+        out[layer] = Gate(name, float(value))
+    return out
+
+
+def attention_share(lm: LayeredModel) -> float:
+    """Fraction of a decoder layer's parameters outside its MLP (what a layer costs with the MLP skipped)."""
+    blk = lm.adapter.layers[0]
+    total = sum(p.numel() for p in blk.parameters())
+    mlp = sum(p.numel() for p in blk.mlp.parameters())  # llama, gpt_neox and gpt2 blocks all name it `mlp`
+    return (total - mlp) / total

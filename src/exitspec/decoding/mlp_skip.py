@@ -1,0 +1,105 @@
+"""MLP skipping (SEDAC-style): attention runs in every layer for every token; MLPs of the upper layers
+are skipped while a probe says the token's prediction has settled.
+
+Attention is never skipped, so every layer writes its KV for every token and the cache needs no
+repair (unlike cascade): the only approximation is the missing MLP updates of a settled token's
+upper layers. Lossy by design. Two probes:
+
+- "head" (default): the exit head at `exit_layer` is confident (calibrated threshold, or the
+  `threshold` option) -> skip the MLPs of layers start_layer..L-1 (start_layer >= exit_layer).
+- "cosine": run layers from `start_layer` one by one; once the hidden state barely changes across a
+  layer (cosine similarity of its input and output >= `threshold`, default 0.99), skip the MLPs of
+  every layer above.
+
+In a batch a layer's MLP is skipped only if every row is settled: skipping is a per-call decision
+(`run_layers(skip_mlp=...)`), and running an MLP for a settled row is merely the exact computation.
+The token always comes from the full final norm + LM head.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from exitspec.decoding.api import register_strategy
+from exitspec.decoding.exits import (
+    Gate,
+    StrategyOptionError,
+    attention_share,
+    default_exit_layers,
+    exit_bundle,
+    gates_for,
+)
+from exitspec.decoding.sampling import sample
+from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
+from exitspec.heads.base import ExitHead
+from exitspec.runtime.layered import LayeredModel
+
+
+class MLPSkip(Strategy):
+    name = "mlp-skip"
+    lossless = False
+
+    def __init__(self, lm: LayeredModel, start_layer: int, probe: str, threshold: float,
+                 head: ExitHead | None = None, gate: Gate | None = None):
+        L = lm.num_layers
+        if probe not in ("head", "cosine"):
+            raise StrategyOptionError(f"probe must be 'head' or 'cosine', got {probe!r}")
+        if not isinstance(start_layer, int) or not 0 < start_layer < L:
+            raise StrategyOptionError(f"start_layer must be an integer in 1..{L - 1}, got {start_layer!r}")
+        if probe == "head" and start_layer < head.layer:
+            raise StrategyOptionError(f"start_layer ({start_layer}) must be >= the probe's exit_layer ({head.layer})")
+        self.start, self.probe, self.threshold = start_layer, probe, threshold
+        self.head, self.gate = head, gate
+        self.share = attention_share(lm)
+
+    def step(self, state: DecodeState) -> StepOutput:
+        lm, cache = state.lm, state.cache
+        L = lm.num_layers
+        x, pos = state.pending()  # (B, 1)
+        h = lm.embed(x, pos)
+        ctx = lm.context(h, pos)
+        if self.probe == "head":
+            p = self.head.layer
+            h = lm.run_layers(h, pos, cache, 0, p, ctx=ctx)
+            settled = bool(self.gate.passes(self.head(h)[:, -1]).all())
+            skip = range(self.start, L) if settled else range(0)
+            h = lm.run_layers(h, pos, cache, p, L, ctx=ctx, skip_mlp=set(skip))
+        else:
+            h = lm.run_layers(h, pos, cache, 0, self.start, ctx=ctx)
+            m = self.start
+            while m < L:
+                out = lm.run_layers(h, pos, cache, m, m + 1, ctx=ctx)
+                settled = bool((F.cosine_similarity(out, h, dim=-1) >= self.threshold).all())
+                h, m = out, m + 1
+                if settled:
+                    break
+            skip = range(m, L)
+            h = lm.run_layers(h, pos, cache, m, L, ctx=ctx, skip_mlp=set(skip))
+        tok = sample(lm.logits(h[:, -1]), state.params, state.generator).tolist()
+        work = L - len(skip) * (1 - self.share)
+        return StepOutput(tokens=[[t] for t in tok], exit_layers=[[L] for _ in tok],
+                          layers_computed=[work] * len(tok), extra={"mlp_skipped": len(skip)})
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "probe": self.probe, "start_layer": self.start,
+                "exit_layer": self.head.layer if self.head else None,
+                "threshold": (self.gate.score, self.gate.value) if self.gate else self.threshold}
+
+
+def make_mlp_skip(model, probe: str = "head", exit_layer: int | None = None, start_layer: int | None = None,
+                  threshold=None, score: str | None = None, **unknown) -> MLPSkip:
+    if unknown:
+        raise StrategyOptionError(f"mlp-skip has no option(s) {sorted(unknown)}; it takes probe, exit_layer, "
+                                  "start_layer, threshold, score")
+    lm = model.lm
+    if probe == "cosine":
+        start = start_layer if start_layer is not None else lm.num_layers // 2
+        return MLPSkip(lm, start, "cosine", 0.99 if threshold is None else float(threshold))
+    layer = int(exit_layer) if exit_layer is not None else default_exit_layers(model, "mlp-skip")[0]
+    bundle = exit_bundle(model, [layer])
+    gate = gates_for(bundle, [layer], threshold, score, strategy="mlp-skip")[layer]
+    start = start_layer if start_layer is not None else layer
+    return MLPSkip(lm, start, probe, gate.value, head=bundle.head(layer), gate=gate)
+
+
+register_strategy("mlp-skip", make_mlp_skip)

@@ -1,0 +1,87 @@
+"""Lossless strategies on the real default model (SmolLM2-135M-Instruct): greedy == vanilla.
+
+20 held-out chat prompts x 5 (exit layer, draft length) settings, batch 1 and batch 4, kept within the
+time budget by short generations: each prompt runs one setting alone and one inside a batch of four.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import exitspec
+from exitspec.decoding.api import encode_prompt
+from exitspec.heads.bundle import BundleError, HeadBundle, attach_heads
+from exitspec.prompts import mixed_prompts
+
+N_NEW = 12
+SETTINGS = [(6, 2), (10, 3), (15, 4), (20, 2), (24, 1)]  # (exit_layer, draft_len)
+
+
+@pytest.fixture(scope="module")
+def chat_ids(default_model):
+    prompts = mixed_prompts("heldout", 4, max_chars=300)
+    assert len(prompts) >= 20
+    return [encode_prompt(default_model.tokenizer, p.text) for p in prompts[:20]]
+
+
+@pytest.fixture(scope="module")
+def vanilla_refs(default_model, chat_ids):
+    """Vanilla greedy continuations, one prompt at a time (batch rows must match them too)."""
+    return [_run(default_model, [ids]).token_ids[0] for ids in chat_ids]
+
+
+def _run(m, ids, **kw):
+    return exitspec.generate(m, None, prompt_ids=ids, max_new_tokens=N_NEW, ignore_eos=True, **kw)
+
+
+def _check_self_spec(m, chat_ids, refs, settings):
+    accepted = 0
+    for i, ids in enumerate(chat_ids):  # batch 1, every setting on 4 prompts
+        layer, gamma = settings[i % len(settings)]
+        out = _run(m, [ids], strategy="self-spec", exit_layer=layer, draft_len=gamma)
+        assert out.token_ids[0] == refs[i], (i, layer, gamma)
+        accepted += out.stats.accepted
+    for j in range(0, len(chat_ids), 4):  # ragged batches of 4, one setting each
+        layer, gamma = settings[(j // 4 + 2) % len(settings)]
+        out = _run(m, chat_ids[j:j + 4], strategy="self-spec", exit_layer=layer, draft_len=gamma)
+        assert out.token_ids == refs[j:j + 4], (j, layer, gamma)
+    return accepted
+
+
+@pytest.mark.slow
+def test_self_spec_greedy_equals_vanilla_norm_lm(default_model, chat_ids, vanilla_refs):
+    m = default_model
+    saved = m.heads
+    m.heads = None  # untrained norm_lm heads
+    try:
+        assert _check_self_spec(m, chat_ids, vanilla_refs, SETTINGS) > 0
+    finally:
+        m.heads = saved
+
+
+@pytest.mark.slow
+def test_dssd_greedy_equals_vanilla_norm_lm(default_model, chat_ids, vanilla_refs):
+    m = default_model
+    saved = m.heads
+    m.heads = HeadBundle.create(m.lm, [8, 16, 24], "norm_lm")
+    try:
+        out = _run(m, chat_ids[:4], strategy="dssd", exit_layers=[8, 16, 24], threshold=0.3, max_draft=6)
+        assert out.token_ids == vanilla_refs[:4] and out.stats.drafted > 0
+    finally:
+        m.heads = saved
+
+
+@pytest.mark.slow
+def test_self_spec_greedy_equals_vanilla_trained_heads(default_model, chat_ids, vanilla_refs):
+    m = default_model
+    saved = m.heads
+    try:
+        bundle = attach_heads(m, "default")
+    except BundleError:
+        pytest.skip("no shipped head bundle in this build")
+    try:
+        layers = bundle.layers
+        settings = [(layers[i % len(layers)], g) for i, g in enumerate((2, 4, 3, 5, 1))]
+        assert _check_self_spec(m, chat_ids[:8], vanilla_refs[:8], settings) > 0
+    finally:
+        m.heads = saved
