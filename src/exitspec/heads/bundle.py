@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from exitspec.atomic import atomic_dir
 from exitspec.heads.base import ExitHead, make_head
 from exitspec.heads.confidence import ConfidenceEstimator, EstimatorConfig
 from exitspec.runtime.layered import LayeredModel
@@ -121,19 +119,9 @@ class HeadBundle(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                  for k, v in self.state_dict().items()}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "exitspec-heads"})
             (tmp / CONFIG_FILE).write_text(self.config.to_json())
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod

