@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", help="folder for self-distilled data and checkpoints (default runs/<out name>)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/checkpoint.pt at the same step")
     p.add_argument("--eval-per-set", type=int, default=0,
-                   help="after training, evaluate norm_lm vs the trained heads on N held-out prompts per set")
+                   help="after training, evaluate norm_lm vs the trained heads on N held-out prompts per set "
+                        "(the eval part, as `exitspec eval-heads`; answers cached in WORK/heldout.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. lr=3e-4 layers=[4,8]")
 
