@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from conftest import tiny_loaded
 from exitspec.heads.bundle import HeadBundle
+from exitspec.heads.evaluate import evaluate_heads
+from exitspec.training.cli import heldout_eval
 from exitspec.training.config import TrainConfig
-from exitspec.training.data import DistillSettings, Example, collate, read_source, self_distill
-from exitspec.training.evaluate import evaluate_heads
+from exitspec.training.data import DistillSettings, Example, collate, eval_sequences, read_source, self_distill
 from exitspec.training.losses import VocabSubset, kd_loss
 from exitspec.training.teacher import compute_targets, teacher_pass
 from exitspec.training.trainer import Trainer, lr_factor
@@ -101,6 +102,20 @@ def test_self_distill_generates_once_and_checks_the_cache(tmp_path, monkeypatch)
         self_distill(m, prompts, cache, DistillSettings(max_new_tokens=6), progress=False)
 
 
+def test_cached_self_distill_gives_the_same_sequences_as_greedy_sequences(tmp_path):
+    """`train --eval-per-set` evaluates on cached self-distilled answers; `eval-heads` on
+    calibration.greedy_sequences. Same prompts -> the same scored sequences, token for token."""
+    from exitspec.calibration.sequences import greedy_sequences
+    from exitspec.prompts import Prompt
+
+    m = tiny_loaded("llama")
+    prompts = [Prompt("abc"), Prompt("hello there"), Prompt("xy"), Prompt("a longer prompt, this one")]
+    cached = eval_sequences(self_distill(m, prompts, tmp_path / "h.jsonl", DistillSettings(max_new_tokens=6, batch=3),
+                                         progress=False))
+    direct = greedy_sequences(m, prompts, max_new_tokens=6, batch_size=2)
+    assert [(s.ids, s.start) for s in cached] == [(s.ids, s.start) for s in direct]
+
+
 # --- teacher and losses ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_one_teacher_pass_matches_hf_hidden_states(family):
@@ -112,6 +127,21 @@ def test_one_teacher_pass_matches_hf_hidden_states(family):
     for layer in (2, 4):
         torch.testing.assert_close(tp.hidden[layer], hf.hidden_states[layer], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tp.logits, hf.logits, rtol=1e-4, atol=1e-4)
+    tail = teacher_pass(m.lm, ids, [4, 2, 2], logits_from=5)  # LM head on positions 5.. only
+    torch.testing.assert_close(tail.logits, tp.logits[:, 5:])
+    assert sorted(tail.hidden) == [2, 4] and torch.equal(tail.hidden[2], tp.hidden[2])
+    with pytest.raises(ValueError, match="must lie in"):
+        teacher_pass(m.lm, ids, [m.lm.num_layers])
+
+
+def test_eval_sequences_score_the_positions_training_scores():
+    ex = [Example(list(range(10, 20)), 4), Example(list(range(30, 36)), 0), Example([5, 6, 7], 3)]
+    seqs = eval_sequences(ex)
+    assert len(seqs) == 2  # the last one has no answer token to score
+    batch = collate(ex[:2], pad_id=0, answer_only=True)
+    for b, s in enumerate(seqs):
+        scored = (batch.mask[b] & (batch.labels[b] >= 0)).nonzero()[:, 0].tolist()
+        assert scored == list(range(s.start - 1, len(s.ids) - 1))
 
 
 def test_kd_loss_is_kl_with_temperature_scaling():
@@ -145,9 +175,11 @@ def test_a_few_steps_lower_the_kl(tmp_path, kind):
     cfg = _cfg(kind=kind, head_options={"width": 32} if kind == "swiglu" else {}, epochs=4, lr=1e-2)
     before = HeadBundle.create(m.lm, cfg.layers, "norm_lm")
     result = Trainer(m, cfg, ex, tmp_path, progress=False).train()
-    scores = evaluate_heads(m, {"before": before, "after": result.bundle}, ex)
-    for b, a in zip(scores["before"], scores["after"], strict=True):
-        assert a.kl < 0.9 * b.kl, (kind, b, a)
+    rows = evaluate_heads(m, result.bundle, eval_sequences(ex), baseline=before, label="after")
+    b_rows, a_rows = ([r for r in rows if r["bundle"] == name] for name in ("norm_lm", "after"))
+    assert [r["layer"] for r in a_rows] == [r["layer"] for r in b_rows] == cfg.layers
+    for b, a in zip(b_rows, a_rows, strict=True):
+        assert a["kl"] < 0.9 * b["kl"], (kind, b, a)
     assert result.steps == 16 and result.tokens > 0
 
 
@@ -155,10 +187,13 @@ def test_sparse_kd_over_a_reduced_vocabulary_also_trains(tmp_path):
     m = tiny_loaded("llama")
     ex = random_examples(16)
     cfg = _cfg(epochs=4, lr=1e-2, kd_topk=8, kd_vocab=40, head_options={"width": 32})
-    before = HeadBundle.create(m.lm, cfg.layers, "norm_lm")
     trained = Trainer(m, cfg, ex, tmp_path, progress=False).train().bundle
-    scores = evaluate_heads(m, {"before": before, "after": trained}, ex)
-    assert all(a.kl < b.kl for b, a in zip(scores["before"], scores["after"], strict=True))
+    stored = heldout_eval(m, trained, eval_sequences(ex))  # what `train --eval-per-set` keeps in bundle.json
+    assert sorted(stored) == ["full", "norm_lm", "trained"]
+    for layer in ("2", "4"):
+        b, a = stored["norm_lm"][layer], stored["trained"][layer]
+        assert a["kl"] < b["kl"] and a["tokens"] == b["tokens"] > 0, (b, a)
+        assert set(a) == {"kl", "ppl", "agreement", "accuracy", "tokens"}
 
 
 def test_resume_continues_from_the_same_step_and_matches(tmp_path):

@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 
 from exitspec.bench import metrics
+from exitspec.calibration.sequences import EvalSequence, teacher_forward
 from exitspec.decoding.sampling import SamplingParams, probs
 
 
@@ -33,28 +34,16 @@ def layer_sweep(model, prompt: list[int], generated: list[int], layers: list[int
     lm, heads = model.lm, getattr(model, "heads", None)
     if not generated:
         return {}
-    seq = prompt + generated
-    P, n = len(prompt), len(generated)
-    ids = torch.tensor([seq], device=lm.device)
-    pos = torch.arange(len(seq), device=lm.device)[None]  # (1, T)
-    cache = lm.new_cache(1, len(seq))
-    h = lm.embed(ids, pos)  # (1, T, C)
-    ctx = lm.context(h, pos)
+    n = len(generated)
+    exits = [layer for layer in layers if 0 < layer < lm.num_layers]
+    # The one teacher forward (training.teacher.teacher_pass), rows predicting the generated tokens.
+    full, states = teacher_forward(lm, EvalSequence(prompt + generated, len(prompt)), exits)  # (n, V), {l: (n, C)}
     target = torch.tensor(generated, device=lm.device)  # (n,)
-    sl = slice(P - 1, P + n - 1)  # positions whose logits predict the generated tokens
-    states: dict[int, torch.Tensor] = {}
-    for layer in range(1, lm.num_layers + 1):
-        h = lm.run_layers(h, pos, cache, layer - 1, layer, ctx=ctx)
-        if layer in layers or layer == lm.num_layers:
-            states[layer] = h[0, sl]  # (n, C)
-    full = lm.logits(states[lm.num_layers])  # (n, V)
     temps = sorted({1.0, *[t for t in temperatures if t > 0]})
     full_p = {t: probs(full, SamplingParams(temperature=t)) for t in temps}
     full_top = full.argmax(-1)
     out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
-    for layer in layers:
-        if layer >= lm.num_layers:
-            continue
+    for layer in exits:
         readings = {"lens": lm.logits(states[layer])}
         if heads is not None and layer in getattr(heads, "layers", []):
             readings["head"] = heads.head(layer)(states[layer][None])[0]

@@ -104,27 +104,13 @@ def reference_sequences(model, prompts: list[Prompt], max_answer_tokens: int = 2
 
 @torch.inference_mode()
 def teacher_forward(lm: LayeredModel, seq: EvalSequence, layers: list[int]) -> tuple[torch.Tensor, dict]:
-    """One full forward over a sequence, keeping the hidden state leaving each exit layer.
+    """One full forward over a sequence (training.teacher.teacher_pass), sliced to its scored rows.
 
     Returns (full logits (N, V), {layer: hidden (N, C)}) at the N = seq.n_scored predicting positions
     start-1..len-2, i.e. row j predicts token ids[start + j].
     """
-    if any(not 0 < layer < lm.num_layers for layer in layers):
-        raise ValueError(f"exit layers {layers} must lie in 1..{lm.num_layers - 1}")
-    ids = torch.tensor([seq.ids], device=lm.device)
-    T = ids.shape[1]
-    if len(seq.ids) > lm.max_positions:
-        raise ValueError(f"a sequence of {T} tokens exceeds the model's {lm.max_positions} positions; "
-                         "lower --max-new-tokens or use shorter prompts")
-    positions = torch.arange(T, device=lm.device)[None]
-    cache = lm.new_cache(1, T)
-    h = lm.embed(ids, positions)  # (1, T, C)
-    ctx = lm.context(h, positions)
-    rows = slice(seq.start - 1, T - 1)
-    hidden, done = {}, 0
-    for layer in sorted(set(layers)):
-        h = lm.run_layers(h, positions, cache, done, layer, ctx=ctx)
-        hidden[layer] = h[0, rows]
-        done = layer
-    h = lm.run_layers(h, positions, cache, done, lm.num_layers, ctx=ctx)
-    return lm.logits(h[:, rows])[0], hidden
+    from exitspec.training.teacher import teacher_pass
+
+    rows = slice(seq.start - 1, len(seq.ids) - 1)
+    tp = teacher_pass(lm, torch.tensor([seq.ids]), layers, logits_from=seq.start - 1)
+    return tp.logits[0, :-1], {layer: h[0, rows] for layer, h in tp.hidden.items()}

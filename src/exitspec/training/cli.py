@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", help="folder for self-distilled data and checkpoints (default runs/<out name>)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/checkpoint.pt at the same step")
     p.add_argument("--eval-per-set", type=int, default=0,
-                   help="after training, evaluate norm_lm vs the trained heads on N held-out prompts per set")
+                   help="after training, evaluate norm_lm vs the trained heads on N held-out prompts per set "
+                        "(the eval part, as `exitspec eval-heads`; answers cached in WORK/heldout.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. lr=3e-4 layers=[4,8]")
 
@@ -84,12 +85,32 @@ def _accelerate_state():
 
 
 def _evaluate(model, bundle, per_set: int, work: Path) -> dict:
-    """Held-out comparison of the trained heads (as saved, i.e. after the save dtype) vs norm_lm."""
-    from exitspec.heads.bundle import HeadBundle
-    from exitspec.training.evaluate import evaluate_heads, heldout_examples, metrics_json, metrics_table
+    """Held-out comparison of the trained heads vs norm_lm, with the `exitspec eval-heads` evaluator.
 
-    examples = heldout_examples(model, per_set, work / "heldout.jsonl")
+    Prompts: the "eval" part of the held-out split (the one calibration never reads), per_set per
+    prompt set; answers: the full model's greedy ones, cached in WORK/heldout.jsonl like training data."""
+    from exitspec.calibration.sequences import heldout_prompts
+    from exitspec.prompts import DEFAULT_SETS
+    from exitspec.training.data import DistillSettings, eval_sequences, self_distill
+
+    prompts = heldout_prompts("eval", per_set * len(DEFAULT_SETS))  # interleaved: per_set from each set
+    examples = self_distill(model, prompts, work / "heldout.jsonl", DistillSettings(max_new_tokens=128),
+                            progress=False)
+    return heldout_eval(model, bundle, eval_sequences(examples))
+
+
+def heldout_eval(model, bundle, sequences) -> dict:
+    """Trained heads and norm_lm at the same exits on `sequences`: prints the table and returns
+    {"trained" | "norm_lm" | "full": {layer: {kl, ppl, agreement, accuracy, tokens}}} for bundle.json."""
+    from exitspec.heads.bundle import HeadBundle
+    from exitspec.heads.evaluate import evaluate_heads, format_table
+
     baseline = HeadBundle.create(model.lm, bundle.layers, "norm_lm", base_model=model.name)
-    results = evaluate_heads(model, {"norm_lm": baseline, "trained": bundle}, examples)
-    print(metrics_table(results))
-    return metrics_json(results)
+    rows = evaluate_heads(model, bundle, sequences, baseline=baseline, label="trained")
+    print(format_table(rows))
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["bundle"], {})[str(r["layer"])] = {
+            "kl": r["kl"], "ppl": r["ppl"], "agreement": r["agreement"], "accuracy": r["accuracy"],
+            "tokens": r["n_tokens"]}
+    return out

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from exitspec.calibration.sequences import EvalSequence
 from exitspec.prompts import Prompt, load_prompts, mixed_prompts
 
 
@@ -166,6 +167,18 @@ def _read_cache(cache: Path, meta: dict) -> dict[str, tuple[list[int], list[int]
             continue  # a line cut by a crash: that prompt is generated again
         done[rec["prompt"]] = (rec["prompt_ids"], rec["answer_ids"])
     return done
+
+
+def eval_sequences(examples: list[Example]) -> list[EvalSequence]:
+    """Examples as held-out evaluation sequences (heads.evaluate / calibration.collect) scoring the
+    answer tokens that training would score: collate(answer_only=True) predicts from positions
+    max(1, prompt_len - 1) on (position 0 is the attention sink), i.e. tokens from max(2, prompt_len)."""
+    out = []
+    for e in examples:
+        start = max(2, e.prompt_len)
+        if start < len(e.ids):  # an empty answer has nothing to score
+            out.append(EvalSequence(e.ids, start))
+    return out
 
 
 # --- building and batching --------------------------------------------------------------------------
