@@ -16,7 +16,7 @@ import torch
 
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
 from exitspec.models.ops import linear
-from exitspec.runtime.kv_cache import KVCache
+from exitspec.runtime.kv_cache import KVCache, aligned
 
 
 class LayeredModel:
@@ -64,16 +64,16 @@ class LayeredModel:
             contiguous = bool((positions == first[:1] + torch.arange(T, device=positions.device)).all())
             start = int(positions[0, 0])
             attend_len = int(positions.max()) + 1
+        # Attend to a SLOT_ALIGN multiple of slots, masking those past each query's position: this
+        # makes a row's attention bit-identical whatever the call's row count (see kv_cache.py).
+        real_len, attend_len = attend_len, aligned(attend_len)
         slots = torch.arange(attend_len, device=positions.device)
-        if contiguous and T == 1:
-            mask = None  # a single query at the last position may see every slot 0..L-1
-        else:
-            mask = (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+        causal = slots[None, None, :] <= positions[:, :, None]  # (B, T, L)
+        mask = causal.unsqueeze(1)  # (B, 1, T, L)
         windowed: dict[int, torch.Tensor | None] = {}
         for w in self._windows:
-            if attend_len > w:
+            if real_len > w:
                 near = slots[None, None, :] > positions[:, :, None] - w
-                causal = slots[None, None, :] <= positions[:, :, None]
                 windowed[w] = (near & causal).unsqueeze(1)
         rows = None if contiguous else torch.arange(B, device=positions.device)[:, None]
         return StepContext(positions=positions, rows=rows, start=start, attend_len=attend_len,
