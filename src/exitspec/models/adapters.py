@@ -66,6 +66,8 @@ class Adapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        # 1: plain kernels; ops.MIN_ROWS: row-invariant mode (set by LayeredModel, see ops.linear).
+        self.min_rows = 1
 
     # --- sizes --------------------------------------------------------------------------------
     num_layers: int
@@ -159,7 +161,7 @@ class LlamaAdapter(Adapter):
         B, T, _ = h.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = torch.rms_norm(h, p.norm_shape, p.ln1, p.eps1)  # bit-identical to HF's LlamaRMSNorm
-        qkv = linear(x, p.w_qkv, p.b_qkv).view(B, T, H + 2 * Hkv, D)  # (B, T, H+2Hkv, D)
+        qkv = linear(x, p.w_qkv, p.b_qkv, self.min_rows).view(B, T, H + 2 * Hkv, D)  # (B, T, H+2Hkv, D)
         # Rotate q and k heads in one pass (elementwise, so bit-identical to rotating them apart).
         qk = qkv[:, :, : H + Hkv].transpose(1, 2)  # (B, H+Hkv, T, D)
         cos, sin = ctx.rope_by_head()
@@ -168,14 +170,14 @@ class LlamaAdapter(Adapter):
         v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
         kk, vv = _write_kv(*cache_kv, k, v, ctx)
         mask = ctx.windowed_mask.get(p.window, ctx.mask) if p.window is not None else ctx.mask
-        o = attention(q, kk, vv, mask, p.scaling)  # (B, H, T, D)
-        h = h + linear(o.transpose(1, 2).reshape(B, T, H * D), p.w_o, p.b_o)
+        o = attention(q, kk, vv, mask, p.scaling, self.min_rows)  # (B, H, T, D)
+        h = h + linear(o.transpose(1, 2).reshape(B, T, H * D), p.w_o, p.b_o, self.min_rows)
         if skip_mlp:
             return h
         x = torch.rms_norm(h, p.norm_shape, p.ln2, p.eps2)
-        gu = linear(x, p.w_gu, p.b_gu)  # (B, T, 2I): [gate | up]
+        gu = linear(x, p.w_gu, p.b_gu, self.min_rows)  # (B, T, 2I): [gate | up]
         I = gu.shape[-1] // 2  # noqa: E741
-        return h + linear(p.act(gu[..., :I]) * gu[..., I:], p.w_down, p.b_down)
+        return h + linear(p.act(gu[..., :I]) * gu[..., I:], p.w_down, p.b_down, self.min_rows)
 
     def _plan(self, blk) -> _LlamaPlan:
         """Per-layer tensors gathered once: fused q|k|v and gate|up weights (aliased by HF's

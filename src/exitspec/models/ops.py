@@ -10,22 +10,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Calls with fewer rows than this are padded up to it (see `linear` and `attention`).
+# In row-invariant mode, calls with fewer rows than this are padded up to it (`linear`, `attention`).
 MIN_ROWS = 4
 
 
-def _pad_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Repeat the last entry along `dim` until it has MIN_ROWS entries (results of the copies are dropped)."""
+def _pad_rows(x: torch.Tensor, dim: int, to: int) -> torch.Tensor:
+    """Repeat the last entry along `dim` until it has `to` entries (results of the copies are dropped)."""
     n = x.shape[dim]
-    if n >= MIN_ROWS:
+    if n >= to:
         return x
     last = x.narrow(dim, n - 1, 1)
     reps = [1] * x.dim()
-    reps[dim] = MIN_ROWS - n
+    reps[dim] = to - n
     return torch.cat([x, last.repeat(reps)], dim)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, min_rows: int = 1) -> torch.Tensor:
     """y = x @ weight.T + bias for an nn.Linear-layout weight (out, in); x is (..., in).
 
     Row-count invariance (what lossless speculative decoding needs): a row must get bit-identical
@@ -35,18 +35,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     kernel; each differs from the 4-15-row kernel by ~1e-6 per matmul, ~5e-5 in the default model's
     logits after 30 layers (`exitspec.runtime.profile.row_invariance`). Rows 4..15 agree bit for bit
     for every SmolLM2 shape (16+ rows switch kernels again). So calls with 1-3 rows are padded to 4
-    by repeating the last row and the extra results dropped. A decode step is memory-bound (every
-    weight streams from DRAM once per call whatever the row count), so the padding costs little;
-    see `exitspec info` for k=1 vs k=4 step times.
+    by repeating the last row and the extra results dropped when `min_rows=MIN_ROWS` (row-invariant
+    mode, `LayeredModel(model, row_invariant=True)`). It is NOT the default, because MKL's few-row
+    gemm is slow here: full step, default model, 256 cached tokens, 1 thread (min of 6, in one run):
+        F.linear           k=1 58 ms, k=2 62, k=4 96, k=8 127
+        F.linear padded    k=1 104 ms (= its k=4 cost), k=4 98, k=8 131
+        x @ W_t (copy)     k=1 53 ms, k=2 74, k=4 84, k=8 109  (pre-transposed, +425 MB)
+        x @ W_t padded     k=1 85 ms, k=4 82, k=8 101
+    Unpadded, the 1-row vs k-row logit difference is <= 5e-5 (0 argmax flips in 138 rows).
 
-    Layout: HF's (out, in) weight with `F.linear` (MKL trans-B). A pre-transposed copy (`x @ W_t`)
-    is also row-invariant with padding, but costs 425 MB more for the default model and was not
-    measurably faster in situ on this (heavily shared) CPU, so the HF layout stays.
+    Layout: HF's (out, in) weight with `F.linear` (MKL trans-B) stays: the pre-transposed copy wins
+    at k=1 by ~10% only at one thread and costs 425 MB for the default model.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     n = x2.shape[0]
-    y = F.linear(_pad_rows(x2, 0), weight, bias)[:n] if n < MIN_ROWS else F.linear(x2, weight, bias)
+    y = F.linear(_pad_rows(x2, 0, min_rows), weight, bias)[:n] if n < min_rows else F.linear(x2, weight, bias)
     return y.view(*lead, y.shape[-1])
 
 
@@ -82,18 +86,19 @@ def attention(
     v: torch.Tensor,  # (B, Hkv, L, D)
     mask: torch.Tensor | None,  # (B, 1, T, L) bool, True = may attend; None = attend to all L
     scale: float,
+    min_rows: int = 1,
 ) -> torch.Tensor:  # (B, H, T, D)
     """Scaled dot-product attention over a position-indexed KV cache, grouped-query aware.
 
     Like `linear`, SDPA's CPU kernel gives a query row different low bits when the call has 1-2
     query rows than when it has 4+ (measured ~3e-7 per layer), so fewer than MIN_ROWS queries are
-    padded with copies of the last query (and of its mask row); their outputs are dropped.
+    padded with copies of the last query (and of its mask row) when `min_rows=MIN_ROWS`.
     """
     T = q.shape[2]
-    if T < MIN_ROWS:
-        q = _pad_rows(q, 2)
+    if min_rows > T:
+        q = _pad_rows(q, 2, min_rows)
         if mask is not None:
-            mask = _pad_rows(mask, 2)
+            mask = _pad_rows(mask, 2, min_rows)
     # enable_gqa broadcasts KV heads without materialising copies.
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return o[:, :, :T] if T < MIN_ROWS else o
+    return o[:, :, :T] if min_rows > T else o

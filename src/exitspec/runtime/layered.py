@@ -15,15 +15,16 @@ from __future__ import annotations
 import torch
 
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
-from exitspec.models.ops import linear
+from exitspec.models.ops import MIN_ROWS, linear
 from exitspec.runtime.kv_cache import KVCache, aligned
 
 
 class LayeredModel:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, row_invariant: bool = False):
         self.model = model
         self.adapter: Adapter = adapter_for(model)
         a = self.adapter
+        self.row_invariant = row_invariant
         self.num_layers = a.num_layers
         self.hidden_size = a.hidden_size
         self.vocab_size = a.vocab_size
@@ -34,6 +35,17 @@ class LayeredModel:
         self.dtype, self.device = p.dtype, p.device
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
         self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
+
+    @property
+    def row_invariant(self) -> bool:
+        """True: a row's logits are bit-identical in 1-row and k-row calls (Llama family; padded
+        kernels, see models/ops.linear for the cost). False (default): fastest kernels, rows may
+        differ by ~5e-5 in the logits."""
+        return self.adapter.min_rows > 1
+
+    @row_invariant.setter
+    def row_invariant(self, on: bool) -> None:
+        self.adapter.min_rows = MIN_ROWS if on else 1
 
     # ------------------------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, hidden_layer: int | None = None) -> KVCache:
@@ -106,7 +118,7 @@ class LayeredModel:
 
     def head(self, h_normed: torch.Tensor) -> torch.Tensor:
         # ops.linear rather than the module: same math, but row-count invariant (see ops.linear).
-        return linear(h_normed, self.lm_head.weight, self.lm_head.bias)
+        return linear(h_normed, self.lm_head.weight, self.lm_head.bias, self.adapter.min_rows)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, T, C) -> (B, T, V)."""
