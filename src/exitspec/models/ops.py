@@ -42,7 +42,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         F.linear padded    k=1 104 ms (= its k=4 cost), k=4 98, k=8 131
         x @ W_t (copy)     k=1 53 ms, k=2 74, k=4 84, k=8 109  (pre-transposed, +425 MB)
         x @ W_t padded     k=1 85 ms, k=4 82, k=8 101
-    Unpadded, the 1-row vs k-row logit difference is <= 5e-5 (0 argmax flips in 138 rows).
+    2 threads, same run order (base = foundation code, now = fused projections, this default):
+        base k=1 35.2 ms, k=2 35.9, k=4 52.7, k=8 66.1;  now k=1 31.5, k=2 32.9, k=4 51.4, k=8 65.4
+    Unpadded, the 1-row vs 8-row logit difference of the default model is <= 7e-5 (0 argmax flips
+    in 48 rows); padded (row-invariant mode) it is exactly 0 (tests/test_speed_paths.py).
 
     Layout: HF's (out, in) weight with `F.linear` (MKL trans-B) stays: the pre-transposed copy wins
     at k=1 by ~10% only at one thread and costs 425 MB for the default model.
