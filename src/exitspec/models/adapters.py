@@ -9,12 +9,13 @@ Supported: the Llama family (llama, qwen2, mistral; SmolLM2 is llama), GPT-NeoX 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from exitspec.models.ops import attention, linear
+from exitspec.models.ops import attention, fuse_linears, linear
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -32,6 +33,14 @@ class StepContext:
     mask: torch.Tensor | None  # (B, 1, T, L) bool, True = may attend; None = attend everything
     rope: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) each (B, T, rot_dim)
     windowed_mask: dict[int, torch.Tensor | None]  # sliding-window masks by window size
+    # (cos, sin) each (B, 1, T, rot), broadcast over heads: unsqueezed once per call, not per layer.
+    rope_heads: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def rope_by_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_heads is None:
+            cos, sin = self.rope
+            self.rope_heads = (cos.unsqueeze(1), sin.unsqueeze(1))
+        return self.rope_heads
 
 
 def _write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -57,6 +66,8 @@ class Adapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        # 1: plain kernels; ops.MIN_ROWS: row-invariant mode (set by LayeredModel, see ops.linear).
+        self.min_rows = 1
 
     # --- sizes --------------------------------------------------------------------------------
     num_layers: int
@@ -92,6 +103,28 @@ class Adapter:
         raise NotImplementedError
 
 
+@dataclass
+class _LlamaPlan:
+    """One Llama-family layer's tensors, gathered once (shapes for C hidden, I intermediate)."""
+
+    w_qkv: torch.Tensor  # (H*D + 2*Hkv*D, C) fused [q | k | v]; HF's q/k/v weights are views of it
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor  # (C, H*D)
+    b_o: torch.Tensor | None
+    w_gu: torch.Tensor  # (2I, C) fused [gate | up]; HF's gate/up weights are views of it
+    b_gu: torch.Tensor | None
+    w_down: torch.Tensor  # (C, I)
+    b_down: torch.Tensor | None
+    act: object
+    ln1: torch.Tensor
+    eps1: float
+    ln2: torch.Tensor
+    eps2: float
+    norm_shape: tuple[int]
+    scaling: float
+    window: int | None
+
+
 class LlamaAdapter(Adapter):
     """llama / qwen2 / mistral: pre-norm, RoPE, grouped-query attention, gated MLP."""
 
@@ -112,6 +145,7 @@ class LlamaAdapter(Adapter):
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = attn0.head_dim
         self.max_positions = c.max_position_embeddings
+        self._plans = [self._plan(blk) for blk in self.layers]
 
     def embed(self, ids, positions):
         return self.base.embed_tokens(ids)
@@ -123,27 +157,42 @@ class LlamaAdapter(Adapter):
         return getattr(self.layers[i].self_attn, "sliding_window", None)
 
     def layer(self, i, h, cache_kv, ctx, skip_mlp=False):
-        blk = self.layers[i]
-        at = blk.self_attn
+        p = self._plans[i]
         B, T, _ = h.shape
-        x = blk.input_layernorm(h)
-        q = linear(x, at.q_proj.weight, at.q_proj.bias).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = linear(x, at.k_proj.weight, at.k_proj.bias).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = linear(x, at.v_proj.weight, at.v_proj.bias).view(B, T, -1, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.rope
-        q, k = _rotate(q, k, cos, sin)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        x = torch.rms_norm(h, p.norm_shape, p.ln1, p.eps1)  # bit-identical to HF's LlamaRMSNorm
+        qkv = linear(x, p.w_qkv, p.b_qkv, self.min_rows).view(B, T, H + 2 * Hkv, D)  # (B, T, H+2Hkv, D)
+        # Rotate q and k heads in one pass (elementwise, so bit-identical to rotating them apart).
+        qk = qkv[:, :, : H + Hkv].transpose(1, 2)  # (B, H+Hkv, T, D)
+        cos, sin = ctx.rope_by_head()
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
         kk, vv = _write_kv(*cache_kv, k, v, ctx)
-        mask = ctx.windowed_mask.get(self.window(i), ctx.mask)
-        o = attention(q, kk, vv, mask, at.scaling)  # (B, H, T, D)
-        o = o.transpose(1, 2).reshape(B, T, -1)
-        h = h + linear(o, at.o_proj.weight, at.o_proj.bias)
+        mask = ctx.windowed_mask.get(p.window, ctx.mask) if p.window is not None else ctx.mask
+        o = attention(q, kk, vv, mask, p.scaling, self.min_rows)  # (B, H, T, D)
+        h = h + linear(o.transpose(1, 2).reshape(B, T, H * D), p.w_o, p.b_o, self.min_rows)
         if skip_mlp:
             return h
-        mlp = blk.mlp
-        x = blk.post_attention_layernorm(h)
-        gate = mlp.act_fn(linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
-        up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        return h + linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        x = torch.rms_norm(h, p.norm_shape, p.ln2, p.eps2)
+        gu = linear(x, p.w_gu, p.b_gu, self.min_rows)  # (B, T, 2I): [gate | up]
+        I = gu.shape[-1] // 2  # noqa: E741
+        return h + linear(p.act(gu[..., :I]) * gu[..., I:], p.w_down, p.b_down, self.min_rows)
+
+    def _plan(self, blk) -> _LlamaPlan:
+        """Per-layer tensors gathered once: fused q|k|v and gate|up weights (aliased by HF's
+        parameters, see ops.fuse_linears), norm weights, activation. Saves ~25 attribute lookups
+        and 3 matmul dispatches per layer per step."""
+        at, mlp = blk.self_attn, blk.mlp
+        w_qkv, b_qkv = fuse_linears([at.q_proj, at.k_proj, at.v_proj])
+        w_gu, b_gu = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        act = F.silu if getattr(self.config, "hidden_act", None) == "silu" else mlp.act_fn
+        ln1, ln2 = blk.input_layernorm, blk.post_attention_layernorm
+        return _LlamaPlan(
+            w_qkv=w_qkv, b_qkv=b_qkv, w_o=at.o_proj.weight, b_o=at.o_proj.bias, w_gu=w_gu, b_gu=b_gu,
+            w_down=mlp.down_proj.weight, b_down=mlp.down_proj.bias, act=act,
+            ln1=ln1.weight, eps1=ln1.variance_epsilon, ln2=ln2.weight, eps2=ln2.variance_epsilon,
+            norm_shape=(self.hidden_size,), scaling=at.scaling, window=getattr(at, "sliding_window", None))
 
     @property
     def final_norm(self):

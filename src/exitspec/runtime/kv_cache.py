@@ -17,6 +17,19 @@ from __future__ import annotations
 
 import torch
 
+# Physical slots are allocated in multiples of this, and every call attends to a multiple of it
+# (slots past a query's position are masked). SDPA's CPU kernel gives a query different low bits
+# depending on how many key slots the call covers, even masked ones, unless that count is a multiple
+# of its vector width; with 16 it depends only on which 16-slot block the position falls in, so a
+# row gets bit-identical results in a 1-row and a k-row call (see models/ops.py and
+# runtime/profile.row_invariance). Costs at most 15 masked slots of attention per call.
+SLOT_ALIGN = 16
+
+
+def aligned(n: int) -> int:
+    """n rounded up to a multiple of SLOT_ALIGN."""
+    return -(-n // SLOT_ALIGN) * SLOT_ALIGN
+
 
 class CacheFullError(RuntimeError):
     """The cache has no room for the tokens to be written."""
@@ -36,7 +49,7 @@ class KVCache:
         hidden_layer: int | None = None,
         hidden_size: int | None = None,
     ):
-        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        shape = (num_layers, batch, num_kv_heads, aligned(max_len), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (n_layer, B, Hkv, L, D)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # lengths[l, b]: how many leading positions of row b are valid in layer l.

@@ -15,14 +15,16 @@ from __future__ import annotations
 import torch
 
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
-from exitspec.runtime.kv_cache import KVCache
+from exitspec.models.ops import MIN_ROWS, linear
+from exitspec.runtime.kv_cache import KVCache, aligned
 
 
 class LayeredModel:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, row_invariant: bool = False):
         self.model = model
         self.adapter: Adapter = adapter_for(model)
         a = self.adapter
+        self.row_invariant = row_invariant
         self.num_layers = a.num_layers
         self.hidden_size = a.hidden_size
         self.vocab_size = a.vocab_size
@@ -31,6 +33,19 @@ class LayeredModel:
         self.final_norm = a.final_norm
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        # Distinct sliding-window sizes, looked up once rather than per layer per step.
+        self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
+
+    @property
+    def row_invariant(self) -> bool:
+        """True: a row's logits are bit-identical in 1-row and k-row calls (Llama family; padded
+        kernels, see models/ops.linear for the cost). False (default): fastest kernels, rows may
+        differ by ~5e-5 in the logits."""
+        return self.adapter.min_rows > 1
+
+    @row_invariant.setter
+    def row_invariant(self, on: bool) -> None:
+        self.adapter.min_rows = MIN_ROWS if on else 1
 
     # ------------------------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, hidden_layer: int | None = None) -> KVCache:
@@ -49,22 +64,28 @@ class LayeredModel:
     def context(self, h: torch.Tensor, positions: torch.Tensor) -> StepContext:
         """Shared per-call state: cache write pattern, causal mask, rotary tables."""
         B, T = positions.shape
-        first = positions[:, :1]
-        # Fast path: every row writes the same contiguous positions (batch 1 always does).
-        contiguous = bool((positions == first[:1] + torch.arange(T, device=positions.device)).all())
-        start = int(positions[0, 0])
-        attend_len = int(positions.max()) + 1
-        slots = torch.arange(attend_len, device=positions.device)
-        if contiguous and T == 1:
-            mask = None  # a single query at the last position may see every slot 0..L-1
+        if B == 1:
+            # Batch 1 (every decode step of a single sequence) always writes contiguous positions;
+            # one .tolist() replaces several tensor reductions and host syncs.
+            pl = positions[0].tolist()
+            contiguous = pl == list(range(pl[0], pl[0] + T))
+            start, attend_len = pl[0], max(pl) + 1
         else:
-            mask = (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+            first = positions[:, :1]
+            # Fast path: every row writes the same contiguous positions.
+            contiguous = bool((positions == first[:1] + torch.arange(T, device=positions.device)).all())
+            start = int(positions[0, 0])
+            attend_len = int(positions.max()) + 1
+        # Attend to a SLOT_ALIGN multiple of slots, masking those past each query's position: this
+        # makes a row's attention bit-identical whatever the call's row count (see kv_cache.py).
+        real_len, attend_len = attend_len, aligned(attend_len)
+        slots = torch.arange(attend_len, device=positions.device)
+        causal = slots[None, None, :] <= positions[:, :, None]  # (B, T, L)
+        mask = causal.unsqueeze(1)  # (B, 1, T, L)
         windowed: dict[int, torch.Tensor | None] = {}
-        for i in range(self.num_layers):
-            w = self.adapter.window(i)
-            if w is not None and w not in windowed and attend_len > w:
+        for w in self._windows:
+            if real_len > w:
                 near = slots[None, None, :] > positions[:, :, None] - w
-                causal = slots[None, None, :] <= positions[:, :, None]
                 windowed[w] = (near & causal).unsqueeze(1)
         rows = None if contiguous else torch.arange(B, device=positions.device)[:, None]
         return StepContext(positions=positions, rows=rows, start=start, attend_len=attend_len,
@@ -96,11 +117,12 @@ class LayeredModel:
         return self.final_norm(h)
 
     def head(self, h_normed: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h_normed)
+        # ops.linear rather than the module: same math, but row-count invariant (see ops.linear).
+        return linear(h_normed, self.lm_head.weight, self.lm_head.bias, self.adapter.min_rows)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, T, C) -> (B, T, V)."""
-        return self.lm_head(self.final_norm(h))
+        return self.head(self.final_norm(h))
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -56,3 +56,30 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
         r["per_layer_ms"] = r["layers_ms"] / lm.num_layers
         r["vs_k1"] = r["step_ms"] / base
     return rows
+
+
+@torch.inference_mode()
+def row_invariance(lm: LayeredModel, prompts: list[list[int]], k: int = 8) -> dict:
+    """How much a row's logits depend on how many rows share its forward call.
+
+    For each tokenised prompt (>= k + 1 tokens), the last k tokens are run once as one k-row call and
+    once one row per call (what vanilla decoding does), on the same cache contents. Returns the max
+    |logit difference| over all rows and the number of rows whose argmax differs. Lossless speculative
+    decoding compares verification (k rows) against vanilla (1 row), so both should be 0.
+    """
+    worst, flips, rows = 0.0, 0, 0
+    for ids in prompts:
+        if len(ids) < k + 1:
+            raise ValueError(f"prompts need at least {k + 1} tokens for k={k}")
+        x = torch.tensor([ids], device=lm.device)
+        pos = torch.arange(len(ids), device=lm.device)[None]
+        ctx = len(ids) - k
+        cache = lm.new_cache(1, len(ids))
+        lm.forward(x[:, :ctx], pos[:, :ctx], cache)
+        full = lm.forward(x[:, ctx:], pos[:, ctx:], cache)[0]  # (k, V)
+        cache.rollback(ctx)
+        one = torch.cat([lm.forward(x[:, t:t + 1], pos[:, t:t + 1], cache)[0] for t in range(ctx, len(ids))])
+        worst = max(worst, float((one - full).abs().max()))
+        flips += int((one.argmax(-1) != full.argmax(-1)).sum())
+        rows += k
+    return {"k": k, "rows": rows, "max_abs_logit_diff": worst, "argmax_flips": flips}
