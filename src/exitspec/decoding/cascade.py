@@ -27,11 +27,8 @@ from exitspec.decoding.deferred import DeferredStack
 from exitspec.decoding.exits import (
     Gate,
     StrategyOptionError,
-    as_layers,
     attention_share,
-    default_exit_layers,
-    exit_bundle,
-    gates_for,
+    gated_exits,
 )
 from exitspec.decoding.sampling import sample
 from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
@@ -116,12 +113,9 @@ def make_cascade(model, exit_layers=None, exit_layer=None, threshold=None, score
     if unknown:
         raise StrategyOptionError(f"cascade has no option(s) {sorted(unknown)}; it takes exit_layers, threshold, "
                                   "score, state_propagation, max_deferred")
-    chosen = exit_layers if exit_layers is not None else exit_layer
-    layers = as_layers(chosen) if chosen is not None else default_exit_layers(model, "cascade")
-    bundle = exit_bundle(model, layers)
-    gates = gates_for(bundle, layers, threshold, score, strategy="cascade")
-    return Cascade([bundle.head(layer) for layer in layers], gates, state_propagation=bool(state_propagation),
-                   max_deferred=max_deferred)
+    ex = gated_exits(model, "cascade", exit_layers, exit_layer, threshold, score)
+    return Cascade([ex.bundle.head(layer) for layer in ex.layers], ex.gates,
+                   state_propagation=bool(state_propagation), max_deferred=max_deferred)
 
 
 register_strategy("cascade", make_cascade)

@@ -25,7 +25,7 @@ import torch
 from exitspec.decoding.api import register_strategy
 from exitspec.decoding.deferred import DeferredStack
 from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
-from exitspec.decoding.exits import Gate, StrategyOptionError, as_layers, default_exit_layers, exit_bundle, gates_for
+from exitspec.decoding.exits import Gate, StrategyOptionError, gated_exits
 from exitspec.decoding.speculative import verify
 from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
 
@@ -132,13 +132,10 @@ def make_dssd(model, exit_layers=None, exit_layer=None, draft_len: int = 4, min_
     if unknown:
         raise StrategyOptionError(f"dssd has no option(s) {sorted(unknown)}; it takes exit_layers, draft_len, "
                                   "min_draft, max_draft, adaptive, threshold, score, draft_vocab")
-    chosen = exit_layers if exit_layers is not None else exit_layer
-    layers = as_layers(chosen) if chosen is not None else default_exit_layers(model, "dssd")
-    bundle = exit_bundle(model, layers)
-    gates = gates_for(bundle, layers, threshold, score, strategy="dssd")
-    vocab = draft_vocabulary(model, draft_vocab, bundle) if draft_vocab else None
-    drafters = [DraftHead(bundle.head(layer), vocab) for layer in layers]
-    return DSSD(drafters, gates, draft_len=draft_len, min_draft=min_draft, max_draft=max_draft,
+    ex = gated_exits(model, "dssd", exit_layers, exit_layer, threshold, score)
+    vocab = draft_vocabulary(model, draft_vocab, ex.bundle) if draft_vocab else None
+    drafters = [DraftHead(ex.bundle.head(layer), vocab) for layer in ex.layers]
+    return DSSD(drafters, ex.gates, draft_len=draft_len, min_draft=min_draft, max_draft=max_draft,
                 adaptive=bool(adaptive))
 
 

@@ -75,6 +75,25 @@ class Gate:
         return confident(self.score, scores(logits)[self.score], self.value)
 
 
+@dataclass
+class GatedExits:
+    """The exits a multi-exit strategy uses: their layers, the bundle holding their heads, their gates."""
+
+    layers: list[int]
+    bundle: HeadBundle
+    gates: dict[int, Gate]
+
+
+def gated_exits(model, strategy: str, exit_layers=None, exit_layer=None, threshold=None,
+                score: str | None = None) -> GatedExits:
+    """Resolve the exit-layer options (exit_layers, or exit_layer, else the bundle's recommendation)
+    into heads and confidence gates; shared by the strategies that gate on several exits."""
+    chosen = exit_layers if exit_layers is not None else exit_layer
+    layers = as_layers(chosen) if chosen is not None else default_exit_layers(model, strategy)
+    bundle = exit_bundle(model, layers)
+    return GatedExits(layers, bundle, gates_for(bundle, layers, threshold, score, strategy=strategy))
+
+
 def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str | None = None,
               strategy: str = "") -> dict[int, Gate]:
     """Gate per exit: `threshold` option (one value or {layer: value}) overrides the bundle's calibration."""
