@@ -53,6 +53,21 @@ class RunSpec:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
 
     @property
+    def weights(self) -> str:
+        """Which copy of the model runs it: "dense" (as configured) or "int4" (`exitspec.load(weights=)`)."""
+        return str(self.opts.get("weights", "dense"))
+
+    @property
+    def is_baseline(self) -> bool:
+        """Plain vanilla / HF generate (on any weights): speedups are against the fastest of them."""
+        return self.name in BASELINES and set(self.opts) <= {"weights"}
+
+    @property
+    def strategy_opts(self) -> dict:
+        """The options handed to the strategy or peer (everything but `weights`)."""
+        return {k: v for k, v in self.opts.items() if k != "weights"}
+
+    @property
     def is_peer(self) -> bool:
         return self.name in PEERS
 
@@ -132,7 +147,7 @@ class BenchConfig:
         # Baselines first within each temperature, in a stable order.
         rank = {b: i for i, b in enumerate(BASELINES)}
         return sorted(specs, key=lambda s: (self.temperatures.index(s.temperature),
-                                            rank.get(s.name, len(rank)) if not s.options else len(rank)))
+                                            rank.get(s.name, len(rank)) if s.is_baseline else len(rank)))
 
     def to_dict(self) -> dict:
         return asdict(self)

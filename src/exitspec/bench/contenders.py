@@ -53,11 +53,11 @@ class ExitspecContender(Contender):
         from exitspec.decoding.api import make_strategy
 
         # A factory lets tests inject a strategy object; normally the registry builds it.
-        self.factory = factory or (lambda: make_strategy(spec.name, model, **spec.opts))
+        self.factory = factory or (lambda: make_strategy(spec.name, model, **spec.strategy_opts))
         try:
             probe = self.factory()
         except TypeError as err:
-            raise ValueError(f"strategy {spec.name!r} rejected options {spec.opts}: {err}; check the [[run]] "
+            raise ValueError(f"strategy {spec.name!r} rejected options {spec.strategy_opts}: {err}; check the [[run]] "
                              "options against the strategy's constructor") from err
         self.lossless = bool(getattr(probe, "lossless", False))
         self.uses_heads = getattr(model, "heads", None) is not None
@@ -84,9 +84,12 @@ def make_contender(spec: RunSpec, model, injected: dict | None = None) -> Conten
     """The contender for a spec. `injected` maps names to strategy factories (tests, plugins)."""
     if injected and spec.name in injected:
         make = injected[spec.name]
-        return ExitspecContender(spec, model, factory=lambda: make(model, **spec.opts))
+        return ExitspecContender(spec, model, factory=lambda: make(model, **spec.strategy_opts))
     if spec.is_peer:
         from exitspec.bench.peers import make_peer
+
+        if spec.weights != "dense":
+            raise ValueError(f"{spec.name} is a peer library's decoder; it runs the dense model only (drop weights=)")
 
         return make_peer(spec, model)
     return ExitspecContender(spec, model)

@@ -68,7 +68,8 @@ class BenchRunner:
         self.command = command
         L = model.lm.num_layers
         self.sweep_layers = [x for x in (cfg.quality_layers or range(1, L)) if 0 < x < L]
-        self.vanilla_tokens: list[list[int]] | None = None  # exitspec vanilla, greedy
+        self.models = {"dense": model}  # weights mode -> loaded model (others loaded when first needed)
+        self.vanilla_tokens: dict[str, list[list[int]]] = {}  # weights mode -> exitspec vanilla, greedy
         self.ref_tokens: list[list[int]] | None = None  # exitspec vanilla at the reference temperature
         self.pending: list[tuple[RunSpec, dict, list[dict]]] = []  # baseline rows waiting for both baselines
         self.baseline: dict[float, dict] = {}  # temperature -> {"label", "tps", "by_category"}
@@ -104,6 +105,21 @@ class BenchRunner:
         self._write_audit(interrupted=False)
         return RunOutcome(self.rows, self.audit)
 
+    def _model_for(self, spec: RunSpec):
+        """The model a spec runs on: the configured one, or a copy loaded with other weights."""
+        w = spec.weights
+        if w not in self.models:
+            from exitspec.models.loading import load
+
+            m = load(self.model.source, dtype=None if w == "int4" else self.cfg.dtype, device=self.cfg.device,
+                     weights=w)
+            if getattr(self.model, "heads", None) is not None and self.cfg.heads:
+                from exitspec.heads.bundle import attach_heads
+
+                attach_heads(m, self.cfg.heads)
+            self.models[w] = m
+        return self.models[w]
+
     def _ref_temperature(self) -> float:
         return 0.0 if 0.0 in self.cfg.temperatures else self.cfg.temperatures[0]
 
@@ -112,7 +128,7 @@ class BenchRunner:
         cfg = self.cfg
         units = cfg.warmup + len(self.ids) * cfg.repeats
         try:
-            contender = make_contender(spec, self.model, self.injected)
+            contender = make_contender(spec, self._model_for(spec), self.injected)
         except Exception as err:  # a broken or missing contender must not end the whole sweep
             bar.update(units)
             print(f"\n[bench] skipping {spec.label}: {err}", file=sys.stderr)
@@ -149,12 +165,16 @@ class BenchRunner:
                      mem: PeakMemory) -> None:
         cfg = self.cfg
         greedy = spec.temperature == 0.0
+        w = spec.weights
         if spec.name == "vanilla" and greedy:
-            self.vanilla_tokens = [s.tokens for s in samples]
-        if spec.name == "vanilla" and spec.temperature == self._ref_temperature():
+            self.vanilla_tokens[w] = [s.tokens for s in samples]
+        if spec.name == "vanilla" and w == "dense" and spec.temperature == self._ref_temperature():
             self.ref_tokens = [s.tokens for s in samples]
-        ref = self.vanilla_tokens if greedy else None
-        lossy = not contender.lossless
+        # Lossless claims hold against vanilla decoding of the same weights; vanilla over other
+        # weights (int4) is compared with the dense vanilla loop and counts as lossy.
+        ref = (self.vanilla_tokens.get("dense") if spec.name == "vanilla" else self.vanilla_tokens.get(w)) \
+            if greedy else None
+        lossy = not contender.lossless or (spec.name == "vanilla" and w != "dense")
         per_prompt = []
         for i, (p, s) in enumerate(zip(self.prompts, samples, strict=True)):
             rec = {"label": spec.label, "prompt_index": i, "prompt_id": p.id, "category": p.category,
@@ -177,8 +197,9 @@ class BenchRunner:
         row = settings | self._aggregate(spec, per_prompt, samples) | self._draft_quality(spec, settings["exit_layer"])
         row["peak_mem_mib"], row["mem_source"] = mem.peak_mib, mem.source
         # The lossless audit: greedy outputs of every lossless-claiming contender against vanilla's.
-        row["lossless_claim"] = contender.lossless
-        if contender.lossless and greedy and ref is not None and spec.name != "vanilla":
+        row["lossless_claim"] = not lossy
+        row["weights"] = w
+        if not lossy and greedy and ref is not None and spec.name != "vanilla":
             entry = AuditEntry(spec.label, len(per_prompt))
             for rec, p in zip(per_prompt, self.prompts, strict=True):
                 if rec["first_mismatch"] is not None:
@@ -337,7 +358,7 @@ class BenchRunner:
 
 
 def _is_baseline(spec: RunSpec) -> bool:
-    return spec.name in BASELINES and not spec.options
+    return spec.is_baseline
 
 
 def _sum_per(recs: list[dict], key: str, tokens: int) -> float | None:

@@ -45,46 +45,72 @@ def vanilla_tps(model, ids: list[int], n: int) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from exitspec.bench.machine import describe_machine, machine_line
-    from exitspec.decoding.api import encode_prompt
+    from exitspec.bench.metrics import first_mismatch
+    from exitspec.decoding.api import encode_prompt, generate
+    from exitspec.models.loading import load
     from exitspec.prompts import load_prompts, mixed_prompts
     from exitspec.runtime.profile import step_costs
 
-    model = load_from_args(args)
+    # HF generate and the reference loop always run the dense model (fp32 unless --dtype says
+    # otherwise); --weights int4 adds exitspec's vanilla loop over the 4-bit weights.
+    dense_args = argparse.Namespace(**{**vars(args), "weights": "dense"})
+    model = load_from_args(dense_args)
+    fast = load(args.model, device=args.device, weights="int4") if args.weights == "int4" else None
     if args.prompts:
         prompts = load_prompts(args.prompts, split="heldout", limit=args.num_prompts)
     else:
         prompts = mixed_prompts("heldout", per_set=(args.num_prompts + 4) // 5)[: args.num_prompts]
     enc = [encode_prompt(model.tokenizer, p.text) for p in prompts]
     n = args.max_new_tokens
-    hf_generate_tps(model, enc[0], 8)  # warm-up both paths
-    vanilla_tps(model, enc[0], 8)
-    hf, ours = [], []
+    runs = [("hf", lambda ids, k: hf_generate_tps(model, ids, k)),
+            ("vanilla", lambda ids, k: vanilla_tps(model, ids, k))]
+    if fast is not None:
+        runs.append(("int4", lambda ids, k: vanilla_tps(fast, ids, k)))
+    for _, fn in runs:  # warm-up every path
+        fn(enc[0], 8)
+    tps: dict[str, list[float]] = {name: [] for name, _ in runs}
     for i, ids in enumerate(enc):
-        # Alternate the order so neither path always runs on a warmer cache.
-        pair = [("hf", hf_generate_tps), ("vanilla", vanilla_tps)]
-        for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            (hf if name == "hf" else ours).append(fn(model, ids, n))
-        print(f"prompt {i + 1}/{len(enc)}: HF generate {hf[-1]:.1f} tok/s, vanilla loop {ours[-1]:.1f} tok/s",
-              flush=True)
-    costs = step_costs(model.lm)
+        # Rotate the order so no path always runs on a warmer cache.
+        for name, fn in runs[i % len(runs):] + runs[: i % len(runs)]:
+            tps[name].append(fn(ids, n))
+        print(f"prompt {i + 1}/{len(enc)}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in tps.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in tps.items()}
     result = {
         "model": model.name, "machine": describe_machine(), "prompts": len(enc), "max_new_tokens": n,
-        "hf_generate_tps_median": statistics.median(hf), "vanilla_tps_median": statistics.median(ours),
-        "speedup_vs_hf": statistics.median(ours) / statistics.median(hf),
-        "hf_generate_tps": hf, "vanilla_tps": ours, "step_costs": costs,
+        "hf_generate_tps_median": med["hf"], "vanilla_tps_median": med["vanilla"],
+        "speedup_vs_hf": med["vanilla"] / med["hf"], "hf_generate_tps": tps["hf"], "vanilla_tps": tps["vanilla"],
+        "step_costs": step_costs(model.lm),
     }
+    rows = [("HF generate", med["hf"]), (f"exitspec vanilla loop ({model.lm.dtype}, dense)", med["vanilla"])]
+    if fast is not None:
+        # How far the int4 loop's greedy tokens follow the dense loop's (bf16 products flip near-ties).
+        div = []
+        for ids in enc:
+            a = generate(model, None, prompt_ids=[ids], max_new_tokens=n, ignore_eos=True).token_ids[0]
+            b = generate(fast, None, prompt_ids=[ids], max_new_tokens=n, ignore_eos=True).token_ids[0]
+            div.append(first_mismatch(b, a))
+        result |= {"int4_tps_median": med["int4"], "int4_speedup_vs_hf": med["int4"] / med["hf"],
+                   "int4_tps": tps["int4"], "int4_first_divergence": div, "int4_step_costs": step_costs(fast.lm)}
+        rows.append(("exitspec vanilla loop (int4 weights)", med["int4"]))
     lines = [
         f"# Runtime benchmark: {model.name}", "",
         f"Machine: {machine_line(result['machine'])}", "",
         f"Greedy, {n} new tokens, {len(enc)} held-out prompts, medians:", "",
         "| decoder | tokens/s | vs HF generate |", "|---|---:|---:|",
-        f"| HF generate | {result['hf_generate_tps_median']:.1f} | 1.00x |",
-        f"| exitspec vanilla loop | {result['vanilla_tps_median']:.1f} | {result['speedup_vs_hf']:.2f}x |",
-        "", "One forward step after 256 cached tokens (median ms):", "",
-        "| k new tokens | step | layers | norm + LM head | vs k=1 |", "|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['k']} | {r['step_ms']:.2f} | {r['layers_ms']:.2f} | {r['head_ms']:.2f} | {r['vs_k1']:.2f}x |"
-              for r in costs]
+    lines += [f"| {name} | {v:.1f} | {v / med['hf']:.2f}x |" for name, v in rows]
+    if fast is not None:
+        same = sum(d is None for d in result["int4_first_divergence"])
+        firsts = sorted(d for d in result["int4_first_divergence"] if d is not None)
+        lines += ["", f"int4 greedy tokens equal the dense loop's on {same}/{len(enc)} prompts"
+                  + (f"; the others first differ at tokens {', '.join(map(str, firsts))}" if firsts else "") + "."]
+    for title, key in (("dense", "step_costs"), ("int4 weights", "int4_step_costs")):
+        if key not in result:
+            continue
+        lines += ["", f"One forward step after 256 cached tokens, {title} (median ms):", "",
+                  "| k new tokens | step | layers | norm + LM head | vs k=1 |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['k']} | {r['step_ms']:.2f} | {r['layers_ms']:.2f} | {r['head_ms']:.2f} | {r['vs_k1']:.2f}x |"
+                  for r in result[key]]
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     if args.out:

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     check_out(out)
     set_threads(args.threads)
     t0 = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     bundle = resolve_bundle(model, args.heads)
     print(f"calibrating {len(bundle.layers)} exits {bundle.layers} of {model.name} for target agreement "
           f"{target:.1%} (score: {args.score})", file=sys.stderr)

@@ -12,7 +12,10 @@ def add_model_args(p: argparse.ArgumentParser, heads: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct), an HF folder, a .gguf file, or a hub id")
-    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    g.add_argument("--dtype", default=None, help="float32 (default for dense weights), bfloat16 or float16")
+    g.add_argument("--weights", default="dense", choices=("dense", "int4"),
+                   help="dense (default) or int4: keep a Q4 GGUF's 4-bit weights (the default model's), "
+                        "compute in bfloat16; ~2x faster steps on CPU")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     if heads:
@@ -44,7 +47,7 @@ def load_from_args(args: argparse.Namespace):
     from exitspec.models.loading import load
 
     set_threads(getattr(args, "threads", None))
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     heads = getattr(args, "heads", None)
     if heads:
         from exitspec.heads.bundle import attach_heads

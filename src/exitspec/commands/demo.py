@@ -21,7 +21,8 @@ DEMO_PROMPTS = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.set_defaults(heads="auto")
+    # The demo runs the fastest sound setting: the GGUF's own 4-bit weights where the model has them.
+    p.set_defaults(heads="auto", weights="int4")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--strategies", default=None,
                    help="comma-separated strategies (default: vanilla + those the heads support)")
@@ -36,7 +37,16 @@ def run(args: argparse.Namespace) -> int:
     auto = args.heads == "auto"
     if auto:
         args.heads = None
-    model = load_from_args(args)
+    from exitspec.models.loading import ModelLoadError
+
+    try:
+        model = load_from_args(args)
+    except ModelLoadError as err:
+        if args.weights != "int4" or "4-bit" not in str(err):
+            raise
+        print(f"(dense weights: {err})")
+        args.weights = "dense"
+        model = load_from_args(args)
     if auto:
         from exitspec.heads.bundle import BundleError, attach_heads
 
@@ -53,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     n = args.max_new_tokens
     enc = [encode_prompt(model.tokenizer, p) for p in DEMO_PROMPTS]
-    print(f"exitspec demo on {model.name} ({model.lm.num_layers} layers), greedy, {n} new tokens, "
-          f"{len(enc)} prompts\nmachine: {machine_line()}\n")
+    print(f"exitspec demo on {model.name} ({model.lm.num_layers} layers, {model.weights} weights; HF generate "
+          f"runs the dense fp32 model), greedy, {n} new tokens, {len(enc)} prompts\nmachine: {machine_line()}\n")
     hf_generate_tps(model, enc[0], 4)  # warm-up
     tps: dict[str, list[float]] = {"HF generate": [hf_generate_tps(model, ids, n) for ids in enc]}
     outputs: dict[str, list[list[int]]] = {}

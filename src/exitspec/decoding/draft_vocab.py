@@ -19,10 +19,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from exitspec.decoding.sampling import SamplingParams, probs, sample_from
 from exitspec.heads.base import ExitHead
+from exitspec.models.ops import Linear
 
 
 class DraftHead:
@@ -34,15 +34,15 @@ class DraftHead:
         self.vocab = vocab  # (N,) long token ids, or None for the full vocabulary
         if vocab is not None:
             # Slice the rows once: (N, C). Tuned heads change their weights only when trained.
-            self.weight = head.head_weight()[vocab].contiguous()
             bias = head.head_bias()
-            self.bias = bias[vocab].contiguous() if bias is not None else None
+            self.proj = Linear(head.head_weight()[vocab].contiguous(),
+                               bias[vocab].contiguous() if bias is not None else None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset)."""
         if self.vocab is None:
             return self.head(h)
-        return F.linear(self.head.normed(h), self.weight, self.bias)
+        return self.proj(self.head.normed(h))
 
     def to_full(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Subset logits (..., N) -> (..., V) with -inf outside the subset (for confidence scores)."""

@@ -47,7 +47,8 @@ class ExitHead(nn.Module):
         return getattr(self.lm.lm_head, "bias", None)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
-        return nn.functional.linear(self.normed(h), self.head_weight(), self.head_bias())
+        # The base model's own LM head (prepacked where that is faster, see models/ops.Linear).
+        return self.lm.head(self.normed(h))
 
     def extra_config(self) -> dict:
         return {}

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} exists and is not a folder")
     set_threads(args.threads)
     t0 = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     bundle = resolve_bundle(model, args.heads)
     baseline = None
     if args.compare_norm_lm:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exitspec.models.ops import attention, fuse_linears, linear
+from exitspec.models.int4 import Int4Groups, Int4Linear
+from exitspec.models.ops import Linear, attention, fuse_linears
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -63,11 +64,26 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, int4: dict[nn.Linear, Int4Groups] | None = None):
         self.model = model
         self.config = model.config
         # 1: plain kernels; ops.MIN_ROWS: row-invariant mode (set by LayeredModel, see ops.linear).
         self.min_rows = 1
+        # Projections whose checkpoint weights are 4-bit groups (models/int4.py); empty = all dense.
+        self.int4 = int4 or {}
+
+    def projection(self, mods: list[nn.Linear]) -> Linear | Int4Linear:
+        """One projection, or several sharing an input fused into one (q|k|v, gate|up), run as
+        4-bit groups where the checkpoint stores them so, else dense (prepacked where that helps)."""
+        if all(m in self.int4 for m in mods):
+            biases = [m.bias for m in mods]
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+                                  for b, m in zip(biases, mods, strict=True)])
+            return Int4Linear(Int4Groups.cat([self.int4[m] for m in mods]), bias)
+        w, b = fuse_linears(mods) if len(mods) > 1 else (mods[0].weight, mods[0].bias)
+        return Linear(w, b)
 
     # --- sizes --------------------------------------------------------------------------------
     num_layers: int
@@ -107,14 +123,10 @@ class Adapter:
 class _LlamaPlan:
     """One Llama-family layer's tensors, gathered once (shapes for C hidden, I intermediate)."""
 
-    w_qkv: torch.Tensor  # (H*D + 2*Hkv*D, C) fused [q | k | v]; HF's q/k/v weights are views of it
-    b_qkv: torch.Tensor | None
-    w_o: torch.Tensor  # (C, H*D)
-    b_o: torch.Tensor | None
-    w_gu: torch.Tensor  # (2I, C) fused [gate | up]; HF's gate/up weights are views of it
-    b_gu: torch.Tensor | None
-    w_down: torch.Tensor  # (C, I)
-    b_down: torch.Tensor | None
+    qkv: Linear  # (H*D + 2*Hkv*D, C) fused [q | k | v]; HF's q/k/v weights are views of it
+    o: Linear  # (C, H*D)
+    gate_up: Linear  # (2I, C) fused [gate | up]; HF's gate/up weights are views of it
+    down: Linear  # (C, I)
     act: object
     ln1: torch.Tensor
     eps1: float
@@ -131,8 +143,8 @@ class LlamaAdapter(Adapter):
     family = "llama"
     model_types = ("llama", "qwen2", "mistral")
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, int4=None):
+        super().__init__(model, int4)
         base = model.model
         self.base = base
         self.layers = base.layers
@@ -161,7 +173,7 @@ class LlamaAdapter(Adapter):
         B, T, _ = h.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = torch.rms_norm(h, p.norm_shape, p.ln1, p.eps1)  # bit-identical to HF's LlamaRMSNorm
-        qkv = linear(x, p.w_qkv, p.b_qkv, self.min_rows).view(B, T, H + 2 * Hkv, D)  # (B, T, H+2Hkv, D)
+        qkv = p.qkv(x, self.min_rows).view(B, T, H + 2 * Hkv, D)  # (B, T, H+2Hkv, D)
         # Rotate q and k heads in one pass (elementwise, so bit-identical to rotating them apart).
         qk = qkv[:, :, : H + Hkv].transpose(1, 2)  # (B, H+Hkv, T, D)
         cos, sin = ctx.rope_by_head()
@@ -171,26 +183,24 @@ class LlamaAdapter(Adapter):
         kk, vv = _write_kv(*cache_kv, k, v, ctx)
         mask = ctx.windowed_mask.get(p.window, ctx.mask) if p.window is not None else ctx.mask
         o = attention(q, kk, vv, mask, p.scaling, self.min_rows)  # (B, H, T, D)
-        h = h + linear(o.transpose(1, 2).reshape(B, T, H * D), p.w_o, p.b_o, self.min_rows)
+        h = h + p.o(o.transpose(1, 2).reshape(B, T, H * D), self.min_rows)
         if skip_mlp:
             return h
         x = torch.rms_norm(h, p.norm_shape, p.ln2, p.eps2)
-        gu = linear(x, p.w_gu, p.b_gu, self.min_rows)  # (B, T, 2I): [gate | up]
+        gu = p.gate_up(x, self.min_rows)  # (B, T, 2I): [gate | up]
         I = gu.shape[-1] // 2  # noqa: E741
-        return h + linear(p.act(gu[..., :I]) * gu[..., I:], p.w_down, p.b_down, self.min_rows)
+        return h + p.down(p.act(gu[..., :I]) * gu[..., I:], self.min_rows)
 
     def _plan(self, blk) -> _LlamaPlan:
         """Per-layer tensors gathered once: fused q|k|v and gate|up weights (aliased by HF's
         parameters, see ops.fuse_linears), norm weights, activation. Saves ~25 attribute lookups
         and 3 matmul dispatches per layer per step."""
         at, mlp = blk.self_attn, blk.mlp
-        w_qkv, b_qkv = fuse_linears([at.q_proj, at.k_proj, at.v_proj])
-        w_gu, b_gu = fuse_linears([mlp.gate_proj, mlp.up_proj])
         act = F.silu if getattr(self.config, "hidden_act", None) == "silu" else mlp.act_fn
         ln1, ln2 = blk.input_layernorm, blk.post_attention_layernorm
         return _LlamaPlan(
-            w_qkv=w_qkv, b_qkv=b_qkv, w_o=at.o_proj.weight, b_o=at.o_proj.bias, w_gu=w_gu, b_gu=b_gu,
-            w_down=mlp.down_proj.weight, b_down=mlp.down_proj.bias, act=act,
+            qkv=self.projection([at.q_proj, at.k_proj, at.v_proj]), o=self.projection([at.o_proj]),
+            gate_up=self.projection([mlp.gate_proj, mlp.up_proj]), down=self.projection([mlp.down_proj]), act=act,
             ln1=ln1.weight, eps1=ln1.variance_epsilon, ln2=ln2.weight, eps2=ln2.variance_epsilon,
             norm_shape=(self.hidden_size,), scaling=at.scaling, window=getattr(at, "sliding_window", None))
 
@@ -205,8 +215,8 @@ class GPTNeoXAdapter(Adapter):
     family = "gpt_neox"
     model_types = ("gpt_neox",)
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, int4=None):
+        super().__init__(model, int4)
         base = model.gpt_neox
         self.base = base
         self.layers = base.layers
@@ -218,6 +228,12 @@ class GPTNeoXAdapter(Adapter):
         self.num_kv_heads = c.num_attention_heads
         self.head_dim = c.hidden_size // c.num_attention_heads
         self.max_positions = c.max_position_embeddings
+        self._proj = [self._projections(blk) for blk in self.layers]
+
+    def _projections(self, blk) -> dict[str, Linear | Int4Linear]:
+        at, m = blk.attention, blk.mlp
+        return {"qkv": self.projection([at.query_key_value]), "dense": self.projection([at.dense]),
+                "up": self.projection([m.dense_h_to_4h]), "down": self.projection([m.dense_4h_to_h])}
 
     def embed(self, ids, positions):
         return self.base.embed_in(ids)
@@ -226,31 +242,29 @@ class GPTNeoXAdapter(Adapter):
         return self.base.rotary_emb(h, positions)
 
     def layer(self, i, h, cache_kv, ctx, skip_mlp=False):
-        blk = self.layers[i]
+        blk, proj = self.layers[i], self._proj[i]
         at = blk.attention
         B, T, _ = h.shape
         x = blk.input_layernorm(h)
         # HF lays the fused projection out per head as [q | k | v] (B, T, H, 3D).
-        qkv = linear(x, at.query_key_value.weight, at.query_key_value.bias)
+        qkv = proj["qkv"](x)
         qkv = qkv.view(B, T, -1, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)
         cos, sin = ctx.rope
         q, k = _rotate(q, k, cos, sin)
         kk, vv = _write_kv(*cache_kv, k, v, ctx)
         o = attention(q, kk, vv, ctx.mask, at.scaling).transpose(1, 2).reshape(B, T, -1)
-        attn_out = linear(o, at.dense.weight, at.dense.bias)
+        attn_out = proj["dense"](o)
         if skip_mlp:
             return h + attn_out
         if blk.use_parallel_residual:
-            return h + attn_out + self._mlp(blk, blk.post_attention_layernorm(h))
+            return h + attn_out + self._mlp(blk, proj, blk.post_attention_layernorm(h))
         h = h + attn_out
-        return h + self._mlp(blk, blk.post_attention_layernorm(h))
+        return h + self._mlp(blk, proj, blk.post_attention_layernorm(h))
 
     @staticmethod
-    def _mlp(blk, x):
-        m = blk.mlp
-        return linear(m.act(linear(x, m.dense_h_to_4h.weight, m.dense_h_to_4h.bias)),
-                      m.dense_4h_to_h.weight, m.dense_4h_to_h.bias)
+    def _mlp(blk, proj, x):
+        return proj["down"](blk.mlp.act(proj["up"](x)))
 
     @property
     def final_norm(self):
@@ -263,8 +277,8 @@ class GPT2Adapter(Adapter):
     family = "gpt2"
     model_types = ("gpt2",)
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, int4=None):
+        super().__init__(model, int4)
         base = model.transformer
         self.base = base
         self.layers = base.h
@@ -328,11 +342,11 @@ ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, GPTNeoXAdapter, GPT2Adapter
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
-def adapter_for(model: nn.Module) -> Adapter:
+def adapter_for(model: nn.Module, int4: dict[nn.Linear, Int4Groups] | None = None) -> Adapter:
     model_type = getattr(model.config, "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
-            return cls(model)
+            return cls(model, int4)
     raise UnsupportedArchitectureError(
         f"architecture {model_type!r} is not supported; exitspec runs {', '.join(SUPPORTED_MODEL_TYPES)}"
     )

@@ -15,14 +15,20 @@ from __future__ import annotations
 import torch
 
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
-from exitspec.models.ops import MIN_ROWS, linear
+from exitspec.models.int4 import Int4Groups
+from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available
 from exitspec.runtime.kv_cache import KVCache, aligned
 
 
 class LayeredModel:
-    def __init__(self, model: torch.nn.Module, *, row_invariant: bool = False):
+    def __init__(self, model: torch.nn.Module, *, row_invariant: bool = False,
+                 int4: dict[torch.nn.Linear, Int4Groups] | None = None):
+        """`int4`: the 4-bit groups of the projections to run with the int4 kernel (models/int4.py;
+        `exitspec.load(..., weights="int4")` builds it). The LM head then reads a prepacked bf16
+        copy of its weight (1.4 ms instead of 4.6 ms per step for SmolLM2's 49k x 576 head)."""
         self.model = model
-        self.adapter: Adapter = adapter_for(model)
+        self.adapter: Adapter = adapter_for(model, int4)
+        self.weights = "int4" if int4 else "dense"
         a = self.adapter
         self.row_invariant = row_invariant
         self.num_layers = a.num_layers
@@ -31,6 +37,10 @@ class LayeredModel:
         self.max_positions = a.max_positions
         self.lm_head = a.lm_head
         self.final_norm = a.final_norm
+        head_w, head_b = self.lm_head.weight, getattr(self.lm_head, "bias", None)
+        if int4 and onednn_packing_available(torch.bfloat16, head_w.device):
+            head_w = head_w.detach().to(torch.bfloat16)
+        self._head = Linear(head_w, head_b)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
@@ -117,8 +127,9 @@ class LayeredModel:
         return self.final_norm(h)
 
     def head(self, h_normed: torch.Tensor) -> torch.Tensor:
-        # ops.linear rather than the module: same math, but row-count invariant (see ops.linear).
-        return linear(h_normed, self.lm_head.weight, self.lm_head.bias, self.adapter.min_rows)
+        # ops.Linear rather than the module: same math, but row-count invariant and prepacked where
+        # that is faster (see models/ops.py).
+        return self._head(h_normed, self.adapter.min_rows)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, T, C) -> (B, T, V)."""

@@ -1,0 +1,135 @@
+"""weights="int4": the checkpoint's own 4-bit groups, the int4 kernel, the prepacked bf16 LM head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import char_tokenizer, tiny_model
+from exitspec.models.int4 import GROUP, Int4Linear, int4_table, recover_groups
+from exitspec.models.loading import LoadedModel, ModelLoadError, load
+from exitspec.models.ops import Linear, onednn_packing_available
+from exitspec.runtime.layered import LayeredModel
+from helpers_strategies import PROMPTS, greedy
+
+needs_bf16 = pytest.mark.skipif(not onednn_packing_available(torch.bfloat16, torch.device("cpu")),
+                                reason="this CPU/torch build has no oneDNN bf16")
+
+
+def q4_1(w: torch.Tensor) -> torch.Tensor:
+    """What a Q4_1 GGUF stores, dequantized to fp32 as transformers does: per 32-block fp16 scale and min."""
+    out, n = w.shape
+    b = w.reshape(out, n // GROUP, GROUP)
+    lo, hi = b.amin(-1), b.amax(-1)
+    d = ((hi - lo) / 15)
+    q = torch.round((b - lo[..., None]) / torch.where(d == 0, 1.0, d)[..., None]).clamp(0, 15)
+    d16, lo16 = d.half().float(), lo.half().float()
+    return (q * d16[..., None] + lo16[..., None]).reshape(out, n)
+
+
+def quantized_tiny(family: str) -> LoadedModel:
+    """A tiny model whose decoder projections hold Q4_1 values (the LM head stays dense)."""
+    model = tiny_model(family)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod is not head:
+                mod.weight.copy_(q4_1(mod.weight))
+    return LoadedModel(model=model, tokenizer=char_tokenizer(), name=f"tiny-{family}-q4", source="test",
+                       int4=int4_table(model))
+
+
+def test_groups_are_recovered_exactly_or_not_at_all():
+    w = torch.randn(96, 128)
+    g = recover_groups(q4_1(w))
+    assert g is not None and int(g.q.max()) <= 15
+    back = (g.q.float().view(96, -1, GROUP) * g.scale[..., None] + g.low[..., None]).view(96, 128)
+    assert torch.equal(back, q4_1(w))
+    assert recover_groups(w) is None  # a dense fp32 weight is not 4-bit groups
+    assert recover_groups(torch.randn(8, 40)) is None  # input size not a multiple of the group
+
+
+def test_int4_linear_matches_dense_product_and_is_row_invariant():
+    torch.manual_seed(0)
+    w = q4_1(torch.randn(192, 128) * 0.05)
+    lin = Int4Linear(recover_groups(w))
+    x = torch.randn(20, 128)
+    with torch.inference_mode():
+        y = lin(x)
+        ref = F.linear(x, w)
+        assert y.dtype == torch.float32
+        # bf16 inputs, scales and outputs: relative error ~2^-8.
+        assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
+        one = torch.cat([lin(x[i:i + 1]) for i in range(20)])
+        for k in (2, 3, 4, 8, 16, 20):
+            assert torch.equal(lin(x[:k]), one[:k])
+
+
+@needs_bf16
+def test_prepacked_bf16_linear_is_row_invariant_and_repacks_after_in_place_change():
+    torch.manual_seed(0)
+    w = torch.randn(300, 64).bfloat16()
+    lin = Linear(w)
+    x = torch.randn(17, 64).bfloat16()
+    with torch.inference_mode():
+        one = torch.cat([lin(x[i:i + 1]) for i in range(17)])
+        for k in (2, 4, 8, 17):
+            assert torch.equal(lin(x[:k]), one[:k])
+        torch.testing.assert_close(lin(x).float(), F.linear(x.float(), w.float()), atol=0.1, rtol=0.02)
+        # An fp32 input meets the bf16 weight as bf16 and gets an fp32 result.
+        assert lin(x.float()).dtype == torch.float32
+        w.mul_(2)  # in-place change: the packed copy must follow
+        torch.testing.assert_close(lin(x).float(), 2 * one.float(), atol=0.2, rtol=0.02)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
+def test_int4_runtime_tracks_the_dense_model(family):
+    m = quantized_tiny(family)
+    dense = LayeredModel(m.model)
+    q = m.lm
+    assert q.weights == "int4" and dense.weights == "dense"
+    ids = torch.tensor([[5, 17, 33, 2, 60, 41, 7, 9]])
+    pos = torch.arange(8)[None]
+    ref = dense.forward(ids, pos, dense.new_cache(1, 8))
+    out = q.forward(ids, pos, q.new_cache(1, 8))
+    assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_speculative_decoding_is_lossless_in_int4_mode(family):
+    m = quantized_tiny(family)
+    ref = greedy(m, PROMPTS)
+    for kw in (dict(exit_layer=2, draft_len=3), dict(exit_layer=5, draft_len=5)):
+        assert greedy(m, PROMPTS, strategy="self-spec", **kw).token_ids == ref.token_ids
+        assert greedy(m, PROMPTS[2], strategy="self-spec", **kw).token_ids[0] == ref.token_ids[2]
+
+
+def test_int4_refuses_models_without_4bit_weights():
+    with pytest.raises(ValueError, match="not stored as 4-bit groups"):
+        int4_table(tiny_model("llama"))
+    with pytest.raises(ValueError, match="Conv1D"):
+        int4_table(tiny_model("gpt2"))
+    with pytest.raises(ModelLoadError, match="choose one of"):
+        load("default", weights="int8")
+    with pytest.raises(ModelLoadError, match="float32"):
+        load("default", weights="int4", dtype="bfloat16")
+
+
+@pytest.mark.slow
+def test_default_model_int4_mode(default_model):
+    """The embedded Q4_1 model: every decoder projection is recovered exactly, and self-speculation
+    over the int4 runtime gives the int4 vanilla loop's tokens."""
+    import exitspec
+
+    m = exitspec.load("default", weights="int4")
+    a = m.lm.adapter
+    assert len(m.int4) == 7 * a.num_layers  # q, k, v, o, gate, up, down in every layer
+    prompts = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers."]
+    ref = greedy(m, prompts, n=24)
+    out = greedy(m, prompts, n=24, strategy="self-spec", exit_layer=20, draft_len=3)
+    assert out.token_ids == ref.token_ids
+    # The fp32 model's greedy answer to a factual prompt starts the same way.
+    dense = greedy(default_model, prompts[:1], n=8)
+    assert ref.token_ids[0][:4] == dense.token_ids[0][:4]
