@@ -19,6 +19,10 @@ def _pad_rows(x: torch.Tensor, dim: int, to: int) -> torch.Tensor:
     n = x.shape[dim]
     if n >= to:
         return x
+    if n == 1:  # every decode step of vanilla decoding: one copy, no cat (10.7 -> ~2 us per call)
+        shape = list(x.shape)
+        shape[dim] = to
+        return x.expand(shape).contiguous()
     last = x.narrow(dim, n - 1, 1)
     reps = [1] * x.dim()
     reps[dim] = to - n
