@@ -133,3 +133,27 @@ def test_default_model_int4_mode(default_model):
     # The fp32 model's greedy answer to a factual prompt starts the same way.
     dense = greedy(default_model, prompts[:1], n=8)
     assert ref.token_ids[0][:4] == dense.token_ids[0][:4]
+
+
+@pytest.mark.slow
+def test_bench_runs_int4_rows_beside_the_dense_model(default_model, tmp_path):
+    """A [[run]] with weights = "int4" runs on a second, int4 copy of the model: its vanilla loop is a
+    baseline candidate compared with the dense loop, and lossless strategies on it are audited
+    against the int4 vanilla loop."""
+    from exitspec.bench.config import BenchConfig
+    from exitspec.bench.runner import BenchRunner
+    from exitspec.prompts import mixed_prompts
+
+    cfg = BenchConfig(num_prompts=2, max_new_tokens=10, repeats=1, warmup=0, quality=False, runs=[
+        {"name": "vanilla", "weights": "int4"},
+        {"name": "self-spec", "weights": "int4", "exit_layer": 20, "draft_len": 2},
+        {"name": "hf-prompt-lookup", "weights": "int4"}])
+    outcome = BenchRunner(cfg, default_model, mixed_prompts("heldout", 1)[:2], tmp_path, progress=False).run()
+    rows = {r["label"]: r for r in outcome.rows}
+    v4 = rows["vanilla[weights=int4]@T0"]
+    assert v4["weights"] == "int4" and v4["lossless_claim"] is False and v4["agreement"] is not None
+    spec = rows["self-spec[draft_len=2,exit_layer=20,weights=int4]@T0"]
+    assert spec["lossless_ok"] is True and spec["speedup"] > 0
+    fastest = max(rows[k]["tokens_per_s"] for k in ("vanilla@T0", "hf-generate@T0", "vanilla[weights=int4]@T0"))
+    assert spec["baseline_tokens_per_s"] == fastest
+    assert rows["hf-prompt-lookup[weights=int4]@T0"]["status"].startswith("error: hf-prompt-lookup is a peer")

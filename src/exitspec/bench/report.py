@@ -28,7 +28,11 @@ def _audit_cell(r: dict) -> str:
         return "ok"
     if r.get("lossless_ok") is False:
         return f"**FAILED ({r.get('lossless_mismatches')})**"
-    return "ref" if r["name"] == "vanilla" and r["temperature"] == 0 else "–"
+    if r["name"] == "vanilla" and r["temperature"] == 0:
+        # Each weights mode's vanilla loop is the reference of the lossless strategies on it.
+        w = r.get("weights") or "dense"
+        return "ref" if w == "dense" else f"ref ({w})"
+    return "–"
 
 
 def _prompt_source(cfg: dict) -> str:
@@ -62,7 +66,10 @@ def render(res: SavedResults, figures: list[str]) -> str:
     if cfg.get("command"):
         lines += ["Command:", "", f"    {cfg['command']}", ""]
     lines += [
-        "Speedup is against the faster of exitspec's vanilla loop and HF `generate` in this run. "
+        "Speedup is against the fastest of exitspec's vanilla loop (on every weights mode run) and HF `generate` "
+        "in this run. weights=int4 rows run the checkpoint's own 4-bit weights (bf16 products); their lossless "
+        "audit is against the int4 vanilla loop, whose agreement / perplexity are against the dense fp32 model. "
+        "peak MiB is the process peak (a second weights mode keeps both models loaded). "
         "E[acc] = accepted drafts per verification; tau = E[acc] + 1 (the token every verification adds); "
         "rate = E[acc] / gamma (gamma = mean drafts per verification); calls/tok = full-model calls per token; "
         "overlap = sum min(p, q) of the draft exit vs the full model at the row's temperature (T=1 for greedy), "

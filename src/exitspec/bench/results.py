@@ -19,7 +19,7 @@ from pathlib import Path
 
 COLUMNS = [
     # settings
-    "label", "name", "options", "exit_layer", "gamma", "temperature", "max_new_tokens", "prompts", "repeats",
+    "label", "name", "weights", "options", "exit_layer", "gamma", "temperature", "max_new_tokens", "prompts", "repeats",
     "model", "heads", "machine",
     # speed
     "new_tokens", "tokens_per_s", "tokens_per_s_prompt_median", "baseline", "baseline_tokens_per_s", "speedup",

@@ -350,7 +350,7 @@ class BenchRunner:
         failed = [a.label for a in self.audit if not a.ok]
         self.writer.write_json("audit.json", {
             "status": "interrupted" if interrupted else "finished",
-            "ran": bool(self.vanilla_tokens is not None),
+            "ran": bool(self.vanilla_tokens),
             "passed": not failed, "failed": failed,
             "entries": [{"label": a.label, "prompts": a.prompts, "ok": a.ok, "mismatches": a.mismatches}
                         for a in self.audit],
