@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exitspec.bench import metrics
-from exitspec.bench.config import BASELINES, BenchConfig, RunSpec, save_config
+from exitspec.bench.config import BenchConfig, RunSpec, save_config
 from exitspec.bench.contenders import Contender, Sample, make_contender
 from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
 from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
