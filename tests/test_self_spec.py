@@ -131,3 +131,16 @@ def test_bad_options_get_clear_errors():
     m.heads = HeadBundle.create(m.lm, [2])
     with pytest.raises(BundleError, match="exits at layers"):
         greedy(m, "a", strategy="self-spec", exit_layer=3)
+
+
+def test_bundle_recommended_settings_fill_in_only_without_an_exit_layer():
+    from exitspec.decoding.api import make_strategy
+
+    m = tiny_loaded("llama")
+    m.heads = HeadBundle.create(m.lm, [2, 4])
+    m.heads.config.recommended["self-spec"] = {"exit_layer": 2, "draft_len": 2}
+    assert make_strategy("self-spec", m).describe()["draft_len"] == 2
+    assert make_strategy("self-spec", m, draft_len=5).describe() == {
+        "strategy": "self-spec", "exit_layer": 2, "draft_len": 5, "draft_vocab": None}
+    # Naming a layer drops the whole recommended set: its draft length belongs to its layer.
+    assert make_strategy("self-spec", m, exit_layer=4).describe()["draft_len"] == 4

@@ -37,7 +37,16 @@ def make_strategy(name: str | Strategy, model, **options) -> Strategy:
     _load_builtin_strategies()
     if name not in STRATEGIES:
         raise GenerationError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](model, **options)
+    return STRATEGIES[name](model, **(recommended_options(model, name, options) | options))
+
+
+def recommended_options(model, name: str, options: dict) -> dict:
+    """The attached bundle's recommended settings for `name`, as one set: used only when the caller
+    names no exit layer (a recommended draft length belongs to the recommended layer)."""
+    bundle = getattr(model, "heads", None)
+    if bundle is None or options.get("exit_layer") is not None or options.get("exit_layers") is not None:
+        return {}
+    return dict(bundle.config.recommended.get(name, {}))
 
 
 def _load_builtin_strategies() -> None:
