@@ -9,13 +9,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import torch
 
 from conftest import char_tokenizer, tiny_model
+from exitspec.calibration.estimator import single_thread
 
 REPO = Path(__file__).resolve().parents[1]
 # Every character of the template output is in the char tokenizer's vocabulary (printable ASCII).
@@ -32,15 +31,8 @@ def save_tiny_model(folder: Path) -> Path:
     return folder
 
 
-@contextmanager
-def one_torch_thread():
-    """Decode in the test process with one torch thread (see ServerProcess on why), then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# Decode in the test process with one torch thread (see ServerProcess on why), then restore.
+one_torch_thread = single_thread
 
 
 def free_port() -> int:

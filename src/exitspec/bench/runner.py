@@ -88,7 +88,7 @@ class BenchRunner:
         self.writer.write_json("audit.json", {"status": "running"})
         try:
             for spec in self.specs:
-                if not _is_baseline(spec):
+                if not spec.is_baseline:
                     self._flush_baselines()
                 bar.set_postfix_str(spec.label[:40])
                 self._run_spec(spec, bar)
@@ -216,7 +216,7 @@ class BenchRunner:
                 print(f"\n[bench] LOSSLESS AUDIT FAILED: {spec.label} differs from vanilla on "
                       f"{len(entry.mismatches)}/{entry.prompts} prompts (first: prompt {m['prompt_id']}, "
                       f"token {m['position']}: {m['got']} vs vanilla {m['vanilla']})", file=sys.stderr)
-        if _is_baseline(spec):
+        if spec.is_baseline:
             # Written once both vanillas of this temperature are measured: the faster is the baseline.
             self._note_baseline(spec, row, per_prompt)
             self.pending.append((spec, row, per_prompt))
@@ -355,10 +355,6 @@ class BenchRunner:
             "entries": [{"label": a.label, "prompts": a.prompts, "ok": a.ok, "mismatches": a.mismatches}
                         for a in self.audit],
         })
-
-
-def _is_baseline(spec: RunSpec) -> bool:
-    return spec.is_baseline
 
 
 def _sum_per(recs: list[dict], key: str, tokens: int) -> float | None:

@@ -36,17 +36,18 @@ def hf_generate_tps(model, ids: list[int], n: int) -> float:
     return (out.shape[1] - len(ids)) / dt
 
 
-def vanilla_tps(model, ids: list[int], n: int) -> float:
+def vanilla_run(model, ids: list[int], n: int) -> tuple[float, list[int]]:
+    """tokens/s of exitspec's vanilla loop on one prompt, and the tokens it generated."""
     from exitspec.decoding.api import generate
 
     r = generate(model, None, prompt_ids=[ids], max_new_tokens=n, ignore_eos=True)
-    return r.stats.new_tokens / r.stats.total_s
+    return r.stats.new_tokens / r.stats.total_s, r.token_ids[0]
 
 
 def run(args: argparse.Namespace) -> int:
     from exitspec.bench.machine import describe_machine, machine_line
     from exitspec.bench.metrics import first_mismatch
-    from exitspec.decoding.api import encode_prompt, generate
+    from exitspec.decoding.api import encode_prompt
     from exitspec.models.loading import load
     from exitspec.prompts import load_prompts, mixed_prompts
     from exitspec.runtime.profile import step_costs
@@ -62,17 +63,21 @@ def run(args: argparse.Namespace) -> int:
         prompts = mixed_prompts("heldout", per_set=(args.num_prompts + 4) // 5)[: args.num_prompts]
     enc = [encode_prompt(model.tokenizer, p.text) for p in prompts]
     n = args.max_new_tokens
-    runs = [("hf", lambda ids, k: hf_generate_tps(model, ids, k)),
-            ("vanilla", lambda ids, k: vanilla_tps(model, ids, k))]
+    # Each run returns (tokens/s, generated tokens or None).
+    runs = [("hf", lambda ids, k: (hf_generate_tps(model, ids, k), None)),
+            ("vanilla", lambda ids, k: vanilla_run(model, ids, k))]
     if fast is not None:
-        runs.append(("int4", lambda ids, k: vanilla_tps(fast, ids, k)))
+        runs.append(("int4", lambda ids, k: vanilla_run(fast, ids, k)))
     for _, fn in runs:  # warm-up every path
         fn(enc[0], 8)
     tps: dict[str, list[float]] = {name: [] for name, _ in runs}
+    tokens: dict[str, list[list[int] | None]] = {name: [] for name, _ in runs}
     for i, ids in enumerate(enc):
         # Rotate the order so no path always runs on a warmer cache.
         for name, fn in runs[i % len(runs):] + runs[: i % len(runs)]:
-            tps[name].append(fn(ids, n))
+            speed, toks = fn(ids, n)
+            tps[name].append(speed)
+            tokens[name].append(toks)
         print(f"prompt {i + 1}/{len(enc)}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in tps.items()), flush=True)
     med = {k: statistics.median(v) for k, v in tps.items()}
     result = {
@@ -84,11 +89,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [("HF generate", med["hf"]), (f"exitspec vanilla loop ({model.lm.dtype}, dense)", med["vanilla"])]
     if fast is not None:
         # How far the int4 loop's greedy tokens follow the dense loop's (bf16 products flip near-ties).
-        div = []
-        for ids in enc:
-            a = generate(model, None, prompt_ids=[ids], max_new_tokens=n, ignore_eos=True).token_ids[0]
-            b = generate(fast, None, prompt_ids=[ids], max_new_tokens=n, ignore_eos=True).token_ids[0]
-            div.append(first_mismatch(b, a))
+        div = [first_mismatch(b, a) for a, b in zip(tokens["vanilla"], tokens["int4"], strict=True)]
         result |= {"int4_tps_median": med["int4"], "int4_speedup_vs_hf": med["int4"] / med["hf"],
                    "int4_tps": tps["int4"], "int4_first_divergence": div, "int4_step_costs": step_costs(fast.lm)}
         rows.append(("exitspec vanilla loop (int4 weights)", med["int4"]))

@@ -53,17 +53,15 @@ def run(args: argparse.Namespace) -> int:
     from exitspec.calibration.estimator import EstimatorTrainConfig
     from exitspec.calibration.options import data_info, resolve_bundle, sequences_from_args
     from exitspec.calibration.thresholds import check_target
-    from exitspec.commands.common import set_threads
-    from exitspec.models.loading import load
+    from exitspec.commands.common import load_model
 
     target = check_target(args.target)
     if args.heads is None:
         raise ValueError("--heads is required: a bundle folder, 'default', or 'norm_lm[:4,8,12]'")
     out = Path(args.out) if args.out else default_out(args.heads)
     check_out(out)
-    set_threads(args.threads)
     t0 = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
+    model = load_model(args)
     bundle = resolve_bundle(model, args.heads)
     print(f"calibrating {len(bundle.layers)} exits {bundle.layers} of {model.name} for target agreement "
           f"{target:.1%} (score: {args.score})", file=sys.stderr)

@@ -15,7 +15,7 @@ def add_model_args(p: argparse.ArgumentParser, heads: bool = True) -> None:
     g.add_argument("--dtype", default=None, help="float32 (default for dense weights), bfloat16 or float16")
     g.add_argument("--weights", default="dense", choices=("dense", "int4"),
                    help="dense (default) or int4: keep a Q4 GGUF's 4-bit weights (the default model's), "
-                        "compute in bfloat16; ~2x faster steps on CPU")
+                        "bf16 products, fp32 elsewhere; ~2x faster steps on CPU")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     if heads:
@@ -42,12 +42,17 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(n or os.cpu_count() or 1)
 
 
-def load_from_args(args: argparse.Namespace):
-    """Load the model (and heads, when asked) named by the model options."""
+def load_model(args: argparse.Namespace):
+    """Set the thread count and load the model named by the model options (no heads)."""
     from exitspec.models.loading import load
 
     set_threads(getattr(args, "threads", None))
-    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
+    return load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
+
+
+def load_from_args(args: argparse.Namespace):
+    """Load the model (and heads, when asked) named by the model options."""
+    model = load_model(args)
     heads = getattr(args, "heads", None)
     if heads:
         from exitspec.heads.bundle import attach_heads

@@ -37,13 +37,11 @@ def run(args: argparse.Namespace) -> int:
     auto = args.heads == "auto"
     if auto:
         args.heads = None
-    from exitspec.models.loading import ModelLoadError
+    from exitspec.models.loading import NoInt4WeightsError
 
     try:
         model = load_from_args(args)
-    except ModelLoadError as err:
-        if args.weights != "int4" or "4-bit" not in str(err):
-            raise
+    except NoInt4WeightsError as err:
         print(f"(dense weights: {err})")
         args.weights = "dense"
         model = load_from_args(args)

@@ -152,18 +152,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from exitspec.calibration.options import data_info, resolve_bundle, sequences_from_args
-    from exitspec.commands.common import set_threads
+    from exitspec.commands.common import load_model
     from exitspec.heads.bundle import HeadBundle
-    from exitspec.models.loading import load
 
     if args.heads is None:
         raise ValueError("--heads is required: a bundle folder, 'default', or 'norm_lm[:4,8,12]'")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    set_threads(args.threads)
     t0 = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
+    model = load_model(args)
     bundle = resolve_bundle(model, args.heads)
     baseline = None
     if args.compare_norm_lm:

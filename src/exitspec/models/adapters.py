@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exitspec.models.int4 import Int4Groups, Int4Linear
-from exitspec.models.ops import Linear, attention, fuse_linears
+from exitspec.models.ops import Linear, attention, fuse_linears, fused_bias
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -76,12 +76,7 @@ class Adapter:
         """One projection, or several sharing an input fused into one (q|k|v, gate|up), run as
         4-bit groups where the checkpoint stores them so, else dense (prepacked where that helps)."""
         if all(m in self.int4 for m in mods):
-            biases = [m.bias for m in mods]
-            bias = None
-            if any(b is not None for b in biases):
-                bias = torch.cat([b.detach() if b is not None else m.weight.new_zeros(m.out_features)
-                                  for b, m in zip(biases, mods, strict=True)])
-            return Int4Linear(Int4Groups.cat([self.int4[m] for m in mods]), bias)
+            return Int4Linear(Int4Groups.cat([self.int4[m] for m in mods]), fused_bias(mods))
         w, b = fuse_linears(mods) if len(mods) > 1 else (mods[0].weight, mods[0].bias)
         return Linear(w, b)
 

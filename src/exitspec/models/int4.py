@@ -5,7 +5,7 @@ The embedded default model ships as a Q4_1 GGUF: every decoder projection is sto
 tied LM head is Q8_0. transformers dequantizes all of it to dense fp32 on load, so a dense fp32 step
 reads 540 MB of weights that hold ~4.5 bits of information each. This module recovers (q, d, m)
 *exactly* from the dense weights (every recovered group is checked to dequantize back to the very
-same fp32 values, else the layer stays dense) and runs the projections with torch's int4 CPU kernel
+same fp32 values, else the model is refused with a message) and runs the projections with torch's int4 CPU kernel
 (`aten._weight_int4pack_mm_for_cpu`), which reads 4 bits per weight.
 
 Why it is sound: the weights are the checkpoint's own, bit for bit; what changes is the arithmetic
@@ -97,7 +97,7 @@ def int4_table(model: nn.Module, group: int = GROUP) -> dict[nn.Linear, Int4Grou
 
 
 class Int4Linear:
-    """y = x @ W.T + b with W held as packed 4-bit groups; x is (..., in) bf16."""
+    """y = x @ W.T + b with W held as packed 4-bit groups; x is (..., in), multiplied in bf16, y in x's dtype."""
 
     __slots__ = ("packed", "scale_zero", "bias", "group", "out_features")
 

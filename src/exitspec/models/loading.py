@@ -35,6 +35,10 @@ class ModelLoadError(ValueError):
     """A model could not be loaded; the message says what to do instead."""
 
 
+class NoInt4WeightsError(ModelLoadError):
+    """weights="int4" was asked of a model whose projections are not stored as 4-bit groups."""
+
+
 @dataclass
 class LoadedModel:
     """A frozen HF causal LM with its tokenizer and where it came from."""
@@ -211,7 +215,7 @@ def load(
         try:
             int4 = int4_table(hf_model)
         except ValueError as err:
-            raise ModelLoadError(str(err)) from err
+            raise NoInt4WeightsError(str(err)) from err
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked out; any id works. Setting it on the tokenizer (not
         # the model config) keeps batch encoding working for models that ship without one.

@@ -126,6 +126,13 @@ class Linear:
         return y.view(*lead, y.shape[-1])
 
 
+def fused_bias(mods: list[nn.Linear]) -> torch.Tensor | None:
+    """The biases of Linear layers sharing an input, concatenated (zeros for those without), or None."""
+    if all(m.bias is None for m in mods):
+        return None
+    return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+
+
 def fuse_linears(mods: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate Linear layers sharing an input into one (sum(out), in) weight, in place.
 
@@ -136,12 +143,7 @@ def fuse_linears(mods: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | No
     problem over both cores instead of several small ones. Returns (weight, bias or None).
     """
     w = torch.cat([m.weight.detach() for m in mods])
-    b = None
-    if all(m.bias is not None for m in mods):
-        b = torch.cat([m.bias.detach() for m in mods])
-    elif any(m.bias is not None for m in mods):
-        b = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-                       for m in mods])
+    b = fused_bias(mods)
     row = 0
     for m in mods:
         n = m.out_features
