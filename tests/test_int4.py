@@ -124,8 +124,8 @@ def test_default_model_int4_mode(default_model):
     import exitspec
 
     m = exitspec.load("default", weights="int4")
-    a = m.lm.adapter
-    assert len(m.int4) == 7 * a.num_layers  # q, k, v, o, gate, up, down in every layer
+    assert len(m.int4) == 7 * m.config.num_hidden_layers  # q, k, v, o, gate, up, down in every layer
+    assert m.weights == "int4" and m.int4 is None  # packed into the runtime, the unpacked copy freed
     prompts = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers."]
     ref = greedy(m, prompts, n=24)
     out = greedy(m, prompts, n=24, strategy="self-spec", exit_layer=20, draft_len=3)

@@ -6,6 +6,8 @@ time budget by short generations: each prompt runs one setting alone and one ins
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 import exitspec
@@ -48,40 +50,39 @@ def _check_self_spec(m, chat_ids, refs, settings):
     return accepted
 
 
+@contextmanager
+def heads_swapped(m, bundle):
+    """Run with `bundle` as the session-wide default model's heads, then put its own back."""
+    saved, m.heads = m.heads, bundle
+    try:
+        yield
+    finally:
+        m.heads = saved
+
+
 @pytest.mark.slow
 def test_self_spec_greedy_equals_vanilla_norm_lm(default_model, chat_ids, vanilla_refs):
     m = default_model
-    saved = m.heads
-    m.heads = None  # untrained norm_lm heads
-    try:
+    with heads_swapped(m, None):  # untrained norm_lm heads
         assert _check_self_spec(m, chat_ids, vanilla_refs, SETTINGS) > 0
-    finally:
-        m.heads = saved
 
 
 @pytest.mark.slow
 def test_dssd_greedy_equals_vanilla_norm_lm(default_model, chat_ids, vanilla_refs):
     m = default_model
-    saved = m.heads
-    m.heads = HeadBundle.create(m.lm, [8, 16, 24], "norm_lm")
-    try:
+    with heads_swapped(m, HeadBundle.create(m.lm, [8, 16, 24], "norm_lm")):
         out = _run(m, chat_ids[:4], strategy="dssd", exit_layers=[8, 16, 24], threshold=0.3, max_draft=6)
         assert out.token_ids == vanilla_refs[:4] and out.stats.drafted > 0
-    finally:
-        m.heads = saved
 
 
 @pytest.mark.slow
 def test_self_spec_greedy_equals_vanilla_trained_heads(default_model, chat_ids, vanilla_refs):
     m = default_model
-    saved = m.heads
-    try:
-        bundle = attach_heads(m, "default")
-    except BundleError:
-        pytest.skip("no shipped head bundle in this build")
-    try:
+    with heads_swapped(m, m.heads):
+        try:
+            bundle = attach_heads(m, "default")
+        except BundleError:
+            pytest.skip("no shipped head bundle in this build")
         layers = bundle.layers
         settings = [(layers[i % len(layers)], g) for i, g in enumerate((2, 4, 3, 5, 1))]
         assert _check_self_spec(m, chat_ids[:8], vanilla_refs[:8], settings) > 0
-    finally:
-        m.heads = saved

@@ -45,6 +45,15 @@ def _integer_x(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _layer_axes(axes, ylabels: tuple[str, ...]) -> None:
+    """The per-exit-layer panels' shared look: y labels, "exit layer" x axis with integer ticks, grid."""
+    for ax, label in zip(axes, ylabels, strict=True):
+        ax.set_ylabel(label)
+        ax.set_xlabel("exit layer")
+        ax.grid(alpha=0.3)
+        _integer_x(ax)
+
+
 def layer_sweep(res: SavedResults, out: Path) -> str | None:
     if not res.layers:
         return None
@@ -59,14 +68,8 @@ def layer_sweep(res: SavedResults, out: Path) -> str | None:
         x = [r["layer"] for r in rows]
         for ax, key in zip(axes, ("kl", "perplexity", "top1_agreement"), strict=True):
             ax.plot(x, [r[key] for r in rows], marker="o", ms=3, label=names.get(reading, reading))
-    axes[0].set_ylabel("KL(full || exit), nats")
-    axes[1].set_ylabel("perplexity of vanilla's text")
+    _layer_axes(axes, ("KL(full || exit), nats", "perplexity of vanilla's text", "top-1 agreement with full model"))
     axes[1].set_yscale("log")
-    axes[2].set_ylabel("top-1 agreement with full model")
-    for ax in axes:
-        ax.set_xlabel("exit layer")
-        ax.grid(alpha=0.3)
-        _integer_x(ax)
     axes[2].legend(fontsize=8)
     fig.suptitle("Exit quality by layer (teacher-forced on vanilla's generations)", fontsize=10)
     return _save(fig, out, "layer_sweep")
@@ -93,13 +96,8 @@ def acceptance_sweep(res: SavedResults, out: Path) -> str | None:
     for rs, lab in ((lens, "logit lens"), (heads, "exit head")):
         if rs:
             axes[2].plot([r["layer"] for r in rs], [r["tv_T1"] for r in rs], marker="o", ms=3, label=lab)
-    axes[0].set_ylabel("E[accepted drafts] per verification")
-    axes[1].set_ylabel("acceptance rate = E[accepted] / gamma")
-    axes[2].set_ylabel("TV(draft, target) at T=1")
-    for ax in axes:
-        ax.set_xlabel("exit layer")
-        ax.grid(alpha=0.3)
-        _integer_x(ax)
+    _layer_axes(axes, ("E[accepted drafts] per verification", "acceptance rate = E[accepted] / gamma",
+                       "TV(draft, target) at T=1"))
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
     if lens or heads:

@@ -48,12 +48,14 @@ class LoadedModel:
     name: str  # short human name, e.g. "SmolLM2-135M-Instruct"
     source: str  # what the user passed ("default", a path, a hub id)
     heads: object | None = field(default=None, repr=False)  # an attached exit-head bundle
-    # weights="int4": the decoder projections' 4-bit groups (models/int4.py), else None.
+    # weights="int4": the decoder projections' 4-bit groups (models/int4.py) until the runtime packs
+    # them (then None), else None.
     int4: dict | None = field(default=None, repr=False)
 
     @property
     def weights(self) -> str:
-        return "int4" if self.int4 else "dense"
+        """"int4" or "dense": what the runtime runs."""
+        return self.lm.weights
 
     @classmethod
     def from_hf(cls, model: torch.nn.Module, tokenizer, name: str = "in-memory") -> LoadedModel:
@@ -66,7 +68,11 @@ class LoadedModel:
         """The layered runtime over this model (see runtime/layered.py)."""
         from exitspec.runtime.layered import LayeredModel
 
-        return LayeredModel(self.model, int4=self.int4)
+        lm = LayeredModel(self.model, int4=self.int4)
+        # The groups now live packed in the runtime; the unpacked copy (uint8 codes + fp32 scales,
+        # ~130 MB for the default model) is not kept.
+        self.int4 = None
+        return lm
 
     @property
     def config(self):
