@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     t_data = time.perf_counter() - t_start
     trainer = Trainer(model, cfg, examples, work, progress=not args.no_progress)
     result = trainer.train(resume=args.resume)
+    _end_processes(acc_state)  # on success only: a barrier after one process failed would hang the rest
     if trainer.rank != 0:
         return 0
     bundle = result.bundle
@@ -82,6 +83,21 @@ def _accelerate_state():
     except ModuleNotFoundError:
         return None
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _end_processes(acc_state) -> None:
+    """Tear the process group down on every process before any of them exits.
+
+    Why: a process that leaves with gloo's worker threads still alive aborts in C++ ("terminate
+    called without an active exception", SIGABRT), which fails the whole launch at random even
+    though training finished. Only the main process writes the bundle, after this point."""
+    if acc_state is None or acc_state.num_processes < 2:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _evaluate(model, bundle, per_set: int, work: Path) -> dict:
