@@ -144,3 +144,39 @@ def test_bundle_recommended_settings_fill_in_only_without_an_exit_layer():
         "strategy": "self-spec", "exit_layer": 2, "draft_len": 5, "draft_vocab": None}
     # Naming a layer drops the whole recommended set: its draft length belongs to its layer.
     assert make_strategy("self-spec", m, exit_layer=4).describe()["draft_len"] == 4
+
+
+def test_cycle_costs_and_the_speedups_they_imply():
+    from exitspec.decoding.spec_costs import break_even_accepted, exit_costs, expected_speedup, iid_accepted
+
+    m = tiny_loaded("llama")
+    m.heads = HeadBundle.create(m.lm, [2, 4])
+    m.heads.config.training["heldout_eval"] = {"trained": {"2": {"agreement": 0.5}}}
+    rows = exit_costs(m, gamma=3, repeats=2, context=16)
+    assert [r["exit_layer"] for r in rows] == [2, 4]
+    for r in rows:
+        assert min(r["vanilla_step_ms"], r["draft_layers_ms"], r["verify_ms"]) > 0
+        assert r["cycle_ms"] == pytest.approx(4 * r["draft_layers_ms"] + 3 * (r["draft_step_ms"] - r["draft_layers_ms"])
+                                              + r["verify_ms"])
+        assert r["ceiling_speedup"] == pytest.approx(expected_speedup(r, 3))
+        assert expected_speedup(r, break_even_accepted(r)) == pytest.approx(1.0)
+    assert rows[0]["heldout_agreement"] == 0.5 and rows[1]["heldout_agreement"] is None
+    assert rows[0]["predicted_speedup"] == pytest.approx(expected_speedup(rows[0], 0.5 + 0.25 + 0.125))
+    assert rows[1]["predicted_speedup"] is None and iid_accepted(1.0, 4) == 4
+    m.heads = None
+    with pytest.raises(ValueError, match="attach a bundle"):
+        exit_costs(m, gamma=2)
+
+
+def test_info_prints_step_and_self_spec_costs(tmp_path, capsys):
+    from exitspec.cli import main
+    from helpers_calibration import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model")
+    HeadBundle.create(exitspec.load(str(folder)).lm, [2, 4], "norm_lm").save(tmp_path / "heads")
+    assert main(["info", "--model", str(folder), "--heads", str(tmp_path / "heads"), "--context", "16",
+                 "--draft-len", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "decode step after 16 cached tokens" in out and "self-spec cycle per exit, 2 drafts" in out
+    table = out.split("break-even agreement predicted\n")[1].splitlines()
+    assert [line.split()[0] for line in table] == ["2", "4"]

@@ -15,7 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("exitspec.commands.demo", "the main job: side-by-side decoding on the embedded default model"),
     "generate": ("exitspec.commands.generate", "generate text (streams to the terminal, prints tokens/s)"),
-    "info": ("exitspec.commands.info", "model layout, parameters and where a decode step's time goes"),
+    "info": ("exitspec.commands.info", "layout, parameters, step cost by k; with --heads, self-spec cost per exit"),
     "bench-runtime": ("exitspec.bench.runtime", "tokens/s of HF generate vs the vanilla loop; k-token step cost"),
     "train": ("exitspec.training.cli", "train exit heads by distillation from the frozen model"),
     "calibrate": ("exitspec.calibration.cli", "choose per-exit confidence thresholds on held-out data"),

@@ -1,4 +1,5 @@
-"""`exitspec info`: the model's layout, parameters, and where a decode step's time goes."""
+"""`exitspec info`: the model's layout, parameters, where a decode step's time goes, and (with
+--heads) what one self-spec cycle costs at each exit (decoding/spec_costs.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p, heads=True)
     p.add_argument("--no-profile", action="store_true", help="skip timing the decode step")
     p.add_argument("--context", type=int, default=256, help="cached tokens before the timed step")
+    p.add_argument("--draft-len", type=int, default=None,
+                   help="with --heads: drafts per self-spec cycle to cost (default: the bundle's recommended, else 2)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="with --heads: draft head vocabulary (default: the bundle's recommended; 0 = full)")
     p.add_argument("--json", action="store_true")
 
 
@@ -37,12 +42,22 @@ def run(args: argparse.Namespace) -> int:
     info = describe(model)
     if not args.no_profile:
         info["step_costs"] = step_costs(model.lm, context=args.context)
+        if model.heads is not None:
+            from exitspec.decoding.spec_costs import exit_costs
+
+            rec = model.heads.config.recommended.get("self-spec", {})
+            gamma = args.draft_len or rec.get("draft_len", 2)
+            vocab = rec.get("draft_vocab") if args.draft_vocab is None else args.draft_vocab
+            if gamma < 1 or (vocab is not None and vocab < 0):
+                raise SystemExit("--draft-len must be >= 1 and --draft-vocab >= 0")
+            info["self_spec_costs"] = exit_costs(model, gamma, vocab or None, context=args.context)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     p = info.pop("params")
     costs = info.pop("step_costs", None)
     heads = info.pop("exit_heads", None)
+    spec = info.pop("self_spec_costs", None)
     for k, v in info.items():
         print(f"{k:>12}: {v}")
     print(f"{'params':>12}: {p['total'] / 1e6:.1f} M total; {p['per_layer'] / 1e6:.2f} M per layer x "
@@ -56,4 +71,23 @@ def run(args: argparse.Namespace) -> int:
         for r in costs:
             print(f"{r['k']:>3} {r['step_ms']:8.2f} {r['embed_ms']:7.2f} {r['layers_ms']:8.2f} "
                   f"{r['per_layer_ms']:7.2f} {r['head_ms']:10.2f} {r['vs_k1']:7.2f}x")
+    if spec:
+        _print_spec_costs(spec)
     return 0
+
+
+def _print_spec_costs(rows: list[dict]) -> None:
+    r0 = rows[0]
+    vocab = f"{r0['draft_vocab']}-token draft head" if r0["draft_vocab"] else "full-vocabulary draft head"
+    print(f"\nself-spec cycle per exit, {r0['draft_len']} drafts, {vocab} (median ms; vanilla step "
+          f"{r0['vanilla_step_ms']:.2f} ms)\n  ceiling: speedup if every draft is accepted; break-even: E[accepted] "
+          "that only matches vanilla;\n  predicted: speedup from the bundle's held-out agreement, drafts taken "
+          "as independent")
+    print(f"{'exit':>4} {'draft':>7} {'/step':>6} {'verify':>7} {'cycle':>7} {'ceiling':>8} {'break-even':>10} "
+          f"{'agreement':>9} {'predicted':>9}")
+    for r in rows:
+        agree = f"{100 * r['heldout_agreement']:8.1f}%" if r["heldout_agreement"] is not None else f"{'-':>9}"
+        pred = f"{r['predicted_speedup']:8.2f}x" if r["predicted_speedup"] is not None else f"{'-':>9}"
+        print(f"{r['exit_layer']:>4} {r['draft_step_ms']:7.2f} {r['draft_step_ms'] / r['vanilla_step_ms']:6.2f} "
+              f"{r['verify_ms']:7.2f} {r['cycle_ms']:7.2f} {r['ceiling_speedup']:7.2f}x "
+              f"{r['break_even_accepted']:10.2f} {agree} {pred}")

@@ -1,22 +1,27 @@
 """What one self-speculative cycle costs, part by part, against a vanilla step (on a warm cache).
 
-    cycle(gamma) = (gamma + 1) x draft pass (layers 0..l [+ exit head]) + verify (layers l..L on gamma+1)
+    cycle(gamma) = (gamma + 1) x draft layers 0..l  +  gamma x exit head  +  verify (layers l..L on gamma+1 rows)
 
-so with E[accepted] = a drafts per cycle, self-spec beats vanilla when cycle / (a + 1) < vanilla step.
-`expected_speedup` turns measured costs and an acceptance rate into that ratio.
+(the last draft pass only feeds verification its layer-l state, see self_spec.py), so with
+E[accepted] = a drafts per cycle, self-spec emits a + 1 tokens per cycle and beats vanilla when
+cycle / (a + 1) < one vanilla step. Why this is worth printing (`exitspec info --heads ...`): it
+splits "is self-speculation slow here?" into the two questions that decide it, how cheap a draft is
+and how often the exit agrees, before any benchmark is run. Even a = gamma (every draft accepted)
+cannot beat vanilla by more than vanilla / draft-pass cost, so a deep exit caps the gain whatever
+its heads learn.
 """
 
 from __future__ import annotations
 
 import torch
 
-from exitspec.decoding.draft_vocab import DraftHead
+from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
 from exitspec.runtime.layered import LayeredModel
 from exitspec.runtime.profile import _median_ms
 
 
 @torch.inference_mode()
-def step_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int = 256, repeats: int = 20) -> dict:
+def cycle_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int = 256, repeats: int = 20) -> dict:
     """Median ms of a vanilla step, a draft pass (with / without head) and a verification pass."""
     dev, L, E = lm.device, lm.num_layers, drafter.layer
     cache = lm.new_cache(1, context + gamma + 2, hidden_layer=E)
@@ -25,7 +30,7 @@ def step_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int = 
     lm.forward(ids[:, :context], pos[:, :context], cache)
     x1, p1 = ids[:, context:context + 1], pos[:, context:context + 1]
     xk, pk = ids[:, context:], pos[:, context:]  # gamma+1 tokens
-    hk = lm.run_layers(lm.embed(xk, pk), pk, cache, 0, E)
+    hk = lm.run_layers(lm.embed(xk, pk), pk, cache, 0, E)  # (1, gamma+1, C) what drafting keeps
 
     def vanilla():
         lm.logits(lm.run_layers(lm.embed(x1, p1), p1, cache, 0, L))
@@ -53,3 +58,44 @@ def step_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int = 
 def expected_speedup(costs: dict, mean_accepted: float) -> float:
     """Vanilla time per token / self-spec time per token, for E[accepted drafts per cycle]."""
     return costs["vanilla_step_ms"] * (mean_accepted + 1) / costs["cycle_ms"]
+
+
+def break_even_accepted(costs: dict) -> float:
+    """E[accepted drafts per cycle] at which self-spec only matches vanilla (> draft_len: never)."""
+    return costs["cycle_ms"] / costs["vanilla_step_ms"] - 1
+
+
+def iid_accepted(agreement: float, gamma: int) -> float:
+    """E[accepted] of greedy drafts of gamma tokens if each agrees with the full model independently
+    with probability `agreement` (drafting stops at the first disagreement): sum of agreement^i."""
+    return sum(agreement ** i for i in range(1, gamma + 1))
+
+
+def heldout_agreement(bundle, layer: int) -> float | None:
+    """The trained exit's held-out top-1 agreement with the full model, when training measured it."""
+    row = bundle.config.training.get("heldout_eval", {}).get("trained", {}).get(str(layer))
+    if not row:
+        return None
+    value = row.get("agreement", row.get("top1"))  # bundles before the rename stored it as "top1"
+    return float(value) if value is not None else None
+
+
+def exit_costs(model, gamma: int, draft_vocab: int | None = None, context: int = 256,
+               repeats: int = 20) -> list[dict]:
+    """`cycle_costs` at every exit of the attached bundle, with the ceiling (all drafts accepted),
+    the break-even E[accepted], and, where the bundle records held-out agreement, the speedup that
+    agreement predicts (drafts taken as independent, so a rough guide, not a measurement)."""
+    bundle = model.heads
+    if bundle is None:
+        raise ValueError("exit costs need exit heads: attach a bundle (--heads)")
+    vocab = draft_vocabulary(model, draft_vocab, bundle) if draft_vocab else None
+    rows = []
+    for layer in bundle.layers:
+        c = cycle_costs(model.lm, DraftHead(bundle.head(layer), vocab), gamma, context, repeats)
+        c["ceiling_speedup"] = expected_speedup(c, gamma)
+        c["break_even_accepted"] = break_even_accepted(c)
+        agree = heldout_agreement(bundle, layer)
+        c["heldout_agreement"] = agree
+        c["predicted_speedup"] = None if agree is None else expected_speedup(c, iid_accepted(agree, gamma))
+        rows.append(c)
+    return rows
