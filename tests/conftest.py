@@ -72,6 +72,21 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
 
 
+def save_tiny_model(folder, family: str = "llama", *, layers: int = 6, seed: int = 0,
+                    chat_template: str | None = None):
+    """A tiny random model + the character tokenizer written as an HF folder, loadable by `--model`."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_model(family, layers=layers, seed=seed).save_pretrained(folder)
+    tok = char_tokenizer()
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(folder)
+    return folder
+
+
 def tiny_loaded(family: str = "llama", **kw):
     """A LoadedModel over a tiny random model and the character tokenizer."""
     from exitspec.models.loading import LoadedModel

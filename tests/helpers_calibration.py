@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import char_tokenizer, tiny_model
-
-
-def save_tiny_model(folder: Path, family: str = "llama", layers: int = 6) -> Path:
-    """A tiny random model + character tokenizer written as an HF folder, loadable by `--model`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tiny_model(family, layers=layers).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
+from conftest import save_tiny_model  # noqa: F401 - re-exported for the calibration / eval-heads tests
 
 
 def write_prompt_file(path: Path, n: int = 20) -> Path:

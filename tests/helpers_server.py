@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import char_tokenizer, tiny_model
+import conftest
 from exitspec.calibration.estimator import single_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,11 +24,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% e
 
 def save_tiny_model(folder: Path) -> Path:
     """A tiny random llama + character tokenizer with a chat template, saved as an HF folder."""
-    tok = char_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    tiny_model("llama", layers=4).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return conftest.save_tiny_model(folder, layers=4, chat_template=CHAT_TEMPLATE)
 
 
 # Decode in the test process with one torch thread (see ServerProcess on why), then restore.

@@ -24,11 +24,3 @@ def write_chat_jsonl(path: Path, n: int = 20) -> Path:
     return path
 
 
-def save_tiny_model(folder: Path, family: str = "llama", seed: int = 0) -> Path:
-    """A tiny random model + character tokenizer as an HF folder that exitspec.load() reads."""
-    from conftest import char_tokenizer, tiny_model
-
-    model = tiny_model(family, seed=seed)
-    model.save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder

@@ -132,13 +132,11 @@ def test_interrupt_keeps_finished_rows(tmp_path):
 
 
 def test_cli_on_a_saved_tiny_model_and_an_mt_bench_file(tmp_path):
-    from conftest import char_tokenizer, tiny_model
+    from conftest import save_tiny_model
     from exitspec.cli import main
     from helpers_bench import write_mt_bench
 
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama", layers=3).save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "tiny", layers=3)
     prompts = tmp_path / "question.jsonl"
     write_mt_bench(prompts)
     out = tmp_path / "out"

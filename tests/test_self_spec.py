@@ -169,8 +169,8 @@ def test_cycle_costs_and_the_speedups_they_imply():
 
 
 def test_info_prints_step_and_self_spec_costs(tmp_path, capsys):
+    from conftest import save_tiny_model
     from exitspec.cli import main
-    from helpers_calibration import save_tiny_model
 
     folder = save_tiny_model(tmp_path / "model")
     HeadBundle.create(exitspec.load(str(folder)).lm, [2, 4], "norm_lm").save(tmp_path / "heads")

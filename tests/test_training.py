@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_loaded
+from conftest import save_tiny_model, tiny_loaded
 from exitspec.heads.bundle import HeadBundle
 from exitspec.heads.evaluate import evaluate_heads
 from exitspec.training.cli import heldout_eval
@@ -21,7 +21,7 @@ from exitspec.training.data import DistillSettings, Example, collate, eval_seque
 from exitspec.training.losses import VocabSubset, kd_loss
 from exitspec.training.teacher import compute_targets, teacher_pass
 from exitspec.training.trainer import Trainer, lr_factor
-from helpers_training import random_examples, save_tiny_model, write_chat_jsonl
+from helpers_training import random_examples, write_chat_jsonl
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
