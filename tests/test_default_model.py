@@ -61,3 +61,17 @@ def test_missing_paths_get_clear_errors(tmp_path):
 def test_cli_reports_bad_model_path_without_traceback(capsys, tmp_path):
     assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_main_job_runs_every_recommended_strategy(capsys):
+    # The README's first command ends in `exitspec demo`: int4 weights, the shipped heads, every
+    # strategy the bundle recommends, each checked against vanilla token for token.
+    assert main(["demo", "--max-new-tokens", "8", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "int4 weights" in out
+    rows = {line.split()[0]: line for line in out.splitlines()
+            if line.split()[:1] and line.split()[0] in ("vanilla", "self-spec", "dssd", "cascade", "mlp-skip")}
+    assert sorted(rows) == ["cascade", "dssd", "mlp-skip", "self-spec", "vanilla"]
+    # The lossless strategies must reproduce vanilla on all three prompts.
+    assert "3/3 identical" in rows["self-spec"] and "3/3 identical" in rows["dssd"]

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     outputs: dict[str, list[list[int]]] = {}
     for s in strategies:
         opts = recommended.get(s, {})
+        # Warm-up, as for HF generate: the first call builds the draft head and packs its weights.
+        exitspec.generate(model, None, prompt_ids=[enc[0]], strategy=s, max_new_tokens=4, **opts)
         runs = [exitspec.generate(model, None, prompt_ids=[ids], strategy=s, max_new_tokens=n, **opts)
                 for ids in enc]
         outputs[s] = [r.token_ids[0] for r in runs]
