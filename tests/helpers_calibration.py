@@ -1,10 +1,8 @@
-"""Test helpers for calibration / eval-heads: a tiny model saved as a folder, a small prompt file."""
+"""Test helpers for calibration / eval-heads: a small prompt file (tiny model folders: conftest.save_tiny_model)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from conftest import save_tiny_model  # noqa: F401 - re-exported for the calibration / eval-heads tests
 
 
 def write_prompt_file(path: Path, n: int = 20) -> Path:

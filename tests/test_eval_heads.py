@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_loaded
+from conftest import save_tiny_model, tiny_loaded
 from exitspec.calibration.sequences import EvalSequence, greedy_sequences, heldout_prompts, teacher_forward
 from exitspec.heads.bundle import HeadBundle
 from exitspec.heads.evaluate import evaluate_heads
-from helpers_calibration import save_tiny_model, write_prompt_file
+from helpers_calibration import write_prompt_file
 
 
 def test_teacher_forward_matches_hf_hidden_states():

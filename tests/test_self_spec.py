@@ -180,3 +180,14 @@ def test_info_prints_step_and_self_spec_costs(tmp_path, capsys):
     assert "decode step after 16 cached tokens" in out and "self-spec cycle per exit, 2 drafts" in out
     table = out.split("break-even agreement predicted\n")[1].splitlines()
     assert [line.split()[0] for line in table] == ["2", "4"]
+
+
+def test_info_refuses_impossible_draft_settings(tmp_path, capsys):
+    from conftest import save_tiny_model
+    from exitspec.cli import main
+
+    folder = save_tiny_model(tmp_path / "model")
+    HeadBundle.create(exitspec.load(str(folder)).lm, [2], "norm_lm").save(tmp_path / "heads")
+    assert main(["info", "--model", str(folder), "--heads", str(tmp_path / "heads"), "--context", "8",
+                 "--draft-len", "0"]) == 2
+    assert "--draft-len must be >= 1 (got 0)" in capsys.readouterr().err

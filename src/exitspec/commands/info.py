@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
             from exitspec.decoding.spec_costs import exit_costs
 
             rec = model.heads.config.recommended.get("self-spec", {})
-            gamma = args.draft_len or rec.get("draft_len", 2)
+            gamma = rec.get("draft_len", 2) if args.draft_len is None else args.draft_len
             vocab = rec.get("draft_vocab") if args.draft_vocab is None else args.draft_vocab
             if gamma < 1 or (vocab is not None and vocab < 0):
-                raise SystemExit("--draft-len must be >= 1 and --draft-vocab >= 0")
+                raise ValueError(f"--draft-len must be >= 1 (got {gamma}) and --draft-vocab >= 0 (got {vocab})")
             info["self_spec_costs"] = exit_costs(model, gamma, vocab or None, context=args.context)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -73,11 +73,8 @@ def iid_accepted(agreement: float, gamma: int) -> float:
 
 def heldout_agreement(bundle, layer: int) -> float | None:
     """The trained exit's held-out top-1 agreement with the full model, when training measured it."""
-    row = bundle.config.training.get("heldout_eval", {}).get("trained", {}).get(str(layer))
-    if not row:
-        return None
-    value = row.get("agreement", row.get("top1"))  # bundles before the rename stored it as "top1"
-    return float(value) if value is not None else None
+    row = bundle.config.training.get("heldout_eval", {}).get("trained", {}).get(str(layer), {})
+    return float(row["agreement"]) if row.get("agreement") is not None else None
 
 
 def exit_costs(model, gamma: int, draft_vocab: int | None = None, context: int = 256,

@@ -93,11 +93,8 @@ def _end_processes(acc_state) -> None:
     though training finished. Only the main process writes the bundle, after this point."""
     if acc_state is None or acc_state.num_processes < 2:
         return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    acc_state.wait_for_everyone()
+    acc_state.destroy_process_group()
 
 
 def _evaluate(model, bundle, per_set: int, work: Path) -> dict:
