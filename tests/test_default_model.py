@@ -70,8 +70,8 @@ def test_demo_main_job_runs_every_recommended_strategy(capsys):
     assert main(["demo", "--max-new-tokens", "8", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "int4 weights" in out
-    rows = {line.split()[0]: line for line in out.splitlines()
-            if line.split()[:1] and line.split()[0] in ("vanilla", "self-spec", "dssd", "cascade", "mlp-skip")}
-    assert sorted(rows) == ["cascade", "dssd", "mlp-skip", "self-spec", "vanilla"]
+    names = ("vanilla", "lookup", "self-spec", "dssd", "cascade", "mlp-skip")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in names}
+    assert sorted(rows) == ["cascade", "dssd", "lookup", "mlp-skip", "self-spec", "vanilla"]
     # The lossless strategies must reproduce vanilla on all three prompts.
-    assert "3/3 identical" in rows["self-spec"] and "3/3 identical" in rows["dssd"]
+    assert all("3/3 identical" in rows[s] for s in ("lookup", "self-spec", "dssd"))

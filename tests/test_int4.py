@@ -120,7 +120,7 @@ def test_int4_refuses_models_without_4bit_weights():
 @pytest.mark.slow
 def test_default_model_int4_mode(default_model):
     """The embedded Q4_1 model: every decoder projection is recovered exactly, and self-speculation
-    over the int4 runtime gives the int4 vanilla loop's tokens."""
+    and prompt lookup over the int4 runtime give the int4 vanilla loop's tokens."""
     import exitspec
 
     m = exitspec.load("default", weights="int4")
@@ -130,6 +130,7 @@ def test_default_model_int4_mode(default_model):
     ref = greedy(m, prompts, n=24)
     out = greedy(m, prompts, n=24, strategy="self-spec", exit_layer=20, draft_len=3)
     assert out.token_ids == ref.token_ids
+    assert greedy(m, prompts, n=24, strategy="lookup", draft_len=3).token_ids == ref.token_ids
     # The fp32 model's greedy answer to a factual prompt starts the same way.
     dense = greedy(default_model, prompts[:1], n=8)
     assert ref.token_ids[0][:4] == dense.token_ids[0][:4]

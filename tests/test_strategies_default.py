@@ -86,3 +86,16 @@ def test_self_spec_greedy_equals_vanilla_trained_heads(default_model, chat_ids, 
         layers = bundle.layers
         settings = [(layers[i % len(layers)], g) for i, g in enumerate((2, 4, 3, 5, 1))]
         assert _check_self_spec(m, chat_ids[:8], vanilla_refs[:8], settings) > 0
+
+
+@pytest.mark.slow
+def test_lookup_greedy_equals_vanilla(default_model, chat_ids, vanilla_refs):
+    m, accepted = default_model, 0
+    for i, ids in enumerate(chat_ids):  # batch 1, three draft lengths
+        out = _run(m, [ids], strategy="lookup", draft_len=(2, 3, 5)[i % 3])
+        assert out.token_ids[0] == vanilla_refs[i], i
+        accepted += out.stats.accepted
+    for j in range(0, len(chat_ids), 4):  # ragged batches of 4: rows with and without a match
+        out = _run(m, chat_ids[j:j + 4], strategy="lookup", draft_len=3)
+        assert out.token_ids == vanilla_refs[j:j + 4], j
+    assert accepted > 0

@@ -11,8 +11,11 @@
 - `economize-early-exit`: the `early_exit` drafter of the optional `economize` package (frozen
   layers, shared head), cycle length gamma + 1.
 
-All run with EOS disabled (a copy of the generation config with no EOS), so every contender produces
-exactly `max_new_tokens` tokens, like exitspec's `ignore_eos=True`. HF reports no draft statistics,
+All run with EOS disabled (a copy of the generation config whose EOS list is empty), so every
+contender produces exactly `max_new_tokens` tokens, like exitspec's `ignore_eos=True`, and may emit
+the EOS token like it too. (`eos_token_id=None` is not enough: generate() falls back to the model's
+EOS; `min_new_tokens` would force the length by suppressing EOS, so HF's greedy text would differ
+from vanilla's wherever the model ends its answer.) HF reports no draft statistics,
 so target calls, drafts and layer work are counted with forward hooks on the decoder layers (a draft
 of an early-exit assistant never reaches the last layer); the hooks are removed after each call.
 """
@@ -89,7 +92,7 @@ class HFGenerate(Contender):
         super().__init__(spec, model)
         # A private copy with EOS removed; the model's own generation config stays untouched.
         self.gen_config = copy.deepcopy(model.model.generation_config)
-        self.gen_config.eos_token_id = None
+        self.gen_config.eos_token_id = []  # an empty list: no stop token, and no fallback to the model's
 
     def generate_kwargs(self) -> dict:
         return {}
@@ -101,7 +104,7 @@ class HFGenerate(Contender):
         sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
             else dict(do_sample=False)
         cfg = copy.deepcopy(self.gen_config)
-        cfg.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+        cfg.update(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                    **sampling, **self.generate_kwargs())
         if temperature > 0:
             torch.manual_seed(seed)

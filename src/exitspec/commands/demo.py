@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             attach_heads(model, "default")
         except BundleError as err:
             print(f"(no exit heads: {err})")
-    strategies = ["vanilla"]
+    strategies = ["vanilla", "lookup"]  # lookup needs no heads: it drafts by copying from the context
     recommended = {}
     if model.heads is not None:
         recommended = model.heads.config.recommended

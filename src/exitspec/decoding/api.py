@@ -54,7 +54,7 @@ def _load_builtin_strategies() -> None:
     import importlib
 
     for mod in ("exitspec.decoding.self_spec", "exitspec.decoding.dssd", "exitspec.decoding.cascade",
-                "exitspec.decoding.mlp_skip"):
+                "exitspec.decoding.mlp_skip", "exitspec.decoding.lookup"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:

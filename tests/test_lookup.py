@@ -1,0 +1,76 @@
+"""Prompt lookup on the layered runtime is lossless: greedy equals vanilla, sampling follows p."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import exitspec
+from conftest import VOCAB, tiny_loaded
+from exitspec.decoding.exits import StrategyOptionError
+from exitspec.decoding.lookup import NgramIndex
+from exitspec.decoding.sampling import SamplingParams, probs
+from helpers_strategies import PROMPTS, greedy
+
+
+def test_ngram_index_prefers_the_longest_then_the_latest_match():
+    ix = NgramIndex(1, 3)
+    seq = [1, 2, 3, 9, 1, 2, 4, 7, 2, 3]
+    assert ix.propose(seq, 3) == [9, 1, 2]  # (2, 3) occurred once, followed by 9 1 2
+    seq += [5, 1, 2]
+    assert ix.propose(seq, 2) == [4, 7]  # (1, 2) last occurred before 4 7 (the suffix itself does not count)
+    assert ix.propose(seq + [8], 2) == []  # 8 never occurred before
+    assert NgramIndex(1, 3).propose([6, 6], 4) == [6]  # the copy stops where the sequence ends
+    assert NgramIndex(2, 3).propose([5, 1, 5], 3) == []  # a 1-gram match is below min_ngram
+
+
+@pytest.mark.parametrize("draft_len, max_ngram", [(1, 1), (3, 3), (6, 2)])
+def test_greedy_equals_vanilla_batch_and_single(family, draft_len, max_ngram):
+    m = tiny_loaded(family)
+    ref = greedy(m, PROMPTS, n=30)
+    out = greedy(m, PROMPTS, n=30, strategy="lookup", draft_len=draft_len, max_ngram=max_ngram)
+    assert out.token_ids == ref.token_ids  # batch of 4 ragged prompts, rows with and without matches
+    one = greedy(m, PROMPTS[1], n=30, strategy="lookup", draft_len=draft_len, max_ngram=max_ngram)
+    assert one.token_ids[0] == ref.token_ids[1]
+    s = out.stats
+    assert 0 < s.accepted <= s.drafted <= s.steps * draft_len  # tiny random models loop: copies get accepted
+    assert s.new_tokens == sum(len(t) for t in out.token_ids)
+
+
+def _p_next(m, ids, params):
+    with torch.inference_mode():
+        cache = m.lm.new_cache(1, len(ids) + 1)
+        return probs(m.lm.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0, -1], params)
+
+
+def test_sampled_tokens_follow_the_model_distribution():
+    """3000 copies of a repetitive prompt: the first two sampled tokens ~ the model's own p,
+    although lookup proposes a copied token at both positions."""
+    m = tiny_loaded("llama")
+    params = SamplingParams(temperature=1.5, top_k=8)
+    # A prompt "5 6 t 5 6" whose copied draft t is neither sure nor impossible, so accept and reject both run.
+    t = next(t for t in range(VOCAB) if 0.1 < _p_next(m, [5, 6, t, 5, 6], params)[t] < 0.9)
+    ids = [5, 6, t, 5, 6]  # lookup proposes t 5 after the pending 6
+    N = 3000
+    out = exitspec.generate(m, None, prompt_ids=[ids] * N, chat=False, max_new_tokens=2, ignore_eos=True,
+                            temperature=1.5, top_k=8, seed=3, strategy="lookup", draft_len=2)
+    toks = torch.tensor(out.token_ids)  # (N, 2)
+    p1 = _p_next(m, ids, params)
+    emp = torch.bincount(toks[:, 0], minlength=VOCAB).float() / N
+    assert torch.all((emp - p1).abs() <= 5 * (p1 * (1 - p1) / N).sqrt() + 2e-3)
+    # The second token, given that the first was the copied t, follows p(. | ids + [t]).
+    p2 = _p_next(m, ids + [t], params)
+    sel = toks[toks[:, 0] == t, 1]
+    emp2 = torch.bincount(sel, minlength=VOCAB).float() / len(sel)
+    assert torch.all((emp2 - p2).abs() <= 5 * (p2 * (1 - p2) / len(sel)).sqrt() + 2e-3)
+    assert 0 < out.stats.accepted < out.stats.drafted
+
+
+def test_bad_options_get_clear_errors():
+    m = tiny_loaded("llama")
+    with pytest.raises(StrategyOptionError, match="draft_len must be"):
+        greedy(m, "a", strategy="lookup", draft_len=0)
+    with pytest.raises(StrategyOptionError, match="min_ngram"):
+        greedy(m, "a", strategy="lookup", min_ngram=4, max_ngram=2)
+    with pytest.raises(StrategyOptionError, match="no option"):
+        greedy(m, "a", strategy="lookup", exit_layer=3)
