@@ -7,9 +7,12 @@ import torch
 
 import exitspec
 from conftest import VOCAB, tiny_loaded
+from exitspec.decoding.api import make_strategy
+from exitspec.decoding.datastore import NgramStore
 from exitspec.decoding.exits import StrategyOptionError
 from exitspec.decoding.lookup import NgramIndex
 from exitspec.decoding.sampling import SamplingParams, probs
+from exitspec.heads.bundle import BundleError, HeadBundle
 from helpers_strategies import PROMPTS, greedy
 
 
@@ -74,3 +77,56 @@ def test_bad_options_get_clear_errors():
         greedy(m, "a", strategy="lookup", min_ngram=4, max_ngram=2)
     with pytest.raises(StrategyOptionError, match="no option"):
         greedy(m, "a", strategy="lookup", exit_layer=3)
+
+
+# --- the draft datastore -----------------------------------------------------------------------------
+def test_datastore_proposes_the_most_frequent_continuation_of_the_longest_match():
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 7, 8], [9, 2, 3, 7, 8], [6, 6, 1, 2]]
+    st = NgramStore(seqs, vocab_size=10, min_n=2, max_n=3)
+    assert st.tokens == 19
+    assert st.propose([0, 2, 3], 3) == [7, 8]  # (2, 3) -> 7 8 twice, 4 5 once; clipped at the sequence end
+    assert st.propose([5, 1, 2, 3], 2) == [4, 5]  # (1, 2, 3) -> 4 5 and 7 8 once each: the earliest wins
+    assert NgramStore(seqs[1:], 10, 2, 3).propose([1, 2, 3], 2) == [7, 8]
+    assert st.propose([6, 1], 3) == [2]  # the copy stops where its sequence ends
+    assert st.propose([4, 5, 1], 2) == []  # (5, 1) spans two sequences: never indexed
+    assert st.propose([1, 2], 2) == [3, 4] and st.propose([2], 2) == []  # a 1-gram is below min_n
+    assert NgramStore([], 10).propose([1, 2, 3], 2) == []
+
+
+def test_datastore_hash_is_exact_and_wraps_safely_for_large_vocabularies():
+    rng = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 150_000, (60,), generator=rng).tolist() for _ in range(20)]
+    st = NgramStore(seqs, vocab_size=150_000, min_n=2, max_n=4)  # 150001^4 > 2^63: a wrapped hash
+    for s in seqs:
+        for j in (10, 30, 55):
+            assert st.propose(s[:j], 3) == s[j:j + 3]  # random 4-grams are unique: their own continuation
+
+
+def test_bundle_keeps_the_draft_corpus(tmp_path):
+    m = tiny_loaded("llama")
+    b = HeadBundle.create(m.lm, [2], "norm_lm")
+    assert b.draft_sequences() is None
+    b.set_draft_corpus([[5, 6, 7], [], [8]], source="test")
+    b.save(tmp_path / "b", dtype=torch.float16)
+    back = HeadBundle.load(tmp_path / "b", m.lm)
+    assert back.draft_sequences() == [[5, 6, 7], [], [8]] and back.config.draft_corpus["source"] == "test"
+    with pytest.raises(BundleError, match="token ids must be in"):
+        b.set_draft_corpus([[VOCAB]], source="bad")
+
+
+def test_lookup_with_a_datastore_is_lossless_and_uses_it():
+    m = tiny_loaded("qwen2")
+    ref = greedy(m, PROMPTS, n=30)
+    # The model's own answers to other prompts: what a self-distilled corpus holds.
+    m.heads = HeadBundle.create(m.lm, [2], "norm_lm")
+    corpus = greedy(m, ["some other prompt", "another one", "hi there", "x y"], n=40).token_ids
+    m.heads.set_draft_corpus(corpus, source="test")
+    out = greedy(m, PROMPTS, n=30, strategy="lookup", min_ngram=2)
+    assert out.token_ids == ref.token_ids
+    without = greedy(m, PROMPTS, n=30, strategy="lookup", min_ngram=2, datastore=False)
+    assert without.token_ids == ref.token_ids
+    assert out.stats.drafted > without.stats.drafted  # the store proposed where the context had no 2-gram
+    assert make_strategy("lookup", m).describe()["datastore_tokens"] == sum(len(c) for c in corpus)
+    m.heads = None
+    with pytest.raises(StrategyOptionError, match="draft corpus"):
+        greedy(m, "a", strategy="lookup", datastore=True)

@@ -17,7 +17,15 @@ from exitspec.heads.bundle import HeadBundle
 from exitspec.heads.evaluate import evaluate_heads
 from exitspec.training.cli import heldout_eval
 from exitspec.training.config import TrainConfig
-from exitspec.training.data import DistillSettings, Example, collate, eval_sequences, read_source, self_distill
+from exitspec.training.data import (
+    HEADER_TOKENS,
+    DistillSettings,
+    Example,
+    collate,
+    eval_sequences,
+    read_source,
+    self_distill,
+)
 from exitspec.training.losses import VocabSubset, kd_loss
 from exitspec.training.teacher import compute_targets, teacher_pass
 from exitspec.training.trainer import Trainer, lr_factor
@@ -248,6 +256,12 @@ def test_cli_trains_and_saves_a_loadable_bundle(tmp_path):
     assert bundle.layers == [2, 4] and bundle.config.training["config"]["lr"] == 2e-3
     assert bundle.config.training["steps"] == 8 and (tmp_path / "w" / "distill.jsonl").is_file()
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["bundle.json", "heads.safetensors"]
+    # The self-distilled answers (with the assistant header's last tokens) became lookup's draft datastore.
+    lines = (tmp_path / "w" / "distill.jsonl").read_text().splitlines()[1:]
+    answers = [json.loads(line)["answer_ids"] for line in lines]
+    stored = bundle.draft_sequences()
+    assert len(stored) == bundle.config.draft_corpus["sequences"] == 16  # the 16 train-split prompts
+    assert sorted(s[HEADER_TOKENS:] for s in stored) == sorted(a for a in answers if a)
 
 
 def test_accelerate_launch_with_two_processes(tmp_path):

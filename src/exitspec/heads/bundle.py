@@ -58,6 +58,9 @@ class BundleConfig:
     estimators: dict[str, dict] = field(default_factory=dict)
     # strategy name -> decode options measured best for this bundle, e.g. {"self-spec": {"exit_layer": 12}}
     recommended: dict[str, dict] = field(default_factory=dict)
+    # The model's own answers kept as a draft datastore for `lookup` (tokens in heads.safetensors
+    # under `draft_corpus`): {"sequences": M, "length": stored ids incl. separators, "source": ...}
+    draft_corpus: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -106,9 +109,36 @@ class HeadBundle(nn.Module):
         self.estimators[str(layer)] = estimator
         self.config.estimators[str(layer)] = estimator.config.to_dict()
 
+    def set_draft_corpus(self, sequences: list[list[int]], source: str) -> None:
+        """Keep token sequences (the base model's own answers) for lookup's draft datastore; saved
+        with the bundle as one int32 tensor, sequences separated by -1."""
+        flat = [t for s in sequences for t in [*s, -1]]
+        vocab = self._base[0].vocab_size
+        if any(not 0 <= t < vocab for s in sequences for t in s):
+            raise BundleError(f"draft corpus token ids must be in 0..{vocab - 1}")
+        self.register_buffer("draft_corpus", torch.tensor(flat, dtype=torch.int32))
+        self.config.draft_corpus = {"sequences": len(sequences), "length": len(flat), "source": source}
+
+    def draft_sequences(self) -> list[list[int]] | None:
+        """The stored draft corpus as token lists, or None when the bundle keeps none."""
+        flat = getattr(self, "draft_corpus", None)
+        if flat is None:
+            return None
+        out, cur = [], []
+        for t in flat.tolist():
+            if t < 0:
+                out.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        return out
+
     def describe(self) -> dict:
-        return {"layers": self.layers, "kinds": self.config.head_kinds,
-                "thresholds": {k: round(v.get("value", float("nan")), 4) for k, v in self.config.thresholds.items()}}
+        out = {"layers": self.layers, "kinds": self.config.head_kinds,
+               "thresholds": {k: round(v.get("value", float("nan")), 4) for k, v in self.config.thresholds.items()}}
+        if self.config.draft_corpus:
+            out["draft_corpus_sequences"] = self.config.draft_corpus["sequences"]
+        return out
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -158,6 +188,8 @@ class HeadBundle(nn.Module):
         bundle = cls(lm, heads, cfg)
         for k, est_cfg in cfg.estimators.items():
             bundle.estimators[k] = ConfidenceEstimator(EstimatorConfig.from_dict(est_cfg))
+        if cfg.draft_corpus:  # a slot of the recorded size; its ids come with the weights below
+            bundle.register_buffer("draft_corpus", torch.zeros(int(cfg.draft_corpus["length"]), dtype=torch.int32))
         try:
             state = load_file(str(w_path))
         except Exception as err:  # safetensors raises several types for truncated files

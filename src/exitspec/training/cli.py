@@ -3,7 +3,8 @@
     exitspec train --config configs/heads-smollm2.toml --out DIR [--resume] [KEY=VALUE ...]
 
 Work files (self-distilled answers, checkpoints) go to --work (default runs/<name of DIR>); the
-bundle folder DIR is written atomically at the end and holds only bundle.json + heads.safetensors.
+bundle folder DIR is written atomically at the end and holds only bundle.json + heads.safetensors
+(which also keeps the self-distilled answers as the draft datastore of the `lookup` strategy).
 Runs unchanged under `accelerate launch --multi_gpu --num_processes N -m exitspec.cli train ...`
 (on a machine without GPUs this is N CPU processes over gloo; `--cpu` alone starts one process).
 """
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import exitspec
-    from exitspec.training.data import build_examples
+    from exitspec.training.data import build_examples, draft_corpus
     from exitspec.training.trainer import Trainer
 
     cfg = (TrainConfig.from_file(args.config, args.overrides) if args.config
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         "train_tokens_per_s": round(result.tokens_per_s, 1), "final_kd": result.history[-1]["kd"],
         "rebuild": f"exitspec train --config {args.config} --out {args.out}" if args.config else "",
     }
+    if cfg.self_distill and (corpus := draft_corpus(examples)):  # the model's own answers: lookup's datastore
+        bundle.set_draft_corpus(corpus, source=f"self-distilled answers to {len(corpus)} prompts of {cfg.data}")
     if args.eval_per_set:
         bundle.config.training["heldout_eval"] = _evaluate(model, bundle, args.eval_per_set, work)
     bundle.save(out, dtype=getattr(torch, cfg.save_dtype))

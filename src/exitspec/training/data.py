@@ -169,6 +169,15 @@ def _read_cache(cache: Path, meta: dict) -> dict[str, tuple[list[int], list[int]
     return done
 
 
+HEADER_TOKENS = 3  # the end of the chat template's assistant header, kept before each answer
+
+
+def draft_corpus(examples: list[Example]) -> list[list[int]]:
+    """The answers of chat examples for lookup's draft datastore, each with the last few prompt
+    tokens (the assistant header) so the store also learns how this model starts its answers."""
+    return [e.ids[max(0, e.prompt_len - HEADER_TOKENS):] for e in examples if 0 < e.prompt_len < len(e.ids)]
+
+
 def eval_sequences(examples: list[Example]) -> list[EvalSequence]:
     """Examples as held-out evaluation sequences (heads.evaluate / calibration.collect) scoring the
     answer tokens that training would score: collate(answer_only=True) predicts from positions
