@@ -69,14 +69,15 @@ def test_sampled_tokens_follow_the_model_distribution():
     assert 0 < out.stats.accepted < out.stats.drafted
 
 
-def test_bad_options_get_clear_errors():
-    m = tiny_loaded("llama")
-    with pytest.raises(StrategyOptionError, match="draft_len must be"):
-        greedy(m, "a", strategy="lookup", draft_len=0)
-    with pytest.raises(StrategyOptionError, match="min_ngram"):
-        greedy(m, "a", strategy="lookup", min_ngram=4, max_ngram=2)
-    with pytest.raises(StrategyOptionError, match="no option"):
-        greedy(m, "a", strategy="lookup", exit_layer=3)
+@pytest.mark.parametrize("opts, match", [
+    ({"draft_len": 0}, "draft_len must be"),
+    ({"min_ngram": 4, "max_ngram": 2}, "min_ngram"),
+    ({"exit_layer": 3}, "no option"),
+    ({"datastore": "yes"}, "datastore must be true or false"),
+])
+def test_bad_options_get_clear_errors(opts, match):
+    with pytest.raises(StrategyOptionError, match=match):
+        greedy(tiny_loaded("llama"), "a", strategy="lookup", **opts)
 
 
 # --- the draft datastore -----------------------------------------------------------------------------

@@ -20,6 +20,10 @@ Two sources, tried in this order for each row and step:
      (`exitspec train` stores its self-distilled answers; the shipped bundle has 1,771);
   3. the context again with a single matching token (min_ngram = 1), the weakest evidence.
 A row with no proposal pays only its one-row step.
+
+Measured (benchmarks/default, SmolLM2-135M int4, 2 cores): 3 drafts 1.49-1.76x the int4 vanilla
+loop over three runs, 2 drafts 1.34x, 4 drafts 1.25x (a 5-row step crosses the int4 kernel's 4-row
+block); without the datastore 1.2-1.5x.
 """
 
 from __future__ import annotations
