@@ -125,6 +125,13 @@ def test_strategy_extension(client):
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                        temperature=0, extra_body={"exitspec": {"strategy": "vanilla"}})
     assert r.model_extra["exitspec"]["strategy"] == "vanilla"
+    # A lossless strategy with options, through the same extension: the same text as vanilla.
+    msgs = [{"role": "user", "content": "abc abc abc abc"}]
+    ref = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
+                                       extra_body={"exitspec": {"strategy": "lookup", "options": {"draft_len": 2}}})
+    assert r.model_extra["exitspec"]["strategy"] == "lookup"
+    assert r.choices[0].message.content == ref.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                        extra_body={"exitspec": {"strategy": "no-such-strategy"}})
