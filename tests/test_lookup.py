@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -74,6 +76,7 @@ def test_sampled_tokens_follow_the_model_distribution():
     ({"min_ngram": 4, "max_ngram": 2}, "min_ngram"),
     ({"exit_layer": 3}, "no option"),
     ({"datastore": "yes"}, "datastore must be true or false"),
+    ({"datastore": 1}, "datastore must be true or false"),
 ])
 def test_bad_options_get_clear_errors(opts, match):
     with pytest.raises(StrategyOptionError, match=match):
@@ -92,6 +95,8 @@ def test_datastore_proposes_the_most_frequent_continuation_of_the_longest_match(
     assert st.propose([4, 5, 1], 2) == []  # (5, 1) spans two sequences: never indexed
     assert st.propose([1, 2], 2) == [3, 4] and st.propose([2], 2) == []  # a 1-gram is below min_n
     assert NgramStore([], 10).propose([1, 2, 3], 2) == []
+    short = NgramStore([[1, 2, 3], [4]], 10, min_n=2, max_n=4)  # too short for a 4-gram with a continuation
+    assert short.propose([0, 1, 2], 2) == [3] and short.propose([0, 1, 2, 3], 2) == []
 
 
 def test_datastore_hash_is_exact_and_wraps_safely_for_large_vocabularies():
@@ -113,6 +118,24 @@ def test_bundle_keeps_the_draft_corpus(tmp_path):
     assert back.draft_sequences() == [[5, 6, 7], [], [8]] and back.config.draft_corpus["source"] == "test"
     with pytest.raises(BundleError, match="token ids must be in"):
         b.set_draft_corpus([[VOCAB]], source="bad")
+    # A corpus damaged on disk is refused when lookup builds its store, not fed to the embedding.
+    back.draft_corpus[1] = VOCAB + 5
+    m.heads = back
+    with pytest.raises(BundleError, match="draft corpus is damaged"):
+        greedy(m, "a", strategy="lookup")
+    back.set_draft_corpus([[5, 6, 7, 5, 6, 7]], source="fixed")  # a new corpus: the store is rebuilt
+    assert make_strategy("lookup", m).describe()["datastore_tokens"] == 6
+    # bundle.json describing a corpus that heads.safetensors lacks: a clear error, not a crash.
+    cfg = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    HeadBundle.create(m.lm, [2], "norm_lm").save(tmp_path / "c")
+    (tmp_path / "c" / "bundle.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="lacks the draft corpus"):
+        HeadBundle.load(tmp_path / "c", m.lm)
+    # A format-1 bundle (before draft corpora) still loads.
+    cfg1 = {k: v for k, v in json.loads((tmp_path / "c" / "bundle.json").read_text()).items() if k != "draft_corpus"}
+    HeadBundle.create(m.lm, [2], "norm_lm").save(tmp_path / "d")
+    (tmp_path / "d" / "bundle.json").write_text(json.dumps(cfg1 | {"format_version": 1}))
+    assert HeadBundle.load(tmp_path / "d", m.lm).draft_sequences() is None
 
 
 def test_lookup_with_a_datastore_is_lossless_and_uses_it():

@@ -104,7 +104,9 @@ class HFGenerate(Contender):
         sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
             else dict(do_sample=False)
         cfg = copy.deepcopy(self.gen_config)
-        cfg.update(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+        # An empty EOS list leaves generate() no pad fallback: name one (a tokenizer may have no pad).
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        cfg.update(max_new_tokens=max_new_tokens, pad_token_id=pad,
                    **sampling, **self.generate_kwargs())
         if temperature > 0:
             torch.manual_seed(seed)

@@ -37,6 +37,9 @@ class NgramStore:
         for s in sequences:
             parts += [np.asarray(s, dtype=np.int64), np.array([-1], dtype=np.int64)]
         self.stream = np.concatenate(parts) if parts else np.array([-1], dtype=np.int64)
+        if len(self.stream) and (self.stream.min() < -1 or self.stream.max() >= vocab_size):
+            # A proposal is fed to the embedding: an id outside the vocabulary would crash decoding.
+            raise ValueError(f"draft corpus token ids must be in 0..{vocab_size - 1}")
         self.tokens = int((self.stream >= 0).sum())
         self.keys: dict[int, np.ndarray] = {}
         self.starts: dict[int, np.ndarray] = {}
@@ -61,6 +64,8 @@ class NgramStore:
         win = np.lib.stride_tricks.sliding_window_view(s, n)[: T - n]  # (T-n, n): row i = s[i:i+n] = s[j-n:j]
         ok = (win >= 0).all(1) & (s[j] >= 0)  # no separator inside the n-gram, a real next token
         j, win = j[ok], win[ok]
+        if len(j) == 0:  # no sequence is long enough for an n-gram with a continuation
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         pad = np.concatenate([s, np.full(SIG, -1, np.int64)])
         sig = self._hash(np.lib.stride_tricks.sliding_window_view(pad, SIG)[j])  # continuation prefix
         key = self._hash(win)

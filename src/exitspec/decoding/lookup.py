@@ -13,11 +13,11 @@ so a proposal that is only partly right still comes out ahead, and a row with no
 pays only its one-row step. With dense `F.linear` a few-row step costs ~1.6x a one-row step, which
 is why HF's prompt lookup runs below plain `generate` on this CPU.
 
-Two sources, tried in this order for each row and step:
+Three sources, tried in this order for each row and step:
   1. the row's own context, n-grams of length max_ngram..2 (a long match there is the best evidence);
   2. the draft datastore (datastore.py): continuations the model most often produced after the same
      2..4 tokens in its own answers to the training prompts, kept in the head bundle
-     (`exitspec train` stores its self-distilled answers; the shipped bundle has 1,771);
+     (`exitspec train` stores its self-distilled answers; the shipped bundle has 1,770);
   3. the context again with a single matching token (min_ngram = 1), the weakest evidence.
 A row with no proposal pays only its one-row step.
 
@@ -37,6 +37,7 @@ from exitspec.decoding.datastore import NgramStore
 from exitspec.decoding.exits import StrategyOptionError
 from exitspec.decoding.speculative import verify
 from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
+from exitspec.heads.bundle import BundleError
 
 
 class NgramIndex:
@@ -131,16 +132,24 @@ class Lookup(Strategy):
                 "min_ngram": self.min_ngram, "datastore_tokens": self.store.tokens if self.store else 0}
 
 
-# One datastore per bundle, built on first use (~0.2 s for 220k tokens) and dropped with the bundle.
+# One datastore per bundle, built on first use (~0.2 s for 220k tokens) and dropped with the bundle;
+# rebuilt when the bundle's corpus tensor is replaced (set_draft_corpus).
 _STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def bundle_store(bundle, vocab_size: int) -> NgramStore | None:
     """The draft datastore of a head bundle's stored corpus (None when it keeps none)."""
-    if bundle not in _STORES:
+    corpus = getattr(bundle, "draft_corpus", None)
+    cached = _STORES.get(bundle)
+    if cached is None or cached[0] is not corpus:
         seqs = bundle.draft_sequences()
-        _STORES[bundle] = NgramStore(seqs, vocab_size) if seqs else None
-    return _STORES[bundle]
+        try:
+            store = NgramStore(seqs, vocab_size) if seqs else None
+        except ValueError as err:
+            raise BundleError(f"the head bundle's draft corpus is damaged ({err}); re-save or retrain the "
+                              "bundle, or pass datastore=false") from err
+        _STORES[bundle] = cached = (corpus, store)
+    return cached[1]
 
 
 def make_lookup(model, draft_len: int = 3, max_ngram: int = 3, min_ngram: int = 1, datastore=None,
@@ -148,7 +157,7 @@ def make_lookup(model, draft_len: int = 3, max_ngram: int = 3, min_ngram: int = 
     if unknown:
         raise StrategyOptionError(f"lookup has no option(s) {sorted(unknown)}; "
                                   "it takes draft_len, max_ngram, min_ngram, datastore")
-    if datastore not in (None, True, False):
+    if datastore is not None and not isinstance(datastore, bool):
         raise StrategyOptionError(f"datastore must be true or false (default: use the attached heads' corpus), "
                                   f"got {datastore!r}")
     bundle = getattr(model, "heads", None)

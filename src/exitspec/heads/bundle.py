@@ -21,7 +21,8 @@ from exitspec.heads.base import ExitHead, make_head
 from exitspec.heads.confidence import ConfidenceEstimator, EstimatorConfig
 from exitspec.runtime.layered import LayeredModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the optional draft corpus; an older exitspec refuses it by number, not as "corrupt"
+READABLE_FORMATS = (1, 2)  # format 1 is format 2 without a draft corpus
 CONFIG_FILE = "bundle.json"
 WEIGHTS_FILE = "heads.safetensors"
 
@@ -171,8 +172,9 @@ class HeadBundle(nn.Module):
             cfg = BundleConfig(**raw)
         except (json.JSONDecodeError, TypeError) as err:
             raise BundleError(f"{cfg_path} is corrupt ({err}); re-save or retrain the bundle") from err
-        if cfg.format_version != FORMAT_VERSION:
-            raise BundleError(f"{path} has bundle format {cfg.format_version}; this exitspec reads {FORMAT_VERSION}")
+        if cfg.format_version not in READABLE_FORMATS:
+            raise BundleError(f"{path} has bundle format {cfg.format_version}; this exitspec reads formats "
+                              f"{list(READABLE_FORMATS)} (upgrade exitspec or retrain the bundle)")
         if check_fingerprint:
             mine = fingerprint(lm)
             if cfg.fingerprint.get("arch") != mine["arch"]:
@@ -188,12 +190,16 @@ class HeadBundle(nn.Module):
         bundle = cls(lm, heads, cfg)
         for k, est_cfg in cfg.estimators.items():
             bundle.estimators[k] = ConfidenceEstimator(EstimatorConfig.from_dict(est_cfg))
-        if cfg.draft_corpus:  # a slot of the recorded size; its ids come with the weights below
-            bundle.register_buffer("draft_corpus", torch.zeros(int(cfg.draft_corpus["length"]), dtype=torch.int32))
         try:
             state = load_file(str(w_path))
         except Exception as err:  # safetensors raises several types for truncated files
             raise BundleError(f"{w_path} is corrupt ({err}); re-save or retrain the bundle") from err
+        if cfg.draft_corpus:  # the corpus is stored as is: take it from the file, checked, not pre-sized
+            corpus = state.get("draft_corpus")
+            if corpus is None or corpus.ndim != 1 or corpus.is_floating_point():
+                raise BundleError(f"{w_path} lacks the draft corpus {CONFIG_FILE} describes; the bundle is "
+                                  "damaged, retrain or re-save it")
+            bundle.register_buffer("draft_corpus", corpus.to(torch.int32))
         ref = bundle.state_dict()
         missing = sorted(set(ref) - set(state))
         unexpected = sorted(set(state) - set(ref))
