@@ -86,23 +86,24 @@ def test_bad_options_get_clear_errors(opts, match):
 # --- the draft datastore -----------------------------------------------------------------------------
 def test_datastore_proposes_the_most_frequent_continuation_of_the_longest_match():
     seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 7, 8], [9, 2, 3, 7, 8], [6, 6, 1, 2]]
-    st = NgramStore(seqs, vocab_size=10, min_n=2, max_n=3)
+    st = NgramStore.from_sequences(seqs, vocab_size=10, min_n=2, max_n=3)
     assert st.tokens == 19
     assert st.propose([0, 2, 3], 3) == [7, 8]  # (2, 3) -> 7 8 twice, 4 5 once; clipped at the sequence end
     assert st.propose([5, 1, 2, 3], 2) == [4, 5]  # (1, 2, 3) -> 4 5 and 7 8 once each: the earliest wins
-    assert NgramStore(seqs[1:], 10, 2, 3).propose([1, 2, 3], 2) == [7, 8]
+    assert NgramStore.from_sequences(seqs[1:], 10, 2, 3).propose([1, 2, 3], 2) == [7, 8]
     assert st.propose([6, 1], 3) == [2]  # the copy stops where its sequence ends
     assert st.propose([4, 5, 1], 2) == []  # (5, 1) spans two sequences: never indexed
     assert st.propose([1, 2], 2) == [3, 4] and st.propose([2], 2) == []  # a 1-gram is below min_n
-    assert NgramStore([], 10).propose([1, 2, 3], 2) == []
-    short = NgramStore([[1, 2, 3], [4]], 10, min_n=2, max_n=4)  # too short for a 4-gram with a continuation
+    assert NgramStore.from_sequences([], 10).propose([1, 2, 3], 2) == []
+    # Too short for a 4-gram with a continuation:
+    short = NgramStore.from_sequences([[1, 2, 3], [4]], 10, min_n=2, max_n=4)
     assert short.propose([0, 1, 2], 2) == [3] and short.propose([0, 1, 2, 3], 2) == []
 
 
 def test_datastore_hash_is_exact_and_wraps_safely_for_large_vocabularies():
     rng = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 150_000, (60,), generator=rng).tolist() for _ in range(20)]
-    st = NgramStore(seqs, vocab_size=150_000, min_n=2, max_n=4)  # 150001^4 > 2^63: a wrapped hash
+    st = NgramStore.from_sequences(seqs, vocab_size=150_000, min_n=2, max_n=4)  # 150001^4 > 2^63: a wrapped hash
     for s in seqs:
         for j in (10, 30, 55):
             assert st.propose(s[:j], 3) == s[j:j + 3]  # random 4-grams are unique: their own continuation

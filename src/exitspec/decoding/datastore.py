@@ -28,15 +28,13 @@ SIG = 3  # the continuation is chosen by its first SIG tokens: the most frequent
 
 
 class NgramStore:
-    def __init__(self, sequences: Sequence[Sequence[int]], vocab_size: int, min_n: int = 2, max_n: int = 4):
+    def __init__(self, stream: np.ndarray, vocab_size: int, min_n: int = 2, max_n: int = 4):
+        """stream: token ids with -1 after each sequence, the layout a head bundle stores its corpus in."""
         if not 1 <= min_n <= max_n <= 8:
             raise ValueError(f"need 1 <= min_n ({min_n}) <= max_n ({max_n}) <= 8")
         self.base = int(vocab_size) + 1  # +1: the separator -1 hashes as its own symbol
         self.ns = range(max_n, min_n - 1, -1)  # longest first: a longer match predicts better
-        parts = []
-        for s in sequences:
-            parts += [np.asarray(s, dtype=np.int64), np.array([-1], dtype=np.int64)]
-        self.stream = np.concatenate(parts) if parts else np.array([-1], dtype=np.int64)
+        self.stream = np.asarray(stream, dtype=np.int64)
         if len(self.stream) and (self.stream.min() < -1 or self.stream.max() >= vocab_size):
             # A proposal is fed to the embedding: an id outside the vocabulary would crash decoding.
             raise ValueError(f"draft corpus token ids must be in 0..{vocab_size - 1}")
@@ -45,6 +43,12 @@ class NgramStore:
         self.starts: dict[int, np.ndarray] = {}
         for n in self.ns:
             self.keys[n], self.starts[n] = self._index(n)
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]], vocab_size: int, min_n: int = 2,
+                       max_n: int = 4) -> NgramStore:
+        stream = [t for seq in sequences for t in [*seq, -1]]
+        return cls(np.array(stream, dtype=np.int64), vocab_size, min_n, max_n)
 
     def _hash(self, windows: np.ndarray) -> np.ndarray:
         """(..., n) tokens -> (...) int64 hash (wrapping multiply-add; separators hash as base - 1)."""

@@ -142,9 +142,8 @@ def bundle_store(bundle, vocab_size: int) -> NgramStore | None:
     corpus = getattr(bundle, "draft_corpus", None)
     cached = _STORES.get(bundle)
     if cached is None or cached[0] is not corpus:
-        seqs = bundle.draft_sequences()
-        try:
-            store = NgramStore(seqs, vocab_size) if seqs else None
+        try:  # the bundle's flat corpus is already the store's layout: no split into lists and back
+            store = NgramStore(corpus.cpu().numpy(), vocab_size) if corpus is not None and len(corpus) else None
         except ValueError as err:
             raise BundleError(f"the head bundle's draft corpus is damaged ({err}); re-save or retrain the "
                               "bundle, or pass datastore=false") from err
