@@ -98,6 +98,17 @@ class Adapter:
     def layer(self, i: int, h: torch.Tensor, cache_kv, ctx: StepContext, skip_mlp: bool = False):
         raise NotImplementedError
 
+    # A fused kernel stack runs layers start..stop in one call (LlamaAdapter over q4 weights); it masks
+    # by position itself, so the step context then carries no mask.
+    fused: bool = False
+
+    def run(self, h: torch.Tensor, cache, ctx: StepContext, start: int, stop: int,
+            skip_mlp: set[int] | frozenset[int]) -> torch.Tensor:
+        """Layers start..stop-1 over h (B, T, C); the cache's lengths are the caller's to mark."""
+        for i in range(start, stop):
+            h = self.layer(i, h, cache.layer(i), ctx, skip_mlp=i in skip_mlp)
+        return h
+
     def window(self, i: int) -> int | None:
         """Sliding-window size of layer i, or None for full attention."""
         return None
@@ -153,6 +164,40 @@ class LlamaAdapter(Adapter):
         self.head_dim = attn0.head_dim
         self.max_positions = c.max_position_embeddings
         self._plans = [self._plan(blk) for blk in self.layers]
+        self.stack = self._fused_stack()
+        self.fused = self.stack is not None
+
+    def _fused_stack(self):
+        """The whole stack as one C++ object (kernels/csrc/llama.cpp) where every projection runs on
+        exitspec's q4 kernel and the layer is the plain Llama one (SiLU MLP, full-width rotate-half
+        RoPE); None otherwise (the per-op path below then runs)."""
+        plans = self._plans
+        if not plans or any(not isinstance(getattr(p, name), Int4Linear) or getattr(p, name).kernel is None
+                            for p in plans for name in ("qkv", "o", "gate_up", "down")):
+            return None
+        c = self.config
+        from exitspec import kernels
+
+        ops = kernels.load()
+        if p_act(plans) is not F.silu or getattr(c, "partial_rotary_factor", 1.0) != 1.0 \
+                or not ops.attention_supports(self.head_dim):
+            return None
+        inter = plans[0].gate_up.out_features // 2
+        stack = ops.LlamaStack(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, inter,
+                               plans[0].scaling)
+        for p in plans:
+            stack.add_layer(p.qkv.kernel, p.o.kernel, p.gate_up.kernel, p.down.kernel,
+                            p.ln1.detach().float().contiguous(), p.eps1, p.ln2.detach().float().contiguous(), p.eps2,
+                            p.window or 0)
+        return stack
+
+    def run(self, h, cache, ctx, start, stop, skip_mlp):
+        if self.stack is None:
+            return super().run(h, cache, ctx, start, stop, skip_mlp)
+        cos, sin = ctx.rope
+        skip = [i in skip_mlp for i in range(self.num_layers)] if skip_mlp else []
+        return self.stack.forward(h.contiguous(), cache.k, cache.v, ctx.positions.contiguous(), cos.contiguous(),
+                                  sin.contiguous(), start, stop, skip)
 
     def embed(self, ids, positions):
         return self.base.embed_tokens(ids)
@@ -312,6 +357,12 @@ class GPT2Adapter(Adapter):
     @property
     def final_norm(self):
         return self.base.ln_f
+
+
+def p_act(plans: list[_LlamaPlan]):
+    """The activation every layer shares (None if they differ)."""
+    acts = {p.act for p in plans}
+    return acts.pop() if len(acts) == 1 else None
 
 
 def _rotate(q, k, cos, sin):

@@ -45,6 +45,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from exitspec import kernels
+from exitspec.kernels.layout import BLOCK, fp16_exact, pack_q4, pack_q8, recover_q8
+
 GROUP = 32  # weights per quantization group along the input dimension (GGUF Q4_0 / Q4_1 blocks)
 
 
@@ -109,25 +112,71 @@ def int4_table(model: nn.Module, group: int = GROUP) -> dict[nn.Linear, Int4Grou
 
 
 class Int4Linear:
-    """y = x @ W.T + b with W held as packed 4-bit groups; x is (..., in), multiplied in bf16, y in x's dtype."""
+    """y = x @ W.T + b with W held as packed 4-bit groups; x is (..., in), y in x's dtype.
 
-    __slots__ = ("packed", "scale_zero", "bias", "group", "out_features")
+    Runs exitspec's own kernel (kernels/csrc/gemm.cpp: exact fp16 scales, the groups expanded once
+    for all rows) where it is available, else torch's int4 kernel (bf16 scales and products)."""
+
+    __slots__ = ("packed", "scale_zero", "bias", "group", "out_features", "kernel", "_ops")
 
     def __init__(self, groups: Int4Groups, bias: torch.Tensor | None = None, group: int = GROUP):
         out, n_in = groups.q.shape
         self.group = group
         self.out_features = out
+        self.bias = bias
+        self.kernel = self._ops = None
+        self.packed = self.scale_zero = None
+        ops = kernels.load()
+        if ops is not None and group == GROUP and out % BLOCK == 0 and fp16_exact(groups.scale) \
+                and fp16_exact(groups.low):
+            self._ops = ops
+            b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+            self.kernel = ops.Q4Weight(pack_q4(groups.q, groups.scale, groups.low), out, n_in, b)
+            return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32), 1)
         # The kernel dequantizes as (q - 8) * scale + zero, so zero = low + 8 * scale.  (groups, out, 2)
         self.scale_zero = torch.stack([groups.scale, groups.low + 8 * groups.scale], -1).transpose(0, 1)
         self.scale_zero = self.scale_zero.contiguous().to(torch.bfloat16)
-        self.bias = bias
 
     def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:  # (..., in) -> (..., out)
         lead = x.shape[:-1]
-        # min_rows is not needed: this kernel is row-invariant already (see the module docstring).
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16),
-                                                       self.packed, self.group, self.scale_zero).to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        # min_rows is not needed: both kernels are row-invariant already (see the module docstring).
+        if self.kernel is not None:
+            return self._ops.q4_linear(x2.to(torch.float32).contiguous(), self.kernel).to(x.dtype).view(
+                *lead, self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group,
+                                                       self.scale_zero).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
+
+
+class Q8Linear:
+    """The int4 mode's LM head where the checkpoint stores it as GGUF Q8_0 (the default model's tied
+    embedding): int8 codes with one fp16 scale per 32 inputs, multiplied in fp32 by exitspec's kernel
+    (exact weights; half the bytes of a bf16 copy, a quarter of fp32). Build with `from_weight`."""
+
+    __slots__ = ("packed", "bias", "out_features", "_ops")
+
+    def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None, ops):
+        self.packed, self.out_features, self.bias, self._ops = packed, out_features, bias, ops
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Q8Linear | None:
+        """None where the kernels are unavailable or `weight` is not Q8_0 groups bit for bit."""
+        ops = kernels.load()
+        if ops is None or weight.device.type != "cpu" or weight.shape[0] % BLOCK or weight.shape[1] % GROUP:
+            return None
+        found = recover_q8(weight)
+        if found is None:
+            return None
+        return cls(pack_q8(*found), weight.shape[0], bias, ops)
+
+    def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:  # (..., in) -> (..., out)
+        lead = x.shape[:-1]
+        y = self._ops.q8_linear(x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous(), self.packed,
+                                self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*lead, self.out_features)

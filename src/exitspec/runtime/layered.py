@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
-from exitspec.models.int4 import Int4Groups
+from exitspec.models.int4 import Int4Groups, Q8Linear
 from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available
 from exitspec.runtime.kv_cache import KVCache, aligned
 
@@ -43,9 +43,11 @@ class LayeredModel:
         self.lm_head = a.lm_head
         self.final_norm = a.final_norm
         head_w, head_b = self.lm_head.weight, getattr(self.lm_head, "bias", None)
-        if int4 and onednn_packing_available(torch.bfloat16, head_w.device):
-            head_w = head_w.detach().to(torch.bfloat16)
-        self._head = Linear(head_w, head_b)
+        self._head = Q8Linear.from_weight(head_w, head_b) if int4 else None
+        if self._head is None:
+            if int4 and onednn_packing_available(torch.bfloat16, head_w.device):
+                head_w = head_w.detach().to(torch.bfloat16)
+            self._head = Linear(head_w, head_b)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
@@ -56,10 +58,11 @@ class LayeredModel:
         """True: a row's logits are bit-identical in 1-row and k-row calls (Llama family; padded
         kernels, see models/ops.linear for the cost). False (default): fastest kernels, rows may
         differ by ~5e-5 in the logits."""
-        return self.adapter.min_rows > 1
+        return self.adapter.fused or self.adapter.min_rows > 1
 
     @row_invariant.setter
     def row_invariant(self, on: bool) -> None:
+        # The fused kernels are row-invariant by construction; the setting only pads the per-op path.
         self.adapter.min_rows = MIN_ROWS if on else 1
 
     # ------------------------------------------------------------------------------------------
@@ -78,6 +81,9 @@ class LayeredModel:
 
     def context(self, h: torch.Tensor, positions: torch.Tensor) -> StepContext:
         """Shared per-call state: cache write pattern, causal mask, rotary tables."""
+        if self.adapter.fused:  # the fused kernels attend by position: no mask, no cache write pattern
+            return StepContext(positions=positions, rows=None, start=0, attend_len=0, mask=None,
+                               rope=self.adapter.rope(h, positions), windowed_mask={})
         B, T = positions.shape
         if B == 1:
             # Batch 1 (every decode step of a single sequence) always writes contiguous positions;
@@ -123,8 +129,7 @@ class LayeredModel:
             ctx = self.context(h, positions)
         end = positions[:, -1] + 1
         cache.check_room(end)
-        for i in range(start, stop):
-            h = self.adapter.layer(i, h, cache.layer(i), ctx, skip_mlp=i in skip_mlp)
+        h = self.adapter.run(h, cache, ctx, start, stop, skip_mlp)
         cache.mark_filled(start, stop, end)
         return h
 

@@ -1,0 +1,170 @@
+// Decode-time attention: each (query row, head) is one independent softmax over the cache slots
+// 0..p (or the sliding window) of its batch row.
+//
+// Why not SDPA: for 1-8 query rows torch's flash-attention CPU kernel costs ~75 us per layer on the
+// default model (setup and threading for a problem of ~300 x 64 per head), and gives a row low bits
+// that depend on how many rows and slots the call covers (runtime/kv_cache.py's SLOT_ALIGN padding
+// works around that). Here a row's arithmetic is a fixed sequence of its own, so it is bit-identical
+// in a 1-row and a k-row call, and the causal rule "slots j <= p" needs no mask tensor: stale slots
+// past a row's length are simply never read.
+#include "attention.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "vec.h"
+
+namespace exitspec {
+
+namespace {
+
+// One (batch row, head) pair: the T query rows of that batch row for that head share every key and
+// value row they read, so a 16-slot block of keys is loaded from L2 once for all of them.
+//
+// Row invariance: a query's scores are computed over blocks of 16 slots aligned on absolute slot
+// numbers (slots it cannot see are computed too, then given weight 0), summed by one fixed tree
+// (vec.h hsum16x16), and its softmax and weighted sum run in slot order; so its result does not
+// depend on which other queries share the call. Adding a zero-weight term leaves a sum unchanged
+// bit for bit (the slots past a row's length hold finite stale values or zeros).
+struct Query {
+  const float* q;
+  float* out;
+  int64_t lo, hi;  // visible slots lo..hi (inclusive)
+};
+
+// Lanes j0..j0+15 that fall inside lo..hi.
+inline __mmask16 visible(int64_t j0, int64_t lo, int64_t hi) {
+  const int64_t a = std::clamp<int64_t>(lo - j0, 0, 16), b = std::clamp<int64_t>(hi - j0 + 1, 0, 16);
+  return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+// out[i] = inv[i] * sum_j w[i][j] v_j over `width` value rows, for n <= QB queries at once.
+template <int DV, int QB>
+void values_pass(int n, const float* const* w, float* const* out, const float* inv, const float* vb, int64_t width) {
+  if (n < QB) {  // fewer queries than the widest pass: the narrower instantiation, never dummy work
+    if constexpr (QB > 1) values_pass<DV, QB / 2 >= 1 ? QB / 2 : 1>(std::min(n, QB / 2), w, out, inv, vb, width);
+    if constexpr (QB > 1)
+      if (n > QB / 2) values_pass<DV, QB / 2 >= 1 ? QB / 2 : 1>(n - QB / 2, w + QB / 2, out + QB / 2, inv + QB / 2, vb, width);
+    return;
+  }
+  constexpr int D = DV * 16;
+  __m512 acc[QB][DV];
+  for (int i = 0; i < QB; ++i)
+    for (int v = 0; v < DV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < width; ++j) {
+    const float* vr = vb + j * D;
+    __m512 vv[DV];
+    for (int v = 0; v < DV; ++v) vv[v] = _mm512_loadu_ps(vr + 16 * v);
+    for (int i = 0; i < QB; ++i) {
+      const __m512 wt = _mm512_set1_ps(w[i][j]);
+      for (int v = 0; v < DV; ++v) acc[i][v] = _mm512_fmadd_ps(wt, vv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < QB; ++i)
+    for (int v = 0; v < DV; ++v) _mm512_storeu_ps(out[i] + 16 * v, _mm512_mul_ps(acc[i][v], _mm512_set1_ps(inv[i])));
+}
+
+// DV = head_dim / 16, a compile-time constant so that every accumulator stays in a register.
+template <int DV>
+void attend_group(const Query* qs, int nq, const float* kb, const float* vb, float scale, int64_t cache_len,
+                  std::vector<float>& buf) {
+  constexpr int D = DV * 16;
+  int64_t lo = qs[0].lo, hi = qs[0].hi;
+  for (int i = 1; i < nq; ++i) lo = std::min(lo, qs[i].lo), hi = std::max(hi, qs[i].hi);
+  const int64_t a0 = lo & ~(int64_t)15, a1 = std::min(cache_len, (hi + 16) & ~(int64_t)15);  // aligned slots a0..a1-1
+  const int64_t width = a1 - a0;
+  buf.resize((size_t)nq * width);
+  // --- scores of every query for every aligned slot ------------------------------------------------
+  for (int64_t j0 = a0; j0 < a1; j0 += 16) {
+    const float* kblk = kb + j0 * D;
+    for (int i = 0; i < nq; ++i) {
+      const float* q = qs[i].q;
+      __m512 qv[DV];
+      for (int d = 0; d < DV; ++d) qv[d] = _mm512_loadu_ps(q + 16 * d);
+      __m512 part[16];
+      for (int t = 0; t < 16; ++t) {
+        const float* k = kblk + t * D;
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+        for (int d = 1; d < DV; ++d) acc = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(k + 16 * d), acc);
+        part[t] = acc;
+      }
+      _mm512_storeu_ps(&buf[(size_t)i * width + (j0 - a0)], _mm512_mul_ps(hsum16x16(part), _mm512_set1_ps(scale)));
+    }
+  }
+  // --- softmax over each query's visible slots; invisible slots get weight 0 ---------------------
+  float inv[64];
+  for (int i = 0; i < nq; ++i) {
+    float* w = &buf[(size_t)i * width];
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < width; j += 16)
+      vmx = _mm512_mask_max_ps(vmx, visible(a0 + j, qs[i].lo, qs[i].hi), vmx, _mm512_loadu_ps(w + j));
+    vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < width; j += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(visible(a0 + j, qs[i].lo, qs[i].hi),
+                                           exp16(_mm512_sub_ps(_mm512_loadu_ps(w + j), vmx)));
+      _mm512_storeu_ps(w + j, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    inv[i] = 1.0f / _mm512_reduce_add_ps(vsum);
+  }
+  // --- weighted values: up to 16 accumulators (queries x D/16) per pass over the value rows ------
+  constexpr int QB = DV >= 16 ? 1 : 16 / DV;
+  for (int i0 = 0; i0 < nq; i0 += QB) {
+    const float* w[QB];
+    float* out[QB];
+    const int n = std::min(QB, nq - i0);
+    for (int i = 0; i < n; ++i) w[i] = &buf[(size_t)(i0 + i) * width], out[i] = qs[i0 + i].out;
+    values_pass<DV, QB>(n, w, out, inv + i0, vb + a0 * D, width);
+  }
+}
+
+using GroupFn = void (*)(const Query*, int, const float*, const float*, float, int64_t, std::vector<float>&);
+
+GroupFn group_fn(int D) {
+  switch (D) {
+    case 16: return attend_group<1>;
+    case 32: return attend_group<2>;
+    case 64: return attend_group<4>;
+    case 80: return attend_group<5>;
+    case 96: return attend_group<6>;
+    case 128: return attend_group<8>;
+    case 256: return attend_group<16>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+bool attention_supports(int head_dim) { return group_fn(head_dim) != nullptr; }
+
+void decode_attention(const float* q, const float* kc, const float* vc, const int64_t* pos,
+                      const AttentionShape& s, float* out) {
+  const int H = s.heads, D = s.head_dim, T = s.tokens, group = s.heads / s.kv_heads;
+  const int B = s.rows / T;
+  const int64_t L = s.cache_len;
+  const GroupFn fn = group_fn(D);
+  at::parallel_for(0, (int64_t)B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf;
+    Query qs[64];
+    for (int64_t it = i0; it < i1; ++it) {
+      const int b = (int)(it / H), h = (int)(it % H), kvh = h / group;
+      const size_t head = ((size_t)b * s.kv_heads + kvh) * L;
+      for (int t0 = 0; t0 < T; t0 += 64) {  // more than 64 new tokens (a prefill): 64 at a time
+        const int nq = std::min(64, T - t0);
+        for (int t = 0; t < nq; ++t) {
+          const int r = b * T + t0 + t;
+          const int64_t p = pos[r];
+          qs[t] = Query{q + (size_t)r * s.q_stride + (size_t)h * D, out + ((size_t)r * H + h) * D,
+                        s.window > 0 ? std::max<int64_t>(0, p - s.window + 1) : 0, p};
+        }
+        fn(qs, nq, kc + head * D, vc + head * D, s.scale, L, buf);
+      }
+    }
+  });
+}
+
+}  // namespace exitspec

@@ -1,0 +1,221 @@
+// Few-row matrix products over GGUF-style quantized weights, for decode steps of 1..~16 rows.
+//
+// Why our own kernel: torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) dequantizes the weights
+// again for every block of 4 rows (so 8 rows cost 2x 4 rows), rounds the per-group scale and zero
+// point to bf16 (~2^-9 relative error per group), and pays ~10 us per call in dispatch. Here:
+//   * every group's weights are expanded once per call and used by all rows (up to 8 at a time);
+//   * the 4-bit codes q (0..15) are exact in bf16, so x * q is exact in the fp32 products of
+//     AVX512-BF16's vdpbf16ps; each group's sum is then scaled by the checkpoint's own fp16 scale and
+//     low: y = sum_g scale_g * (x_g . q_g) + low_g * sum(x_g). The only rounding of the weights'
+//     arithmetic is x -> bf16 (as in torch's kernel) and fp32 accumulation;
+//   * a row's result never depends on how many rows share the call or how the outputs are split
+//     over threads (outputs are split, never the reduction), which lossless speculative decoding
+//     needs: verification (k rows) must reproduce vanilla decoding (1 row) bit for bit.
+//
+// Packed q4 layout, per block of 16 outputs, per group of 32 inputs (320 bytes, contiguous so that
+// one block streams through memory in order):
+//   8 "quads" of 4 inputs k0..k3, 32 bytes each: byte 2j = q[j,k0] | q[j,k2] << 4,
+//                                               byte 2j+1 = q[j,k1] | q[j,k3] << 4
+//   (zero-extending the 32 bytes to 32 words puts (q[j,k0], q[j,k1]) in dword lane j, a vdpbf16ps
+//   pair; a 4-bit shift gives (q[j,k2], q[j,k3])), then 16 fp16 scales, then 16 fp16 lows.
+// Packed q8 layout (the tied LM head, GGUF Q8_0: w = d * q, q int8): per block and group, 32 inputs
+// x 16 bytes (q[j,k] for j = 0..15), then 16 fp16 scales; multiplied in fp32 (exact weights).
+#include "gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "vec.h"
+
+namespace exitspec {
+
+void q4_prepare(const float* x, int M, int K, uint16_t* xb, float* xs) {
+  const int G = K / kGroup;
+  for (int m = 0; m < M; ++m) {
+    for (int g = 0; g < G; ++g) {
+      const float* src = x + (size_t)m * K + g * kGroup;
+      uint16_t* dst = xb + (size_t)m * K + g * kGroup;
+      __m256i b0 = to_bf16(_mm512_loadu_ps(src)), b1 = to_bf16(_mm512_loadu_ps(src + 16));
+      _mm256_storeu_si256((__m256i*)dst, b0);
+      _mm256_storeu_si256((__m256i*)(dst + 16), b1);
+      xs[(size_t)m * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(from_bf16(b0), from_bf16(b1)));
+    }
+  }
+}
+
+namespace {
+
+// bf16 of 0..15, indexed by the low 5 bits of a word (the table repeats: bit 4 is the next nibble).
+inline __m512i nibble_table() {
+  return _mm512_set_epi16(0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0,
+                          0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
+                          0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+}
+
+// Software prefetch of the group `ahead` groups further along each block's stream: the hardware
+// prefetchers alone left a 1-row product at ~25 GB/s of the ~39 this 2-core machine streams; with
+// this it reaches ~36 (Zen 5, 30 layers of the default model's shapes, cold caches).
+constexpr int kQ4Ahead = 5, kQ8Ahead = 3;
+
+inline void prefetch_bytes(const uint8_t* p, int bytes) {
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch((const char*)p + off, _MM_HINT_T0);
+}
+
+inline void store_out(float* y, __m512 v, const float* bias, bool accumulate) {
+  if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+  if (accumulate) v = _mm512_add_ps(_mm512_loadu_ps(y), v);
+  _mm512_storeu_ps(y, v);
+}
+
+// M rows (<= 8) x NB consecutive blocks of 16 outputs starting at block nb0.
+template <int M, int NB>
+void q4_tile(const uint8_t* W, int nb0, const Q4Input& in, int m0, const float* bias, float* Y, int ldy,
+             bool accumulate) {
+  const int K = in.K, G = K / kGroup;
+  const __m512i table = nibble_table();
+  __m512 tot[M][NB];
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < NB; ++b) tot[m][b] = _mm512_setzero_ps();
+  const uint8_t* blk[NB];
+  for (int b = 0; b < NB; ++b) blk[b] = W + (size_t)(nb0 + b) * G * kQ4GroupBytes;
+  for (int g = 0; g < G; ++g) {
+    __m512 acc[M][NB];
+    for (int m = 0; m < M; ++m)
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) prefetch_bytes(blk[b] + (size_t)(g + kQ4Ahead) * kQ4GroupBytes, kQ4GroupBytes);
+    const uint32_t* xg[M];  // bf16 pairs of this group's inputs
+    for (int m = 0; m < M; ++m) xg[m] = (const uint32_t*)(in.xb + (size_t)(m0 + m) * K + g * kGroup);
+#pragma GCC unroll 8
+    for (int qd = 0; qd < 8; ++qd) {
+      __m512i w01[NB], w23[NB];
+      for (int b = 0; b < NB; ++b) {
+        const __m512i v =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(blk[b] + g * kQ4GroupBytes + qd * 32)));
+        w01[b] = _mm512_permutexvar_epi16(v, table);
+        w23[b] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512bh x01 = (__m512bh)_mm512_set1_epi32(xg[m][2 * qd]);
+        const __m512bh x23 = (__m512bh)_mm512_set1_epi32(xg[m][2 * qd + 1]);
+        for (int b = 0; b < NB; ++b) {
+          acc[m][b] = _mm512_dpbf16_ps(acc[m][b], (__m512bh)w01[b], x01);
+          acc[m][b] = _mm512_dpbf16_ps(acc[m][b], (__m512bh)w23[b], x23);
+        }
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      const uint8_t* sl = blk[b] + g * kQ4GroupBytes + 256;
+      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sl));
+      const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sl + 32)));
+      for (int m = 0; m < M; ++m) {
+        tot[m][b] = _mm512_fmadd_ps(acc[m][b], scale, tot[m][b]);
+        tot[m][b] = _mm512_fmadd_ps(low, _mm512_set1_ps(in.xs[(size_t)(m0 + m) * G + g]), tot[m][b]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < NB; ++b) {
+      const int n = (nb0 + b) * kBlockN;
+      store_out(Y + (size_t)(m0 + m) * ldy + n, tot[m][b], bias ? bias + n : nullptr, accumulate);
+    }
+}
+
+template <int NB>
+void q4_rows(const uint8_t* W, int nb0, const Q4Input& in, int m0, int rows, const float* bias, float* Y, int ldy,
+             bool acc) {
+  switch (rows) {
+    case 1: q4_tile<1, NB>(W, nb0, in, m0, bias, Y, ldy, acc); break;
+    case 2: q4_tile<2, NB>(W, nb0, in, m0, bias, Y, ldy, acc); break;
+    case 3: q4_tile<3, NB>(W, nb0, in, m0, bias, Y, ldy, acc); break;
+    case 4: q4_tile<4, NB>(W, nb0, in, m0, bias, Y, ldy, acc); break;
+    case 5: q4_tile<5, NB>(W, nb0, in, m0, bias, Y, ldy, acc); break;
+    case 6: q4_tile<6, NB>(W, nb0, in, m0, bias, Y, ldy, acc); break;
+    case 7: q4_tile<7, NB>(W, nb0, in, m0, bias, Y, ldy, acc); break;
+    default: q4_tile<8, NB>(W, nb0, in, m0, bias, Y, ldy, acc); break;
+  }
+}
+
+// Blocks of outputs per tile: more blocks reuse each broadcast input more, fewer rows leave the
+// registers for them (measured on Zen 5, 2048 x 576, one thread: NB=4 best up to 6 rows, 2 above).
+inline int q4_blocks_per_tile(int M) { return M <= 6 ? 4 : 2; }
+
+template <int M, int NB>
+void q8_tile(const uint8_t* W, int nb0, const float* x, int K, int m0, float* Y, int ldy) {
+  const int G = K / kGroup;
+  __m512 tot[M][NB];
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < NB; ++b) tot[m][b] = _mm512_setzero_ps();
+  const uint8_t* blk[NB];
+  for (int b = 0; b < NB; ++b) blk[b] = W + (size_t)(nb0 + b) * G * kQ8GroupBytes;
+  for (int g = 0; g < G; ++g) {
+    __m512 acc[M][NB];
+    for (int m = 0; m < M; ++m)
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) prefetch_bytes(blk[b] + (size_t)(g + kQ8Ahead) * kQ8GroupBytes, kQ8GroupBytes);
+#pragma GCC unroll 8
+    for (int k = 0; k < kGroup; ++k) {
+      __m512 w[NB];
+      for (int b = 0; b < NB; ++b)
+        w[b] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk[b] + g * kQ8GroupBytes + k * 16))));
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_set1_ps(x[(size_t)(m0 + m) * K + g * kGroup + k]);
+        for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(w[b], xv, acc[m][b]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk[b] + g * kQ8GroupBytes + 512)));
+      for (int m = 0; m < M; ++m) tot[m][b] = _mm512_fmadd_ps(acc[m][b], d, tot[m][b]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(Y + (size_t)(m0 + m) * ldy + (nb0 + b) * kBlockN, tot[m][b]);
+}
+
+template <int NB>
+void q8_rows(const uint8_t* W, int nb0, const float* x, int K, int m0, int rows, float* Y, int ldy) {
+  switch (rows) {
+    case 1: q8_tile<1, NB>(W, nb0, x, K, m0, Y, ldy); break;
+    case 2: q8_tile<2, NB>(W, nb0, x, K, m0, Y, ldy); break;
+    case 3: q8_tile<3, NB>(W, nb0, x, K, m0, Y, ldy); break;
+    default: q8_tile<4, NB>(W, nb0, x, K, m0, Y, ldy); break;
+  }
+}
+
+// Split the output blocks over threads (never the reduction) and walk all rows in tiles of
+// `max_rows`; `tile(nb, nblocks_in_tile, m0, rows)` computes one tile.
+template <typename Tile>
+void for_tiles(int nblocks, int per_tile, int M, int max_rows, const Tile& tile) {
+  const int items = nblocks / per_tile;
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int m0 = 0; m0 < M; m0 += max_rows) tile((int)i * per_tile, per_tile, m0, std::min(max_rows, M - m0));
+  });
+  for (int nb = items * per_tile; nb < nblocks; ++nb)
+    for (int m0 = 0; m0 < M; m0 += max_rows) tile(nb, 1, m0, std::min(max_rows, M - m0));
+}
+
+}  // namespace
+
+void q4_gemm(const uint8_t* W, int N, const Q4Input& in, const float* bias, float* Y, int ldy, bool accumulate) {
+  const int nblocks = N / kBlockN;
+  const int per_tile = q4_blocks_per_tile(std::min(in.M, 8));
+  for_tiles(nblocks, per_tile, in.M, 8, [&](int nb, int nbt, int m0, int rows) {
+    if (nbt == 4) q4_rows<4>(W, nb, in, m0, rows, bias, Y, ldy, accumulate);
+    else if (nbt == 2) q4_rows<2>(W, nb, in, m0, rows, bias, Y, ldy, accumulate);
+    else q4_rows<1>(W, nb, in, m0, rows, bias, Y, ldy, accumulate);
+  });
+}
+
+void q8_gemm(const uint8_t* W, int N, const float* x, int M, int K, float* Y, int ldy) {
+  const int nblocks = N / kBlockN;
+  const int per_tile = M <= 2 ? 4 : 2;
+  for_tiles(nblocks, per_tile, M, 4, [&](int nb, int nbt, int m0, int rows) {
+    if (nbt == 4) q8_rows<4>(W, nb, x, K, m0, rows, Y, ldy);
+    else if (nbt == 2) q8_rows<2>(W, nb, x, K, m0, rows, Y, ldy);
+    else q8_rows<1>(W, nb, x, K, m0, rows, Y, ldy);
+  });
+}
+
+}  // namespace exitspec
