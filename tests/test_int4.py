@@ -13,6 +13,19 @@ from exitspec.models.ops import Linear, onednn_packing_available
 from exitspec.runtime.layered import LayeredModel
 from helpers_strategies import PROMPTS, greedy
 
+@pytest.fixture(params=["exitspec-kernels", "torch-int4"])
+def backend(request, monkeypatch):
+    """Run a test on exitspec's C++ kernels and again on torch's int4 kernel (the fallback)."""
+    from exitspec import kernels
+    from exitspec.kernels import build
+
+    if request.param == "torch-int4":
+        monkeypatch.setattr(build, "_state", {"module": None, "reason": "switched off by the test"})
+    elif kernels.load() is None:
+        pytest.skip(f"exitspec kernels unavailable: {kernels.unavailable_reason()}")
+    return request.param
+
+
 needs_bf16 = pytest.mark.skipif(not onednn_packing_available(torch.bfloat16, torch.device("cpu")),
                                 reason="this CPU/torch build has no oneDNN bf16")
 
@@ -50,10 +63,11 @@ def test_groups_are_recovered_exactly_or_not_at_all():
     assert recover_groups(torch.randn(8, 40)) is None  # input size not a multiple of the group
 
 
-def test_int4_linear_matches_dense_product_and_is_row_invariant():
+def test_int4_linear_matches_dense_product_and_is_row_invariant(backend):
     torch.manual_seed(0)
     w = q4_1(torch.randn(192, 128) * 0.05)
     lin = Int4Linear(recover_groups(w))
+    assert (lin.kernel is not None) == (backend == "exitspec-kernels")
     x = torch.randn(20, 128)
     with torch.inference_mode():
         y = lin(x)
@@ -84,11 +98,12 @@ def test_prepacked_bf16_linear_is_row_invariant_and_repacks_after_in_place_chang
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
-def test_int4_runtime_tracks_the_dense_model(family):
+def test_int4_runtime_tracks_the_dense_model(family, backend):
     m = quantized_tiny(family)
     dense = LayeredModel(m.model)
     q = m.lm
     assert q.weights == "int4" and dense.weights == "dense"
+    assert q.adapter.fused == (backend == "exitspec-kernels" and family != "gpt_neox")
     ids = torch.tensor([[5, 17, 33, 2, 60, 41, 7, 9]])
     pos = torch.arange(8)[None]
     ref = dense.forward(ids, pos, dense.new_cache(1, 8))
@@ -98,12 +113,14 @@ def test_int4_runtime_tracks_the_dense_model(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-def test_speculative_decoding_is_lossless_in_int4_mode(family):
+def test_speculative_decoding_is_lossless_in_int4_mode(family, backend):
     m = quantized_tiny(family)
     ref = greedy(m, PROMPTS)
     for kw in (dict(exit_layer=2, draft_len=3), dict(exit_layer=5, draft_len=5)):
         assert greedy(m, PROMPTS, strategy="self-spec", **kw).token_ids == ref.token_ids
         assert greedy(m, PROMPTS[2], strategy="self-spec", **kw).token_ids[0] == ref.token_ids[2]
+    for k in (2, 7):  # lookup verifies k drafts in one (k+1)-row pass of every layer
+        assert greedy(m, PROMPTS, strategy="lookup", draft_len=k).token_ids == ref.token_ids
 
 
 def test_int4_refuses_models_without_4bit_weights():

@@ -21,12 +21,33 @@ from helpers_strategies import PROMPTS, greedy
 def test_ngram_index_prefers_the_longest_then_the_latest_match():
     ix = NgramIndex(1, 3)
     seq = [1, 2, 3, 9, 1, 2, 4, 7, 2, 3]
-    assert ix.propose(seq, 3) == [9, 1, 2]  # (2, 3) occurred once, followed by 9 1 2
+    assert ix.propose(seq, 3) == ([9, 1, 2], 2)  # (2, 3) occurred once, followed by 9 1 2
     seq += [5, 1, 2]
-    assert ix.propose(seq, 2) == [4, 7]  # (1, 2) last occurred before 4 7 (the suffix itself does not count)
-    assert ix.propose(seq + [8], 2) == []  # 8 never occurred before
-    assert NgramIndex(1, 3).propose([6, 6], 4) == [6]  # the copy stops where the sequence ends
-    assert NgramIndex(2, 3).propose([5, 1, 5], 3) == []  # a 1-gram match is below min_ngram
+    assert ix.propose(seq, 2) == ([4, 7], 2)  # (1, 2) last occurred before 4 7 (the suffix itself does not count)
+    assert ix.propose(seq + [8], 2) == ([], 0)  # 8 never occurred before
+    assert NgramIndex(2, 3).propose([5, 1, 5], 3) == ([], 0)  # a 1-gram match is below min_ngram
+
+
+def test_a_match_near_the_end_repeats_with_its_period():
+    """LZ77-style: a copy that reaches the end of the sequence continues with the text it copied."""
+    assert NgramIndex(1, 3).propose([6, 6], 4) == ([6, 6, 6, 6], 1)  # period 1
+    assert NgramIndex(1, 3).propose([3, 1, 4, 1, 4], 5) == ([1, 4, 1, 4, 1], 2)  # (1, 4) 2 back: period 2
+    assert NgramIndex(1, 3).propose([7, 8, 9, 7, 8, 9, 7, 8], 4) == ([9, 7, 8, 9], 3)
+
+
+def test_acceptance_tracker_drafts_as_far_as_drafts_get_accepted():
+    from exitspec.decoding.lookup import AcceptanceTracker
+
+    t = AcceptanceTracker(6)
+    assert t.length("new", 6, 0.2) == 2  # neutral prior 0.5 per depth: 0.5, 0.25 >= 0.2, 0.125 < 0.2
+    for _ in range(50):
+        t.update("strong", 6, 6)  # every draft accepted
+        t.update("weak", 6, 0)  # the first draft always rejected
+    assert t.length("strong", 6, 0.2) == 6 and t.length("strong", 4, 0.2) == 4
+    assert t.length("weak", 6, 0.2) == 1  # never below one: the source keeps being tried
+    assert t.length("weak", 6, 0.0) == 6  # min_accept 0: always everything proposed
+    s = t.survival("weak")
+    assert s[0] < 0.05 and s[1] <= s[0]
 
 
 @pytest.mark.parametrize("draft_len, max_ngram", [(1, 1), (3, 3), (6, 2)])
@@ -88,16 +109,16 @@ def test_datastore_proposes_the_most_frequent_continuation_of_the_longest_match(
     seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 7, 8], [9, 2, 3, 7, 8], [6, 6, 1, 2]]
     st = NgramStore.from_sequences(seqs, vocab_size=10, min_n=2, max_n=3)
     assert st.tokens == 19
-    assert st.propose([0, 2, 3], 3) == [7, 8]  # (2, 3) -> 7 8 twice, 4 5 once; clipped at the sequence end
-    assert st.propose([5, 1, 2, 3], 2) == [4, 5]  # (1, 2, 3) -> 4 5 and 7 8 once each: the earliest wins
-    assert NgramStore.from_sequences(seqs[1:], 10, 2, 3).propose([1, 2, 3], 2) == [7, 8]
-    assert st.propose([6, 1], 3) == [2]  # the copy stops where its sequence ends
-    assert st.propose([4, 5, 1], 2) == []  # (5, 1) spans two sequences: never indexed
-    assert st.propose([1, 2], 2) == [3, 4] and st.propose([2], 2) == []  # a 1-gram is below min_n
-    assert NgramStore.from_sequences([], 10).propose([1, 2, 3], 2) == []
+    assert st.propose([0, 2, 3], 3) == ([7, 8], 2)  # (2, 3) -> 7 8 twice, 4 5 once; clipped at the sequence end
+    assert st.propose([5, 1, 2, 3], 2)[0] == [4, 5]  # (1, 2, 3) -> 4 5 and 7 8 once each: the earliest wins
+    assert NgramStore.from_sequences(seqs[1:], 10, 2, 3).propose([1, 2, 3], 2)[0] == [7, 8]
+    assert st.propose([6, 1], 3)[0] == [2]  # the copy stops where its sequence ends
+    assert st.propose([4, 5, 1], 2)[0] == []  # (5, 1) spans two sequences: never indexed
+    assert st.propose([1, 2], 2)[0] == [3, 4] and st.propose([2], 2)[0] == []  # a 1-gram is below min_n
+    assert NgramStore.from_sequences([], 10).propose([1, 2, 3], 2)[0] == []
     # Too short for a 4-gram with a continuation:
     short = NgramStore.from_sequences([[1, 2, 3], [4]], 10, min_n=2, max_n=4)
-    assert short.propose([0, 1, 2], 2) == [3] and short.propose([0, 1, 2, 3], 2) == []
+    assert short.propose([0, 1, 2], 2)[0] == [3] and short.propose([0, 1, 2, 3], 2)[0] == []
 
 
 def test_datastore_hash_is_exact_and_wraps_safely_for_large_vocabularies():
@@ -106,7 +127,7 @@ def test_datastore_hash_is_exact_and_wraps_safely_for_large_vocabularies():
     st = NgramStore.from_sequences(seqs, vocab_size=150_000, min_n=2, max_n=4)  # 150001^4 > 2^63: a wrapped hash
     for s in seqs:
         for j in (10, 30, 55):
-            assert st.propose(s[:j], 3) == s[j:j + 3]  # random 4-grams are unique: their own continuation
+            assert st.propose(s[:j], 3)[0] == s[j:j + 3]  # random 4-grams are unique: their own continuation
 
 
 def test_bundle_keeps_the_draft_corpus(tmp_path):

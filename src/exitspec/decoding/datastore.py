@@ -85,8 +85,9 @@ class NgramStore:
         pick = g_start[best][first]
         return key[pick], j[pick]
 
-    def propose(self, ctx: Sequence[int], k: int) -> list[int]:
-        """Up to k tokens that most often followed ctx's longest suffix seen in the store ([] if none)."""
+    def propose(self, ctx: Sequence[int], k: int) -> tuple[list[int], int]:
+        """Up to k tokens that most often followed ctx's longest suffix seen in the store, and that
+        suffix's length ([], 0 if none)."""
         for n in self.ns:
             if len(ctx) < n:
                 continue
@@ -97,5 +98,5 @@ class NgramStore:
                 start = int(self.starts[n][i])
                 out = self.stream[start:start + k]
                 end = np.flatnonzero(out < 0)
-                return out[: end[0] if len(end) else len(out)].tolist()
-        return []
+                return out[: end[0] if len(end) else len(out)].tolist(), n
+        return [], 0

@@ -22,6 +22,7 @@ import torch
 
 from exitspec.decoding.sampling import SamplingParams, probs, sample_from
 from exitspec.heads.base import ExitHead
+from exitspec.models.int4 import Q8Linear
 from exitspec.models.ops import Linear
 
 
@@ -35,8 +36,9 @@ class DraftHead:
         if vocab is not None:
             # Slice the rows once: (N, C). Tuned heads change their weights only when trained.
             bias = head.head_bias()
-            self.proj = Linear(head.head_weight()[vocab].contiguous(),
-                               bias[vocab].contiguous() if bias is not None else None)
+            rows = head.head_weight()[vocab].contiguous()
+            self.proj = _q8_rows(head, rows, bias[vocab].contiguous() if bias is not None else None) or Linear(
+                rows, bias[vocab].contiguous() if bias is not None else None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset)."""
@@ -63,6 +65,21 @@ class DraftHead:
             return tok, q
         full = q.new_zeros(q.shape[0], vocab_size)
         return self.vocab[tok], full.index_copy_(-1, self.vocab, q)
+
+
+def _q8_rows(head: ExitHead, rows: torch.Tensor, bias: torch.Tensor | None):
+    """In int4 mode, where the runtime's LM head is the checkpoint's Q8_0 codes and this head drafts
+    from those very rows (not a tuned copy), the same int8 kernel on the subset: ~4x fewer bytes
+    than fp32 rows (a 4096-token draft head: 2.4 instead of 9.4 MB per draft). None otherwise."""
+    lm = head.lm
+    if lm.weights != "int4" or not isinstance(lm._head, Q8Linear) or head.head_weight() is not lm.lm_head.weight:
+        return None
+    n = rows.shape[0]
+    padded = torch.cat([rows, rows.new_zeros(-n % 16, rows.shape[1])])  # the kernel works in blocks of 16 rows
+    q8 = Q8Linear.from_weight(padded, None)
+    if q8 is None:
+        return None
+    return lambda x: (q8(x)[..., :n] + bias) if bias is not None else q8(x)[..., :n]
 
 
 # ---------------------------------------------------------------------------------------------

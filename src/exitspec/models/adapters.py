@@ -64,13 +64,15 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, int4: dict[nn.Linear, Int4Groups] | None = None):
+    def __init__(self, model: nn.Module, int4: dict[nn.Linear, Int4Groups] | None = None, fuse: bool = True):
         self.model = model
         self.config = model.config
         # 1: plain kernels; ops.MIN_ROWS: row-invariant mode (set by LayeredModel, see ops.linear).
         self.min_rows = 1
         # Projections whose checkpoint weights are 4-bit groups (models/int4.py); empty = all dense.
         self.int4 = int4 or {}
+        # May a fused kernel stack replace the per-layer path where one exists (False: tests compare them)?
+        self.fuse = fuse
 
     def projection(self, mods: list[nn.Linear]) -> Linear | Int4Linear:
         """One projection, or several sharing an input fused into one (q|k|v, gate|up), run as
@@ -149,8 +151,8 @@ class LlamaAdapter(Adapter):
     family = "llama"
     model_types = ("llama", "qwen2", "mistral")
 
-    def __init__(self, model, int4=None):
-        super().__init__(model, int4)
+    def __init__(self, model, int4=None, fuse=True):
+        super().__init__(model, int4, fuse)
         base = model.model
         self.base = base
         self.layers = base.layers
@@ -164,7 +166,7 @@ class LlamaAdapter(Adapter):
         self.head_dim = attn0.head_dim
         self.max_positions = c.max_position_embeddings
         self._plans = [self._plan(blk) for blk in self.layers]
-        self.stack = self._fused_stack()
+        self.stack = self._fused_stack() if fuse else None
         self.fused = self.stack is not None
 
     def _fused_stack(self):
@@ -255,8 +257,8 @@ class GPTNeoXAdapter(Adapter):
     family = "gpt_neox"
     model_types = ("gpt_neox",)
 
-    def __init__(self, model, int4=None):
-        super().__init__(model, int4)
+    def __init__(self, model, int4=None, fuse=True):
+        super().__init__(model, int4, fuse)
         base = model.gpt_neox
         self.base = base
         self.layers = base.layers
@@ -317,8 +319,8 @@ class GPT2Adapter(Adapter):
     family = "gpt2"
     model_types = ("gpt2",)
 
-    def __init__(self, model, int4=None):
-        super().__init__(model, int4)
+    def __init__(self, model, int4=None, fuse=True):
+        super().__init__(model, int4, fuse)
         base = model.transformer
         self.base = base
         self.layers = base.h
@@ -388,11 +390,11 @@ ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, GPTNeoXAdapter, GPT2Adapter
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
-def adapter_for(model: nn.Module, int4: dict[nn.Linear, Int4Groups] | None = None) -> Adapter:
+def adapter_for(model: nn.Module, int4: dict[nn.Linear, Int4Groups] | None = None, fuse: bool = True) -> Adapter:
     model_type = getattr(model.config, "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
-            return cls(model, int4)
+            return cls(model, int4, fuse)
     raise UnsupportedArchitectureError(
         f"architecture {model_type!r} is not supported; exitspec runs {', '.join(SUPPORTED_MODEL_TYPES)}"
     )

@@ -22,17 +22,20 @@ from exitspec.runtime.kv_cache import KVCache, aligned
 
 class LayeredModel:
     def __init__(self, model: torch.nn.Module, *, row_invariant: bool | None = None,
-                 int4: dict[torch.nn.Linear, Int4Groups] | None = None):
-        """`int4`: the 4-bit groups of the projections to run with the int4 kernel (models/int4.py;
-        `exitspec.load(..., weights="int4")` builds it). The LM head then reads a prepacked bf16
-        copy of its weight (1.4 ms instead of 4.6 ms per step for SmolLM2's 49k x 576 head).
+                 int4: dict[torch.nn.Linear, Int4Groups] | None = None, fuse: bool = True):
+        """`int4`: the 4-bit groups of the projections (models/int4.py; `exitspec.load(...,
+        weights="int4")` builds it). Where exitspec's CPU kernels run (kernels/), a Llama-family
+        stack then runs as one fused C++ call per `run_layers` (`fuse=False` keeps the per-layer
+        path, for comparisons) and an LM head stored as GGUF Q8_0 runs from its int8 codes;
+        otherwise the projections use torch's int4 kernel and the LM head a prepacked bf16 copy.
 
         `row_invariant` (see the property) defaults to on with int4 weights: their products round
         their inputs to bf16, which turns the ~1e-7 row-count differences of fp32 attention into
-        2^-9 ones and flips greedy near-ties between vanilla (1 row) and verification (k rows); the
-        int4 and packed bf16 kernels are row-invariant already, so only attention pays (4 query rows)."""
+        2^-9 ones and flips greedy near-ties between vanilla (1 row) and verification (k rows). The
+        fused stack and the q4/q8/bf16 kernels are row-invariant by construction; on the per-layer
+        path only attention pays (4 query rows)."""
         self.model = model
-        self.adapter: Adapter = adapter_for(model, int4)
+        self.adapter: Adapter = adapter_for(model, int4, fuse)
         self.weights = "int4" if int4 else "dense"
         a = self.adapter
         self.row_invariant = bool(int4) if row_invariant is None else row_invariant
@@ -52,6 +55,21 @@ class LayeredModel:
         self.dtype, self.device = p.dtype, p.device
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
         self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
+
+    @property
+    def backend(self) -> str:
+        """Which kernels run the decoder projections and the LM head, in words."""
+        if self.weights == "dense":
+            return f"torch ({str(self.dtype).replace('torch.', '')} weights)"
+        layers = ("exitspec fused C++ stack (q4)" if self.adapter.fused else
+                  "exitspec q4 kernel per projection" if any(
+                      getattr(m, "kernel", None) is not None for m in _projections(self.adapter)) else
+                  "torch's int4 kernel")
+        head = "exitspec q8 kernel" if isinstance(self._head, Q8Linear) else "prepacked bf16"
+        from exitspec import kernels
+
+        why = kernels.unavailable_reason()
+        return f"layers: {layers}; LM head: {head}" + (f" (exitspec kernels unavailable: {why})" if why else "")
 
     @property
     def row_invariant(self) -> bool:
@@ -163,3 +181,11 @@ class LayeredModel:
         return {"total": total, "layers": layers, "per_layer": layers // self.num_layers,
                 "lm_head": head, "final_norm": norm,
                 "tied_embeddings": int(total < layers + norm + 2 * head)}
+
+
+def _projections(adapter: Adapter):
+    """The projection objects an adapter built (to report which kernel runs them)."""
+    for plan in getattr(adapter, "_plans", []):
+        yield from (plan.qkv, plan.o, plan.gate_up, plan.down)
+    for proj in getattr(adapter, "_proj", []):
+        yield from proj.values()
