@@ -187,3 +187,23 @@ def test_sampling_temperature_rows(tmp_path):
     layers = SavedResults(tmp_path).layers
     assert {"overlap_T0.8", "overlap_T1", "tv_T0.8"} <= set(layers[0])
     assert json.loads((tmp_path / "audit.json").read_text())["ran"] is False
+
+
+def test_interleaved_timing_gives_the_same_results_and_audit(tmp_path, tiny_run):
+    """interleave = true runs every configuration on each prompt in turn: same tokens, same audit
+    verdicts, same row set (a broken contender still becomes an error row), one process memory peak."""
+    _, _, model = tiny_run
+    cfg = BenchConfig(num_prompts=3, max_new_tokens=8, repeats=2, warmup=1, bootstrap=100, interleave=True,
+                      runs=[{"name": "cheat"}, {"name": "lossy"}, {"name": "no-such-strategy"}])
+    outcome = BenchRunner(cfg, model, tiny_prompts(), tmp_path, injected=INJECTED, progress=False).run()
+    rows = {r["label"]: r for r in SavedResults(tmp_path).rows}
+    assert set(rows) == {"vanilla@T0", "hf-generate@T0", "cheat@T0", "lossy@T0", "no-such-strategy@T0"}
+    assert "unknown strategy" in rows["no-such-strategy@T0"]["status"]
+    assert rows["cheat@T0"]["lossless_ok"] is False and rows["hf-generate@T0"]["lossless_ok"] is True
+    assert [a.label for a in outcome.audit_failed] == ["cheat@T0"]
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert all(r["new_tokens"] == 3 * 8 and r["tokens_per_s"] > 0 for r in ok)
+    assert len({r["peak_mem_mib"] for r in ok}) == 1
+    seq = {r["label"]: r for r in SavedResults(tiny_run[0]).prompts if r["label"] in rows}
+    inter = {r["label"]: r for r in SavedResults(tmp_path).prompts}
+    assert all(inter[k]["tokens"] == seq[k]["tokens"] for k in seq)  # last prompt of each label: same tokens

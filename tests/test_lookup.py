@@ -39,13 +39,18 @@ def test_acceptance_tracker_drafts_as_far_as_drafts_get_accepted():
     from exitspec.decoding.lookup import AcceptanceTracker
 
     t = AcceptanceTracker(6)
-    assert t.length("new", 6, 0.2) == 2  # neutral prior 0.5 per depth: 0.5, 0.25 >= 0.2, 0.125 < 0.2
+    free = [1.0] * 7  # rows cost nothing: draft everything proposed
+    flat = [1.0 + 0.15 * k for k in range(7)]  # each row costs 0.15 of a 1-row step
+    cliff = [1.0, 1.02, 1.04, 1.06, 1.5, 1.6, 1.7]  # cheap up to 4 rows, dear beyond
+    assert t.length("new", 6, free, 1.0) == 6
+    # neutral prior 0.5 per depth: survival 0.5, 0.25, 0.125, ...; a draft pays while it beats 0.15
+    assert t.length("new", 6, flat, 1.0) == 2
     for _ in range(50):
         t.update("strong", 6, 6)  # every draft accepted
         t.update("weak", 6, 0)  # the first draft always rejected
-    assert t.length("strong", 6, 0.2) == 6 and t.length("strong", 4, 0.2) == 4
-    assert t.length("weak", 6, 0.2) == 1  # never below one: the source keeps being tried
-    assert t.length("weak", 6, 0.0) == 6  # min_accept 0: always everything proposed
+    assert t.length("strong", 6, flat, 1.3) == 6 and t.length("strong", 4, flat, 1.3) == 4
+    assert t.length("weak", 6, flat, 1.3) == 1  # never below one: the source keeps being tried
+    assert t.length("new", 6, cliff, 1.3) == 3  # 3 nearly free drafts, not a 4th at the cliff
     s = t.survival("weak")
     assert s[0] < 0.05 and s[1] <= s[0]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import exitspec
-from conftest import EOS, tiny_loaded
+from conftest import EOS, char_tokenizer, tiny_loaded
 from exitspec.decoding.driver import GenerationError
 from exitspec.decoding.events import DoneEvent, FinishEvent, TokenEvent
 from exitspec.decoding.sampling import SamplingError, SamplingParams, probs
@@ -117,3 +117,32 @@ def test_chat_prompt_without_template_is_refused():
     m = tiny_loaded("llama")
     with pytest.raises(GenerationError, match="no chat template"):
         exitspec.generate(m, [{"role": "user", "content": "hi"}], max_new_tokens=4)
+
+
+def test_incremental_detokenisation_equals_a_full_decode_at_every_step():
+    from exitspec.decoding.driver import _RowText
+
+    tk = char_tokenizer()
+    ids = tk("Hello, world! Stop here.", add_special_tokens=False)["input_ids"] + [EOS] + [40, 41]
+    rt = _RowText(tk, [])
+    assert rt.incremental
+    for n in range(1, len(ids) + 1):
+        assert rt.text(ids[:n]) == tk.decode(ids[:n], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_incremental_detokenisation_on_the_default_tokenizer(default_model):
+    """Byte-level BPE splits multi-byte characters over tokens; random ids make odd byte runs."""
+    import random
+
+    from exitspec.decoding.driver import _RowText
+
+    tk = default_model.tokenizer
+    text = "Hello wörld! 你好，世界。 🙂🚀 naïve café — ünïcödé 🎉 end. " * 2
+    rng = random.Random(0)
+    seqs = [tk(text, add_special_tokens=False)["input_ids"]] + [[rng.randrange(len(tk)) for _ in range(40)]
+                                                                for _ in range(30)]
+    for ids in seqs:
+        rt = _RowText(tk, [])
+        for n in range(1, len(ids) + 1):
+            assert rt.text(ids[:n]) == tk.decode(ids[:n], skip_special_tokens=True)

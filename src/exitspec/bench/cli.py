@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, default=None)
     g.add_argument("--warmup", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--interleave", action="store_true",
+                   help="run every configuration in turn on each prompt (fair ratios on a machine whose speed drifts)")
     g.add_argument("--no-quality", action="store_true", help="skip the layer sweep and perplexities")
     g.add_argument("--no-progress", action="store_true")
 
@@ -81,6 +83,8 @@ def build_config(args: argparse.Namespace):
         cfg.threads = args.threads
     if args.no_quality:
         cfg.quality = False
+    if args.interleave:
+        cfg.interleave = True
     runs = [parse_run(r) for r in args.run]
     for name in args.strategies or []:
         run: dict = {"name": name}

@@ -8,6 +8,7 @@ A run is described by a `BenchConfig`, read from a TOML file and/or command-line
     temperatures = [0.0]
     repeats = 3
     warmup = 1
+    interleave = true         # every configuration in turn on each prompt (fair on a drifting machine)
 
     [[run]]
     name = "self-spec"        # an exitspec strategy (exitspec.decoding.api.STRATEGIES) or a peer (bench/peers.py)
@@ -102,6 +103,9 @@ class BenchConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.0])
     repeats: int = 3
     warmup: int = 1
+    # Time prompt by prompt, every configuration in turn (round-robin), instead of configuration by
+    # configuration: a shared machine whose speed drifts over minutes then slows all alike.
+    interleave: bool = False
     seed: int = 0  # sampling seed of prompt i is seed + i, identical for every contender
     model: str = "default"
     heads: str | None = None  # head bundle for strategies that need one ("default" = shipped)

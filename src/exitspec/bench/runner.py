@@ -9,7 +9,10 @@ perplexity, top-1 agreement and draft/target overlap (results filled into each r
 Timing protocol per configuration: `warmup` untimed generations on the first prompt, then each
 prompt `repeats` times; a prompt's time is the median of its repeats, a configuration's tokens/s is
 total tokens / total median time (and the median of per-prompt tokens/s is reported beside it).
-Configurations run one after the other, so on a shared machine compare ratios from the same run.
+By default configurations run one after the other; with `interleave = true` every configuration is
+built and warmed up first, then each prompt (and repeat) is run by every configuration in turn, so
+that a machine whose speed drifts over minutes (a shared VM: +-20% seen here) slows all of them
+alike and the ratios stay fair. Memory is then the process peak of the whole timed phase.
 """
 
 from __future__ import annotations
@@ -87,11 +90,15 @@ class BenchRunner:
                    file=sys.stderr)
         self.writer.write_json("audit.json", {"status": "running"})
         try:
+            timed = self._run_interleaved(bar) if self.cfg.interleave else {}
             for spec in self.specs:
                 if not spec.is_baseline:
                     self._flush_baselines()
                 bar.set_postfix_str(spec.label[:40])
-                self._run_spec(spec, bar)
+                if spec in timed:
+                    self._finish_spec(spec, *timed[spec])
+                elif not self.cfg.interleave:
+                    self._run_spec(spec, bar)
                 if spec.name == "vanilla" and spec.temperature == self._ref_temperature() and self.cfg.quality \
                         and self.ref_tokens is not None and not self.layer_rows:
                     self._layer_sweep(bar)
@@ -160,6 +167,49 @@ class BenchRunner:
             self._write(self._settings(spec, contender) | {"status": f"error: {err}"}, [], [])
             return
         self._finish_spec(spec, contender, samples, times, mem)
+
+    def _run_interleaved(self, bar) -> dict:
+        """Every configuration on every prompt, round-robin: {spec: (contender, samples, times, memory)}.
+        A configuration that cannot be built or fails is reported (an error row) and dropped."""
+        cfg = self.cfg
+        live: dict[RunSpec, Contender] = {}
+        for spec in self.specs:
+            bar.set_postfix_str(f"warm-up {spec.label[:32]}")
+            try:
+                contender = make_contender(spec, self._model_for(spec), self.injected)
+                for _ in range(cfg.warmup):
+                    contender.run(self.ids[0], min(16, cfg.max_new_tokens), spec.temperature, cfg.seed)
+                    bar.update(1)
+                live[spec] = contender
+            except Exception as err:
+                print(f"\n[bench] skipping {spec.label}: {err}", file=sys.stderr)
+                self._write(self._settings(spec, None) | {"status": f"error: {err}"}, [], [])
+                bar.update(cfg.warmup + len(self.ids) * cfg.repeats)
+        reps: dict[RunSpec, list[list[Sample]]] = {spec: [] for spec in live}
+        with PeakMemory(str(self.model.lm.device)) as mem:
+            for i, ids in enumerate(self.ids):
+                bar.set_postfix_str(f"prompt {i + 1}/{len(self.ids)}")
+                for spec in list(live):
+                    reps[spec].append([])
+                for _ in range(cfg.repeats):
+                    for spec, contender in list(live.items()):
+                        try:
+                            reps[spec][i].append(contender.run(ids, cfg.max_new_tokens, spec.temperature,
+                                                               cfg.seed + i))
+                        except Exception as err:
+                            print(f"\n[bench] {spec.label} failed: {err}", file=sys.stderr)
+                            self._write(self._settings(spec, contender) | {"status": f"error: {err}"}, [], [])
+                            del live[spec]
+                        bar.update(1)
+        out = {}
+        for spec, contender in live.items():
+            samples, times = [], []
+            for r in reps[spec]:
+                order = sorted(range(len(r)), key=lambda j: r[j].total_s)
+                samples.append(r[order[len(order) // 2]])  # same tokens every repeat: the median time
+                times.append([x.total_s for x in r])
+            out[spec] = (contender, samples, times, mem)
+        return out
 
     def _finish_spec(self, spec: RunSpec, contender: Contender, samples: list[Sample], times: list[list[float]],
                      mem: PeakMemory) -> None:

@@ -59,6 +59,14 @@ class NgramStore:
                 h = h * np.int64(self.base) + w[..., i]
         return h
 
+    def _hash_one(self, gram: Sequence[int]) -> int:
+        """`_hash` of one n-gram in Python integers (no numpy call per lookup: ~1 instead of ~15 us),
+        wrapped to int64 exactly as numpy's multiply-add wraps."""
+        h = 0
+        for t in gram:
+            h = (h * self.base + (self.base - 1 if t < 0 else t) + 2**63) % 2**64 - 2**63
+        return h
+
     def _index(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.stream
         T = len(s)
@@ -92,7 +100,7 @@ class NgramStore:
             if len(ctx) < n:
                 continue
             keys = self.keys[n]
-            h = self._hash(np.asarray(ctx[-n:], dtype=np.int64))
+            h = self._hash_one(ctx[-n:])
             i = int(np.searchsorted(keys, h))
             if i < len(keys) and keys[i] == h:
                 start = int(self.starts[n][i])

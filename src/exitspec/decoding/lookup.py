@@ -7,23 +7,30 @@ layers in ONE pass of K+1 rows and keeps the prefix the target agrees with (spec
 so greedy output equals vanilla's token for token and sampled output follows the model's own
 distribution (the draft distribution q is one-hot at the copied token).
 
-Why it pays on this runtime and not in HF's: a step of K+1 rows costs barely more than a step of
-one while K+1 <= 4 (the int4 kernel dequantizes weights once per 4-row block; see models/int4.py),
-so a proposal that is only partly right still comes out ahead, and a row with no match at all
-pays only its one-row step. With dense `F.linear` a few-row step costs ~1.6x a one-row step, which
-is why HF's prompt lookup runs below plain `generate` on this CPU.
+Why it pays on this runtime and not in HF's: with exitspec's int4 kernels a step of K+1 rows costs
+barely more than a step of one while K+1 <= 4 (1.00 / 1.04 / 1.06x for 2 / 3 / 4 rows on the default
+model, kernels/csrc/gemm.cpp: the weights are read once for all rows and a 1-row step is bound by
+memory), so a proposal that is only partly right still comes out ahead, and a row with no match at
+all pays only its one-row step. With dense `F.linear` a few-row step costs ~1.6x a one-row step,
+which is why HF's prompt lookup runs below plain `generate` on this CPU.
 
-Three sources, tried in this order for each row and step:
+Three sources for each row and step:
   1. the row's own context, n-grams of length max_ngram..2 (a long match there is the best evidence);
+     a match close to the end repeats with its period, LZ77-style (NgramIndex.propose);
   2. the draft datastore (datastore.py): continuations the model most often produced after the same
      2..4 tokens in its own answers to the training prompts, kept in the head bundle
      (`exitspec train` stores its self-distilled answers; the shipped bundle has 1,770);
   3. the context again with a single matching token (min_ngram = 1), the weakest evidence.
-A row with no proposal pays only its one-row step.
+By default the first that proposes anything wins and gives up to draft_len tokens. `adaptive=True`
+instead learns how far each source's drafts get accepted (AcceptanceTracker), picks the candidate
+with the most expected accepted drafts and cuts it where a further verification row (priced by the
+runtime's measured row-cost curve, LayeredModel.row_costs) would cost more than it is expected to
+bring. That won where rows are dear (torch's int4 kernel: 1.37x against 1.25x for 3 fixed drafts)
+and loses a little where 4 rows cost about 1 (the fused kernels: 1.35x against 1.41x), hence off.
 
-Measured (benchmarks/default, SmolLM2-135M int4, 2 cores): 3 drafts 1.49-1.76x the int4 vanilla
-loop over three runs, 2 drafts 1.34x, 4 drafts 1.25x (a 5-row step crosses the int4 kernel's 4-row
-block); without the datastore 1.2-1.5x.
+Measured (default model, int4 fused kernels, AMD EPYC Zen 5, 2 cores, 20 held-out prompts, the
+configurations interleaved prompt by prompt): 3 drafts 1.41x the int4 vanilla loop (317 vs 225
+tok/s); 4 drafts 1.18-1.26x (a 5-row step costs ~1.26x); adaptive with up to 7 drafts 1.31x.
 """
 
 from __future__ import annotations
@@ -103,18 +110,20 @@ class AcceptanceTracker:
             out.append(p)
         return out
 
-    def length(self, source: str, available: int, min_accept: float) -> int:
-        """How many of `available` drafts are worth a verification row each: the longest prefix
-        whose last draft is accepted with probability >= min_accept, and at least one (the first
-        draft of every source keeps being tried, so a source's rate can recover from a bad start)."""
-        if min_accept <= 0:
-            return available
-        n = 1
-        for p in self.survival(source)[1:available]:
-            if p < min_accept:
-                break
-            n += 1
-        return min(n, available)
+    def length(self, source: str, available: int, costs: list[float], rate: float) -> int:
+        """The number of drafts (1..available) with the most expected accepted drafts net of what
+        their verification rows cost: max over k of sum(survival[:k]) - rate * (costs[k] - 1), with
+        costs[k] the cost of a (k+1)-row step in 1-row steps and `rate` the tokens a 1-row step's
+        worth of time yields so far. At least one draft: a source keeps being tried, so its rate can
+        recover from a bad start."""
+        surv = self.survival(source)
+        best, best_k, gain = float("-inf"), 1, 0.0
+        for k in range(1, available + 1):
+            gain += surv[k - 1]
+            net = gain - rate * (costs[k] - 1.0)
+            if net > best:
+                best, best_k = net, k
+        return best_k
 
     def update(self, source: str, proposed: int, accepted: int) -> None:
         if source not in self.hits:
@@ -131,21 +140,22 @@ class Lookup(Strategy):
     name = "lookup"
     lossless = True
 
-    def __init__(self, draft_len: int = 7, max_ngram: int = 3, min_ngram: int = 1, store: NgramStore | None = None,
-                 min_accept: float = 0.25):
+    def __init__(self, draft_len: int = 3, max_ngram: int = 3, min_ngram: int = 1, store: NgramStore | None = None,
+                 adaptive: bool = False):
         if not isinstance(draft_len, int) or not 1 <= draft_len <= 64:
             raise StrategyOptionError(f"draft_len must be an integer in 1..64, got {draft_len!r}")
         if not (isinstance(min_ngram, int) and isinstance(max_ngram, int) and 1 <= min_ngram <= max_ngram <= 16):
             raise StrategyOptionError(f"need integers 1 <= min_ngram ({min_ngram!r}) <= max_ngram ({max_ngram!r}) "
                                       "<= 16")
-        if isinstance(min_accept, bool) or not isinstance(min_accept, (int, float)) or not 0 <= min_accept < 1:
-            raise StrategyOptionError(f"min_accept must be a number in [0, 1) (0: always draft draft_len tokens), "
-                                      f"got {min_accept!r}")
+        if not isinstance(adaptive, bool):
+            raise StrategyOptionError(f"adaptive must be true or false, got {adaptive!r}")
         self.gamma, self.min_ngram, self.max_ngram = draft_len, min_ngram, max_ngram
         self.store = store
-        self.min_accept = float(min_accept)
+        self.adaptive = adaptive
         self.indexes: list[NgramIndex] = []
         self.tracker = AcceptanceTracker(draft_len)
+        self.costs = [1.0] * (draft_len + 1)  # (k+1)-row step / 1-row step; measured in prepare()
+        self.tokens = self.spent = 0.0  # emitted tokens and the steps' cost so far, in 1-row steps
 
     def propose(self, index: NgramIndex, seq: list[int]) -> tuple[list[int], str]:
         """A row's drafts, cut to the length worth verifying, and the source they came from ("" for
@@ -164,12 +174,15 @@ class Lookup(Strategy):
             out, n = index.propose(seq, k, min_n=1)
             if out:
                 cands.append((out, "context1"))
-        best, best_gain = ([], ""), -1.0
+        if not self.adaptive:
+            return cands[0] if cands else ([], "")
+        rate = max(1.0, self.tokens / self.spent) if self.spent else 1.0
+        best, best_net = ([], ""), float("-inf")
         for out, src in cands:
-            cut = self.tracker.length(src, len(out), self.min_accept)
-            gain = sum(self.tracker.survival(src)[:cut])
-            if gain > best_gain:
-                best, best_gain = (out[:cut], src), gain
+            cut = self.tracker.length(src, len(out), self.costs, rate)
+            net = sum(self.tracker.survival(src)[:cut]) - rate * (self.costs[cut] - 1.0)
+            if net > best_net:
+                best, best_net = (out[:cut], src), net
         return best
 
     def extra_positions(self) -> int:
@@ -178,6 +191,9 @@ class Lookup(Strategy):
     def prepare(self, state: DecodeState) -> None:
         self.indexes = [NgramIndex(self.min_ngram, self.max_ngram) for _ in state.seqs]
         self.tracker = AcceptanceTracker(self.gamma)
+        self.tokens = self.spent = 0.0
+        if self.adaptive:
+            self.costs = state.lm.row_costs(self.gamma + 1)
 
     def select_rows(self, keep: list[int]) -> None:
         self.indexes = [self.indexes[i] for i in keep]
@@ -211,12 +227,14 @@ class Lookup(Strategy):
         for src, prop, acc in zip(sources, props, n.tolist(), strict=True):
             if prop:
                 self.tracker.update(src, len(prop), acc)
+        self.tokens += sum(len(t) for t in tokens) / B
+        self.spent += self.costs[min(K, len(self.costs) - 1)]
         return StepOutput(tokens=tokens, exit_layers=[[L] * len(t) for t in tokens],
                           layers_computed=[float((K + 1) * L)] * B, drafted=limit.tolist(), accepted=n.tolist())
 
     def describe(self) -> dict:
         return {"strategy": self.name, "draft_len": self.gamma, "max_ngram": self.max_ngram,
-                "min_ngram": self.min_ngram, "min_accept": self.min_accept,
+                "min_ngram": self.min_ngram, "adaptive": self.adaptive,
                 "datastore_tokens": self.store.tokens if self.store else 0}
 
 
@@ -239,11 +257,11 @@ def bundle_store(bundle, vocab_size: int) -> NgramStore | None:
     return cached[1]
 
 
-def make_lookup(model, draft_len: int = 7, max_ngram: int = 3, min_ngram: int = 1, datastore=None,
-                min_accept: float = 0.25, **unknown) -> Lookup:
+def make_lookup(model, draft_len: int = 3, max_ngram: int = 3, min_ngram: int = 1, datastore=None,
+                adaptive: bool = False, **unknown) -> Lookup:
     if unknown:
         raise StrategyOptionError(f"lookup has no option(s) {sorted(unknown)}; "
-                                  "it takes draft_len, max_ngram, min_ngram, datastore, min_accept")
+                                  "it takes draft_len, max_ngram, min_ngram, datastore, adaptive")
     if datastore is not None and not isinstance(datastore, bool):
         raise StrategyOptionError(f"datastore must be true or false (default: use the attached heads' corpus), "
                                   f"got {datastore!r}")
@@ -252,7 +270,7 @@ def make_lookup(model, draft_len: int = 7, max_ngram: int = 3, min_ngram: int = 
     if datastore is True and store is None:
         raise StrategyOptionError("datastore=true needs a head bundle that keeps a draft corpus: attach "
                                   "--heads default or a bundle made by `exitspec train` with self_distill")
-    return Lookup(draft_len=draft_len, max_ngram=max_ngram, min_ngram=min_ngram, store=store, min_accept=min_accept)
+    return Lookup(draft_len=draft_len, max_ngram=max_ngram, min_ngram=min_ngram, store=store, adaptive=adaptive)
 
 
 register_strategy("lookup", make_lookup)

@@ -5,37 +5,33 @@ The embedded default model ships as a Q4_1 GGUF: every decoder projection is sto
 tied LM head is Q8_0. transformers dequantizes all of it to dense fp32 on load, so a dense fp32 step
 reads 540 MB of weights that hold ~4.5 bits of information each. This module recovers (q, d, m)
 *exactly* from the dense weights (every recovered group is checked to dequantize back to the very
-same fp32 values, else the model is refused with a message) and runs the projections with torch's int4 CPU kernel
-(`aten._weight_int4pack_mm_for_cpu`), which reads 4 bits per weight.
+same fp32 values, else the model is refused with a message) and runs the products from the codes.
 
-Why it is sound: the weights are the checkpoint's own, bit for bit; what changes is the arithmetic
-of the products: the int4 kernel takes bf16 inputs and bf16 per-group scale/zero (d and m + 8d
-rounded to bf16, a relative change <= 2^-9 per group, the size of the bf16 rounding of the inputs)
-and returns bf16. Everything else (residual stream, norms, attention, softmax) stays fp32: keeping
-those in bf16 as well was slower here (CPU elementwise ops in bf16: 14.0 vs 11.2 ms of layers per
-step) and no closer to fp32. How close greedy output stays to the fp32 reference is measured, not
-assumed (`exitspec bench-runtime --weights int4` reports where it first departs and the perplexity).
+Two backends, chosen when the runtime is built:
+  * exitspec's own kernels (kernels/csrc, AVX512-BF16, built on first use): the groups' fp16 scale
+    and min are used exactly, each group's codes are expanded once for all rows of a call, and a
+    Llama-family stack runs as one fused C++ call (norms, RoPE, cache writes, attention in C++);
+    the Q8_0 LM head runs from its int8 codes in fp32 (`Q8Linear`). Only the products' inputs are
+    rounded (to bf16); everything else is fp32.
+  * torch's int4 CPU kernel (`aten._weight_int4pack_mm_for_cpu`) where those cannot run: it takes
+    bf16 inputs and bf16 per-group scale/zero (d and m + 8d rounded to bf16, a relative change
+    <= 2^-9 per group) and dequantizes again for every block of 4 rows; the LM head is a prepacked
+    bf16 copy (models/ops.Linear).
+Both are row-invariant (a row's output is bit-identical in 1-row and k-row calls, tests/test_int4.py
+and tests/test_kernels.py), which lossless speculative decoding needs. How close greedy output stays
+to the fp32 reference is measured, not assumed (`exitspec bench-runtime --weights int4` reports
+where it first departs and the perplexity).
 
-Measured on this CPU (Xeon with AVX-512/AMX, 2 threads, torch 2.13), all matmuls of one decode step
-of the default model, weights cycled through 30 layers (cold caches, as in real decoding):
-    k rows           1         4         8
-    fp32 F.linear    23.7 ms   45.8 ms   58.8 ms
-    bf16 prepacked   18.3 ms   18.4 ms   18.8 ms   (models/ops.Linear)
-    int4 (this)       5.9 ms   10.3 ms   18.2 ms
-The int4 kernel is also row-invariant: a row's output is bit-identical in 1-row and k-row calls
-(tests/test_int4.py), which lossless speculative decoding needs.
-
-Why a k-token step still costs ~1.6x a 1-token one at k = 8 (and ~1.15x up to k = 4): the kernel
-dequantizes the weights in fp32 for every block of 4 rows (per layer, one call per shape: 108 us
-at 1 row, 196 at 4, 362 at 8, 705 at 16), so past 4 rows it is bound by the dequantize-and-FMA
-work of 2 cores, not by memory. The alternatives were measured and rejected:
-  - bf16 copies of the same weights (oneDNN/AMX, flat in k): full step 26.5 ms at k=1, 28.3 at k=8,
-    i.e. 1.07x but slower than int4 at every k <= 8 (25.7 ms at k=8);
-  - switching kernels by row count (int4 up to 4 rows, bf16 above): rows would no longer be
-    bit-identical between vanilla (1 row) and verification (k rows), so greedy self-speculation
-    would stop being lossless;
-  - torch.compile of a layer's MLP half around this kernel: 18.4 ms per step instead of 15.6 (the
-    compiled call's guards cost more than the small fp32 ops it fuses at 1-8 rows).
+Measured on AMD EPYC (Zen 5, AVX-512 BF16, no AMX), 2 threads, torch 2.13, the default model's
+products over 30 layers with cold caches (66 MB of codes and scales):
+    k rows                1        2        4        8
+    torch int4 kernel   3.2 ms   3.4      3.8      8.6
+    exitspec q4 kernel  1.5 ms   1.6      1.7-2.0  2.7-3.5
+A 1-row product streams the codes at ~44 GB/s (the machine's ~39-45 GB/s), thanks to software
+prefetch; past 4 rows it is bound by vdpbf16ps throughput (one per cycle on this core), which is why
+an 8-row decode step still costs ~1.65x a 1-row one while 2-4 rows cost 1.00-1.06x
+(`exitspec info --weights int4`). The whole decode step: 11-13 ms with torch's kernel and per-op
+torch glue, ~4.3 ms fused.
 """
 
 from __future__ import annotations

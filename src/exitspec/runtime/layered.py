@@ -53,6 +53,7 @@ class LayeredModel:
             self._head = Linear(head_w, head_b)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self._row_costs: list[float] = []  # see row_costs()
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
         self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
 
@@ -152,7 +153,7 @@ class LayeredModel:
         return h
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.final_norm(h)
+        return self.adapter.norm(h)
 
     def head(self, h_normed: torch.Tensor) -> torch.Tensor:
         # ops.Linear rather than the module: same math, but row-count invariant and prepacked where
@@ -161,7 +162,7 @@ class LayeredModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, T, C) -> (B, T, V)."""
-        return self.head(self.final_norm(h))
+        return self.head(self.adapter.norm(h))
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -169,6 +170,15 @@ class LayeredModel:
         h = self.embed(ids, positions)
         h = self.run_layers(h, positions, cache, 0, self.num_layers)
         return self.logits(h)
+
+    def row_costs(self, max_rows: int) -> list[float]:
+        """Cost of a 1..max_rows-row decode step relative to a 1-row step, measured once per
+        runtime on first use (~0.2 s for the int4 default model) and kept (runtime/profile.py)."""
+        if len(self._row_costs) < max_rows:
+            from exitspec.runtime.profile import row_cost_curve
+
+            self._row_costs = row_cost_curve(self, max_rows)
+        return self._row_costs[:max_rows]
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part: embedding, layers, final norm, LM head (tied heads counted once)."""

@@ -59,6 +59,40 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
 
 
 @torch.inference_mode()
+def row_cost_curve(lm: LayeredModel, max_rows: int, context: int = 256, repeats: int = 12) -> list[float]:
+    """[1.0, cost of a 2-row step / a 1-row step, ..., up to max_rows], measured now.
+
+    What a speculative strategy needs to size its drafts: verifying k drafts costs one (k+1)-row
+    step. With exitspec's int4 kernels on the default model a 4-row step costs ~1.13x a 1-row one
+    and an 8-row step ~1.7x (products become compute-bound past 4 rows), so the best draft length
+    depends on the row count, not only on acceptance. Timed interleaved (every row count once per
+    round) so that a drift of the machine's speed hits all alike, and the fastest of `repeats`
+    rounds kept: on a shared machine a step is only ever slowed down by others, so the minimum is
+    the stable reading (medians of 5 rounds moved the 8-row cost between 1.4x and 2.3x). A
+    cumulative maximum keeps noise from making more rows look cheaper than fewer."""
+    dev = lm.device
+    cache = lm.new_cache(1, context + max_rows + 1)
+    ids = torch.randint(0, lm.vocab_size, (1, context + max_rows), device=dev)
+    pos = torch.arange(context + max_rows, device=dev)[None]
+    lm.forward(ids[:, :context], pos[:, :context], cache)
+    times: dict[int, list[float]] = {k: [] for k in range(1, max_rows + 1)}
+    for rnd in range(repeats + 1):
+        for k in times:
+            x, p = ids[:, context:context + k], pos[:, context:context + k]
+            t = time.perf_counter()
+            lm.logits(lm.run_layers(lm.embed(x, p), p, cache, 0, lm.num_layers))
+            if rnd:  # round 0 warms up
+                times[k].append(time.perf_counter() - t)
+    base = min(times[1])
+    curve, worst = [], 0.0
+    for k in times:
+        worst = max(worst, min(times[k]) / base)
+        curve.append(worst)
+    curve[0] = 1.0
+    return curve
+
+
+@torch.inference_mode()
 def row_invariance(lm: LayeredModel, prompts: list[list[int]], k: int = 8) -> dict:
     """How much a row's logits depend on how many rows share its forward call.
 

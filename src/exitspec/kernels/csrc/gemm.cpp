@@ -83,7 +83,12 @@ void q4_tile(const uint8_t* W, int nb0, const Q4Input& in, int m0, const float* 
     __m512 acc[M][NB];
     for (int m = 0; m < M; ++m)
       for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
-    for (int b = 0; b < NB; ++b) prefetch_bytes(blk[b] + (size_t)(g + kQ4Ahead) * kQ4GroupBytes, kQ4GroupBytes);
+    // Past a block's last group, fetch the start of the block this stream reads next (NB blocks on):
+    // the next tile then starts warm (1-row product 1.86 -> 1.49 ms over the default model's layers).
+    for (int b = 0; b < NB; ++b) {
+      const int ga = g + kQ4Ahead;
+      prefetch_bytes(blk[b] + (size_t)(ga < G ? ga : NB * G + ga - G) * kQ4GroupBytes, kQ4GroupBytes);
+    }
     const uint32_t* xg[M];  // bf16 pairs of this group's inputs
     for (int m = 0; m < M; ++m) xg[m] = (const uint32_t*)(in.xb + (size_t)(m0 + m) * K + g * kGroup);
 #pragma GCC unroll 8
@@ -152,7 +157,10 @@ void q8_tile(const uint8_t* W, int nb0, const float* x, int K, int m0, float* Y,
     __m512 acc[M][NB];
     for (int m = 0; m < M; ++m)
       for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
-    for (int b = 0; b < NB; ++b) prefetch_bytes(blk[b] + (size_t)(g + kQ8Ahead) * kQ8GroupBytes, kQ8GroupBytes);
+    for (int b = 0; b < NB; ++b) {
+      const int ga = g + kQ8Ahead;
+      prefetch_bytes(blk[b] + (size_t)(ga < G ? ga : NB * G + ga - G) * kQ8GroupBytes, kQ8GroupBytes);
+    }
 #pragma GCC unroll 8
     for (int k = 0; k < kGroup; ++k) {
       __m512 w[NB];
@@ -179,7 +187,15 @@ void q8_rows(const uint8_t* W, int nb0, const float* x, int K, int m0, int rows,
     case 1: q8_tile<1, NB>(W, nb0, x, K, m0, Y, ldy); break;
     case 2: q8_tile<2, NB>(W, nb0, x, K, m0, Y, ldy); break;
     case 3: q8_tile<3, NB>(W, nb0, x, K, m0, Y, ldy); break;
-    default: q8_tile<4, NB>(W, nb0, x, K, m0, Y, ldy); break;
+    case 4: q8_tile<4, NB>(W, nb0, x, K, m0, Y, ldy); break;
+    default:  // 5..8 rows: one block at a time (more would not fit the registers)
+      for (int b = 0; b < NB; ++b) {
+        if (rows == 5) q8_tile<5, 1>(W, nb0 + b, x, K, m0, Y, ldy);
+        else if (rows == 6) q8_tile<6, 1>(W, nb0 + b, x, K, m0, Y, ldy);
+        else if (rows == 7) q8_tile<7, 1>(W, nb0 + b, x, K, m0, Y, ldy);
+        else q8_tile<8, 1>(W, nb0 + b, x, K, m0, Y, ldy);
+      }
+      break;
   }
 }
 
@@ -210,8 +226,9 @@ void q4_gemm(const uint8_t* W, int N, const Q4Input& in, const float* bias, floa
 
 void q8_gemm(const uint8_t* W, int N, const float* x, int M, int K, float* Y, int ldy) {
   const int nblocks = N / kBlockN;
-  const int per_tile = M <= 2 ? 4 : 2;
-  for_tiles(nblocks, per_tile, M, 4, [&](int nb, int nbt, int m0, int rows) {
+  // 5..8 rows: one block per tile (8 + 8 accumulators), so the int8 codes are widened once for all rows.
+  const int per_tile = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+  for_tiles(nblocks, per_tile, M, 8, [&](int nb, int nbt, int m0, int rows) {
     if (nbt == 4) q8_rows<4>(W, nb, x, K, m0, rows, Y, ldy);
     else if (nbt == 2) q8_rows<2>(W, nb, x, K, m0, rows, Y, ldy);
     else q8_rows<1>(W, nb, x, K, m0, rows, Y, ldy);
