@@ -13,6 +13,7 @@ from exitspec.models.ops import Linear, onednn_packing_available
 from exitspec.runtime.layered import LayeredModel
 from helpers_strategies import PROMPTS, greedy
 
+
 @pytest.fixture(params=["exitspec-kernels", "torch-int4"])
 def backend(request, monkeypatch):
     """Run a test on exitspec's C++ kernels and again on torch's int4 kernel (the fallback)."""

@@ -181,3 +181,34 @@ def test_lookup_with_a_datastore_is_lossless_and_uses_it():
     m.heads = None
     with pytest.raises(StrategyOptionError, match="draft corpus"):
         greedy(m, "a", strategy="lookup", datastore=True)
+
+
+def test_datastore_command_replaces_the_corpus_and_keeps_the_heads(tmp_path):
+    """`exitspec datastore`: the model's greedy answers to a prompt file's train split become the
+    bundle's draft corpus; head weights and settings are copied unchanged."""
+    from conftest import save_tiny_model
+    from exitspec.cli import main
+    from exitspec.models.loading import load
+
+    folder = save_tiny_model(tmp_path / "m", chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    m = load(str(folder))
+    bundle = HeadBundle.create(m.lm, [2, 4], "swiglu", width=8)
+    with torch.no_grad():
+        bundle.head(2).down.weight.normal_()
+    bundle.set_draft_corpus([[1, 2, 3]], source="old")
+    bundle.save(tmp_path / "b")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"question number {i}?"}) for i in range(10)) + "\n")
+    rc = main(["datastore", "--model", str(folder), "--heads", str(tmp_path / "b"), "--data", str(prompts),
+               "--out", str(tmp_path / "new"), "--max-new-tokens", "6", "--batch", "4", "--work", str(tmp_path / "w"),
+               "--no-progress"])
+    assert rc == 0
+    new = HeadBundle.load(tmp_path / "new", m.lm)
+    seqs = new.draft_sequences()
+    assert len(seqs) == 8  # the train split: 8 of 10 prompts
+    assert all(len(s) == 6 + 3 for s in seqs)  # each answer with the last 3 prompt tokens
+    assert "8 train prompts" in new.config.draft_corpus["source"]
+    assert torch.equal(new.head(2).down.weight, bundle.head(2).down.weight)
+    assert new.config.exit_layers == [2, 4]
+    # Without --heads the command says what it needs.
+    assert main(["datastore", "--model", str(folder), "--out", str(tmp_path / "x")]) == 2

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("exitspec.commands.info", "layout, parameters, step cost by k; with --heads, self-spec cost per exit"),
     "bench-runtime": ("exitspec.bench.runtime", "tokens/s of HF generate vs the vanilla loop; k-token step cost"),
     "train": ("exitspec.training.cli", "train exit heads by distillation from the frozen model"),
+    "datastore": ("exitspec.commands.datastore", "rebuild a bundle's lookup datastore from the model's own answers"),
     "calibrate": ("exitspec.calibration.cli", "choose per-exit confidence thresholds on held-out data"),
     "eval-heads": ("exitspec.heads.evaluate", "per-exit KL, perplexity, agreement and coverage"),
     "bench": ("exitspec.bench.cli", "benchmark strategies and peers: results.csv, plots, report"),
