@@ -135,6 +135,17 @@ def test_datastore_hash_is_exact_and_wraps_safely_for_large_vocabularies():
             assert st.propose(s[:j], 3)[0] == s[j:j + 3]  # random 4-grams are unique: their own continuation
 
 
+def test_draft_corpus_is_stored_in_16_bits_when_the_vocabulary_fits():
+    from exitspec.heads.bundle import _pack_corpus, _unpack_corpus
+
+    flat = torch.tensor([0, 1, 32767, 32768, 49151, -1, 7, -1], dtype=torch.int32)
+    packed = _pack_corpus(flat, vocab=49152)
+    assert packed.dtype == torch.int16 and torch.equal(_unpack_corpus(packed), flat)
+    wide = _pack_corpus(torch.tensor([70000, -1], dtype=torch.int32), vocab=150_000)
+    assert wide.dtype == torch.int32 and _unpack_corpus(wide).tolist() == [70000, -1]
+    assert _unpack_corpus(flat).tolist() == flat.tolist()  # bundles saved before packing still load
+
+
 def test_bundle_keeps_the_draft_corpus(tmp_path):
     m = tiny_loaded("llama")
     b = HeadBundle.create(m.lm, [2], "norm_lm")

@@ -150,6 +150,8 @@ class HeadBundle(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                  for k, v in self.state_dict().items()}
+        if "draft_corpus" in state:
+            state["draft_corpus"] = _pack_corpus(state["draft_corpus"], self._base[0].vocab_size)
         with atomic_dir(path) as tmp:
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "exitspec-heads"})
             (tmp / CONFIG_FILE).write_text(self.config.to_json())
@@ -199,7 +201,8 @@ class HeadBundle(nn.Module):
             if corpus is None or corpus.ndim != 1 or corpus.is_floating_point():
                 raise BundleError(f"{w_path} lacks the draft corpus {CONFIG_FILE} describes; the bundle is "
                                   "damaged, retrain or re-save it")
-            bundle.register_buffer("draft_corpus", corpus.to(torch.int32))
+            state["draft_corpus"] = _unpack_corpus(corpus)
+            bundle.register_buffer("draft_corpus", state["draft_corpus"])
         ref = bundle.state_dict()
         missing = sorted(set(ref) - set(state))
         unexpected = sorted(set(state) - set(ref))
@@ -208,6 +211,26 @@ class HeadBundle(nn.Module):
                               f"unexpected {unexpected[:3]}); the bundle is damaged, retrain or re-save it")
         bundle.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
         return bundle.to(lm.device).eval().requires_grad_(False)
+
+
+# The draft corpus is most of a shipped bundle's size. Token ids of a vocabulary under 65,535 fit in
+# 16 bits, so the file keeps them as uint16 bit patterns in an int16 tensor (safetensors and torch both
+# handle int16 everywhere), with 0xFFFF as the separator; in memory it is int32 with -1 separators.
+_U16_SEP = 0xFFFF
+
+
+def _pack_corpus(flat: torch.Tensor, vocab: int) -> torch.Tensor:
+    if vocab >= _U16_SEP:  # ids need more than 16 bits: store as is
+        return flat.to(torch.int32)
+    u16 = torch.where(flat < 0, _U16_SEP, flat.to(torch.int32))
+    return torch.where(u16 >= 2**15, u16 - 2**16, u16).to(torch.int16)
+
+
+def _unpack_corpus(stored: torch.Tensor) -> torch.Tensor:
+    if stored.dtype != torch.int16:
+        return stored.to(torch.int32)
+    u16 = stored.to(torch.int32) & 0xFFFF
+    return torch.where(u16 == _U16_SEP, -1, u16).to(torch.int32)
 
 
 def shipped_bundle_path() -> Path:
