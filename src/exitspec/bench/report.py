@@ -67,7 +67,8 @@ def render(res: SavedResults, figures: list[str]) -> str:
         lines += ["Command:", "", f"    {cfg['command']}", ""]
     lines += [
         "Speedup is against the fastest of exitspec's vanilla loop (on every weights mode run) and HF `generate` "
-        "in this run. weights=int4 rows run the checkpoint's own 4-bit weights (bf16 products); their lossless "
+        "in this run. weights=int4 rows run the checkpoint's own 4-bit weights (products' inputs rounded to bf16 "
+        "or int8); their lossless "
         "audit is against the int4 vanilla loop, whose agreement / perplexity are against the dense fp32 model. "
         "peak MiB is the process peak (a second weights mode keeps both models loaded). "
         "E[acc] = accepted drafts per verification; tau = E[acc] + 1 (the token every verification adds); "

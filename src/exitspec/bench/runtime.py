@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     }
     rows = [("HF generate", med["hf"]), (f"exitspec vanilla loop ({model.lm.dtype}, dense)", med["vanilla"])]
     if fast is not None:
-        # How far the int4 loop's greedy tokens follow the dense loop's (bf16 products flip near-ties).
+        # How far the int4 loop's greedy tokens follow the dense loop's (rounded product inputs flip near-ties).
         div = [first_mismatch(b, a) for a, b in zip(tokens["vanilla"], tokens["int4"], strict=True)]
         result |= {"int4_tps_median": med["int4"], "int4_speedup_vs_hf": med["int4"] / med["hf"],
                    "int4_tps": tps["int4"], "int4_first_divergence": div, "int4_step_costs": step_costs(fast.lm)}

@@ -15,8 +15,8 @@ def add_model_args(p: argparse.ArgumentParser, heads: bool = True) -> None:
     g.add_argument("--dtype", default=None, help="float32 (default for dense weights), bfloat16 or float16")
     g.add_argument("--weights", default="dense", choices=("dense", "int4"),
                    help="dense (default) or int4: keep a Q4 GGUF's 4-bit weights (the default model's) and run "
-                        "them with exitspec's CPU kernels (bf16 products, fp32 elsewhere); ~10x faster decode "
-                        "steps than dense fp32 on CPU")
+                        "them with exitspec's CPU kernels (AVX-512 BF16 or AVX2; inputs of the products rounded "
+                        "to bf16 / int8, fp32 elsewhere); ~5-10x faster decode steps than dense fp32 on CPU")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     if heads:

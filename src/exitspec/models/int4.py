@@ -42,9 +42,14 @@ import torch
 from torch import nn
 
 from exitspec import kernels
-from exitspec.kernels.layout import BLOCK, fp16_exact, pack_q4, pack_q8, recover_q8
 
 GROUP = 32  # weights per quantization group along the input dimension (GGUF Q4_0 / Q4_1 blocks)
+BLOCK = 16  # the kernels take output sizes that are multiples of this
+
+
+def fp16_exact(t: torch.Tensor) -> bool:
+    """True if every value survives a round trip through fp16 (GGUF stores scales as fp16)."""
+    return bool(torch.equal(t.to(torch.float16).to(t.dtype), t))
 
 
 @dataclass
@@ -80,6 +85,24 @@ def recover_groups(weight: torch.Tensor, group: int = GROUP) -> Int4Groups | Non
     if not torch.equal(q * scale[..., None] + low[..., None], b):
         return None
     return Int4Groups(q.to(torch.uint8).reshape(out, n_in), scale, low)
+
+
+def recover_q8(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q int8, scale) with scale * q == weight bit for bit in fp32 and fp16-exact scales (a GGUF Q8_0
+    tensor de-quantized by transformers), or None.
+
+    Q8_0 sets scale = max|w| / 127 per group, so the group's largest magnitude has |q| = 127."""
+    w = weight.detach().to(torch.float32)
+    out, n_in = w.shape
+    if n_in % group:
+        return None
+    b = w.reshape(out, n_in // group, group)
+    amax = b.abs().amax(-1)
+    for scale in (amax / 127, (amax / 127).half().float()):
+        q = torch.round(b / torch.where(scale == 0, 1.0, scale)[..., None]).clamp_(-127, 127)
+        if fp16_exact(scale) and torch.equal(q * scale[..., None], b):
+            return q.to(torch.int8).reshape(out, n_in), scale
+    return None
 
 
 def int4_table(model: nn.Module, group: int = GROUP) -> dict[nn.Linear, Int4Groups]:
@@ -127,7 +150,7 @@ class Int4Linear:
                 and fp16_exact(groups.low):
             self._ops = ops
             b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-            self.kernel = ops.Q4Weight(pack_q4(groups.q, groups.scale, groups.low), out, n_in, b)
+            self.kernel = ops.Q4Weight(groups.q.contiguous(), groups.scale.contiguous(), groups.low.contiguous(), b)
             return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32), 1)
         # The kernel dequantizes as (q - 8) * scale + zero, so zero = low + 8 * scale.  (groups, out, 2)
@@ -153,10 +176,10 @@ class Q8Linear:
     embedding): int8 codes with one fp16 scale per 32 inputs, multiplied in fp32 by exitspec's kernel
     (exact weights; half the bytes of a bf16 copy, a quarter of fp32). Build with `from_weight`."""
 
-    __slots__ = ("packed", "bias", "out_features", "_ops")
+    __slots__ = ("kernel", "bias", "out_features", "_ops")
 
-    def __init__(self, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None, ops):
-        self.packed, self.out_features, self.bias, self._ops = packed, out_features, bias, ops
+    def __init__(self, kernel, bias: torch.Tensor | None, ops):
+        self.kernel, self.out_features, self.bias, self._ops = kernel, kernel.out_features, bias, ops
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Q8Linear | None:
@@ -167,12 +190,12 @@ class Q8Linear:
         found = recover_q8(weight)
         if found is None:
             return None
-        return cls(pack_q8(*found), weight.shape[0], bias, ops)
+        q, scale = found
+        return cls(ops.Q8Weight(q.contiguous(), scale.contiguous()), bias, ops)
 
     def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:  # (..., in) -> (..., out)
         lead = x.shape[:-1]
-        y = self._ops.q8_linear(x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous(), self.packed,
-                                self.out_features)
+        y = self._ops.q8_linear(x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous(), self.kernel)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*lead, self.out_features)

@@ -171,9 +171,11 @@ def load(
     hub id (downloaded by transformers as usual; nothing in exitspec's tests needs the network).
     `dtype`: float32 (default for dense weights), bfloat16 or float16.
     `weights`: "dense" (every weight a plain tensor of `dtype`), or "int4": keep the 4-bit groups a
-    Q4_0/Q4_1 GGUF stores (the default model is one) and run the decoder projections with the int4
-    CPU kernel (bf16 products, everything else in fp32) and the LM head from a prepacked bf16 copy:
-    ~2x faster decode steps on CPU (see models/int4.py). The HF model itself stays fp32.
+    Q4_0/Q4_1 GGUF stores (the default model is one) and run the decoder projections and the LM head
+    from them with exitspec's CPU kernels (products' inputs rounded to bf16 on AVX-512 BF16, to int8
+    per group of 32 on AVX2; everything else fp32), or torch's int4 kernel and a prepacked bf16 head
+    where those cannot run: ~5-10x faster decode steps on CPU (see models/int4.py). The HF model
+    itself stays fp32.
     """
     if weights not in WEIGHT_MODES:
         raise ModelLoadError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_MODES)}")

@@ -62,15 +62,18 @@ class LayeredModel:
         """Which kernels run the decoder projections and the LM head, in words."""
         if self.weights == "dense":
             return f"torch ({str(self.dtype).replace('torch.', '')} weights)"
+        from exitspec import kernels
+
+        ops = kernels.load()
+        isa = f", {ops.ISA} build: {ops.NUMERICS}" if ops is not None else ""
         layers = ("exitspec fused C++ stack (q4)" if self.adapter.fused else
                   "exitspec q4 kernel per projection" if any(
                       getattr(m, "kernel", None) is not None for m in _projections(self.adapter)) else
                   "torch's int4 kernel")
         head = "exitspec q8 kernel" if isinstance(self._head, Q8Linear) else "prepacked bf16"
-        from exitspec import kernels
-
         why = kernels.unavailable_reason()
-        return f"layers: {layers}; LM head: {head}" + (f" (exitspec kernels unavailable: {why})" if why else "")
+        return (f"layers: {layers}; LM head: {head}{isa}"
+                + (f" (exitspec kernels unavailable: {why})" if why else ""))
 
     @property
     def row_invariant(self) -> bool:

@@ -35,11 +35,12 @@ struct Query {
   int64_t lo, hi;  // visible slots lo..hi (inclusive)
 };
 
-// Lanes j0..j0+15 that fall inside lo..hi.
-inline __mmask16 visible(int64_t j0, int64_t lo, int64_t hi) {
-  const int64_t a = std::clamp<int64_t>(lo - j0, 0, 16), b = std::clamp<int64_t>(hi - j0 + 1, 0, 16);
-  return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
-}
+// The lanes a..b-1 of the 16 slots j0..j0+15 that fall inside lo..hi.
+struct Visible {
+  int a, b;
+  Visible(int64_t j0, int64_t lo, int64_t hi)
+      : a((int)std::clamp<int64_t>(lo - j0, 0, 16)), b((int)std::clamp<int64_t>(hi - j0 + 1, 0, 16)) {}
+};
 
 // out[i] = inv[i] * sum_j w[i][j] v_j over `width` value rows, for n <= QB queries at once.
 template <int DV, int QB>
@@ -51,20 +52,20 @@ void values_pass(int n, const float* const* w, float* const* out, const float* i
     return;
   }
   constexpr int D = DV * 16;
-  __m512 acc[QB][DV];
+  V16 acc[QB][DV];
   for (int i = 0; i < QB; ++i)
-    for (int v = 0; v < DV; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int v = 0; v < DV; ++v) acc[i][v] = vzero();
   for (int64_t j = 0; j < width; ++j) {
     const float* vr = vb + j * D;
-    __m512 vv[DV];
-    for (int v = 0; v < DV; ++v) vv[v] = _mm512_loadu_ps(vr + 16 * v);
+    V16 vv[DV];
+    for (int v = 0; v < DV; ++v) vv[v] = vload(vr + 16 * v);
     for (int i = 0; i < QB; ++i) {
-      const __m512 wt = _mm512_set1_ps(w[i][j]);
-      for (int v = 0; v < DV; ++v) acc[i][v] = _mm512_fmadd_ps(wt, vv[v], acc[i][v]);
+      const V16 wt = vset1(w[i][j]);
+      for (int v = 0; v < DV; ++v) acc[i][v] = vfma(wt, vv[v], acc[i][v]);
     }
   }
   for (int i = 0; i < QB; ++i)
-    for (int v = 0; v < DV; ++v) _mm512_storeu_ps(out[i] + 16 * v, _mm512_mul_ps(acc[i][v], _mm512_set1_ps(inv[i])));
+    for (int v = 0; v < DV; ++v) vstore(out[i] + 16 * v, vmul(acc[i][v], vset1(inv[i])));
 }
 
 // DV = head_dim / 16, a compile-time constant so that every accumulator stays in a register.
@@ -82,37 +83,39 @@ void attend_group(const Query* qs, int nq, const float* kb, const float* vb, flo
     const float* kblk = kb + j0 * D;
     for (int i = 0; i < nq; ++i) {
       const float* q = qs[i].q;
-      __m512 qv[DV];
-      for (int d = 0; d < DV; ++d) qv[d] = _mm512_loadu_ps(q + 16 * d);
-      __m512 part[16];
+      V16 qv[DV];
+      for (int d = 0; d < DV; ++d) qv[d] = vload(q + 16 * d);
+      V16 part[16];
       for (int t = 0; t < 16; ++t) {
         const float* k = kblk + t * D;
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-        for (int d = 1; d < DV; ++d) acc = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(k + 16 * d), acc);
+        V16 acc = vmul(qv[0], vload(k));
+        for (int d = 1; d < DV; ++d) acc = vfma(qv[d], vload(k + 16 * d), acc);
         part[t] = acc;
       }
-      _mm512_storeu_ps(&buf[(size_t)i * width + (j0 - a0)], _mm512_mul_ps(hsum16x16(part), _mm512_set1_ps(scale)));
+      vstore(&buf[(size_t)i * width + (j0 - a0)], vmul(hsum16x16(part), vset1(scale)));
     }
   }
   // --- softmax over each query's visible slots; invisible slots get weight 0 ---------------------
   float inv[64];
   for (int i = 0; i < nq; ++i) {
     float* w = &buf[(size_t)i * width];
-    __m512 vmx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < width; j += 16)
-      vmx = _mm512_mask_max_ps(vmx, visible(a0 + j, qs[i].lo, qs[i].hi), vmx, _mm512_loadu_ps(w + j));
-    vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
-    __m512 vsum = _mm512_setzero_ps();
+    V16 vmx = vset1(-INFINITY);
     for (int64_t j = 0; j < width; j += 16) {
-      const __m512 e = _mm512_maskz_mov_ps(visible(a0 + j, qs[i].lo, qs[i].hi),
-                                           exp16(_mm512_sub_ps(_mm512_loadu_ps(w + j), vmx)));
-      _mm512_storeu_ps(w + j, e);
-      vsum = _mm512_add_ps(vsum, e);
+      const Visible in(a0 + j, qs[i].lo, qs[i].hi);
+      vmx = vmax_in(vmx, vload(w + j), in.a, in.b);
     }
-    inv[i] = 1.0f / _mm512_reduce_add_ps(vsum);
+    vmx = vset1(vmaxall(vmx));
+    V16 total = vzero();
+    for (int64_t j = 0; j < width; j += 16) {
+      const Visible in(a0 + j, qs[i].lo, qs[i].hi);
+      const V16 e = vkeep(vexp(vsub(vload(w + j), vmx)), in.a, in.b);
+      vstore(w + j, e);
+      total = vadd(total, e);
+    }
+    inv[i] = 1.0f / vsum(total);
   }
-  // --- weighted values: up to 16 accumulators (queries x D/16) per pass over the value rows ------
-  constexpr int QB = DV >= 16 ? 1 : 16 / DV;
+  // --- weighted values: up to kLiveV16 accumulators (queries x D/16) per pass over the value rows --
+  constexpr int QB = DV >= kLiveV16 ? 1 : kLiveV16 / DV;
   for (int i0 = 0; i0 < nq; i0 += QB) {
     const float* w[QB];
     float* out[QB];

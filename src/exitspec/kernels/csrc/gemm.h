@@ -1,29 +1,49 @@
-// Few-row products with weights kept as a GGUF checkpoint stores them (see gemm.cpp).
+// Few-row products with weights kept as a GGUF checkpoint stores them. One interface, two
+// implementations, one per build: gemm_avx512.cpp (bf16 dot products) and gemm_avx2.cpp (int8 dot
+// products); each packs the weights in the byte layout its inner loop reads and describes it.
 #pragma once
 #include <cstdint>
+#include <vector>
+
+#include "vec.h"
 
 namespace exitspec {
 
-constexpr int kGroup = 32;       // weights per quantization group along the input dimension
-constexpr int kBlockN = 16;      // outputs per packed block (one zmm of fp32 results)
-constexpr int kQ4GroupBytes = 320;  // 16 outputs x 32 inputs: 256 B of nibbles + 16 fp16 scales + 16 fp16 lows
-constexpr int kQ8GroupBytes = 544;  // 16 outputs x 32 inputs: 512 B of int8 + 16 fp16 scales
+constexpr int kGroup = 32;   // weights per quantization group along the input dimension
+constexpr int kBlockN = 16;  // the interface takes output sizes that are multiples of this
 
-// Activations prepared for the q4 product: bf16 copies of the rows and, per row and group, the sum
-// of the bf16 values (the term the group's low / zero point multiplies).
+// Which build this is ("avx512bf16" or "avx2"), and a sentence on how its products round.
+extern const char* const kIsa;
+extern const char* const kNumerics;
+
+// Packed sizes in bytes, and the packers: q4 codes 0..15 (N, K) with (N, K / 32) fp16-exact scale and
+// low (w = scale * q + low, GGUF Q4_0 / Q4_1); q8 codes (N, K) int8 with fp16-exact scales (w = scale
+// * q, GGUF Q8_0).
+int64_t q4_packed_bytes(int N, int K);
+int64_t q8_packed_bytes(int N, int K);
+void pack_q4(const uint8_t* q, const float* scale, const float* low, int N, int K, uint8_t* out);
+void pack_q8(const int8_t* q, const float* scale, int N, int K, uint8_t* out);
+
+// Activations prepared once for every q4 product that reads them (a row's preparation never depends
+// on the other rows). AVX-512: the rows rounded to bf16 and, per group, the sum of those bf16 values.
+// AVX2: the rows quantized to int8 per group of 32 (scale = max |x| / 127, GGUF's Q8_0 rule), the
+// scales, and per group the sum of the fp32 values (the term a group's low multiplies).
 struct Q4Input {
-  const uint16_t* xb;  // (M, K) bf16 bits
-  const float* xs;     // (M, K / 32)
-  int M, K;
+  int M = 0, K = 0;
+#if EXITSPEC_AVX512
+  std::vector<uint16_t> xb;  // (M, K) bf16 bits
+#else
+  std::vector<int8_t> xq;    // (M, K)
+  std::vector<float> xd;     // (M, K / 32) scales
+#endif
+  std::vector<float> xs;     // (M, K / 32)
+  const Q4Input& set(const float* x, int rows, int cols);
 };
 
-// x (M, K) fp32 -> xb, xs as above (row by row; a row's results never depend on the others).
-void q4_prepare(const float* x, int M, int K, uint16_t* xb, float* xs);
-
-// Y (M, N) [+]= x W^T (+ bias), W packed q4 (N / 16 blocks of K / 32 groups). ldy: row stride of Y.
+// Y (M, N) [+]= x W^T (+ bias), W packed q4. ldy: row stride of Y.
 void q4_gemm(const uint8_t* W, int N, const Q4Input& in, const float* bias, float* Y, int ldy, bool accumulate);
 
-// Y (M, N) = x W^T, W packed q8 (int8 with one fp16 scale per 32, GGUF Q8_0), x fp32.
+// Y (M, N) = x W^T, W packed q8, x fp32 (M, K).
 void q8_gemm(const uint8_t* W, int N, const float* x, int M, int K, float* Y, int ldy);
 
 }  // namespace exitspec

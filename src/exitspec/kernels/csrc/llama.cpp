@@ -27,16 +27,33 @@ void check_cpu_f32(const torch::Tensor& t, const char* what) {
               " must be a contiguous float32 CPU tensor");
 }
 
+// Scales and lows as the packers store them (fp16): refuse any value fp16 would change, since the
+// products would then not be the checkpoint's.
+void check_groups(const torch::Tensor& t, int64_t n, int64_t g, const char* what) {
+  check_cpu_f32(t, what);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == g, what, " must be (out_features, in_features / 32)");
+  TORCH_CHECK(torch::equal(t.to(torch::kFloat16).to(torch::kFloat32), t), what, " must be exact in fp16");
+}
+
+// A weight packed for q4_gemm in this build's layout (gemm_avx512.cpp / gemm_avx2.cpp).
 struct Q4Weight {
-  torch::Tensor packed;  // uint8, see gemm.cpp
+  torch::Tensor packed;  // uint8
   torch::Tensor bias;    // (N,) float32 or undefined
   int n = 0, k = 0;
 
-  Q4Weight(torch::Tensor p, int64_t n_out, int64_t k_in, c10::optional<torch::Tensor> b)
-      : packed(std::move(p)), n((int)n_out), k((int)k_in) {
-    TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed q4 weight must be uint8");
-    TORCH_CHECK(n % kBlockN == 0 && k % kGroup == 0, "q4 weight needs out % 16 == 0 and in % 32 == 0");
-    TORCH_CHECK(packed.numel() == (int64_t)(n / kBlockN) * (k / kGroup) * kQ4GroupBytes, "packed q4 size mismatch");
+  // q (N, K) uint8 codes 0..15, scale and low (N, K / 32) float32: w = scale * q + low per group.
+  Q4Weight(const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& low,
+           c10::optional<torch::Tensor> b) {
+    TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kUInt8 && q.is_contiguous() && q.dim() == 2,
+                "q4 codes must be a contiguous (out_features, in_features) uint8 CPU tensor");
+    n = (int)q.size(0), k = (int)q.size(1);
+    TORCH_CHECK(n % kBlockN == 0 && k % kGroup == 0, "q4 weight needs out % 16 == 0 and in % 32 == 0, got ", n,
+                " x ", k);
+    TORCH_CHECK(q.numel() == 0 || q.max().item<int>() <= 15, "q4 codes must be 0..15");
+    check_groups(scale, n, k / kGroup, "q4 scale");
+    check_groups(low, n, k / kGroup, "q4 low");
+    packed = torch::empty({q4_packed_bytes(n, k)}, torch::kUInt8);
+    pack_q4(q.data_ptr<uint8_t>(), scale.data_ptr<float>(), low.data_ptr<float>(), n, k, packed.data_ptr<uint8_t>());
     if (b && b->defined()) {
       check_cpu_f32(*b, "bias");
       TORCH_CHECK(b->numel() == n, "bias size mismatch");
@@ -46,15 +63,21 @@ struct Q4Weight {
   const float* bias_ptr() const { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
 };
 
-// Scratch for one call: activations as bf16 + group sums (the q4 kernel's input).
-struct Prepared {
-  std::vector<uint16_t> xb;
-  std::vector<float> xs;
-  Q4Input set(const float* x, int M, int K) {
-    xb.resize((size_t)M * K);
-    xs.resize((size_t)M * (K / kGroup));
-    q4_prepare(x, M, K, xb.data(), xs.data());
-    return Q4Input{xb.data(), xs.data(), M, K};
+// A GGUF Q8_0 weight (the tied LM head) packed for q8_gemm: q (N, K) int8, scale (N, K / 32).
+struct Q8Weight {
+  torch::Tensor packed;
+  int n = 0, k = 0;
+
+  Q8Weight(const torch::Tensor& q, const torch::Tensor& scale) {
+    TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.dim() == 2,
+                "q8 codes must be a contiguous (out_features, in_features) int8 CPU tensor");
+    n = (int)q.size(0), k = (int)q.size(1);
+    TORCH_CHECK(n % kBlockN == 0 && k % kGroup == 0, "q8 weight needs out % 16 == 0 and in % 32 == 0, got ", n,
+                " x ", k);
+    TORCH_CHECK(q.numel() == 0 || q.min().item<int>() >= -127, "q8 codes must be -127..127 (GGUF Q8_0)");
+    check_groups(scale, n, k / kGroup, "q8 scale");
+    packed = torch::empty({q8_packed_bytes(n, k)}, torch::kUInt8);
+    pack_q8(q.data_ptr<int8_t>(), scale.data_ptr<float>(), n, k, packed.data_ptr<uint8_t>());
   }
 };
 
@@ -62,10 +85,8 @@ void rms_norm_rows(const float* x, const float* w, float eps, int M, int C, floa
   for (int m = 0; m < M; ++m) {
     const float* xr = x + (size_t)m * C;
     float* yr = y + (size_t)m * C;
-    const float r = 1.0f / std::sqrt(dot16n(xr, xr, C) / C + eps);
-    const __m512 vr = _mm512_set1_ps(r);
-    for (int c = 0; c < C; c += 16)
-      _mm512_storeu_ps(yr + c, _mm512_mul_ps(_mm512_loadu_ps(w + c), _mm512_mul_ps(_mm512_loadu_ps(xr + c), vr)));
+    const V16 r = vset1(1.0f / std::sqrt(dot16n(xr, xr, C) / C + eps));
+    for (int c = 0; c < C; c += 16) vstore(yr + c, vmul(vload(w + c), vmul(vload(xr + c), r)));
   }
 }
 
@@ -137,7 +158,7 @@ class LlamaStack {
     const int Nqkv = (H_ + 2 * Hkv_) * D_;
     std::vector<float> normed((size_t)M * C_), qkv((size_t)M * Nqkv), att((size_t)M * H_ * D_),
         gu((size_t)M * 2 * I_), act((size_t)M * I_);
-    Prepared prep;
+    Q4Input prep;  // the rows as each product reads them (gemm.h), reused by every product
     const float* cs = cos.data_ptr<float>();
     const float* sn = sin.data_ptr<float>();
     const int64_t layer_stride = (int64_t)B * Hkv_ * slots * D_;
@@ -172,10 +193,9 @@ class LlamaStack {
         const float* u = g + I_;
         float* a = act.data() + (size_t)r * I_;
         for (int i = 0; i < I_; i += 16) {
-          const __m512 gv = _mm512_loadu_ps(g + i);
-          const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                           _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-          _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(u + i)));
+          const V16 gv = vload(g + i);
+          const V16 sig = vdiv(vset1(1.0f), vadd(vset1(1.0f), vexp(vsub(vzero(), gv))));
+          vstore(a + i, vmul(vmul(gv, sig), vload(u + i)));
         }
       }
       q4_gemm(L.down.packed.data_ptr<uint8_t>(), C_, prep.set(act.data(), M, I_), L.down.bias_ptr(), x, C_, true);
@@ -195,21 +215,18 @@ torch::Tensor q4_linear(const torch::Tensor& x, const Q4Weight& w) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.k, "x must be (rows, in)");
   const int M = (int)x.size(0);
   auto y = torch::empty({M, w.n}, x.options());
-  Prepared prep;
+  Q4Input prep;
   q4_gemm(w.packed.data_ptr<uint8_t>(), w.n, prep.set(x.data_ptr<float>(), M, w.k), w.bias_ptr(), y.data_ptr<float>(),
           w.n, false);
   return y;
 }
 
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n) {
+torch::Tensor q8_linear(const torch::Tensor& x, const Q8Weight& w) {
   check_cpu_f32(x, "x");
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed q8 weight must be uint8");
-  const int M = (int)x.size(0), K = (int)x.size(1);
-  TORCH_CHECK(n % kBlockN == 0 && K % kGroup == 0 &&
-                  packed.numel() == (n / kBlockN) * (K / kGroup) * (int64_t)kQ8GroupBytes,
-              "packed q8 weight does not match x");
-  auto y = torch::empty({M, n}, x.options());
-  q8_gemm(packed.data_ptr<uint8_t>(), (int)n, x.data_ptr<float>(), M, K, y.data_ptr<float>(), (int)n);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.k, "x must be (rows, in)");
+  const int M = (int)x.size(0);
+  auto y = torch::empty({M, w.n}, x.options());
+  q8_gemm(w.packed.data_ptr<uint8_t>(), w.n, x.data_ptr<float>(), M, w.k, y.data_ptr<float>(), w.n);
   return y;
 }
 
@@ -239,12 +256,20 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace exitspec;
   namespace py = pybind11;
-  m.doc() = "exitspec CPU kernels (AVX512-BF16): q4/q8 few-row products, decode attention, fused Llama stack";
+  m.doc() = "exitspec CPU kernels: q4/q8 few-row products, decode attention, fused Llama stack";
+  m.attr("ISA") = kIsa;
+  m.attr("NUMERICS") = kNumerics;
   py::class_<Q4Weight>(m, "Q4Weight")
-      .def(py::init<torch::Tensor, int64_t, int64_t, c10::optional<torch::Tensor>>(), py::arg("packed"),
-           py::arg("out_features"), py::arg("in_features"), py::arg("bias") = py::none())
+      .def(py::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, c10::optional<torch::Tensor>>(),
+           py::arg("q"), py::arg("scale"), py::arg("low"), py::arg("bias") = py::none())
       .def_readonly("out_features", &Q4Weight::n)
-      .def_readonly("in_features", &Q4Weight::k);
+      .def_readonly("in_features", &Q4Weight::k)
+      .def_property_readonly("nbytes", [](const Q4Weight& w) { return w.packed.numel(); });
+  py::class_<Q8Weight>(m, "Q8Weight")
+      .def(py::init<const torch::Tensor&, const torch::Tensor&>(), py::arg("q"), py::arg("scale"))
+      .def_readonly("out_features", &Q8Weight::n)
+      .def_readonly("in_features", &Q8Weight::k)
+      .def_property_readonly("nbytes", [](const Q8Weight& w) { return w.packed.numel(); });
   py::class_<LlamaStack>(m, "LlamaStack")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &LlamaStack::add_layer)

@@ -1,4 +1,5 @@
-// Few-row matrix products over GGUF-style quantized weights, for decode steps of 1..~16 rows.
+// Few-row matrix products over GGUF-style quantized weights, for decode steps of 1..~16 rows: the
+// AVX512-BF16 build (gemm_avx2.cpp is the AVX2 one; gemm.h the interface both implement).
 //
 // Why our own kernel: torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) dequantizes the weights
 // again for every block of 4 rows (so 8 rows cost 2x 4 rows), rounds the per-group scale and zero
@@ -30,18 +31,67 @@
 
 namespace exitspec {
 
-void q4_prepare(const float* x, int M, int K, uint16_t* xb, float* xs) {
+const char* const kIsa = "avx512bf16";
+const char* const kNumerics = "q4 products from bf16-rounded inputs, q8 LM head in fp32";
+
+constexpr int kQ4GroupBytes = 320;  // 16 outputs x 32 inputs: 256 B of nibbles + 16 fp16 scales + 16 fp16 lows
+constexpr int kQ8GroupBytes = 544;  // 16 outputs x 32 inputs: 512 B of int8 + 16 fp16 scales
+
+int64_t q4_packed_bytes(int N, int K) { return (int64_t)(N / kBlockN) * (K / kGroup) * kQ4GroupBytes; }
+int64_t q8_packed_bytes(int N, int K) { return (int64_t)(N / kBlockN) * (K / kGroup) * kQ8GroupBytes; }
+
+void pack_q4(const uint8_t* q, const float* scale, const float* low, int N, int K, uint8_t* out) {
   const int G = K / kGroup;
+  for (int nb = 0; nb < N / kBlockN; ++nb)
+    for (int g = 0; g < G; ++g) {
+      uint8_t* dst = out + ((size_t)nb * G + g) * kQ4GroupBytes;
+      for (int qd = 0; qd < 8; ++qd)
+        for (int j = 0; j < kBlockN; ++j) {
+          const uint8_t* c = q + (size_t)(nb * kBlockN + j) * K + g * kGroup + 4 * qd;
+          dst[qd * 32 + 2 * j] = (uint8_t)(c[0] | c[2] << 4);
+          dst[qd * 32 + 2 * j + 1] = (uint8_t)(c[1] | c[3] << 4);
+        }
+      uint16_t* sl = (uint16_t*)(dst + 256);
+      for (int j = 0; j < kBlockN; ++j) {
+        const size_t at = (size_t)(nb * kBlockN + j) * G + g;
+        sl[j] = _cvtss_sh(scale[at], _MM_FROUND_TO_NEAREST_INT);
+        sl[kBlockN + j] = _cvtss_sh(low[at], _MM_FROUND_TO_NEAREST_INT);
+      }
+    }
+}
+
+void pack_q8(const int8_t* q, const float* scale, int N, int K, uint8_t* out) {
+  const int G = K / kGroup;
+  for (int nb = 0; nb < N / kBlockN; ++nb)
+    for (int g = 0; g < G; ++g) {
+      uint8_t* dst = out + ((size_t)nb * G + g) * kQ8GroupBytes;
+      for (int k = 0; k < kGroup; ++k)
+        for (int j = 0; j < kBlockN; ++j) dst[k * 16 + j] = (uint8_t)q[(size_t)(nb * kBlockN + j) * K + g * kGroup + k];
+      uint16_t* sc = (uint16_t*)(dst + 512);
+      for (int j = 0; j < kBlockN; ++j) sc[j] = _cvtss_sh(scale[(size_t)(nb * kBlockN + j) * G + g], _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+// Round 16 floats to bf16 (round to nearest even, the AVX512-BF16 instruction) and back to float.
+static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+static inline __m512 from_bf16(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+
+const Q4Input& Q4Input::set(const float* x, int rows, int cols) {
+  M = rows, K = cols;
+  const int G = K / kGroup;
+  xb.resize((size_t)M * K);
+  xs.resize((size_t)M * G);
   for (int m = 0; m < M; ++m) {
     for (int g = 0; g < G; ++g) {
       const float* src = x + (size_t)m * K + g * kGroup;
-      uint16_t* dst = xb + (size_t)m * K + g * kGroup;
+      uint16_t* dst = xb.data() + (size_t)m * K + g * kGroup;
       __m256i b0 = to_bf16(_mm512_loadu_ps(src)), b1 = to_bf16(_mm512_loadu_ps(src + 16));
       _mm256_storeu_si256((__m256i*)dst, b0);
       _mm256_storeu_si256((__m256i*)(dst + 16), b1);
       xs[(size_t)m * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(from_bf16(b0), from_bf16(b1)));
     }
   }
+  return *this;
 }
 
 namespace {
@@ -90,7 +140,7 @@ void q4_tile(const uint8_t* W, int nb0, const Q4Input& in, int m0, const float* 
       prefetch_bytes(blk[b] + (size_t)(ga < G ? ga : NB * G + ga - G) * kQ4GroupBytes, kQ4GroupBytes);
     }
     const uint32_t* xg[M];  // bf16 pairs of this group's inputs
-    for (int m = 0; m < M; ++m) xg[m] = (const uint32_t*)(in.xb + (size_t)(m0 + m) * K + g * kGroup);
+    for (int m = 0; m < M; ++m) xg[m] = (const uint32_t*)(in.xb.data() + (size_t)(m0 + m) * K + g * kGroup);
 #pragma GCC unroll 8
     for (int qd = 0; qd < 8; ++qd) {
       __m512i w01[NB], w23[NB];
