@@ -2,7 +2,9 @@
 
 Reports tokens/s of HF `generate` (greedy) and of exitspec's vanilla loop over the same prompts
 (medians, exactly `max_new_tokens` each, EOS ignored so every run does the same work), and the cost
-of one forward step over k = 1, 2, 4, 8 new tokens with a warm cache.
+of one forward step over k = 1, 2, 4, 8 new tokens with a warm cache. With `--weights int4`, also the
+4-bit loop's speed and its fidelity to the dense model (greedy divergence, teacher-forced top-1
+agreement, KL and perplexity).
 """
 
 from __future__ import annotations
@@ -42,6 +44,33 @@ def vanilla_run(model, ids: list[int], n: int) -> tuple[float, list[int]]:
 
     r = generate(model, None, prompt_ids=[ids], max_new_tokens=n, ignore_eos=True)
     return r.stats.new_tokens / r.stats.total_s, r.token_ids[0]
+
+
+def fidelity(reference, candidate, seqs: list[tuple[int, list[int]]]) -> dict:
+    """How closely `candidate`'s next-token distributions follow `reference`'s, teacher-forced.
+
+    seqs: (prompt length, prompt + continuation) pairs; every continuation position is scored with
+    both models reading the same tokens, so one early flip does not decide the rest of the text (as
+    it does for greedy-token agreement). Returns top-1 agreement, mean KL(reference || candidate) in
+    nats, and each model's perplexity of the continuations."""
+    from exitspec.bench.metrics import kl_divergence, nll, perplexity
+
+    agree = kl = nll_ref = nll_cand = 0.0
+    count = 0
+    for n0, ids in seqs:
+        t = torch.tensor([ids])  # (1, T)
+        pos = torch.arange(len(ids))[None]
+        with torch.inference_mode():  # logits predicting tokens n0..T-1: (T - n0, V)
+            a = reference.lm.forward(t, pos, reference.lm.new_cache(1, len(ids)))[0, n0 - 1:-1]
+            b = candidate.lm.forward(t, pos, candidate.lm.new_cache(1, len(ids)))[0, n0 - 1:-1]
+        target = t[0, n0:]
+        agree += float((a.argmax(-1) == b.argmax(-1)).sum())
+        kl += float(kl_divergence(a, b).sum())
+        nll_ref += float(nll(a, target).sum())
+        nll_cand += float(nll(b, target).sum())
+        count += len(target)
+    return {"tokens": count, "top1_agreement": agree / count, "kl_nats": kl / count,
+            "perplexity_reference": perplexity(nll_ref, count), "perplexity_candidate": perplexity(nll_cand, count)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,8 +119,11 @@ def run(args: argparse.Namespace) -> int:
     if fast is not None:
         # How far the int4 loop's greedy tokens follow the dense loop's (rounded product inputs flip near-ties).
         div = [first_mismatch(b, a) for a, b in zip(tokens["vanilla"], tokens["int4"], strict=True)]
+        # ...and, teacher-forced on the dense loop's own texts, how far its distributions move.
+        fid = fidelity(model, fast, [(len(ids), ids + t) for ids, t in zip(enc, tokens["vanilla"], strict=True)])
         result |= {"int4_tps_median": med["int4"], "int4_speedup_vs_hf": med["int4"] / med["hf"],
-                   "int4_tps": tps["int4"], "int4_first_divergence": div, "int4_step_costs": step_costs(fast.lm)}
+                   "int4_tps": tps["int4"], "int4_first_divergence": div, "int4_fidelity": fid,
+                   "int4_backend": fast.lm.backend, "int4_step_costs": step_costs(fast.lm)}
         rows.append(("exitspec vanilla loop (int4 weights)", med["int4"]))
     lines = [
         f"# Runtime benchmark: {model.name}", "",
@@ -103,8 +135,13 @@ def run(args: argparse.Namespace) -> int:
     if fast is not None:
         same = sum(d is None for d in result["int4_first_divergence"])
         firsts = sorted(d for d in result["int4_first_divergence"] if d is not None)
-        lines += ["", f"int4 greedy tokens equal the dense loop's on {same}/{len(enc)} prompts"
-                  + (f"; the others first differ at tokens {', '.join(map(str, firsts))}" if firsts else "") + "."]
+        fid = result["int4_fidelity"]
+        lines += ["", f"int4 runtime: {result['int4_backend']}.", "",
+                  f"int4 greedy tokens equal the dense loop's on {same}/{len(enc)} prompts"
+                  + (f"; the others first differ at tokens {', '.join(map(str, firsts))}" if firsts else "") + ". "
+                  f"Teacher-forced on the dense loop's {fid['tokens']} generated tokens: top-1 agreement with "
+                  f"the dense model {fid['top1_agreement']:.1%}, KL(dense || int4) {fid['kl_nats']:.4f} nats, "
+                  f"perplexity {fid['perplexity_candidate']:.3f} (dense {fid['perplexity_reference']:.3f})."]
     for title, key in (("dense", "step_costs"), ("int4 weights", "int4_step_costs")):
         if key not in result:
             continue

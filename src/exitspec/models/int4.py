@@ -8,19 +8,28 @@ reads 540 MB of weights that hold ~4.5 bits of information each. This module rec
 same fp32 values, else the model is refused with a message) and runs the products from the codes.
 
 Two backends, chosen when the runtime is built:
-  * exitspec's own kernels (kernels/csrc, AVX512-BF16, built on first use): the groups' fp16 scale
-    and min are used exactly, each group's codes are expanded once for all rows of a call, and a
-    Llama-family stack runs as one fused C++ call (norms, RoPE, cache writes, attention in C++);
-    the Q8_0 LM head runs from its int8 codes in fp32 (`Q8Linear`). Only the products' inputs are
-    rounded (to bf16); everything else is fp32.
+  * exitspec's own kernels (kernels/csrc, built on first use; an AVX512-BF16 build and an AVX2 + FMA
+    + F16C build, the best this CPU runs): the groups' fp16 scale and min are used exactly, each
+    group's codes are expanded once for all rows of a call, and a Llama-family stack runs as one
+    fused C++ call (norms, RoPE, cache writes, attention in C++); the Q8_0 LM head runs from its int8
+    codes (`Q8Linear`). Only the products' inputs are rounded: to bf16 on AVX-512 (the head takes
+    fp32), to int8 per group of 32 on AVX2 (llama.cpp's Q8_0 rule, what its CPU products do; AVX2
+    has no bf16 dot product and fp32 FMAs would make an 8-row step ~3x a 1-row one); everything
+    else is fp32.
   * torch's int4 CPU kernel (`aten._weight_int4pack_mm_for_cpu`) where those cannot run: it takes
     bf16 inputs and bf16 per-group scale/zero (d and m + 8d rounded to bf16, a relative change
     <= 2^-9 per group) and dequantizes again for every block of 4 rows; the LM head is a prepacked
     bf16 copy (models/ops.Linear).
-Both are row-invariant (a row's output is bit-identical in 1-row and k-row calls, tests/test_int4.py
-and tests/test_kernels.py), which lossless speculative decoding needs. How close greedy output stays
-to the fp32 reference is measured, not assumed (`exitspec bench-runtime --weights int4` reports
-where it first departs and the perplexity).
+All are row-invariant (a row's output is bit-identical in 1-row and k-row calls, tests/test_int4.py
+and tests/test_kernels.py), which lossless speculative decoding needs. How close the output stays
+to the fp32 reference is measured, not assumed: `exitspec bench-runtime --weights int4` reports
+where greedy text first departs and, teacher-forced on the dense model's own text, the top-1
+agreement, KL and perplexity. On AMD EPYC Zen 3 (AVX2), 20 held-out prompts x 48 tokens:
+    backend                           top-1 agreement   KL(fp32 || int4)
+    torch int4 kernel (bf16 inputs)        99.0%          0.0003 nats
+    exitspec AVX2 build (int8 inputs)      97.8%          0.0026 nats
+(int8 inputs of every product alone, simulated on the fp32 model: 98.4%, 0.0025 nats; their
+error is spread over all products: q/k/v 0.0009, gate/up 0.0008, down 0.0005, LM head 0.0004.)
 
 Measured on AMD EPYC (Zen 5, AVX-512 BF16, no AMX), 2 threads, torch 2.13, the default model's
 products over 30 layers with cold caches (66 MB of codes and scales):
@@ -31,7 +40,10 @@ A 1-row product streams the codes at ~44 GB/s (the machine's ~39-45 GB/s), thank
 prefetch; past 4 rows it is bound by vdpbf16ps throughput (one per cycle on this core), which is why
 an 8-row decode step still costs ~1.65x a 1-row one while 2-4 rows cost 1.00-1.06x
 (`exitspec info --weights int4`). The whole decode step: 11-13 ms with torch's kernel and per-op
-torch glue, ~4.3 ms fused.
+torch glue, ~4.3 ms fused. On AMD EPYC Zen 3 (AVX2 build, DRAM 12-20 GB/s) a decode step is
+~6.3 ms (56-70 ms before the AVX2 build, on torch's int4 kernel); one core's q4 product peaks near
+97 GMAC/s at 4+ rows (two vpmaddubsw per cycle), so 2 / 4 / 8 rows cost ~1.06 / 1.26 / 1.9x a 1-row
+step (benchmarks/runtime-avx2).
 """
 
 from __future__ import annotations
@@ -133,8 +145,9 @@ def int4_table(model: nn.Module, group: int = GROUP) -> dict[nn.Linear, Int4Grou
 class Int4Linear:
     """y = x @ W.T + b with W held as packed 4-bit groups; x is (..., in), y in x's dtype.
 
-    Runs exitspec's own kernel (kernels/csrc/gemm.cpp: exact fp16 scales, the groups expanded once
-    for all rows) where it is available, else torch's int4 kernel (bf16 scales and products)."""
+    Runs exitspec's own kernel (kernels/csrc/gemm_avx512.cpp or gemm_avx2.cpp: exact fp16 scales,
+    the groups expanded once for all rows) where it is available, else torch's int4 kernel (bf16
+    scales and products)."""
 
     __slots__ = ("packed", "scale_zero", "bias", "group", "out_features", "kernel", "_ops")
 

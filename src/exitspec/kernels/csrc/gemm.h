@@ -27,7 +27,7 @@ void pack_q8(const int8_t* q, const float* scale, int N, int K, uint8_t* out);
 // Activations prepared once for every q4 product that reads them (a row's preparation never depends
 // on the other rows). AVX-512: the rows rounded to bf16 and, per group, the sum of those bf16 values.
 // AVX2: the rows quantized to int8 per group of 32 (scale = max |x| / 127, GGUF's Q8_0 rule), the
-// scales, and per group the sum of the fp32 values (the term a group's low multiplies).
+// scales, and per group the sum of the rounded values (the term a group's low multiplies).
 struct Q4Input {
   int M = 0, K = 0;
 #if EXITSPEC_AVX512
