@@ -24,12 +24,13 @@ All are row-invariant (a row's output is bit-identical in 1-row and k-row calls,
 and tests/test_kernels.py), which lossless speculative decoding needs. How close the output stays
 to the fp32 reference is measured, not assumed: `exitspec bench-runtime --weights int4` reports
 where greedy text first departs and, teacher-forced on the dense model's own text, the top-1
-agreement, KL and perplexity. On AMD EPYC Zen 3 (AVX2), 20 held-out prompts x 48 tokens:
-    backend                           top-1 agreement   KL(fp32 || int4)
-    torch int4 kernel (bf16 inputs)        99.0%          0.0003 nats
-    exitspec AVX2 build (int8 inputs)      97.8%          0.0026 nats
-(int8 inputs of every product alone, simulated on the fp32 model: 98.4%, 0.0025 nats; their
-error is spread over all products: q/k/v 0.0009, gate/up 0.0008, down 0.0005, LM head 0.0004.)
+agreement, KL and perplexity. On AMD EPYC Zen 3, the 10 held-out prompts x 128 tokens of
+benchmarks/runtime-avx2 (the dense model's perplexity of its own text: 1.5977):
+    backend                              top-1 agreement   KL(fp32 || int4)   perplexity
+    torch int4 kernel (bf16 inputs)           99.5%          0.00026 nats       1.5980
+    exitspec AVX2 build (int8 inputs)         97.9%          0.0023 nats        1.5982
+(int8 inputs of every product, simulated on the fp32 model, 20 prompts x 48 tokens: KL 0.0025, spread
+over all products: q/k/v 0.0009, gate/up 0.0008, down 0.0005, LM head 0.0004.)
 
 Measured on AMD EPYC (Zen 5, AVX-512 BF16, no AMX), 2 threads, torch 2.13, the default model's
 products over 30 layers with cold caches (66 MB of codes and scales):
@@ -41,9 +42,9 @@ prefetch; past 4 rows it is bound by vdpbf16ps throughput (one per cycle on this
 an 8-row decode step still costs ~1.65x a 1-row one while 2-4 rows cost 1.00-1.06x
 (`exitspec info --weights int4`). The whole decode step: 11-13 ms with torch's kernel and per-op
 torch glue, ~4.3 ms fused. On AMD EPYC Zen 3 (AVX2 build, DRAM 12-20 GB/s) a decode step is
-~6.3 ms (56-70 ms before the AVX2 build, on torch's int4 kernel); one core's q4 product peaks near
-97 GMAC/s at 4+ rows (two vpmaddubsw per cycle), so 2 / 4 / 8 rows cost ~1.06 / 1.26 / 1.9x a 1-row
-step (benchmarks/runtime-avx2).
+~6.0 ms (56-70 ms before the AVX2 build, on torch's int4 kernel); one core's q4 product peaks near
+97 GMAC/s at 4+ rows (two vpmaddubsw per cycle, with the unpacking and per-group scaling around
+them), so 2 / 4 / 8 rows cost 1.01 / 1.33 / 1.96x a 1-row step (benchmarks/runtime-avx2).
 """
 
 from __future__ import annotations
