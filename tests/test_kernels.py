@@ -92,6 +92,21 @@ def test_q4_product_is_exact_up_to_its_input_rounding_and_row_invariant(ops, n, 
         assert torch.equal(ops.q4_linear(x[:rows].contiguous(), weight), one[:rows]), rows
 
 
+def test_q4_product_keeps_tiny_groups_finite_and_propagates_nan(ops):
+    """Edge inputs: a group so small that 127 / max|x| overflows on AVX2 gives a finite product; a NaN
+    input reaches its own row's outputs (as in fp32) and no other row's."""
+    q, scale, low, w = q4_weight(64, 128)
+    weight = ops.Q4Weight(q, scale, low, None)
+    x = torch.randn(3, 128)
+    x[0, :32] = 1e-38  # one whole group below ~4e-37
+    x[1, 40] = float("nan")
+    y = ops.q4_linear(x, weight)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and torch.isfinite(y[2]).all()
+    exact = x[0].double() @ w.double().T
+    assert float((y[0].double() - exact).abs().max()) < 2e-2 * float(exact.abs().max())
+    assert torch.equal(y[2:], ops.q4_linear(x[2:].contiguous(), weight))
+
+
 def test_q8_head_is_exact_up_to_its_input_rounding_and_row_invariant(ops):
     n, k = 4096 + 16, 576
     g = torch.Generator().manual_seed(1)

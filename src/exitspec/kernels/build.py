@@ -126,7 +126,10 @@ def _build(isa: Isa) -> ModuleType:
     name = f"exitspec_kernels_{isa.name}"
     built = folder / f"{name}.so"
     if built.is_file():
-        return _import_built(name, built)
+        try:
+            return _import_built(name, built)
+        except (ImportError, OSError):  # a link cut short (an interrupted first run): build it again
+            built.unlink()
     from torch.utils.cpp_extension import load as build
 
     folder.mkdir(parents=True, exist_ok=True)

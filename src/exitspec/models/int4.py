@@ -10,12 +10,12 @@ same fp32 values, else the model is refused with a message) and runs the product
 Two backends, chosen when the runtime is built:
   * exitspec's own kernels (kernels/csrc, built on first use; an AVX512-BF16 build and an AVX2 + FMA
     + F16C build, the best this CPU runs): the groups' fp16 scale and min are used exactly, each
-    group's codes are expanded once for all rows of a call, and a Llama-family stack runs as one
-    fused C++ call (norms, RoPE, cache writes, attention in C++); the Q8_0 LM head runs from its int8
-    codes (`Q8Linear`). Only the products' inputs are rounded: to bf16 on AVX-512 (the head takes
-    fp32), to int8 per group of 32 on AVX2 (llama.cpp's Q8_0 rule, what its CPU products do; AVX2
-    has no bf16 dot product and fp32 FMAs would make an 8-row step ~3x a 1-row one); everything
-    else is fp32.
+    group's codes are expanded once for all rows of a call (per tile of 4 rows on AVX2), and a
+    Llama-family stack runs as one fused C++ call (norms, RoPE, cache writes, attention in C++); the
+    Q8_0 LM head runs from its int8 codes (`Q8Linear`). Only the products' inputs are rounded: to
+    bf16 on AVX-512 (the head takes fp32), to int8 per group of 32 on AVX2 (llama.cpp's Q8_0 rule,
+    what its CPU products do; AVX2 has no bf16 dot product and fp32 FMAs would make an 8-row step
+    ~3x a 1-row one); everything else is fp32.
   * torch's int4 CPU kernel (`aten._weight_int4pack_mm_for_cpu`) where those cannot run: it takes
     bf16 inputs and bf16 per-group scale/zero (d and m + 8d rounded to bf16, a relative change
     <= 2^-9 per group) and dequantizes again for every block of 4 rows; the LM head is a prepacked
@@ -147,7 +147,7 @@ class Int4Linear:
     """y = x @ W.T + b with W held as packed 4-bit groups; x is (..., in), y in x's dtype.
 
     Runs exitspec's own kernel (kernels/csrc/gemm_avx512.cpp or gemm_avx2.cpp: exact fp16 scales,
-    the groups expanded once for all rows) where it is available, else torch's int4 kernel (bf16
+    the groups expanded once per call or tile of rows) where it is available, else torch's int4 kernel (bf16
     scales and products)."""
 
     __slots__ = ("packed", "scale_zero", "bias", "group", "out_features", "kernel", "_ops")
@@ -187,8 +187,9 @@ class Int4Linear:
 
 class Q8Linear:
     """The int4 mode's LM head where the checkpoint stores it as GGUF Q8_0 (the default model's tied
-    embedding): int8 codes with one fp16 scale per 32 inputs, multiplied in fp32 by exitspec's kernel
-    (exact weights; half the bytes of a bf16 copy, a quarter of fp32). Build with `from_weight`."""
+    embedding): int8 codes with one fp16 scale per 32 inputs, multiplied by exitspec's kernel (fp32
+    inputs on AVX-512, int8 per group of 32 on AVX2; exact weights; half the bytes of a bf16 copy, a
+    quarter of fp32). Build with `from_weight`."""
 
     __slots__ = ("kernel", "bias", "out_features", "_ops")
 

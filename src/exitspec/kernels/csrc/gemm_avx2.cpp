@@ -6,12 +6,13 @@
 // FMA throughput at ~3x a 1-row step. vpmaddubsw multiplies 32 unsigned bytes by 32 signed bytes and
 // adds adjacent pairs into 16-bit lanes: 32 multiply-adds per instruction, two instructions per cycle
 // on Zen 3 and Intel cores since Skylake. So each row is quantized to int8 per group of 32 inputs
-// (scale = max|x| / 127, the rule of GGUF's Q8_0, as llama.cpp does for its CPU products), and a
+// (scale = max|x| / 127, the rule of GGUF's Q8_0, as llama.cpp does for its CPU products; ties round
+// to even here, away from zero there), and a
 // group's dot products are exact integers:
 //     y[n] = sum_g  d[n,g] * xd[g] * (sum_k q[n,k] * xq[k])  +  low[n,g] * xd[g] * (sum_k xq[k])
 // with the checkpoint's own fp16 scale d and low, the row's int8 codes xq and their scale xd. The only
 // rounding is x -> int8 per group (a group's largest input keeps 8 bits, smaller ones proportionally
-// fewer) and fp32 accumulation.
+// fewer), the fp32 products of scales (d * xd, xd * sum xq) and fp32 accumulation.
 //   * the low term sums the *rounded* inputs, not the exact ones: then the product is exactly that of
 //     the weights w = d*q + low with the rounded row, and its error sum_k w[k] * (xq[k]*xd - x[k]) is
 //     weighted by w, which is centred on zero. Pairing exact sums with rounded products leaves an
@@ -22,7 +23,7 @@
 //     16-bit lanes without overflow: one vpmaddwd per group, not per instruction, widens them.
 //   * q8 codes are signed: vpmaddubsw takes |w| and x carrying w's sign (vpsignb), and a pair can
 //     reach 2 x 127 x 127, so every result is widened to 32 bits at once.
-//   * every group's codes are unpacked once per call for all rows (up to 8 at a time); a row's
+//   * every group's codes are unpacked once per tile of up to 4 rows (kMaxRows); a row's
 //     result never depends on how many rows share the call or how outputs are split over threads
 //     (outputs are split, never the reduction): lossless speculative decoding needs verification
 //     (k rows) to reproduce vanilla decoding (1 row) bit for bit.
@@ -69,15 +70,14 @@ inline int32_t load_i32(const int8_t* p) {
 // the 4-row product ran ~2x slower).
 inline void keep(__m256i& v) { asm("" : "+x"(v)); }
 
-inline void prefetch_bytes(const uint8_t* p, int bytes) {
-  for (int off = 0; off < bytes; off += 64) _mm_prefetch((const char*)p + off, _MM_HINT_T0);
-}
-
 // Fetch group g + ahead of a block's stream; past the block's last group, the start of the block
-// this stream reads next (`stride` blocks on), so the next tile starts warm.
+// this stream reads next (`stride` blocks on), so the next tile starts warm. The address is formed
+// as an integer: past the weight's last tile it lies beyond the buffer (a prefetch never faults,
+// but a pointer there would be undefined behaviour).
 inline void prefetch_ahead(const uint8_t* blk, int g, int G, int ahead, int stride, int bytes) {
   const int ga = g + ahead;
-  prefetch_bytes(blk + (size_t)(ga < G ? ga : stride * G + ga - G) * bytes, bytes);
+  const uintptr_t at = (uintptr_t)blk + (uintptr_t)(ga < G ? ga : stride * G + ga - G) * bytes;
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch((const char*)(at + off), _MM_HINT_T0);
 }
 
 inline void store_out(float* y, __m256 v, const float* bias, bool accumulate) {
@@ -281,7 +281,12 @@ const Q4Input& Q4Input::set(const float* x, int rows, int cols) {
       __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
       a = _mm_max_ps(a, _mm_movehl_ps(a, a));
       const float amax = _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
-      const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      // A non-finite input makes the group's scale NaN, so it reaches the output as it would in fp32;
+      // a group so small that 127 / amax overflows (max |x| < ~4e-37) is taken as zeros.
+      const __m256 sum8 = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+      const bool finite = std::isfinite(hsum8(sum8)) && std::isfinite(amax);
+      float d = finite ? amax / 127.0f : NAN, id = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+      if (!std::isfinite(id)) id = 0.0f, d = 0.0f;
       __m256i c[4];  // round to nearest even (the default MXCSR mode): |x * id| <= 127 by construction
       for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
       // The sum of the rounded inputs (see the top of this file for why not the exact ones): an exact

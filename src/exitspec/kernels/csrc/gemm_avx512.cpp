@@ -108,8 +108,11 @@ inline __m512i nibble_table() {
 // this it reaches ~36 (Zen 5, 30 layers of the default model's shapes, cold caches).
 constexpr int kQ4Ahead = 5, kQ8Ahead = 3;
 
-inline void prefetch_bytes(const uint8_t* p, int bytes) {
-  for (int off = 0; off < bytes; off += 64) _mm_prefetch((const char*)p + off, _MM_HINT_T0);
+// `blk` + `offset` bytes, formed as an integer: past a weight's last tile the address lies beyond the
+// buffer (a prefetch never faults, but a pointer there would be undefined behaviour).
+inline void prefetch_bytes(const uint8_t* blk, size_t offset, int bytes) {
+  const uintptr_t at = (uintptr_t)blk + offset;
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch((const char*)(at + off), _MM_HINT_T0);
 }
 
 inline void store_out(float* y, __m512 v, const float* bias, bool accumulate) {
@@ -137,7 +140,7 @@ void q4_tile(const uint8_t* W, int nb0, const Q4Input& in, int m0, const float* 
     // the next tile then starts warm (1-row product 1.86 -> 1.49 ms over the default model's layers).
     for (int b = 0; b < NB; ++b) {
       const int ga = g + kQ4Ahead;
-      prefetch_bytes(blk[b] + (size_t)(ga < G ? ga : NB * G + ga - G) * kQ4GroupBytes, kQ4GroupBytes);
+      prefetch_bytes(blk[b], (size_t)(ga < G ? ga : NB * G + ga - G) * kQ4GroupBytes, kQ4GroupBytes);
     }
     const uint32_t* xg[M];  // bf16 pairs of this group's inputs
     for (int m = 0; m < M; ++m) xg[m] = (const uint32_t*)(in.xb.data() + (size_t)(m0 + m) * K + g * kGroup);
@@ -209,7 +212,7 @@ void q8_tile(const uint8_t* W, int nb0, const float* x, int K, int m0, float* Y,
       for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
     for (int b = 0; b < NB; ++b) {
       const int ga = g + kQ8Ahead;
-      prefetch_bytes(blk[b] + (size_t)(ga < G ? ga : NB * G + ga - G) * kQ8GroupBytes, kQ8GroupBytes);
+      prefetch_bytes(blk[b], (size_t)(ga < G ? ga : NB * G + ga - G) * kQ8GroupBytes, kQ8GroupBytes);
     }
 #pragma GCC unroll 8
     for (int k = 0; k < kGroup; ++k) {

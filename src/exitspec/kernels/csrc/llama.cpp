@@ -113,7 +113,8 @@ class LlamaStack {
   LlamaStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale)
       : C_((int)hidden), H_((int)heads), Hkv_((int)kv_heads), D_((int)head_dim), I_((int)intermediate),
         scale_((float)scale) {
-    TORCH_CHECK(C_ % 32 == 0 && I_ % 32 == 0 && attention_supports(D_) && H_ % Hkv_ == 0,
+    TORCH_CHECK(C_ > 0 && I_ > 0 && H_ > 0 && Hkv_ > 0 && C_ % 32 == 0 && I_ % 32 == 0 && attention_supports(D_) &&
+                    H_ % Hkv_ == 0,
                 "unsupported Llama shape for the fused stack");
   }
 
@@ -138,9 +139,11 @@ class LlamaStack {
     check_cpu_f32(cache_v, "cache v");
     check_cpu_f32(cos, "cos");
     check_cpu_f32(sin, "sin");
-    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.dim() == 2,
-                "positions must be (B, T) int64");
+    TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == torch::kInt64 && positions.is_contiguous() &&
+                    positions.dim() == 2,
+                "positions must be (B, T) int64 on the CPU");
     TORCH_CHECK(0 <= start && start <= stop && stop <= num_layers(), "layer range outside the stack");
+    TORCH_CHECK(skip_mlp.empty() || (int64_t)skip_mlp.size() >= stop, "skip_mlp must have an entry per layer");
     const int B = (int)h.size(0), T = (int)h.size(1), M = B * T;
     TORCH_CHECK(h.dim() == 3 && h.size(2) == C_, "h must be (B, T, hidden)");
     TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == num_layers() && cache_k.size(1) == B &&
@@ -154,6 +157,7 @@ class LlamaStack {
     for (int r = 0; r < M; ++r) TORCH_CHECK(pos[r] >= 0 && pos[r] < slots, "position outside the KV cache");
 
     torch::Tensor out = h.clone();
+    if (M == 0) return out;  // no rows: nothing to run (and attention divides by T)
     float* x = out.data_ptr<float>();
     const int Nqkv = (H_ + 2 * Hkv_) * D_;
     std::vector<float> normed((size_t)M * C_), qkv((size_t)M * Nqkv), att((size_t)M * H_ * D_),
@@ -236,11 +240,13 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const t
   check_cpu_f32(q, "q");
   check_cpu_f32(kc, "k cache");
   check_cpu_f32(vc, "v cache");
-  TORCH_CHECK(q.dim() == 3 && kc.dim() == 4 && vc.sizes() == kc.sizes() && q.size(2) == kc.size(3) &&
-                  attention_supports((int)q.size(2)) && q.size(1) % kc.size(1) == 0 && q.size(0) == kc.size(0) * tokens,
+  TORCH_CHECK(tokens > 0 && q.dim() == 3 && kc.dim() == 4 && vc.sizes() == kc.sizes() && q.size(2) == kc.size(3) &&
+                  attention_supports((int)q.size(2)) && kc.size(1) > 0 && q.size(1) % kc.size(1) == 0 &&
+                  q.size(0) == kc.size(0) * tokens,
               "attention shapes do not match");
-  TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.is_contiguous() && pos.numel() == q.size(0),
-              "pos must be (rows,) int64");
+  TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == torch::kInt64 && pos.is_contiguous() &&
+                  pos.numel() == q.size(0),
+              "pos must be (rows,) int64 on the CPU");
   TORCH_CHECK(kc.size(2) % 16 == 0, "cache slots must be a multiple of 16");
   const int64_t* p = pos.data_ptr<int64_t>();
   for (int64_t r = 0; r < pos.numel(); ++r) TORCH_CHECK(p[r] >= 0 && p[r] < kc.size(2), "position outside the cache");
