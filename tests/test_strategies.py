@@ -90,6 +90,29 @@ def test_cascade_deferred_recomputation_keeps_later_tokens_exact(family_):
     assert {2, L} <= mixed or {4, L} <= mixed, mixed  # both exited and full tokens occurred
 
 
+def test_cascade_precheck_only_sends_tokens_deeper():
+    """The pre-check over a frequent-token subset removes candidates and adds none: up to the first
+    token whose exit differs, both runs agree token for token, and there the pre-checked run goes
+    deeper. A subset of every token changes nothing."""
+    m = with_heads("llama", thresholds={2: 0.3, 4: 0.3})
+    vocab = m.lm.vocab_size
+    kw = dict(n=30, strategy="cascade", exit_layers=[2, 4])
+    ref_t, ref_e = tokens_and_exits(m, PROMPTS[:3], precheck_vocab=0, **kw)
+    assert tokens_and_exits(m, PROMPTS[:3], precheck_vocab=list(range(vocab)), **kw) == (ref_t, ref_e)
+    pre_t, pre_e = tokens_and_exits(m, PROMPTS[:3], precheck_vocab=list(range(0, vocab, 3)), **kw)
+    differed = 0
+    for row in range(3):
+        diff = next((i for i, (a, b) in enumerate(zip(ref_e[row], pre_e[row], strict=True)) if a != b), None)
+        if diff is None:
+            assert pre_t[row] == ref_t[row]
+            continue
+        differed += 1
+        assert pre_t[row][:diff] == ref_t[row][:diff] and pre_e[row][diff] > ref_e[row][diff]
+    assert differed and any(e < m.lm.num_layers for row in ref_e for e in row)
+    with pytest.raises(StrategyOptionError, match="precheck_vocab"):
+        greedy(m, "a", strategy="cascade", exit_layers=[2], precheck_vocab=-1)
+
+
 def test_cascade_state_propagation_matches_calm_reference():
     """Exited positions feed their exit hidden state to every layer above (batch 1)."""
     m = with_heads("llama", thresholds={3: 0.45})
@@ -135,6 +158,29 @@ def test_mlp_skip_extremes(family):
         want = m.lm.logits(h).argmax(-1)[-len(out.token_ids[row]):].tolist()
         assert out.token_ids[row] == want
     assert out.stats.layers_per_token < m.lm.num_layers
+
+
+def test_mlp_skip_precheck_only_skips_fewer_mlps():
+    """The head probe's frequent-token pre-check: a subset holding every token changes nothing; with
+    the gate always passing it passes too; with a mid threshold, the pre-checked run computes at least
+    as many layers per token on each prompt here, and more on one."""
+    m = with_heads("llama", thresholds={2: 0.3})
+    vocab = m.lm.vocab_size
+    kw = dict(n=30, strategy="mlp-skip", exit_layer=2, start_layer=3)
+    prompts = PROMPTS[1:3]  # one at a time: in a batch a layer's MLP is skipped only if every row settled
+    ref = [greedy(m, [p], precheck_vocab=0, **kw) for p in prompts]
+    for p, r in zip(prompts, ref, strict=True):
+        same = greedy(m, [p], precheck_vocab=list(range(vocab)), **kw)
+        assert same.token_ids == r.token_ids and same.stats.layers_per_token == r.stats.layers_per_token
+    sub = [greedy(m, [p], precheck_vocab=list(range(0, vocab, 3)), **kw) for p in prompts]
+    assert all(r.stats.layers_per_token <= s.stats.layers_per_token for r, s in zip(ref, sub, strict=True))
+    assert any(r.stats.layers_per_token < s.stats.layers_per_token for r, s in zip(ref, sub, strict=True))
+    assert all(r.stats.layers_per_token < m.lm.num_layers for r in ref)  # the probe did settle tokens
+    m.heads.config.thresholds["2"]["value"] = 0.0
+    every = greedy(m, PROMPTS, precheck_vocab=0, **kw)
+    assert greedy(m, PROMPTS, precheck_vocab=list(range(0, vocab, 3)), **kw).token_ids == every.token_ids
+    with pytest.raises(StrategyOptionError, match="precheck_vocab"):
+        greedy(m, "a", strategy="mlp-skip", exit_layer=2, precheck_vocab="many")
 
 
 def test_mlp_skip_cosine_probe_skips_when_settled():

@@ -6,7 +6,9 @@ repair (unlike cascade): the only approximation is the missing MLP updates of a 
 upper layers. Lossy by design. Two probes:
 
 - "head" (default): the exit head at `exit_layer` is confident (calibrated threshold, or the
-  `threshold` option) -> skip the MLPs of layers start_layer..L-1 (start_layer >= exit_layer).
+  `threshold` option) -> skip the MLPs of layers start_layer..L-1 (start_layer >= exit_layer). The
+  gate is first tried over the 4096 most frequent tokens (`precheck_vocab`, see exits.CheckedExit),
+  so that unsettled tokens skip the full LM head at the probe; it can only skip fewer MLPs.
 - "cosine": run layers from `start_layer` one by one; once the hidden state barely changes across a
   layer (cosine similarity of its input and output >= `threshold`, default 0.99), skip the MLPs of
   every layer above.
@@ -18,16 +20,19 @@ The token always comes from the full final norm + LM head.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from exitspec.decoding.api import register_strategy
 from exitspec.decoding.exits import (
+    CheckedExit,
     Gate,
     StrategyOptionError,
     attention_share,
     default_exit_layers,
     exit_bundle,
     gates_for,
+    precheck_vocabulary,
 )
 from exitspec.decoding.sampling import sample
 from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
@@ -40,7 +45,7 @@ class MLPSkip(Strategy):
     lossless = False
 
     def __init__(self, lm: LayeredModel, start_layer: int, probe: str, threshold: float,
-                 head: ExitHead | None = None, gate: Gate | None = None):
+                 head: ExitHead | None = None, gate: Gate | None = None, precheck: torch.Tensor | None = None):
         L = lm.num_layers
         if probe not in ("head", "cosine"):
             raise StrategyOptionError(f"probe must be 'head' or 'cosine', got {probe!r}")
@@ -50,6 +55,8 @@ class MLPSkip(Strategy):
             raise StrategyOptionError(f"start_layer ({start_layer}) must be >= the probe's exit_layer ({head.layer})")
         self.start, self.probe, self.threshold = start_layer, probe, threshold
         self.head, self.gate = head, gate
+        self.exit = CheckedExit(head, gate, precheck) if probe == "head" else None
+        self.precheck_size = None if precheck is None else int(precheck.numel())
         self.share = attention_share(lm)
 
     def step(self, state: DecodeState) -> StepOutput:
@@ -61,7 +68,8 @@ class MLPSkip(Strategy):
         if self.probe == "head":
             p = self.head.layer
             h = lm.run_layers(h, pos, cache, 0, p, ctx=ctx)
-            settled = bool(self.gate.passes(self.head(h)[:, -1]).all())
+            settled = bool(self.exit.confident(h[:, -1], torch.ones(h.shape[0], dtype=torch.bool,
+                                                                    device=h.device))[0].all())
             skip = range(self.start, L) if settled else range(0)
             h = lm.run_layers(h, pos, cache, p, L, ctx=ctx, skip_mlp=set(skip))
         else:
@@ -83,14 +91,17 @@ class MLPSkip(Strategy):
     def describe(self) -> dict:
         return {"strategy": self.name, "probe": self.probe, "start_layer": self.start,
                 "exit_layer": self.head.layer if self.head else None,
-                "threshold": (self.gate.score, self.gate.value) if self.gate else self.threshold}
+                "threshold": (self.gate.score, self.gate.value) if self.gate else self.threshold,
+                "precheck_vocab": self.precheck_size}
 
 
 def make_mlp_skip(model, probe: str = "head", exit_layer: int | None = None, start_layer: int | None = None,
-                  threshold=None, score: str | None = None, **unknown) -> MLPSkip:
+                  threshold=None, score: str | None = None, precheck_vocab: int | list[int] = 4096,
+                  **unknown) -> MLPSkip:
+    """precheck_vocab: the head probe's frequent-token pre-check, size or ids (exits.CheckedExit); 0 = off."""
     if unknown:
         raise StrategyOptionError(f"mlp-skip has no option(s) {sorted(unknown)}; it takes probe, exit_layer, "
-                                  "start_layer, threshold, score")
+                                  "start_layer, threshold, score, precheck_vocab")
     lm = model.lm
     if probe == "cosine":
         start = start_layer if start_layer is not None else lm.num_layers // 2
@@ -99,7 +110,8 @@ def make_mlp_skip(model, probe: str = "head", exit_layer: int | None = None, sta
     bundle = exit_bundle(model, [layer])
     gate = gates_for(bundle, [layer], threshold, score, strategy="mlp-skip")[layer]
     start = start_layer if start_layer is not None else layer
-    return MLPSkip(lm, start, probe, gate.value, head=bundle.head(layer), gate=gate)
+    return MLPSkip(lm, start, probe, gate.value, head=bundle.head(layer), gate=gate,
+                   precheck=precheck_vocabulary(model, precheck_vocab, bundle, "mlp-skip"))
 
 
 register_strategy("mlp-skip", make_mlp_skip)
