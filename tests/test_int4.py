@@ -116,7 +116,7 @@ def test_int4_runtime_tracks_the_dense_model(family, backend):
 def test_fidelity_scores_the_int4_runtime_against_the_dense_model(backend):
     """bench-runtime's teacher-forced fidelity: exact for a model against itself, and for the int4
     runtime the scores follow from the very logits it is given."""
-    from exitspec.bench.runtime import fidelity
+    from exitspec.bench.quality import fidelity
 
     m = quantized_tiny("llama")
     dense = LoadedModel.from_hf(m.model, m.tokenizer)

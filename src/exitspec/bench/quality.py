@@ -8,7 +8,8 @@ Both readings of a layer are measured: the logit lens (the model's own final nor
 HF's and economize's early exit use) and the attached exit head when the bundle has one.
 
 `text_nll` is the full model's negative log-likelihood of a generated text (perplexity of lossy
-outputs).
+outputs). `fidelity` compares two runtimes of one model (the int4 loop against the dense one) the
+same way, teacher-forced.
 """
 
 from __future__ import annotations
@@ -48,15 +49,46 @@ def layer_sweep(model, prompt: list[int], generated: list[int], layers: list[int
         if heads is not None and layer in getattr(heads, "layers", []):
             readings["head"] = heads.head(layer)(states[layer][None])[0]
         for name, logits in readings.items():
-            row = {"n": float(n),
-                   "kl": float(metrics.kl_divergence(full, logits).sum()),
-                   "nll": float(metrics.nll(logits, target).sum()),
-                   "top1": float((logits.argmax(-1) == full_top).sum())}
+            row = {"n": float(n), **_against(full, logits, target, full_top)}
             for t in temps:
                 draft_p = probs(logits, SamplingParams(temperature=t))
                 row[_temps_key(t)] = float(metrics.overlap(full_p[t], draft_p).sum())
             out[name][layer] = row
     return dict(out)
+
+
+def _against(full: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+             full_top: torch.Tensor | None = None) -> dict[str, float]:
+    """Sums over positions of `logits` (n, V) against `full` (n, V): KL(full || logits), logits' NLL
+    of `target` (n,), and how often the two argmaxes agree."""
+    top = full.argmax(-1) if full_top is None else full_top
+    return {"kl": float(metrics.kl_divergence(full, logits).sum()),
+            "nll": float(metrics.nll(logits, target).sum()),
+            "top1": float((logits.argmax(-1) == top).sum())}
+
+
+@torch.inference_mode()
+def fidelity(reference, candidate, seqs: list[tuple[int, list[int]]]) -> dict:
+    """How closely `candidate`'s next-token distributions follow `reference`'s, teacher-forced.
+
+    seqs: (prompt length, prompt + continuation) pairs; every continuation position is scored with
+    both models reading the same tokens, so one early flip does not decide the rest of the text (as
+    it does for greedy-token agreement). Returns top-1 agreement, mean KL(reference || candidate) in
+    nats, and each model's perplexity of the continuations."""
+    tot: dict[str, float] = defaultdict(float)
+    for n0, ids in seqs:
+        seq = EvalSequence(ids, n0)
+        a, _ = teacher_forward(reference.lm, seq, [])  # (n, V) logits predicting tokens n0..T-1
+        b, _ = teacher_forward(candidate.lm, seq, [])
+        target = torch.tensor(ids[n0:], device=a.device)
+        for k, v in _against(a, b, target).items():
+            tot[k] += v
+        tot["nll_reference"] += float(metrics.nll(a, target).sum())
+        tot["n"] += len(target)
+    n = int(tot["n"])
+    return {"tokens": n, "top1_agreement": tot["top1"] / n, "kl_nats": tot["kl"] / n,
+            "perplexity_reference": metrics.perplexity(tot["nll_reference"], n),
+            "perplexity_candidate": metrics.perplexity(tot["nll"], n)}
 
 
 def pool_sweeps(sweeps: list[dict]) -> list[dict]:

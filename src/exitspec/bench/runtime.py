@@ -46,34 +46,8 @@ def vanilla_run(model, ids: list[int], n: int) -> tuple[float, list[int]]:
     return r.stats.new_tokens / r.stats.total_s, r.token_ids[0]
 
 
-def fidelity(reference, candidate, seqs: list[tuple[int, list[int]]]) -> dict:
-    """How closely `candidate`'s next-token distributions follow `reference`'s, teacher-forced.
-
-    seqs: (prompt length, prompt + continuation) pairs; every continuation position is scored with
-    both models reading the same tokens, so one early flip does not decide the rest of the text (as
-    it does for greedy-token agreement). Returns top-1 agreement, mean KL(reference || candidate) in
-    nats, and each model's perplexity of the continuations."""
-    from exitspec.bench.metrics import kl_divergence, nll, perplexity
-
-    agree = kl = nll_ref = nll_cand = 0.0
-    count = 0
-    for n0, ids in seqs:
-        t = torch.tensor([ids])  # (1, T)
-        pos = torch.arange(len(ids))[None]
-        with torch.inference_mode():  # logits predicting tokens n0..T-1: (T - n0, V)
-            a = reference.lm.forward(t, pos, reference.lm.new_cache(1, len(ids)))[0, n0 - 1:-1]
-            b = candidate.lm.forward(t, pos, candidate.lm.new_cache(1, len(ids)))[0, n0 - 1:-1]
-        target = t[0, n0:]
-        agree += float((a.argmax(-1) == b.argmax(-1)).sum())
-        kl += float(kl_divergence(a, b).sum())
-        nll_ref += float(nll(a, target).sum())
-        nll_cand += float(nll(b, target).sum())
-        count += len(target)
-    return {"tokens": count, "top1_agreement": agree / count, "kl_nats": kl / count,
-            "perplexity_reference": perplexity(nll_ref, count), "perplexity_candidate": perplexity(nll_cand, count)}
-
-
 def run(args: argparse.Namespace) -> int:
+    from exitspec.bench import quality
     from exitspec.bench.machine import describe_machine, machine_line
     from exitspec.bench.metrics import first_mismatch
     from exitspec.decoding.api import encode_prompt
@@ -120,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         # How far the int4 loop's greedy tokens follow the dense loop's (rounded product inputs flip near-ties).
         div = [first_mismatch(b, a) for a, b in zip(tokens["vanilla"], tokens["int4"], strict=True)]
         # ...and, teacher-forced on the dense loop's own texts, how far its distributions move.
-        fid = fidelity(model, fast, [(len(ids), ids + t) for ids, t in zip(enc, tokens["vanilla"], strict=True)])
+        texts = [(len(ids), ids + t) for ids, t in zip(enc, tokens["vanilla"], strict=True)]
+        fid = quality.fidelity(model, fast, texts)
         result |= {"int4_tps_median": med["int4"], "int4_speedup_vs_hf": med["int4"] / med["hf"],
                    "int4_tps": tps["int4"], "int4_first_divergence": div, "int4_fidelity": fid,
                    "int4_backend": fast.lm.backend, "int4_step_costs": step_costs(fast.lm)}

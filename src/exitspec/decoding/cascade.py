@@ -51,10 +51,7 @@ class Cascade(Strategy):
                  max_deferred: int = 16, precheck: torch.Tensor | None = None):
         if not isinstance(max_deferred, int) or max_deferred < 1:
             raise StrategyOptionError(f"max_deferred must be a positive integer, got {max_deferred!r}")
-        self.heads = sorted(heads, key=lambda h: h.layer)
-        self.gates = gates
-        self.exits = [CheckedExit(h, gates[h.layer], precheck) for h in self.heads]
-        self.precheck_size = None if precheck is None else int(precheck.numel())
+        self.exits = [CheckedExit(h, gates[h.layer], precheck) for h in sorted(heads, key=lambda h: h.layer)]
         self.propagate = state_propagation
         self.max_deferred = max_deferred
         self.stack: DeferredStack | None = None
@@ -71,7 +68,7 @@ class Cascade(Strategy):
         x, pos = state.pending()  # (B, 1)
         B, dev = x.shape[0], x.device
         before = stack.token_layers
-        first = self.heads[0].layer
+        first = self.exits[0].layer
         h = lm.run_layers(lm.embed(x, pos), pos, state.cache, 0, first)[:, -1]  # (B, C)
         stack.push(h, pos, first)
         tok = torch.zeros(B, dtype=torch.long, device=dev)
@@ -114,10 +111,10 @@ class Cascade(Strategy):
         entry.depth = lm.num_layers
 
     def describe(self) -> dict:
-        return {"strategy": self.name, "exit_layers": [h.layer for h in self.heads],
-                "thresholds": {k: (g.score, g.value) for k, g in self.gates.items()},
+        return {"strategy": self.name, "exit_layers": [e.layer for e in self.exits],
+                "thresholds": {e.layer: (e.gate.score, e.gate.value) for e in self.exits},
                 "state_propagation": self.propagate, "max_deferred": self.max_deferred,
-                "precheck_vocab": self.precheck_size}
+                "precheck_vocab": self.exits[0].precheck_size}
 
 
 def make_cascade(model, exit_layers=None, exit_layer=None, threshold=None, score: str | None = None,

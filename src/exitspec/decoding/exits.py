@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
 from exitspec.heads.bundle import BundleError, HeadBundle
 from exitspec.heads.confidence import SCORES, confident, scores
 from exitspec.runtime.layered import LayeredModel
@@ -130,14 +131,18 @@ class CheckedExit:
     it may cost a little speed, never quality."""
 
     def __init__(self, head, gate: Gate, precheck: torch.Tensor | None = None):
-        from exitspec.decoding.draft_vocab import DraftHead
-
         self.head, self.gate, self.layer = head, gate, head.layer
         self.precheck = DraftHead(head, precheck) if precheck is not None else None
 
-    def confident(self, h: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h (B, C) at this exit, rows (B,) bool still undecided -> (confident (B,) bool, the full
-        head's logits (B, V), or None where no row got that far)."""
+    @property
+    def precheck_size(self) -> int | None:
+        return None if self.precheck is None else int(self.precheck.vocab.numel())
+
+    def confident(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h (B, C) at this exit, rows (B,) bool still undecided (default: all) -> (confident (B,) bool,
+        the full head's logits (B, V), or None where no row got that far)."""
+        if rows is None:
+            rows = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         if self.precheck is not None:
             rows = rows & self.gate.passes(self.precheck.logits(h))  # (B, N) logits: cheap
             if not bool(rows.any()):
@@ -149,8 +154,6 @@ class CheckedExit:
 def precheck_vocabulary(model, precheck_vocab, bundle: HeadBundle, strategy: str) -> torch.Tensor | None:
     """The `precheck_vocab` option (a number of tokens, 0 = off, or token ids) -> (N,) ids or None. A
     number is ignored where the model's vocabulary is not at least twice as large."""
-    from exitspec.decoding.draft_vocab import draft_vocabulary
-
     if isinstance(precheck_vocab, (list, tuple)):
         return draft_vocabulary(model, list(precheck_vocab), bundle)
     if isinstance(precheck_vocab, bool) or not isinstance(precheck_vocab, int) or precheck_vocab < 0:

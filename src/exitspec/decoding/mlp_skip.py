@@ -54,9 +54,7 @@ class MLPSkip(Strategy):
         if probe == "head" and start_layer < head.layer:
             raise StrategyOptionError(f"start_layer ({start_layer}) must be >= the probe's exit_layer ({head.layer})")
         self.start, self.probe, self.threshold = start_layer, probe, threshold
-        self.head, self.gate = head, gate
         self.exit = CheckedExit(head, gate, precheck) if probe == "head" else None
-        self.precheck_size = None if precheck is None else int(precheck.numel())
         self.share = attention_share(lm)
 
     def step(self, state: DecodeState) -> StepOutput:
@@ -66,10 +64,9 @@ class MLPSkip(Strategy):
         h = lm.embed(x, pos)
         ctx = lm.context(h, pos)
         if self.probe == "head":
-            p = self.head.layer
+            p = self.exit.layer
             h = lm.run_layers(h, pos, cache, 0, p, ctx=ctx)
-            settled = bool(self.exit.confident(h[:, -1], torch.ones(h.shape[0], dtype=torch.bool,
-                                                                    device=h.device))[0].all())
+            settled = bool(self.exit.confident(h[:, -1])[0].all())
             skip = range(self.start, L) if settled else range(0)
             h = lm.run_layers(h, pos, cache, p, L, ctx=ctx, skip_mlp=set(skip))
         else:
@@ -90,9 +87,9 @@ class MLPSkip(Strategy):
 
     def describe(self) -> dict:
         return {"strategy": self.name, "probe": self.probe, "start_layer": self.start,
-                "exit_layer": self.head.layer if self.head else None,
-                "threshold": (self.gate.score, self.gate.value) if self.gate else self.threshold,
-                "precheck_vocab": self.precheck_size}
+                "exit_layer": self.exit.layer if self.exit else None,
+                "threshold": (self.exit.gate.score, self.exit.gate.value) if self.exit else self.threshold,
+                "precheck_vocab": self.exit.precheck_size if self.exit else None}
 
 
 def make_mlp_skip(model, probe: str = "head", exit_layer: int | None = None, start_layer: int | None = None,
