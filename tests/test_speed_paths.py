@@ -73,3 +73,17 @@ def test_default_model_rows_are_bit_identical_in_1_and_k_row_calls(default_model
             assert r["max_abs_logit_diff"] == 0.0 and r["argmax_flips"] == 0, r
     finally:
         lm.row_invariant = False
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_step_costs_split_layers_into_attention_and_mlp_halves(family):
+    """bench-runtime's step table: every part is timed, the halves add up to the layers (the MLP half
+    is their difference, never negative) and k = 1 is the unit."""
+    from exitspec.runtime.profile import step_costs
+
+    lm = LayeredModel(tiny_model(family))
+    rows = step_costs(lm, context=32, ks=(1, 4), repeats=3)
+    assert [r["k"] for r in rows] == [1, 4] and rows[0]["vs_k1"] == 1.0
+    for r in rows:
+        assert min(r["step_ms"], r["layers_ms"], r["attention_ms"], r["head_ms"]) > 0 and r["mlp_ms"] >= 0
+        assert r["mlp_ms"] == pytest.approx(max(0.0, r["layers_ms"] - r["attention_ms"]))

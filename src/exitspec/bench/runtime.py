@@ -121,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
         if key not in result:
             continue
         lines += ["", f"One forward step after 256 cached tokens, {title} (median ms):", "",
-                  "| k new tokens | step | layers | norm + LM head | vs k=1 |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['k']} | {r['step_ms']:.2f} | {r['layers_ms']:.2f} | {r['head_ms']:.2f} | {r['vs_k1']:.2f}x |"
-                  for r in result[key]]
+                  "| k new tokens | step | layers | of which attention halves | MLP halves | norm + LM head | vs k=1 |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['k']} | {r['step_ms']:.2f} | {r['layers_ms']:.2f} | {r['attention_ms']:.2f} | "
+                  f"{r['mlp_ms']:.2f} | {r['head_ms']:.2f} | {r['vs_k1']:.2f}x |" for r in result[key]]
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     if args.out:

@@ -67,10 +67,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'exit heads':>12}: {heads}")
     if costs:
         print(f"\ndecode step after {args.context} cached tokens (median ms):")
-        print(f"{'k':>3} {'step':>8} {'embed':>7} {'layers':>8} {'/layer':>7} {'norm+head':>10} {'vs k=1':>7}")
+        print(f"{'k':>3} {'step':>8} {'embed':>7} {'layers':>8} {'attn':>7} {'mlp':>7} {'/layer':>7} "
+              f"{'norm+head':>10} {'vs k=1':>7}")
         for r in costs:
             print(f"{r['k']:>3} {r['step_ms']:8.2f} {r['embed_ms']:7.2f} {r['layers_ms']:8.2f} "
-                  f"{r['per_layer_ms']:7.2f} {r['head_ms']:10.2f} {r['vs_k1']:7.2f}x")
+                  f"{r['attention_ms']:7.2f} {r['mlp_ms']:7.2f} {r['per_layer_ms']:7.2f} {r['head_ms']:10.2f} "
+                  f"{r['vs_k1']:7.2f}x")
     if spec:
         _print_spec_costs(spec)
     return 0

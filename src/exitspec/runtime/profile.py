@@ -1,7 +1,14 @@
 """Where a decode step's time goes: embedding, decoder layers, final norm + LM head, per k new tokens.
 
 Speculative verification lives or dies by how a k-token step costs relative to a 1-token step, so
-this measures exactly that, on a warm cache of a realistic length.
+this measures exactly that, on a warm cache of a realistic length. The layers are split into their
+attention halves (norm, q/k/v and o products, rotary, cache write, attention over the cache: the
+layers run with every MLP skipped) and their MLP halves (the rest). On the default model's int4
+kernels (Zen 3, AVX2, 2 cores, 256 cached tokens; benchmarks/runtime-avx2) the MLP halves stayed flat
+from 1 to 4 rows (2.84 -> 2.75 ms: their products are bound by reading the weights) while the
+attention halves grew 1.57 -> 2.68 ms, so up to 4 rows the k-row cost is attention (fp32 FMAs over
+the cache for every query row and head) and the per-row glue around it; at 8 rows both grow (4.28 and
+4.80 ms), the weight products turning compute-bound as well.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
     pos = torch.arange(context + max(ks), device=dev)[None]
     lm.forward(ids[:, :context], pos[:, :context], cache)
     rows = []
+    every_layer = frozenset(range(lm.num_layers))
     for k in ks:
         x, p = ids[:, context:context + k], pos[:, context:context + k]
         h0 = lm.embed(x, p)
@@ -42,6 +50,9 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
         def layers():
             lm.run_layers(h0, p, cache, 0, lm.num_layers)
 
+        def attention_halves():  # same cache writes; only the MLP blocks are left out
+            lm.run_layers(h0, p, cache, 0, lm.num_layers, skip_mlp=every_layer)
+
         full = _median_ms(lambda: lm.logits(lm.run_layers(lm.embed(x, p), p, cache, 0, lm.num_layers)),
                           repeats)
         rows.append({
@@ -49,8 +60,11 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
             "step_ms": full,
             "embed_ms": _median_ms(lambda: lm.embed(x, p), repeats),
             "layers_ms": _median_ms(layers, repeats),
+            "attention_ms": _median_ms(attention_halves, repeats),
             "head_ms": _median_ms(lambda: lm.logits(h_last), repeats),
         })
+        # Timed separately, so on a noisy machine the difference can dip below zero: clamp it.
+        rows[-1]["mlp_ms"] = max(0.0, rows[-1]["layers_ms"] - rows[-1]["attention_ms"])
     base = rows[0]["step_ms"]
     for r in rows:
         r["per_layer_ms"] = r["layers_ms"] / lm.num_layers
