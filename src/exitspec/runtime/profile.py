@@ -41,17 +41,14 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
     pos = torch.arange(context + max(ks), device=dev)[None]
     lm.forward(ids[:, :context], pos[:, :context], cache)
     rows = []
-    every_layer = frozenset(range(lm.num_layers))
+    no_mlp = frozenset(range(lm.num_layers))  # the attention halves: same cache writes, MLP blocks left out
     for k in ks:
         x, p = ids[:, context:context + k], pos[:, context:context + k]
         h0 = lm.embed(x, p)
         h_last = lm.run_layers(h0, p, cache, 0, lm.num_layers)
 
-        def layers():
-            lm.run_layers(h0, p, cache, 0, lm.num_layers)
-
-        def attention_halves():  # same cache writes; only the MLP blocks are left out
-            lm.run_layers(h0, p, cache, 0, lm.num_layers, skip_mlp=every_layer)
+        def layers(skip_mlp=frozenset()):
+            lm.run_layers(h0, p, cache, 0, lm.num_layers, skip_mlp=skip_mlp)
 
         full = _median_ms(lambda: lm.logits(lm.run_layers(lm.embed(x, p), p, cache, 0, lm.num_layers)),
                           repeats)
@@ -60,14 +57,14 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
             "step_ms": full,
             "embed_ms": _median_ms(lambda: lm.embed(x, p), repeats),
             "layers_ms": _median_ms(layers, repeats),
-            "attention_ms": _median_ms(attention_halves, repeats),
+            "attention_ms": _median_ms(lambda: layers(no_mlp), repeats),
             "head_ms": _median_ms(lambda: lm.logits(h_last), repeats),
         })
-        # Timed separately, so on a noisy machine the difference can dip below zero: clamp it.
-        rows[-1]["mlp_ms"] = max(0.0, rows[-1]["layers_ms"] - rows[-1]["attention_ms"])
     base = rows[0]["step_ms"]
     for r in rows:
         r["per_layer_ms"] = r["layers_ms"] / lm.num_layers
+        # Timed separately, so on a noisy machine the difference can dip below zero: clamp it.
+        r["mlp_ms"] = max(0.0, r["layers_ms"] - r["attention_ms"])
         r["vs_k1"] = r["step_ms"] / base
     return rows
 
