@@ -65,3 +65,16 @@ def test_shipped_default_config_parses():
     names = {s.name for s in cfg.specs()}
     assert {"vanilla", "hf-generate", "hf-early-exit", "hf-prompt-lookup", "self-spec"} <= names
     assert cfg.num_prompts >= 20 and cfg.max_new_tokens == 128 and cfg.temperatures == [0.0]
+
+
+def test_runtime_options_pick_the_model_copy_not_the_strategy():
+    """weights= and kv_cache= choose which loaded copy a spec runs on (and whose vanilla loop audits
+    it); they never reach the strategy, and plain vanilla on any runtime is a baseline candidate."""
+    specs = BenchConfig(runs=[{"name": "vanilla", "weights": "int4", "kv_cache": "float16"},
+                              {"name": "lookup", "weights": "int4", "kv_cache": "float16", "draft_len": 2},
+                              {"name": "lookup", "weights": "int4", "draft_len": 2}]).specs()
+    specs = [s for s in specs if s.name != "hf-generate" and s.opts]  # baselines come first
+    assert [s.runtime for s in specs] == ["int4+kv_cache=float16"] * 2 + ["int4"]
+    assert specs[0].is_baseline and not specs[1].is_baseline
+    assert specs[1].strategy_opts == {"draft_len": 2} and specs[1].kv_cache == "float16"
+    assert BenchConfig().specs()[0].runtime == "dense"

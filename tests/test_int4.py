@@ -145,6 +145,19 @@ def test_speculative_decoding_is_lossless_in_int4_mode(family, backend):
         assert greedy(m, PROMPTS, strategy="lookup", draft_len=k).token_ids == ref.token_ids
 
 
+def test_speculative_decoding_is_lossless_over_an_fp16_kv_cache(kernel_isa):
+    """kv_cache=float16: every strategy shares the one cache type, so verification still reproduces
+    vanilla decoding over that cache token for token."""
+    m = quantized_tiny("llama")
+    m16 = LoadedModel(model=m.model, tokenizer=m.tokenizer, name=m.name, source=m.source, int4=m.int4,
+                      kv_cache=torch.float16)
+    assert m16.lm.kv_dtype == torch.float16
+    ref = greedy(m16, PROMPTS)
+    assert greedy(m16, PROMPTS, strategy="self-spec", exit_layer=2, draft_len=3).token_ids == ref.token_ids
+    for k in (2, 7):
+        assert greedy(m16, PROMPTS, strategy="lookup", draft_len=k).token_ids == ref.token_ids
+
+
 def test_int4_refuses_models_without_4bit_weights():
     with pytest.raises(ValueError, match="not stored as 4-bit groups"):
         int4_table(tiny_model("llama"))
@@ -154,6 +167,8 @@ def test_int4_refuses_models_without_4bit_weights():
         load("default", weights="int8")
     with pytest.raises(ModelLoadError, match="float32"):
         load("default", weights="int4", dtype="bfloat16")
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load("default", weights="int4", kv_cache="float8")
 
 
 @pytest.mark.slow
@@ -173,13 +188,28 @@ def test_default_model_int4_mode(default_model):
     # The fp32 model's greedy answer to a factual prompt starts the same way.
     dense = greedy(default_model, prompts[:1], n=8)
     assert ref.token_ids[0][:4] == dense.token_ids[0][:4]
+    # An fp16 KV cache: lossless strategies still give its vanilla loop's tokens, and it sits as close to
+    # the dense model as the fp32 cache does (teacher-forced on the dense model's text).
+    m16 = exitspec.load("default", weights="int4", kv_cache="float16")
+    ref16 = greedy(m16, prompts, n=24)
+    assert greedy(m16, prompts, n=24, strategy="lookup", draft_len=3).token_ids == ref16.token_ids
+    assert greedy(m16, prompts, n=24, strategy="self-spec", exit_layer=20, draft_len=3).token_ids == ref16.token_ids
+    from exitspec.bench.quality import fidelity
+    from exitspec.decoding.api import encode_prompt
+
+    ids = [encode_prompt(m.tokenizer, p) for p in prompts]
+    texts = [(len(i), i + t) for i, t in zip(ids, greedy(default_model, prompts, n=24).token_ids, strict=True)]
+    f32, f16 = fidelity(default_model, m, texts), fidelity(default_model, m16, texts)
+    assert f16["kl_nats"] < max(2 * f32["kl_nats"], 0.01) and f16["top1_agreement"] >= 0.9
+    with pytest.raises(ModelLoadError, match="needs weights='int4'"):
+        exitspec.load("default", kv_cache="float16")
 
 
 @pytest.mark.slow
 def test_bench_runs_int4_rows_beside_the_dense_model(default_model, tmp_path):
     """A [[run]] with weights = "int4" runs on a second, int4 copy of the model: its vanilla loop is a
     baseline candidate compared with the dense loop, and lossless strategies on it are audited
-    against the int4 vanilla loop."""
+    against the int4 vanilla loop (kv_cache = "float16": a third copy, audited likewise)."""
     from exitspec.bench.config import BenchConfig
     from exitspec.bench.runner import BenchRunner
     from exitspec.prompts import mixed_prompts
@@ -187,13 +217,21 @@ def test_bench_runs_int4_rows_beside_the_dense_model(default_model, tmp_path):
     cfg = BenchConfig(num_prompts=2, max_new_tokens=10, repeats=1, warmup=0, quality=False, runs=[
         {"name": "vanilla", "weights": "int4"},
         {"name": "self-spec", "weights": "int4", "exit_layer": 20, "draft_len": 2},
-        {"name": "hf-prompt-lookup", "weights": "int4"}])
+        {"name": "hf-prompt-lookup", "weights": "int4"},
+        {"name": "vanilla", "weights": "int4", "kv_cache": "float16"},
+        {"name": "lookup", "weights": "int4", "kv_cache": "float16", "draft_len": 2}])
     outcome = BenchRunner(cfg, default_model, mixed_prompts("heldout", 1)[:2], tmp_path, progress=False).run()
     rows = {r["label"]: r for r in outcome.rows}
     v4 = rows["vanilla[weights=int4]@T0"]
     assert v4["weights"] == "int4" and v4["lossless_claim"] is False and v4["agreement"] is not None
     spec = rows["self-spec[draft_len=2,exit_layer=20,weights=int4]@T0"]
     assert spec["lossless_ok"] is True and spec["speedup"] > 0
-    fastest = max(rows[k]["tokens_per_s"] for k in ("vanilla@T0", "hf-generate@T0", "vanilla[weights=int4]@T0"))
+    fastest = max(rows[k]["tokens_per_s"] for k in ("vanilla@T0", "hf-generate@T0", "vanilla[weights=int4]@T0",
+                                                     "vanilla[kv_cache=float16,weights=int4]@T0"))
     assert spec["baseline_tokens_per_s"] == fastest
     assert rows["hf-prompt-lookup[weights=int4]@T0"]["status"].startswith("error: hf-prompt-lookup is a peer")
+    # An fp16 KV cache runs on its own int4 copy; lookup over it is audited against vanilla over it.
+    v16 = rows["vanilla[kv_cache=float16,weights=int4]@T0"]
+    assert v16["kv_cache"] == "float16" and v16["lossless_claim"] is False and v16["agreement"] is not None
+    look = rows["lookup[draft_len=2,kv_cache=float16,weights=int4]@T0"]
+    assert look["lossless_ok"] is True and look["kv_cache"] == "float16"

@@ -274,3 +274,49 @@ def test_mistral_style_sliding_window_in_the_fused_stack(kernel_isa):
 def test_dense_models_never_take_the_fused_path():
     lm = LayeredModel(tiny_model("llama"))
     assert not lm.adapter.fused and lm.weights == "dense"
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_attention_reads_an_fp16_cache_as_the_fp32_values_it_holds(ops, head_dim):
+    """An fp16 KV cache changes only what is stored: attention over it gives, bit for bit, what it
+    gives over an fp32 cache holding the same (fp16-rounded) values, row-invariant as ever."""
+    torch.manual_seed(2)
+    B, T, H, Hkv, slots = 2, 3, 4, 2, 48
+    kc, vc = torch.randn(B, Hkv, slots, head_dim).half(), torch.randn(B, Hkv, slots, head_dim).half()
+    pos = torch.tensor([[9, 10, 11], [30, 31, 32]]).view(-1)
+    q = torch.randn(B * T, H, head_dim)
+    for window in (0, 5):
+        half = ops.attention(q, kc, vc, pos, T, head_dim ** -0.5, window)
+        assert torch.equal(half, ops.attention(q, kc.float(), vc.float(), pos, T, head_dim ** -0.5, window))
+        alone = ops.attention(q[4:5].contiguous(), kc[1:2].contiguous(), vc[1:2].contiguous(), pos[4:5].contiguous(),
+                              1, head_dim ** -0.5, window)
+        assert torch.equal(alone[0], half[4])
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.attention(q, kc, vc.float(), pos, T, 0.1, 0)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        ops.attention(q, kc.bfloat16(), vc.bfloat16(), pos, T, 0.1, 0)
+
+
+def test_fused_stack_keeps_an_fp16_cache(kernel_isa):
+    """With kv_dtype=float16 the fused stack writes each key and value rounded to fp16 (the fp32
+    stack's values, rounded: same inputs, same layer), keeps the LayerSkip hidden states in fp32, and
+    refuses a cache it cannot run (the per-layer path, a dense model)."""
+    m = quantized_tiny("llama")
+    fp32 = LayeredModel(m.model, int4=m.int4)
+    fp16 = LayeredModel(m.model, int4=int4_table(m.model), kv_dtype=torch.float16)
+    assert fp16.kv_cache_dtypes() == (torch.float32, torch.float16) and fp32.kv_dtype == torch.float32
+    ids = torch.tensor([[5, 17, 33, 2, 60, 41, 7], [8, 1, 4, 4, 70, 12, 90]])
+    pos = torch.arange(7).expand(2, 7)
+    c32, c16 = fp32.new_cache(2, 8), fp16.new_cache(2, 8, hidden_layer=1)
+    assert c16.k.dtype == c16.v.dtype == torch.float16 and c16.hidden.dtype == torch.float32
+    with torch.inference_mode():
+        h = fp32.embed(ids, pos)
+        fp32.run_layers(h, pos, c32, 0, 1)
+        fp16.run_layers(h, pos, c16, 0, 1)
+        assert torch.equal(c16.k[0], c32.k[0].half()) and torch.equal(c16.v[0], c32.v[0].half())
+        a, b = fp32.forward(ids, pos, fp32.new_cache(2, 8)), fp16.forward(ids, pos, fp16.new_cache(2, 8))
+    assert torch.isfinite(b).all() and float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.8
+    with pytest.raises(ValueError, match="needs weights='int4' on a Llama-family model"):
+        LayeredModel(m.model, int4=int4_table(m.model), fuse=False, kv_dtype=torch.float16)
+    with pytest.raises(ValueError, match="it runs: float32"):
+        LayeredModel(tiny_model("llama"), kv_dtype=torch.float16)

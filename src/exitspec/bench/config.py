@@ -34,6 +34,10 @@ from pathlib import Path
 PEERS = ("hf-generate", "hf-early-exit", "hf-prompt-lookup", "economize-early-exit")
 # The two vanilla decoders every run includes: speedups are against the faster of them.
 BASELINES = ("vanilla", "hf-generate")
+# Options that choose how the model runs, not what the strategy does (`exitspec.load(weights=,
+# kv_cache=)`): each combination runs on its own loaded copy, and lossless claims are audited against
+# exitspec's vanilla loop on the same copy.
+RUNTIME_OPTIONS = ("weights", "kv_cache")
 
 
 class BenchConfigError(ValueError):
@@ -59,14 +63,25 @@ class RunSpec:
         return str(self.opts.get("weights", "dense"))
 
     @property
+    def kv_cache(self) -> str | None:
+        """The KV cache's element type ("float16"), None = the model's dtype."""
+        v = self.opts.get("kv_cache")
+        return None if v is None else str(v)
+
+    @property
+    def runtime(self) -> str:
+        """The copy of the model it runs on: "dense", "int4", "int4+kv_cache=float16", ..."""
+        return self.weights + (f"+kv_cache={self.kv_cache}" if self.kv_cache else "")
+
+    @property
     def is_baseline(self) -> bool:
-        """Plain vanilla / HF generate (on any weights): speedups are against the fastest of them."""
-        return self.name in BASELINES and set(self.opts) <= {"weights"}
+        """Plain vanilla / HF generate (on any runtime): speedups are against the fastest of them."""
+        return self.name in BASELINES and set(self.opts) <= set(RUNTIME_OPTIONS)
 
     @property
     def strategy_opts(self) -> dict:
-        """The options handed to the strategy or peer (everything but `weights`)."""
-        return {k: v for k, v in self.opts.items() if k != "weights"}
+        """The options handed to the strategy or peer (everything but the runtime's)."""
+        return {k: v for k, v in self.opts.items() if k not in RUNTIME_OPTIONS}
 
     @property
     def is_peer(self) -> bool:

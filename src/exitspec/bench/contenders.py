@@ -88,8 +88,9 @@ def make_contender(spec: RunSpec, model, injected: dict | None = None) -> Conten
     if spec.is_peer:
         from exitspec.bench.peers import make_peer
 
-        if spec.weights != "dense":
-            raise ValueError(f"{spec.name} is a peer library's decoder; it runs the dense model only (drop weights=)")
+        if spec.runtime != "dense":
+            raise ValueError(f"{spec.name} is a peer library's decoder; it runs the dense model only "
+                             "(drop weights= and kv_cache=)")
 
         return make_peer(spec, model)
     return ExitspecContender(spec, model)

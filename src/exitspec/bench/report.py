@@ -29,8 +29,11 @@ def _audit_cell(r: dict) -> str:
     if r.get("lossless_ok") is False:
         return f"**FAILED ({r.get('lossless_mismatches')})**"
     if r["name"] == "vanilla" and r["temperature"] == 0:
-        # Each weights mode's vanilla loop is the reference of the lossless strategies on it.
+        # Each runtime's vanilla loop (weights mode, KV cache type) is the reference of the lossless
+        # strategies on it.
         w = r.get("weights") or "dense"
+        if r.get("kv_cache") not in (None, "", "model dtype"):
+            w += f", {r['kv_cache']} KV"
         return "ref" if w == "dense" else f"ref ({w})"
     return "–"
 
@@ -69,7 +72,8 @@ def render(res: SavedResults, figures: list[str]) -> str:
         "Speedup is against the fastest of exitspec's vanilla loop (on every weights mode run) and HF `generate` "
         "in this run. weights=int4 rows run the checkpoint's own 4-bit weights (products' inputs rounded to bf16 "
         "or int8); their lossless "
-        "audit is against the int4 vanilla loop, whose agreement / perplexity are against the dense fp32 model. "
+        "audit is against the int4 vanilla loop, whose agreement / perplexity are against the dense fp32 model "
+        "(kv_cache=float16 rows likewise, against the vanilla loop over the same fp16 KV cache). "
         "peak MiB is the process peak (a second weights mode keeps both models loaded). "
         "E[acc] = accepted drafts per verification; tau = E[acc] + 1 (the token every verification adds); "
         "rate = E[acc] / gamma (gamma = mean drafts per verification); calls/tok = full-model calls per token; "

@@ -19,8 +19,8 @@ from pathlib import Path
 
 COLUMNS = [
     # settings
-    "label", "name", "weights", "options", "exit_layer", "gamma", "temperature", "max_new_tokens", "prompts", "repeats",
-    "model", "heads", "machine",
+    "label", "name", "weights", "kv_cache", "options", "exit_layer", "gamma", "temperature", "max_new_tokens",
+    "prompts", "repeats", "model", "heads", "machine",
     # speed
     "new_tokens", "tokens_per_s", "tokens_per_s_prompt_median", "baseline", "baseline_tokens_per_s", "speedup",
     "ttft_s", "peak_mem_mib", "mem_source",

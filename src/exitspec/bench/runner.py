@@ -71,8 +71,8 @@ class BenchRunner:
         self.command = command
         L = model.lm.num_layers
         self.sweep_layers = [x for x in (cfg.quality_layers or range(1, L)) if 0 < x < L]
-        self.models = {"dense": model}  # weights mode -> loaded model (others loaded when first needed)
-        self.vanilla_tokens: dict[str, list[list[int]]] = {}  # weights mode -> exitspec vanilla, greedy
+        self.models = {"dense": model}  # RunSpec.runtime -> loaded model (others loaded when first needed)
+        self.vanilla_tokens: dict[str, list[list[int]]] = {}  # RunSpec.runtime -> exitspec vanilla, greedy
         self.ref_tokens: list[list[int]] | None = None  # exitspec vanilla at the reference temperature
         self.pending: list[tuple[RunSpec, dict, list[dict]]] = []  # baseline rows waiting for both baselines
         self.baseline: dict[float, dict] = {}  # temperature -> {"label", "tps", "by_category"}
@@ -113,19 +113,19 @@ class BenchRunner:
         return RunOutcome(self.rows, self.audit)
 
     def _model_for(self, spec: RunSpec):
-        """The model a spec runs on: the configured one, or a copy loaded with other weights."""
-        w = spec.weights
-        if w not in self.models:
+        """The model a spec runs on: the configured one, or a copy loaded with other weights / KV cache."""
+        w, key = spec.weights, spec.runtime
+        if key not in self.models:
             from exitspec.models.loading import load
 
             m = load(self.model.source, dtype=None if w == "int4" else self.cfg.dtype, device=self.cfg.device,
-                     weights=w)
+                     weights=w, kv_cache=spec.kv_cache)
             if getattr(self.model, "heads", None) is not None and self.cfg.heads:
                 from exitspec.heads.bundle import attach_heads
 
                 attach_heads(m, self.cfg.heads)
-            self.models[w] = m
-        return self.models[w]
+            self.models[key] = m
+        return self.models[key]
 
     def _ref_temperature(self) -> float:
         return 0.0 if 0.0 in self.cfg.temperatures else self.cfg.temperatures[0]
@@ -215,13 +215,13 @@ class BenchRunner:
                      mem: PeakMemory) -> None:
         cfg = self.cfg
         greedy = spec.temperature == 0.0
-        w = spec.weights
+        w = spec.runtime
         if spec.name == "vanilla" and greedy:
             self.vanilla_tokens[w] = [s.tokens for s in samples]
         if spec.name == "vanilla" and w == "dense" and spec.temperature == self._ref_temperature():
             self.ref_tokens = [s.tokens for s in samples]
-        # Lossless claims hold against vanilla decoding of the same weights; vanilla over other
-        # weights (int4) is compared with the dense vanilla loop and counts as lossy.
+        # Lossless claims hold against vanilla decoding on the same runtime; vanilla on another one
+        # (int4 weights, an fp16 KV cache) is compared with the dense vanilla loop and counts as lossy.
         ref = (self.vanilla_tokens.get("dense") if spec.name == "vanilla" else self.vanilla_tokens.get(w)) \
             if greedy else None
         lossy = not contender.lossless or (spec.name == "vanilla" and w != "dense")
@@ -248,7 +248,7 @@ class BenchRunner:
         row["peak_mem_mib"], row["mem_source"] = mem.peak_mib, mem.source
         # The lossless audit: greedy outputs of every lossless-claiming contender against vanilla's.
         row["lossless_claim"] = not lossy
-        row["weights"] = w
+        row["weights"], row["kv_cache"] = spec.weights, spec.kv_cache or "model dtype"
         if not lossy and greedy and ref is not None and spec.name != "vanilla":
             entry = AuditEntry(spec.label, len(per_prompt))
             for rec, p in zip(per_prompt, self.prompts, strict=True):

@@ -4,7 +4,8 @@ Reports tokens/s of HF `generate` (greedy) and of exitspec's vanilla loop over t
 (medians, exactly `max_new_tokens` each, EOS ignored so every run does the same work), and the cost
 of one forward step over k = 1, 2, 4, 8 new tokens with a warm cache. With `--weights int4`, also the
 4-bit loop's speed and its fidelity to the dense model (greedy divergence, teacher-forced top-1
-agreement, KL and perplexity).
+agreement, KL and perplexity); adding `--kv-cache float16` runs the 4-bit loop a second time over an
+fp16 KV cache, with the same figures, and times a step of both at 256 / 1024 / 2048 cached tokens.
 """
 
 from __future__ import annotations
@@ -53,13 +54,21 @@ def run(args: argparse.Namespace) -> int:
     from exitspec.decoding.api import encode_prompt
     from exitspec.models.loading import load
     from exitspec.prompts import load_prompts, mixed_prompts
-    from exitspec.runtime.profile import step_costs
+    from exitspec.runtime.profile import context_costs, step_costs
 
     # HF generate and the reference loop always run the dense model (fp32 unless --dtype says
     # otherwise); --weights int4 adds exitspec's vanilla loop over the 4-bit weights.
-    dense_args = argparse.Namespace(**{**vars(args), "weights": "dense"})
+    # With --weights int4, --kv-cache float16 adds a second int4 runtime over an fp16 cache (the dense
+    # model keeps its own; asked for with dense weights, the load says why it cannot).
+    dense_args = argparse.Namespace(**{**vars(args), "weights": "dense",
+                                       "kv_cache": None if args.weights == "int4" else args.kv_cache})
     model = load_from_args(dense_args)
-    fast = load(args.model, device=args.device, weights="int4") if args.weights == "int4" else None
+    fast = {}  # result key prefix -> (loaded int4 model, its name in the tables)
+    if args.weights == "int4":
+        fast["int4"] = (load(args.model, device=args.device, weights="int4"), "int4 weights")
+        if args.kv_cache == "float16":
+            fast["int4_kv16"] = (load(args.model, device=args.device, weights="int4", kv_cache="float16"),
+                                 "int4 weights, fp16 KV cache")
     if args.prompts:
         prompts = load_prompts(args.prompts, split="heldout", limit=args.num_prompts)
     else:
@@ -69,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     # Each run returns (tokens/s, generated tokens or None).
     runs = [("hf", lambda ids, k: (hf_generate_tps(model, ids, k), None)),
             ("vanilla", lambda ids, k: vanilla_run(model, ids, k))]
-    if fast is not None:
-        runs.append(("int4", lambda ids, k: vanilla_run(fast, ids, k)))
+    for key, (m, _) in fast.items():
+        runs.append((key, lambda ids, k, m=m: vanilla_run(m, ids, k)))
     for _, fn in runs:  # warm-up every path
         fn(enc[0], 8)
     tps: dict[str, list[float]] = {name: [] for name, _ in runs}
@@ -90,16 +99,18 @@ def run(args: argparse.Namespace) -> int:
         "step_costs": step_costs(model.lm),
     }
     rows = [("HF generate", med["hf"]), (f"exitspec vanilla loop ({model.lm.dtype}, dense)", med["vanilla"])]
-    if fast is not None:
+    texts = [(len(ids), ids + t) for ids, t in zip(enc, tokens["vanilla"], strict=True)]
+    for key, (m, title) in fast.items():
         # How far the int4 loop's greedy tokens follow the dense loop's (rounded product inputs flip near-ties).
-        div = [first_mismatch(b, a) for a, b in zip(tokens["vanilla"], tokens["int4"], strict=True)]
+        div = [first_mismatch(b, a) for a, b in zip(tokens["vanilla"], tokens[key], strict=True)]
         # ...and, teacher-forced on the dense loop's own texts, how far its distributions move.
-        texts = [(len(ids), ids + t) for ids, t in zip(enc, tokens["vanilla"], strict=True)]
-        fid = quality.fidelity(model, fast, texts)
-        result |= {"int4_tps_median": med["int4"], "int4_speedup_vs_hf": med["int4"] / med["hf"],
-                   "int4_tps": tps["int4"], "int4_first_divergence": div, "int4_fidelity": fid,
-                   "int4_backend": fast.lm.backend, "int4_step_costs": step_costs(fast.lm)}
-        rows.append(("exitspec vanilla loop (int4 weights)", med["int4"]))
+        result |= {f"{key}_tps_median": med[key], f"{key}_speedup_vs_hf": med[key] / med["hf"],
+                   f"{key}_tps": tps[key], f"{key}_first_divergence": div,
+                   f"{key}_fidelity": quality.fidelity(model, m, texts), f"{key}_backend": m.lm.backend,
+                   f"{key}_step_costs": step_costs(m.lm)}
+        rows.append((f"exitspec vanilla loop ({title})", med[key]))
+    if len(fast) > 1:
+        result["context_costs"] = context_costs({key: m.lm for key, (m, _) in fast.items()})
     lines = [
         f"# Runtime benchmark: {model.name}", "",
         f"Machine: {machine_line(result['machine'])}", "",
@@ -107,24 +118,31 @@ def run(args: argparse.Namespace) -> int:
         "| decoder | tokens/s | vs HF generate |", "|---|---:|---:|",
     ]
     lines += [f"| {name} | {v:.1f} | {v / med['hf']:.2f}x |" for name, v in rows]
-    if fast is not None:
-        same = sum(d is None for d in result["int4_first_divergence"])
-        firsts = sorted(d for d in result["int4_first_divergence"] if d is not None)
-        fid = result["int4_fidelity"]
-        lines += ["", f"int4 runtime: {result['int4_backend']}.", "",
-                  f"int4 greedy tokens equal the dense loop's on {same}/{len(enc)} prompts"
+    if fast:
+        lines += ["", f"int4 runtime: {result['int4_backend']}."]
+    for key, (_, title) in fast.items():
+        same = sum(d is None for d in result[f"{key}_first_divergence"])
+        firsts = sorted(d for d in result[f"{key}_first_divergence"] if d is not None)
+        fid = result[f"{key}_fidelity"]
+        lines += ["", f"{title}: greedy tokens equal the dense loop's on {same}/{len(enc)} prompts"
                   + (f"; the others first differ at tokens {', '.join(map(str, firsts))}" if firsts else "") + ". "
                   f"Teacher-forced on the dense loop's {fid['tokens']} generated tokens: top-1 agreement with "
                   f"the dense model {fid['top1_agreement']:.1%}, KL(dense || int4) {fid['kl_nats']:.4f} nats, "
                   f"perplexity {fid['perplexity_candidate']:.3f} (dense {fid['perplexity_reference']:.3f})."]
-    for title, key in (("dense", "step_costs"), ("int4 weights", "int4_step_costs")):
-        if key not in result:
-            continue
+    tables = [("dense", "step_costs")] + [(title, f"{key}_step_costs") for key, (_, title) in fast.items()]
+    for title, key in tables:
         lines += ["", f"One forward step after 256 cached tokens, {title} (median ms):", "",
                   "| k new tokens | step | layers | of which attention halves | MLP halves | norm + LM head | vs k=1 |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['k']} | {r['step_ms']:.2f} | {r['layers_ms']:.2f} | {r['attention_ms']:.2f} | "
                   f"{r['mlp_ms']:.2f} | {r['head_ms']:.2f} | {r['vs_k1']:.2f}x |" for r in result[key]]
+    if "context_costs" in result:
+        cc = {(r["runtime"], r["context"], r["k"]): r["step_ms"] for r in result["context_costs"]}
+        lines += ["", "One decode step by context, int4 weights (ms, fastest of 10 interleaved rounds):", "",
+                  "| cached tokens | k new tokens | fp32 KV cache | fp16 KV cache | fp16 / fp32 |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c} | {k} | {ms:.2f} | {cc[('int4_kv16', c, k)]:.2f} | {cc[('int4_kv16', c, k)] / ms:.2f}x |"
+                  for (name, c, k), ms in cc.items() if name == "int4"]
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     if args.out:

@@ -28,7 +28,8 @@ def describe(model) -> dict:
         "model_type": model.config.model_type, "layers": lm.num_layers, "hidden_size": lm.hidden_size,
         "heads": a.num_heads, "kv_heads": a.num_kv_heads, "head_dim": a.head_dim,
         "vocab_size": lm.vocab_size, "context": lm.max_positions, "dtype": str(lm.dtype).replace("torch.", ""),
-        "weights": lm.weights, "kernels": lm.backend, "device": str(lm.device), "params": lm.param_counts(),
+        "weights": lm.weights, "kv_cache": str(lm.kv_dtype).removeprefix("torch."), "kernels": lm.backend,
+        "device": str(lm.device), "params": lm.param_counts(),
     }
     if model.heads is not None:
         info["exit_heads"] = model.heads.describe()

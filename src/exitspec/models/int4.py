@@ -44,7 +44,7 @@ an 8-row decode step still costs ~1.65x a 1-row one while 2-4 rows cost 1.00-1.0
 torch glue, ~4.3 ms fused. On AMD EPYC Zen 3 (AVX2 build, DRAM 12-20 GB/s) a decode step is
 ~6.0 ms (56-70 ms before the AVX2 build, on torch's int4 kernel); one core's q4 product peaks near
 97 GMAC/s at 4+ rows (two vpmaddubsw per cycle, with the unpacking and per-group scaling around
-them), so 2 / 4 / 8 rows cost 1.01-1.17 / 1.31-1.33 / 1.96-2.38x a 1-row step over two runs of
+them), so 2 / 4 / 8 rows cost 0.99-1.17 / 1.20-1.33 / 1.84-2.38x a 1-row step over three runs of
 benchmarks/runtime-avx2 (up to 4 rows the growth is in the attention halves, runtime/profile.py).
 """
 

@@ -51,6 +51,8 @@ class LoadedModel:
     # weights="int4": the decoder projections' 4-bit groups (models/int4.py) until the runtime packs
     # them (then None), else None.
     int4: dict | None = field(default=None, repr=False)
+    # The KV cache's element type (`load(kv_cache=...)`); None = the model's dtype.
+    kv_cache: torch.dtype | None = None
 
     @property
     def weights(self) -> str:
@@ -68,7 +70,7 @@ class LoadedModel:
         """The layered runtime over this model (see runtime/layered.py)."""
         from exitspec.runtime.layered import LayeredModel
 
-        lm = LayeredModel(self.model, int4=self.int4)
+        lm = LayeredModel(self.model, int4=self.int4, kv_dtype=self.kv_cache)
         # The groups now live packed in the runtime; the unpacked copy (uint8 codes + fp32 scales,
         # ~130 MB for the default model) is not kept.
         self.int4 = None
@@ -164,6 +166,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = "cpu",
     weights: str = "dense",
+    kv_cache: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Load a frozen causal LM and its tokenizer.
 
@@ -176,9 +179,13 @@ def load(
     per group of 32 on AVX2; everything else fp32), or torch's int4 kernel and a prepacked bf16 head
     where those cannot run: ~5-10x faster decode steps on CPU (see models/int4.py). The HF model
     itself stays fp32.
+    `kv_cache`: the KV cache's element type, None = the model's dtype; "float16" with weights="int4"
+    on a Llama-family model (the fused C++ stack): half the cache's memory and of the bytes attention
+    reads per cached token (runtime/layered.py).
     """
     if weights not in WEIGHT_MODES:
         raise ModelLoadError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_MODES)}")
+    kv_dtype = None if kv_cache is None else resolve_dtype(kv_cache)
     if weights == "int4":
         if dtype is not None and resolve_dtype(dtype) != torch.float32:
             raise ModelLoadError("weights='int4' reads the 4-bit groups back from fp32 weights and keeps fp32 "
@@ -228,4 +235,11 @@ def load(
         # Padding positions are always masked out; any id works. Setting it on the tokenizer (not
         # the model config) keeps batch encoding working for models that ship without one.
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, source=source, int4=int4)
+    loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, source=source, int4=int4,
+                         kv_cache=kv_dtype)
+    if kv_dtype is not None:  # build the runtime now: a cache it cannot run is refused at load
+        try:
+            _ = loaded.lm
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from err
+    return loaded

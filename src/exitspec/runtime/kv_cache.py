@@ -11,6 +11,10 @@ Per-layer lengths exist because self-speculation fills the layers below the exit
 layers above it while drafting. `hidden` optionally keeps the hidden states entering layer
 `hidden_layer` (the exit layer's output), so that verification can resume at that layer for the
 drafted tokens instead of recomputing them from the bottom (the LayerSkip trick).
+
+Keys and values are stored in `dtype`: the model's, or fp16 under the fused int4 stack
+(`LayeredModel(kv_dtype=...)`, `exitspec.load(kv_cache="float16")`); the kept hidden states stay in
+the activations' dtype (`hidden_dtype`), since verification resumes from them.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         hidden_layer: int | None = None,
         hidden_size: int | None = None,
+        hidden_dtype: torch.dtype | None = None,
     ):
         shape = (num_layers, batch, num_kv_heads, aligned(max_len), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (n_layer, B, Hkv, L, D)
@@ -60,7 +65,8 @@ class KVCache:
         if hidden_layer is not None:
             if hidden_size is None:
                 raise ValueError("hidden_size is needed to keep hidden states")
-            self.hidden = torch.zeros(batch, max_len, hidden_size, dtype=dtype, device=device)  # (B, L, C)
+            # (B, L, C); kept in the activations' dtype (`hidden_dtype`) even when k / v are narrower
+            self.hidden = torch.zeros(batch, max_len, hidden_size, dtype=hidden_dtype or dtype, device=device)
 
     @property
     def batch(self) -> int:

@@ -22,7 +22,8 @@ from exitspec.runtime.kv_cache import KVCache, aligned
 
 class LayeredModel:
     def __init__(self, model: torch.nn.Module, *, row_invariant: bool | None = None,
-                 int4: dict[torch.nn.Linear, Int4Groups] | None = None, fuse: bool = True):
+                 int4: dict[torch.nn.Linear, Int4Groups] | None = None, fuse: bool = True,
+                 kv_dtype: torch.dtype | None = None):
         """`int4`: the 4-bit groups of the projections (models/int4.py; `exitspec.load(...,
         weights="int4")` builds it). Where exitspec's CPU kernels run (kernels/), a Llama-family
         stack then runs as one fused C++ call per `run_layers` (`fuse=False` keeps the per-layer
@@ -33,7 +34,13 @@ class LayeredModel:
         their inputs to bf16, which turns the ~1e-7 row-count differences of fp32 attention into
         2^-9 ones and flips greedy near-ties between vanilla (1 row) and verification (k rows). The
         fused stack and the q4/q8/bf16 kernels are row-invariant by construction; on the per-layer
-        path only attention pays (4 query rows)."""
+        path only attention pays (4 query rows).
+
+        `kv_dtype`: the KV cache's element type, None = the model's dtype; torch.float16 where the
+        fused stack runs (`kv_cache_dtypes()`): keys and values rounded to fp16 as they are written
+        (as llama.cpp's default cache), half the bytes that attention reads per cached token, the
+        part of a step that grows with the context. Every strategy on this runtime uses the same
+        cache, so lossless decoding stays token-for-token equal to vanilla decoding with it."""
         self.model = model
         self.adapter: Adapter = adapter_for(model, int4, fuse)
         self.weights = "int4" if int4 else "dense"
@@ -53,6 +60,13 @@ class LayeredModel:
             self._head = Linear(head_w, head_b)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self.kv_dtype = kv_dtype or self.dtype
+        if self.kv_dtype not in self.kv_cache_dtypes():
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.kv_cache_dtypes())
+            raise ValueError(
+                f"a {str(self.kv_dtype).removeprefix('torch.')} KV cache cannot run on this runtime (it runs: "
+                f"{names}); an fp16 cache needs weights='int4' on a Llama-family model with exitspec's CPU kernels"
+            )
         self._row_costs: list[float] = []  # see row_costs()
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
         self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
@@ -95,8 +109,15 @@ class LayeredModel:
                 "shorten the prompt or lower max_new_tokens"
             )
         a = self.adapter
-        return KVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, max_len, dtype=self.dtype,
-                       device=self.device, hidden_layer=hidden_layer, hidden_size=a.hidden_size)
+        return KVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, max_len, dtype=self.kv_dtype,
+                       device=self.device, hidden_layer=hidden_layer, hidden_size=a.hidden_size,
+                       hidden_dtype=self.dtype)
+
+    def kv_cache_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The KV cache element types this runtime can run: its own dtype, and fp16 where the fused
+        C++ stack attends (its attention kernel reads fp16 keys/values as fp32; the per-op path's
+        torch attention would need a converted copy of the whole cache every step)."""
+        return (self.dtype, torch.float16) if self.adapter.fused and self.dtype != torch.float16 else (self.dtype,)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.adapter.embed(ids, positions)

@@ -104,6 +104,39 @@ def row_cost_curve(lm: LayeredModel, max_rows: int, context: int = 256, repeats:
 
 
 @torch.inference_mode()
+def context_costs(lms: dict[str, LayeredModel], contexts=(256, 1024, 2048), ks=(1, 4),
+                  repeats: int = 10) -> list[dict]:
+    """ms of one decode step over k new tokens after each number of cached tokens, for several
+    runtimes of one model (e.g. an fp32 and an fp16 KV cache), fastest of `repeats` interleaved rounds.
+
+    Attention reads every cached key and value once per step (the default model: 30 layers x 3 KV
+    heads x 64 x 2 values per cached token, 46 KB in fp32), so this is the part of a step that grows
+    with the context, and where the cache's element type shows. Interleaved like `row_cost_curve`
+    (every runtime, context and k once per round; minimum kept) so that the comparison between
+    runtimes survives a machine whose speed drifts."""
+    top = max(contexts) + max(ks)
+    state = {}
+    for name, lm in lms.items():
+        # One prefill to the longest context; a step at position c attends slots 0..c only (slots past
+        # it are stale and never read), so every context reuses the same cache.
+        cache = lm.new_cache(1, top)
+        ids = torch.randint(0, lm.vocab_size, (1, top), generator=torch.Generator().manual_seed(0)).to(lm.device)
+        pos = torch.arange(top, device=lm.device)[None]
+        lm.forward(ids[:, :max(contexts)], pos[:, :max(contexts)], cache)
+        state[name] = (lm, cache, ids, pos)
+    times: dict[tuple, list[float]] = {(n, c, k): [] for n in lms for c in contexts for k in ks}
+    for rnd in range(repeats + 1):
+        for (name, c, k), ts in times.items():
+            lm, cache, ids, pos = state[name]
+            x, p = ids[:, c:c + k], pos[:, c:c + k]
+            t = time.perf_counter()
+            lm.logits(lm.run_layers(lm.embed(x, p), p, cache, 0, lm.num_layers))
+            if rnd:  # round 0 warms up
+                ts.append(time.perf_counter() - t)
+    return [{"runtime": n, "context": c, "k": k, "step_ms": min(ts) * 1000} for (n, c, k), ts in times.items()]
+
+
+@torch.inference_mode()
 def row_invariance(lm: LayeredModel, prompts: list[list[int]], k: int = 8) -> dict:
     """How much a row's logits depend on how many rows share its forward call.
 

@@ -7,6 +7,12 @@
 // works around that). Here a row's arithmetic is a fixed sequence of its own, so it is bit-identical
 // in a 1-row and a k-row call, and the causal rule "slots j <= p" needs no mask tensor: stale slots
 // past a row's length are simply never read.
+//
+// The cache may hold fp16 keys and values (LayeredModel(kv_dtype=torch.float16)): they are converted
+// to fp32 as they are loaded (vec.h), so a query over an fp16 cache gets, bit for bit, what it gets over
+// an fp32 cache holding the same rounded values. Why: every step reads each cached key and value once
+// per layer (46 KB per cached token in fp32 for the default model), which past a few hundred tokens
+// outgrows the caches and becomes the part of a step that grows with the context.
 #include "attention.h"
 
 #include <ATen/Parallel.h>
@@ -42,13 +48,15 @@ struct Visible {
       : a((int)std::clamp<int64_t>(lo - j0, 0, 16)), b((int)std::clamp<int64_t>(hi - j0 + 1, 0, 16)) {}
 };
 
-// out[i] = inv[i] * sum_j w[i][j] v_j over `width` value rows, for n <= QB queries at once.
-template <int DV, int QB>
-void values_pass(int n, const float* const* w, float* const* out, const float* inv, const float* vb, int64_t width) {
+// out[i] = inv[i] * sum_j w[i][j] v_j over `width` value rows, for n <= QB queries at once. KV: the
+// cache's element type (float, or Half: converted to fp32 as it is loaded, vec.h).
+template <int DV, int QB, typename KV>
+void values_pass(int n, const float* const* w, float* const* out, const float* inv, const KV* vb, int64_t width) {
   if (n < QB) {  // fewer queries than the widest pass: the narrower instantiation, never dummy work
-    if constexpr (QB > 1) values_pass<DV, QB / 2 >= 1 ? QB / 2 : 1>(std::min(n, QB / 2), w, out, inv, vb, width);
+    constexpr int QH = QB / 2 >= 1 ? QB / 2 : 1;
+    if constexpr (QB > 1) values_pass<DV, QH, KV>(std::min(n, QB / 2), w, out, inv, vb, width);
     if constexpr (QB > 1)
-      if (n > QB / 2) values_pass<DV, QB / 2 >= 1 ? QB / 2 : 1>(n - QB / 2, w + QB / 2, out + QB / 2, inv + QB / 2, vb, width);
+      if (n > QB / 2) values_pass<DV, QH, KV>(n - QB / 2, w + QB / 2, out + QB / 2, inv + QB / 2, vb, width);
     return;
   }
   constexpr int D = DV * 16;
@@ -56,7 +64,7 @@ void values_pass(int n, const float* const* w, float* const* out, const float* i
   for (int i = 0; i < QB; ++i)
     for (int v = 0; v < DV; ++v) acc[i][v] = vzero();
   for (int64_t j = 0; j < width; ++j) {
-    const float* vr = vb + j * D;
+    const KV* vr = vb + j * D;
     V16 vv[DV];
     for (int v = 0; v < DV; ++v) vv[v] = vload(vr + 16 * v);
     for (int i = 0; i < QB; ++i) {
@@ -69,8 +77,8 @@ void values_pass(int n, const float* const* w, float* const* out, const float* i
 }
 
 // DV = head_dim / 16, a compile-time constant so that every accumulator stays in a register.
-template <int DV>
-void attend_group(const Query* qs, int nq, const float* kb, const float* vb, float scale, int64_t cache_len,
+template <int DV, typename KV>
+void attend_group(const Query* qs, int nq, const KV* kb, const KV* vb, float scale, int64_t cache_len,
                   std::vector<float>& buf) {
   constexpr int D = DV * 16;
   int64_t lo = qs[0].lo, hi = qs[0].hi;
@@ -80,14 +88,14 @@ void attend_group(const Query* qs, int nq, const float* kb, const float* vb, flo
   buf.resize((size_t)nq * width);
   // --- scores of every query for every aligned slot ------------------------------------------------
   for (int64_t j0 = a0; j0 < a1; j0 += 16) {
-    const float* kblk = kb + j0 * D;
+    const KV* kblk = kb + j0 * D;
     for (int i = 0; i < nq; ++i) {
       const float* q = qs[i].q;
       V16 qv[DV];
       for (int d = 0; d < DV; ++d) qv[d] = vload(q + 16 * d);
       V16 part[16];
       for (int t = 0; t < 16; ++t) {
-        const float* k = kblk + t * D;
+        const KV* k = kblk + t * D;
         V16 acc = vmul(qv[0], vload(k));
         for (int d = 1; d < DV; ++d) acc = vfma(qv[d], vload(k + 16 * d), acc);
         part[t] = acc;
@@ -121,35 +129,38 @@ void attend_group(const Query* qs, int nq, const float* kb, const float* vb, flo
     float* out[QB];
     const int n = std::min(QB, nq - i0);
     for (int i = 0; i < n; ++i) w[i] = &buf[(size_t)(i0 + i) * width], out[i] = qs[i0 + i].out;
-    values_pass<DV, QB>(n, w, out, inv + i0, vb + a0 * D, width);
+    values_pass<DV, QB, KV>(n, w, out, inv + i0, vb + a0 * D, width);
   }
 }
 
-using GroupFn = void (*)(const Query*, int, const float*, const float*, float, int64_t, std::vector<float>&);
+template <typename KV>
+using GroupFn = void (*)(const Query*, int, const KV*, const KV*, float, int64_t, std::vector<float>&);
 
-GroupFn group_fn(int D) {
+template <typename KV>
+GroupFn<KV> group_fn(int D) {
   switch (D) {
-    case 16: return attend_group<1>;
-    case 32: return attend_group<2>;
-    case 64: return attend_group<4>;
-    case 80: return attend_group<5>;
-    case 96: return attend_group<6>;
-    case 128: return attend_group<8>;
-    case 256: return attend_group<16>;
+    case 16: return attend_group<1, KV>;
+    case 32: return attend_group<2, KV>;
+    case 64: return attend_group<4, KV>;
+    case 80: return attend_group<5, KV>;
+    case 96: return attend_group<6, KV>;
+    case 128: return attend_group<8, KV>;
+    case 256: return attend_group<16, KV>;
     default: return nullptr;
   }
 }
 
 }  // namespace
 
-bool attention_supports(int head_dim) { return group_fn(head_dim) != nullptr; }
+bool attention_supports(int head_dim) { return group_fn<float>(head_dim) != nullptr; }
 
-void decode_attention(const float* q, const float* kc, const float* vc, const int64_t* pos,
-                      const AttentionShape& s, float* out) {
+template <typename KV>
+void decode_attention(const float* q, const KV* kc, const KV* vc, const int64_t* pos, const AttentionShape& s,
+                      float* out) {
   const int H = s.heads, D = s.head_dim, T = s.tokens, group = s.heads / s.kv_heads;
   const int B = s.rows / T;
   const int64_t L = s.cache_len;
-  const GroupFn fn = group_fn(D);
+  const GroupFn<KV> fn = group_fn<KV>(D);
   at::parallel_for(0, (int64_t)B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> buf;
     Query qs[64];
@@ -169,5 +180,10 @@ void decode_attention(const float* q, const float* kc, const float* vc, const in
     }
   });
 }
+
+template void decode_attention<float>(const float*, const float*, const float*, const int64_t*,
+                                      const AttentionShape&, float*);
+template void decode_attention<Half>(const float*, const Half*, const Half*, const int64_t*, const AttentionShape&,
+                                     float*);
 
 }  // namespace exitspec

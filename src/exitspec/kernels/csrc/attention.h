@@ -1,6 +1,8 @@
 #pragma once
 #include <cstdint>
 
+#include "vec.h"
+
 namespace exitspec {
 
 // Causal attention of a few new query rows over a position-indexed KV cache (runtime/kv_cache.py).
@@ -19,7 +21,9 @@ struct AttentionShape {
 // head_dim values the kernel is instantiated for (16, 32, 64, 80, 96, 128, 256).
 bool attention_supports(int head_dim);
 
-void decode_attention(const float* q, const float* kc, const float* vc, const int64_t* pos,
-                      const AttentionShape& s, float* out);
+// KV: float or Half (an fp16 cache, read as fp32; instantiated for both in attention.cpp).
+template <typename KV>
+void decode_attention(const float* q, const KV* kc, const KV* vc, const int64_t* pos, const AttentionShape& s,
+                      float* out);
 
 }  // namespace exitspec

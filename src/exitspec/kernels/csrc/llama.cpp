@@ -99,6 +99,21 @@ void rope_head(float* x, const float* cs, const float* sn, int D) {
   for (int d = half; d < D; ++d) x[d] = tmp[d] * cs[d] + tmp[d - half] * sn[d];
 }
 
+// The KV cache of the fused stack: fp32, or fp16 (half the bytes that attention reads per cached token,
+// the cost that grows with the context; values rounded to nearest even as they are written, read back
+// to fp32 by the attention kernel). Both caches of a call have the same type.
+void check_cache(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat16) &&
+                  t.is_contiguous(),
+              what, " must be a contiguous float32 or float16 CPU tensor");
+}
+
+// x (D floats, D a multiple of 16) into a cache slot.
+void write_slot(float* dst, const float* x, int D) { std::memcpy(dst, x, sizeof(float) * D); }
+void write_slot(Half* dst, const float* x, int D) {
+  for (int d = 0; d < D; d += 16) vstore(dst + d, vload(x + d));
+}
+
 struct LlamaLayer {
   Q4Weight qkv, o, gate_up, down;
   torch::Tensor ln1, ln2;
@@ -134,9 +149,20 @@ class LlamaStack {
   torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                         const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin,
                         int64_t start, int64_t stop, const std::vector<bool>& skip_mlp) const {
+    check_cache(cache_k, "cache k");
+    check_cache(cache_v, "cache v");
+    TORCH_CHECK(cache_k.scalar_type() == cache_v.scalar_type(), "cache k and v must have the same dtype");
+    if (cache_k.scalar_type() == torch::kFloat16)
+      return run<Half>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp);
+    return run<float>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp);
+  }
+
+ private:
+  template <typename KV>
+  torch::Tensor run(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                    const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin, int64_t start,
+                    int64_t stop, const std::vector<bool>& skip_mlp) const {
     check_cpu_f32(h, "h");
-    check_cpu_f32(cache_k, "cache k");
-    check_cpu_f32(cache_v, "cache v");
     check_cpu_f32(cos, "cos");
     check_cpu_f32(sin, "sin");
     TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == torch::kInt64 && positions.is_contiguous() &&
@@ -168,8 +194,8 @@ class LlamaStack {
     const int64_t layer_stride = (int64_t)B * Hkv_ * slots * D_;
     for (int64_t l = start; l < stop; ++l) {
       const LlamaLayer& L = layers_[l];
-      float* kc = cache_k.data_ptr<float>() + l * layer_stride;
-      float* vc = cache_v.data_ptr<float>() + l * layer_stride;
+      KV* kc = static_cast<KV*>(cache_k.data_ptr()) + l * layer_stride;
+      KV* vc = static_cast<KV*>(cache_v.data_ptr()) + l * layer_stride;
       // --- attention half: h += o(attend(rope(qkv(norm(h))))) ------------------------------------
       rms_norm_rows(x, L.ln1.data_ptr<float>(), L.eps1, M, C_, normed.data());
       q4_gemm(L.qkv.packed.data_ptr<uint8_t>(), Nqkv, prep.set(normed.data(), M, C_), L.qkv.bias_ptr(), qkv.data(),
@@ -180,12 +206,12 @@ class LlamaStack {
         for (int hh = 0; hh < H_ + Hkv_; ++hh) rope_head(row + hh * D_, cs + (size_t)r * D_, sn + (size_t)r * D_, D_);
         for (int kh = 0; kh < Hkv_; ++kh) {
           const size_t slot = (((size_t)b * Hkv_ + kh) * slots + pos[r]) * D_;
-          std::memcpy(kc + slot, row + (H_ + kh) * D_, sizeof(float) * D_);
-          std::memcpy(vc + slot, row + (H_ + Hkv_ + kh) * D_, sizeof(float) * D_);
+          write_slot(kc + slot, row + (H_ + kh) * D_, D_);
+          write_slot(vc + slot, row + (H_ + Hkv_ + kh) * D_, D_);
         }
       }
       AttentionShape s{M, T, H_, Hkv_, D_, slots, scale_, L.window, Nqkv};
-      decode_attention(qkv.data(), kc, vc, pos, s, att.data());
+      decode_attention<KV>(qkv.data(), kc, vc, pos, s, att.data());
       q4_gemm(L.o.packed.data_ptr<uint8_t>(), C_, prep.set(att.data(), M, H_ * D_), L.o.bias_ptr(), x, C_, true);
       if (!skip_mlp.empty() && skip_mlp[l]) continue;
       // --- MLP half: h += down(silu(gate(norm(h))) * up(norm(h))) -------------------------------
@@ -207,7 +233,6 @@ class LlamaStack {
     return out;
   }
 
- private:
   int C_, H_, Hkv_, D_, I_;
   float scale_;
   std::vector<LlamaLayer> layers_;
@@ -238,8 +263,9 @@ torch::Tensor q8_linear(const torch::Tensor& x, const Q8Weight& w) {
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                         const torch::Tensor& pos, int64_t tokens, double scale, int64_t window) {
   check_cpu_f32(q, "q");
-  check_cpu_f32(kc, "k cache");
-  check_cpu_f32(vc, "v cache");
+  check_cache(kc, "k cache");
+  check_cache(vc, "v cache");
+  TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "k and v caches must have the same dtype");
   TORCH_CHECK(tokens > 0 && q.dim() == 3 && kc.dim() == 4 && vc.sizes() == kc.sizes() && q.size(2) == kc.size(3) &&
                   attention_supports((int)q.size(2)) && kc.size(1) > 0 && q.size(1) % kc.size(1) == 0 &&
                   q.size(0) == kc.size(0) * tokens,
@@ -253,7 +279,11 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const t
   auto out = torch::empty_like(q);
   AttentionShape s{(int)q.size(0), (int)tokens, (int)q.size(1), (int)kc.size(1), (int)q.size(2), kc.size(2),
                    (float)scale, (int)window, q.size(1) * q.size(2)};
-  decode_attention(q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), p, s, out.data_ptr<float>());
+  if (kc.scalar_type() == torch::kFloat16)
+    decode_attention(q.data_ptr<float>(), static_cast<const Half*>(kc.data_ptr()),
+                     static_cast<const Half*>(vc.data_ptr()), p, s, out.data_ptr<float>());
+  else
+    decode_attention(q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), p, s, out.data_ptr<float>());
   return out;
 }
 

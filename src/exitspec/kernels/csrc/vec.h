@@ -22,6 +22,13 @@
 
 namespace exitspec {
 
+// An IEEE fp16 value as stored (the KV cache's elements when it is kept in half precision); vload /
+// vstore convert 16 of them to / from fp32 (F16C; round to nearest even), so the kernels read an fp16
+// cache with the same arithmetic as an fp32 one, only from half the bytes.
+struct Half {
+  uint16_t bits;
+};
+
 #if EXITSPEC_AVX512
 // 16 floats in one register; AVX-512 has 32 of them, so the kernels may keep ~16 accumulators live.
 struct V16 {
@@ -30,6 +37,8 @@ struct V16 {
 constexpr int kLiveV16 = 16;
 inline V16 vload(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline void vstore(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
+inline V16 vload(const Half* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p))}; }
+inline void vstore(Half* p, V16 a) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT)); }
 inline V16 vset1(float x) { return {_mm512_set1_ps(x)}; }
 inline V16 vzero() { return {_mm512_setzero_ps()}; }
 inline V16 vadd(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -90,6 +99,13 @@ struct V16 {
 constexpr int kLiveV16 = 4;
 inline V16 vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline void vstore(float* p, V16 a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
+inline V16 vload(const Half* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p + 1))};
+}
+inline void vstore(Half* p, V16 a) {
+  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a.lo, _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128((__m128i*)p + 1, _mm256_cvtps_ph(a.hi, _MM_FROUND_TO_NEAREST_INT));
+}
 inline V16 vset1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
 inline V16 vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 inline V16 vadd(V16 a, V16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
