@@ -4,11 +4,12 @@ Speculative verification lives or dies by how a k-token step costs relative to a
 this measures exactly that, on a warm cache of a realistic length. The layers are split into their
 attention halves (norm, q/k/v and o products, rotary, cache write, attention over the cache: the
 layers run with every MLP skipped) and their MLP halves (the rest). On the default model's int4
-kernels (Zen 3, AVX2, 2 cores, 256 cached tokens; benchmarks/runtime-avx2) the MLP halves stayed flat
-from 1 to 4 rows (2.84 -> 2.75 ms: their products are bound by reading the weights) while the
-attention halves grew 1.57 -> 2.68 ms, so up to 4 rows the k-row cost is attention (fp32 FMAs over
-the cache for every query row and head) and the per-row glue around it; at 8 rows both grow (4.28 and
-4.80 ms), the weight products turning compute-bound as well.
+kernels (Zen 3, AVX2, 2 cores, 256 cached tokens; benchmarks/runtime-avx2 as of ac7e523) the MLP
+halves stayed flat from 1 to 4 rows (2.84 -> 2.75 ms: their products are bound by reading the weights)
+while the attention halves grew 1.57 -> 2.68 ms (the later, slower run: 4.49 -> 3.30 and 2.45 -> 3.81),
+so up to 4 rows the k-row cost is attention (fp32 FMAs over the cache for every query row and head) and
+the per-row glue around it; at 8 rows both grow (4.28 and 4.80 ms), the weight products turning
+compute-bound as well.
 """
 
 from __future__ import annotations
