@@ -215,16 +215,16 @@ class BenchRunner:
                      mem: PeakMemory) -> None:
         cfg = self.cfg
         greedy = spec.temperature == 0.0
-        w = spec.runtime
+        rt = spec.runtime
         if spec.name == "vanilla" and greedy:
-            self.vanilla_tokens[w] = [s.tokens for s in samples]
-        if spec.name == "vanilla" and w == "dense" and spec.temperature == self._ref_temperature():
+            self.vanilla_tokens[rt] = [s.tokens for s in samples]
+        if spec.name == "vanilla" and rt == "dense" and spec.temperature == self._ref_temperature():
             self.ref_tokens = [s.tokens for s in samples]
         # Lossless claims hold against vanilla decoding on the same runtime; vanilla on another one
         # (int4 weights, an fp16 KV cache) is compared with the dense vanilla loop and counts as lossy.
-        ref = (self.vanilla_tokens.get("dense") if spec.name == "vanilla" else self.vanilla_tokens.get(w)) \
+        ref = (self.vanilla_tokens.get("dense") if spec.name == "vanilla" else self.vanilla_tokens.get(rt)) \
             if greedy else None
-        lossy = not contender.lossless or (spec.name == "vanilla" and w != "dense")
+        lossy = not contender.lossless or (spec.name == "vanilla" and rt != "dense")
         per_prompt = []
         for i, (p, s) in enumerate(zip(self.prompts, samples, strict=True)):
             rec = {"label": spec.label, "prompt_index": i, "prompt_id": p.id, "category": p.category,

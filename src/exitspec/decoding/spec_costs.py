@@ -17,23 +17,20 @@ import torch
 
 from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
 from exitspec.runtime.layered import LayeredModel
-from exitspec.runtime.profile import _median_ms
+from exitspec.runtime.profile import _median_ms, full_step, warm_cache
 
 
 @torch.inference_mode()
 def cycle_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int = 256, repeats: int = 20) -> dict:
     """Median ms of a vanilla step, a draft pass (with / without head) and a verification pass."""
-    dev, L, E = lm.device, lm.num_layers, drafter.layer
-    cache = lm.new_cache(1, context + gamma + 2, hidden_layer=E)
-    ids = torch.randint(0, lm.vocab_size, (1, context + gamma + 1), device=dev)
-    pos = torch.arange(context + gamma + 1, device=dev)[None]
-    lm.forward(ids[:, :context], pos[:, :context], cache)
+    L, E = lm.num_layers, drafter.layer
+    cache, ids, pos = warm_cache(lm, context, gamma + 1, hidden_layer=E)
     x1, p1 = ids[:, context:context + 1], pos[:, context:context + 1]
     xk, pk = ids[:, context:], pos[:, context:]  # gamma+1 tokens
     hk = lm.run_layers(lm.embed(xk, pk), pk, cache, 0, E)  # (1, gamma+1, C) what drafting keeps
 
     def vanilla():
-        lm.logits(lm.run_layers(lm.embed(x1, p1), p1, cache, 0, L))
+        full_step(lm, x1, p1, cache)
 
     def draft_layers():
         return lm.run_layers(lm.embed(x1, p1), p1, cache, 0, E)

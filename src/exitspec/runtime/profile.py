@@ -33,14 +33,27 @@ def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times) * 1000
 
 
+def warm_cache(lm: LayeredModel, context: int, new: int, hidden_layer: int | None = None,
+               generator: torch.Generator | None = None):
+    """A batch-1 cache prefilled with `context` random tokens, with room for `new` more: returns
+    (cache, ids, positions) of all context + new tokens, the new ones at [:, context:]."""
+    n = context + new
+    cache = lm.new_cache(1, n + 1, hidden_layer=hidden_layer)
+    ids = torch.randint(0, lm.vocab_size, (1, n), generator=generator).to(lm.device)
+    pos = torch.arange(n, device=lm.device)[None]
+    lm.forward(ids[:, :context], pos[:, :context], cache)
+    return cache, ids, pos
+
+
+def full_step(lm: LayeredModel, x: torch.Tensor, p: torch.Tensor, cache) -> torch.Tensor:
+    """One full-model step over new tokens x at positions p (both (B, T)): logits (B, T, V)."""
+    return lm.logits(lm.run_layers(lm.embed(x, p), p, cache, 0, lm.num_layers))
+
+
 @torch.inference_mode()
 def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: int = 20) -> list[dict]:
     """Median ms of one forward over k new tokens after `context` cached tokens, split by part."""
-    dev = lm.device
-    cache = lm.new_cache(1, context + max(ks) + 1)
-    ids = torch.randint(0, lm.vocab_size, (1, context + max(ks)), device=dev)
-    pos = torch.arange(context + max(ks), device=dev)[None]
-    lm.forward(ids[:, :context], pos[:, :context], cache)
+    cache, ids, pos = warm_cache(lm, context, max(ks))
     rows = []
     no_mlp = frozenset(range(lm.num_layers))  # the attention halves: same cache writes, MLP blocks left out
     for k in ks:
@@ -51,8 +64,7 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
         def layers(skip_mlp=frozenset()):
             lm.run_layers(h0, p, cache, 0, lm.num_layers, skip_mlp=skip_mlp)
 
-        full = _median_ms(lambda: lm.logits(lm.run_layers(lm.embed(x, p), p, cache, 0, lm.num_layers)),
-                          repeats)
+        full = _median_ms(lambda: full_step(lm, x, p, cache), repeats)
         rows.append({
             "k": k,
             "step_ms": full,
@@ -82,17 +94,13 @@ def row_cost_curve(lm: LayeredModel, max_rows: int, context: int = 256, repeats:
     rounds kept: on a shared machine a step is only ever slowed down by others, so the minimum is
     the stable reading (medians of 5 rounds moved the 8-row cost between 1.4x and 2.3x). A
     cumulative maximum keeps noise from making more rows look cheaper than fewer."""
-    dev = lm.device
-    cache = lm.new_cache(1, context + max_rows + 1)
-    ids = torch.randint(0, lm.vocab_size, (1, context + max_rows), device=dev)
-    pos = torch.arange(context + max_rows, device=dev)[None]
-    lm.forward(ids[:, :context], pos[:, :context], cache)
+    cache, ids, pos = warm_cache(lm, context, max_rows)
     times: dict[int, list[float]] = {k: [] for k in range(1, max_rows + 1)}
     for rnd in range(repeats + 1):
         for k in times:
             x, p = ids[:, context:context + k], pos[:, context:context + k]
             t = time.perf_counter()
-            lm.logits(lm.run_layers(lm.embed(x, p), p, cache, 0, lm.num_layers))
+            full_step(lm, x, p, cache)
             if rnd:  # round 0 warms up
                 times[k].append(time.perf_counter() - t)
     base = min(times[1])
@@ -115,23 +123,17 @@ def context_costs(lms: dict[str, LayeredModel], contexts=(256, 1024, 2048), ks=(
     with the context, and where the cache's element type shows. Interleaved like `row_cost_curve`
     (every runtime, context and k once per round; minimum kept) so that the comparison between
     runtimes survives a machine whose speed drifts."""
-    top = max(contexts) + max(ks)
-    state = {}
-    for name, lm in lms.items():
-        # One prefill to the longest context; a step at position c attends slots 0..c only (slots past
-        # it are stale and never read), so every context reuses the same cache.
-        cache = lm.new_cache(1, top)
-        ids = torch.randint(0, lm.vocab_size, (1, top), generator=torch.Generator().manual_seed(0)).to(lm.device)
-        pos = torch.arange(top, device=lm.device)[None]
-        lm.forward(ids[:, :max(contexts)], pos[:, :max(contexts)], cache)
-        state[name] = (lm, cache, ids, pos)
+    # One prefill to the longest context per runtime (the same tokens for all); a step at position c
+    # attends slots 0..c only (slots past it are stale and never read), so every context reuses it.
+    state = {name: (lm, *warm_cache(lm, max(contexts), max(ks), generator=torch.Generator().manual_seed(0)))
+             for name, lm in lms.items()}
     times: dict[tuple, list[float]] = {(n, c, k): [] for n in lms for c in contexts for k in ks}
     for rnd in range(repeats + 1):
         for (name, c, k), ts in times.items():
             lm, cache, ids, pos = state[name]
             x, p = ids[:, c:c + k], pos[:, c:c + k]
             t = time.perf_counter()
-            lm.logits(lm.run_layers(lm.embed(x, p), p, cache, 0, lm.num_layers))
+            full_step(lm, x, p, cache)
             if rnd:  # round 0 warms up
                 ts.append(time.perf_counter() - t)
     return [{"runtime": n, "context": c, "k": k, "step_ms": min(ts) * 1000} for (n, c, k), ts in times.items()]
