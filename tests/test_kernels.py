@@ -141,7 +141,7 @@ def reference_attention(q, kc, vc, pos, tokens, window):
 
 
 @pytest.mark.parametrize("window", [0, 7])
-@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128])
 def test_decode_attention_matches_softmax_attention_and_is_row_invariant(ops, window, head_dim):
     torch.manual_seed(0)
     B, T, H, Hkv, slots = 3, 5, 6, 2, 96
