@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if heads:
         print(f"{'exit heads':>12}: {heads}")
     if costs:
-        print(f"\ndecode step after {args.context} cached tokens (median ms):")
+        print(f"\ndecode step after {args.context} cached tokens (ms, fastest of 20 interleaved rounds):")
         print(f"{'k':>3} {'step':>8} {'embed':>7} {'layers':>8} {'attn':>7} {'mlp':>7} {'/layer':>7} "
               f"{'norm+head':>10} {'vs k=1':>7}")
         for r in costs:

@@ -10,6 +10,14 @@ while the attention halves grew 1.57 -> 2.68 ms (the later, slower run: 4.49 -> 
 so up to 4 rows the k-row cost is attention (fp32 FMAs over the cache for every query row and head) and
 the per-row glue around it; at 8 rows both grow (4.28 and 4.80 ms), the weight products turning
 compute-bound as well.
+
+Inside the fused stack (a one-off build with timers around its parts, default model, Zen 3, 256 cached
+tokens, fastest of 25 steps): 1 new token, 6.97 ms in all = q4 products 3.70 ms (67 MB of codes read
+from DRAM) + attention 0.88 + glue 0.15 + the q8 LM head 1.55 (30 MB, also DRAM-bound) + norm, embedding,
+rotary tables and argmax 0.45; 8 new tokens, 13.98 ms = products 7.36 (8 x 134.5 M int8 multiply-adds,
+compute-bound) + attention 2.45 + glue 0.48 + head 2.67 + the rest. With their operands in cache the
+8-row products take 6.6 ms and the 8-row head 2.4 ms: past ~4 rows an AVX2 step without VNNI is bound
+by int8 arithmetic, not by memory, whatever the code around it does.
 """
 
 from __future__ import annotations
@@ -52,27 +60,32 @@ def full_step(lm: LayeredModel, x: torch.Tensor, p: torch.Tensor, cache) -> torc
 
 @torch.inference_mode()
 def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: int = 20) -> list[dict]:
-    """Median ms of one forward over k new tokens after `context` cached tokens, split by part."""
+    """ms of one forward over k new tokens after `context` cached tokens, split by part: the fastest
+    of `repeats` interleaved rounds (every k and part once per round, as `row_cost_curve` and
+    `context_costs` do). Medians of back-to-back repeats per k moved the 8-row step between 1.84x
+    and 2.20x of the 1-row one on the same code, as the shared VM's speed drifted between the k."""
     cache, ids, pos = warm_cache(lm, context, max(ks))
-    rows = []
     no_mlp = frozenset(range(lm.num_layers))  # the attention halves: same cache writes, MLP blocks left out
+    jobs = {}
     for k in ks:
         x, p = ids[:, context:context + k], pos[:, context:context + k]
         h0 = lm.embed(x, p)
         h_last = lm.run_layers(h0, p, cache, 0, lm.num_layers)
-
-        def layers(skip_mlp=frozenset()):
-            lm.run_layers(h0, p, cache, 0, lm.num_layers, skip_mlp=skip_mlp)
-
-        full = _median_ms(lambda: full_step(lm, x, p, cache), repeats)
-        rows.append({
-            "k": k,
-            "step_ms": full,
-            "embed_ms": _median_ms(lambda: lm.embed(x, p), repeats),
-            "layers_ms": _median_ms(layers, repeats),
-            "attention_ms": _median_ms(lambda: layers(no_mlp), repeats),
-            "head_ms": _median_ms(lambda: lm.logits(h_last), repeats),
-        })
+        jobs |= {
+            (k, "step_ms"): lambda x=x, p=p: full_step(lm, x, p, cache),
+            (k, "embed_ms"): lambda x=x, p=p: lm.embed(x, p),
+            (k, "layers_ms"): lambda h0=h0, p=p: lm.run_layers(h0, p, cache, 0, lm.num_layers),
+            (k, "attention_ms"): lambda h0=h0, p=p: lm.run_layers(h0, p, cache, 0, lm.num_layers, skip_mlp=no_mlp),
+            (k, "head_ms"): lambda h_last=h_last: lm.logits(h_last),
+        }
+    times = {key: [] for key in jobs}
+    for rnd in range(repeats + 1):
+        for key, fn in jobs.items():
+            t = time.perf_counter()
+            fn()
+            if rnd:  # round 0 warms up
+                times[key].append(time.perf_counter() - t)
+    rows = [{"k": k, **{part: min(times[(k, part)]) * 1000 for kk, part in jobs if kk == k}} for k in ks]
     base = rows[0]["step_ms"]
     for r in rows:
         r["per_layer_ms"] = r["layers_ms"] / lm.num_layers
