@@ -158,6 +158,23 @@ def test_speculative_decoding_is_lossless_over_an_fp16_kv_cache(kernel_isa):
         assert greedy(m16, PROMPTS, strategy="lookup", draft_len=k).token_ids == ref.token_ids
 
 
+def test_fused_stack_splits_its_time_into_products_attention_and_glue(kernel_isa):
+    """`exitspec info` / bench-runtime split a step's layers by the fused stack's own timers: every part
+    is charged, the parts of a call never exceed the call, and reading them resets them."""
+    from exitspec.runtime.profile import step_costs
+
+    m = quantized_tiny("llama")
+    lm = m.lm
+    assert lm.adapter.fused
+    rows = step_costs(lm, context=32, ks=(1, 4), repeats=3)
+    for r in rows:
+        parts = (r["stack_products_ms"], r["stack_attention_ms"], r["stack_glue_ms"])
+        assert min(parts) > 0 and sum(parts) <= r["layers_ms"] * 1.01 + 0.01
+    lm.adapter.take_stack_times()
+    assert lm.adapter.take_stack_times() == {"products": 0.0, "attention": 0.0, "glue": 0.0}
+    assert LayeredModel(m.model).adapter.take_stack_times() is None  # dense weights: no fused stack
+
+
 def test_int4_refuses_models_without_4bit_weights():
     with pytest.raises(ValueError, match="not stored as 4-bit groups"):
         int4_table(tiny_model("llama"))

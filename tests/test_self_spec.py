@@ -178,7 +178,7 @@ def test_info_prints_step_and_self_spec_costs(tmp_path, capsys):
                  "--draft-len", "2", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "decode step after 16 cached tokens" in out and "self-spec cycle per exit, 2 drafts" in out
-    steps = out.split("decode step after 16 cached tokens (median ms):\n")[1].splitlines()
+    steps = out.split("decode step after 16 cached tokens (ms, fastest of 20 interleaved rounds):\n")[1].splitlines()
     assert steps[0].split()[:6] == ["k", "step", "embed", "layers", "attn", "mlp"]
     assert [line.split()[0] for line in steps[1:5]] == ["1", "2", "4", "8"]
     table = out.split("break-even agreement predicted\n")[1].splitlines()

@@ -131,11 +131,20 @@ def run(args: argparse.Namespace) -> int:
                   f"perplexity {fid['perplexity_candidate']:.3f} (dense {fid['perplexity_reference']:.3f})."]
     tables = [("dense", "step_costs")] + [(title, f"{key}_step_costs") for key, (_, title) in fast.items()]
     for title, key in tables:
+        rows = result[key]
+        split = "stack_products_ms" in rows[0]  # a fused stack's own split of the layers call
         lines += ["", f"One forward step after 256 cached tokens, {title} (ms, fastest of 20 interleaved rounds):", "",
-                  "| k new tokens | step | layers | of which attention halves | MLP halves | norm + LM head | vs k=1 |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| k new tokens | step | layers | of which attention halves | MLP halves | norm + LM head | vs k=1 |"
+                  + (" layers' products | attention | glue |" if split else ""),
+                  "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if split else "")]
         lines += [f"| {r['k']} | {r['step_ms']:.2f} | {r['layers_ms']:.2f} | {r['attention_ms']:.2f} | "
-                  f"{r['mlp_ms']:.2f} | {r['head_ms']:.2f} | {r['vs_k1']:.2f}x |" for r in result[key]]
+                  f"{r['mlp_ms']:.2f} | {r['head_ms']:.2f} | {r['vs_k1']:.2f}x |"
+                  + (f" {r['stack_products_ms']:.2f} | {r['stack_attention_ms']:.2f} | {r['stack_glue_ms']:.2f} |"
+                     if split else "") for r in rows]
+        if split:
+            lines += ["", "The last three columns are the fused stack's own timers over its fastest layers call: "
+                          "the weight products, attention over the cache, and the glue between them (norms, "
+                          "RoPE, cache writes, SiLU, the products' int8 inputs)."]
     if "context_costs" in result:
         cc = {(r["runtime"], r["context"], r["k"]): r["step_ms"] for r in result["context_costs"]}
         lines += ["", "One decode step by context, int4 weights (ms, fastest of 10 interleaved rounds):", "",

@@ -74,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['k']:>3} {r['step_ms']:8.2f} {r['embed_ms']:7.2f} {r['layers_ms']:8.2f} "
                   f"{r['attention_ms']:7.2f} {r['mlp_ms']:7.2f} {r['per_layer_ms']:7.2f} {r['head_ms']:10.2f} "
                   f"{r['vs_k1']:7.2f}x")
+        if "stack_products_ms" in costs[0]:  # the fused stack's own timers over the fastest layers call
+            print(f"\nof the layers, by the fused stack's own timers (ms):\n{'k':>3} {'products':>9} {'attention':>10} "
+                  f"{'glue':>7}")
+            for r in costs:
+                print(f"{r['k']:>3} {r['stack_products_ms']:9.2f} {r['stack_attention_ms']:10.2f} "
+                      f"{r['stack_glue_ms']:7.2f}")
     if spec:
         _print_spec_costs(spec)
     return 0

@@ -104,6 +104,11 @@ class Adapter:
     # by position itself, so the step context then carries no mask.
     fused: bool = False
 
+    def take_stack_times(self) -> dict[str, float] | None:
+        """ms the fused stack spent since the last call, by part ("products", "attention", "glue"); None
+        where no fused stack runs."""
+        return None
+
     def run(self, h: torch.Tensor, cache, ctx: StepContext, start: int, stop: int,
             skip_mlp: set[int] | frozenset[int]) -> torch.Tensor:
         """Layers start..stop-1 over h (B, T, C); the cache's lengths are the caller's to mark."""
@@ -197,6 +202,11 @@ class LlamaAdapter(Adapter):
                             p.ln1.detach().float().contiguous(), p.eps1, p.ln2.detach().float().contiguous(), p.eps2,
                             p.window or 0)
         return stack
+
+    def take_stack_times(self):
+        if self.stack is None:
+            return None
+        return dict(zip(("products", "attention", "glue"), self.stack.take_times(), strict=True))
 
     def run(self, h, cache, ctx, start, stop, skip_mlp):
         if self.stack is None:

@@ -11,7 +11,7 @@ so up to 4 rows the k-row cost is attention (fp32 FMAs over the cache for every 
 the per-row glue around it; at 8 rows both grow (4.28 and 4.80 ms), the weight products turning
 compute-bound as well.
 
-Inside the fused stack (a one-off build with timers around its parts, default model, Zen 3, 256 cached
+Inside the fused stack (its own timers, `LlamaStack.take_times`; default model, Zen 3, 256 cached
 tokens, fastest of 25 steps): 1 new token, 6.97 ms in all = q4 products 3.70 ms (67 MB of codes read
 from DRAM) + attention 0.88 + glue 0.15 + the q8 LM head 1.55 (30 MB, also DRAM-bound) + norm, embedding,
 rotary tables and argmax 0.45; 8 new tokens, 13.98 ms = products 7.36 (8 x 134.5 M int8 multiply-adds,
@@ -63,7 +63,10 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
     """ms of one forward over k new tokens after `context` cached tokens, split by part: the fastest
     of `repeats` interleaved rounds (every k and part once per round, as `row_cost_curve` and
     `context_costs` do). Medians of back-to-back repeats per k moved the 8-row step between 1.84x
-    and 2.20x of the 1-row one on the same code, as the shared VM's speed drifted between the k."""
+    and 2.20x of the 1-row one on the same code, as the shared VM's speed drifted between the k.
+    Where a fused stack runs the layers, rows also carry its own split of the fastest layers call:
+    stack_products_ms (the weight products), stack_attention_ms (attention over the cache) and
+    stack_glue_ms (norms, RoPE, cache writes, SiLU, input quantization)."""
     cache, ids, pos = warm_cache(lm, context, max(ks))
     no_mlp = frozenset(range(lm.num_layers))  # the attention halves: same cache writes, MLP blocks left out
     jobs = {}
@@ -79,13 +82,22 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
             (k, "head_ms"): lambda h_last=h_last: lm.logits(h_last),
         }
     times = {key: [] for key in jobs}
+    stack_parts = {k: [] for k in ks}  # the fused stack's own split of each timed layers call
     for rnd in range(repeats + 1):
         for key, fn in jobs.items():
+            lm.adapter.take_stack_times()  # drop what earlier calls left
             t = time.perf_counter()
             fn()
             if rnd:  # round 0 warms up
                 times[key].append(time.perf_counter() - t)
+                if key[1] == "layers_ms":
+                    stack_parts[key[0]].append(lm.adapter.take_stack_times())
     rows = [{"k": k, **{part: min(times[(k, part)]) * 1000 for kk, part in jobs if kk == k}} for k in ks]
+    for r in rows:
+        parts = stack_parts[r["k"]]
+        if parts and parts[0] is not None:  # the split of the fastest layers call
+            fastest = parts[min(range(len(parts)), key=times[(r["k"], "layers_ms")].__getitem__)]
+            r |= {f"stack_{name}_ms": ms for name, ms in fastest.items()}
     base = rows[0]["step_ms"]
     for r in rows:
         r["per_layer_ms"] = r["layers_ms"] / lm.num_layers

@@ -12,6 +12,9 @@
 // the cache, so a row's result is the same in any batch and for any number of new tokens.
 #include <torch/extension.h>
 
+#include <array>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <vector>
 
@@ -114,6 +117,20 @@ void write_slot(Half* dst, const float* x, int D) {
   for (int d = 0; d < D; d += 16) vstore(dst + d, vload(x + d));
 }
 
+// The parts take_times() splits a call's time into, and a stopwatch that charges each interval
+// since the previous mark to the part named at its end.
+enum Part { kProducts = 0, kAttention = 1, kGlue = 2 };
+struct Laps {
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point last = Clock::now();
+  int64_t ns[3] = {0, 0, 0};
+  void mark(Part p) {
+    const Clock::time_point now = Clock::now();
+    ns[p] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
+    last = now;
+  }
+};
+
 struct LlamaLayer {
   Q4Weight qkv, o, gate_up, down;
   torch::Tensor ln1, ln2;
@@ -144,6 +161,15 @@ class LlamaStack {
   }
 
   int64_t num_layers() const { return (int64_t)layers_.size(); }
+
+  // Where the calls' time went since the last take_times(), in ms: (weight products, attention over
+  // the cache, the rest: norms, RoPE, cache writes, SiLU, input quantization). What `exitspec info`
+  // and bench-runtime split a step's layers by. A clock read costs ~20 ns, 9 per layer: always on.
+  std::array<double, 3> take_times() {
+    std::array<double, 3> ms;
+    for (int i = 0; i < 3; ++i) ms[i] = times_ns_[i].exchange(0) * 1e-6;
+    return ms;
+  }
 
   // h (B, T, C) entering layer `start` -> hidden states leaving layer stop-1 (a new tensor).
   torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
@@ -192,14 +218,17 @@ class LlamaStack {
     const float* cs = cos.data_ptr<float>();
     const float* sn = sin.data_ptr<float>();
     const int64_t layer_stride = (int64_t)B * Hkv_ * slots * D_;
+    Laps laps;
     for (int64_t l = start; l < stop; ++l) {
       const LlamaLayer& L = layers_[l];
       KV* kc = static_cast<KV*>(cache_k.data_ptr()) + l * layer_stride;
       KV* vc = static_cast<KV*>(cache_v.data_ptr()) + l * layer_stride;
       // --- attention half: h += o(attend(rope(qkv(norm(h))))) ------------------------------------
       rms_norm_rows(x, L.ln1.data_ptr<float>(), L.eps1, M, C_, normed.data());
-      q4_gemm(L.qkv.packed.data_ptr<uint8_t>(), Nqkv, prep.set(normed.data(), M, C_), L.qkv.bias_ptr(), qkv.data(),
-              Nqkv, false);
+      prep.set(normed.data(), M, C_);
+      laps.mark(kGlue);
+      q4_gemm(L.qkv.packed.data_ptr<uint8_t>(), Nqkv, prep, L.qkv.bias_ptr(), qkv.data(), Nqkv, false);
+      laps.mark(kProducts);
       for (int r = 0; r < M; ++r) {
         const int b = r / T;
         float* row = qkv.data() + (size_t)r * Nqkv;  // [q heads | k heads | v heads], each D
@@ -210,14 +239,21 @@ class LlamaStack {
           write_slot(vc + slot, row + (H_ + Hkv_ + kh) * D_, D_);
         }
       }
+      laps.mark(kGlue);
       AttentionShape s{M, T, H_, Hkv_, D_, slots, scale_, L.window, Nqkv};
       decode_attention<KV>(qkv.data(), kc, vc, pos, s, att.data());
-      q4_gemm(L.o.packed.data_ptr<uint8_t>(), C_, prep.set(att.data(), M, H_ * D_), L.o.bias_ptr(), x, C_, true);
+      laps.mark(kAttention);
+      prep.set(att.data(), M, H_ * D_);
+      laps.mark(kGlue);
+      q4_gemm(L.o.packed.data_ptr<uint8_t>(), C_, prep, L.o.bias_ptr(), x, C_, true);
+      laps.mark(kProducts);
       if (!skip_mlp.empty() && skip_mlp[l]) continue;
       // --- MLP half: h += down(silu(gate(norm(h))) * up(norm(h))) -------------------------------
       rms_norm_rows(x, L.ln2.data_ptr<float>(), L.eps2, M, C_, normed.data());
-      q4_gemm(L.gate_up.packed.data_ptr<uint8_t>(), 2 * I_, prep.set(normed.data(), M, C_), L.gate_up.bias_ptr(),
-              gu.data(), 2 * I_, false);
+      prep.set(normed.data(), M, C_);
+      laps.mark(kGlue);
+      q4_gemm(L.gate_up.packed.data_ptr<uint8_t>(), 2 * I_, prep, L.gate_up.bias_ptr(), gu.data(), 2 * I_, false);
+      laps.mark(kProducts);
       for (int r = 0; r < M; ++r) {
         const float* g = gu.data() + (size_t)r * 2 * I_;
         const float* u = g + I_;
@@ -228,14 +264,19 @@ class LlamaStack {
           vstore(a + i, vmul(vmul(gv, sig), vload(u + i)));
         }
       }
-      q4_gemm(L.down.packed.data_ptr<uint8_t>(), C_, prep.set(act.data(), M, I_), L.down.bias_ptr(), x, C_, true);
+      prep.set(act.data(), M, I_);
+      laps.mark(kGlue);
+      q4_gemm(L.down.packed.data_ptr<uint8_t>(), C_, prep, L.down.bias_ptr(), x, C_, true);
+      laps.mark(kProducts);
     }
+    for (int i = 0; i < 3; ++i) times_ns_[i] += laps.ns[i];
     return out;
   }
 
   int C_, H_, Hkv_, D_, I_;
   float scale_;
   std::vector<LlamaLayer> layers_;
+  mutable std::array<std::atomic<int64_t>, 3> times_ns_{};  // by Part; atomic: the server may run two calls at once
 };
 
 // --- single kernels, for the per-op runtime of other families and for tests -------------------
@@ -310,6 +351,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &LlamaStack::add_layer)
       .def("num_layers", &LlamaStack::num_layers)
+      .def("take_times", &LlamaStack::take_times)
       .def("forward", &LlamaStack::forward, py::call_guard<py::gil_scoped_release>());
   m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>());
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>());
