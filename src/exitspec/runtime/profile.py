@@ -11,8 +11,8 @@ so up to 4 rows the k-row cost is attention (fp32 FMAs over the cache for every 
 the per-row glue around it; at 8 rows both grow (4.28 and 4.80 ms), the weight products turning
 compute-bound as well.
 
-Inside the fused stack (its own timers, `LlamaStack.take_times`; default model, Zen 3, 256 cached
-tokens, fastest of 25 steps): 1 new token, 6.97 ms in all = q4 products 3.70 ms (67 MB of codes read
+Inside the fused stack (timers around its parts, now `LlamaStack.take_times`; default model, Zen 3, 256
+cached tokens, fastest of 25 steps): 1 new token, 6.97 ms in all = q4 products 3.70 ms (67 MB of codes read
 from DRAM) + attention 0.88 + glue 0.15 + the q8 LM head 1.55 (30 MB, also DRAM-bound) + norm, embedding,
 rotary tables and argmax 0.45; 8 new tokens, 13.98 ms = products 7.36 (8 x 134.5 M int8 multiply-adds,
 compute-bound) + attention 2.45 + glue 0.48 + head 2.67 + the rest. With their operands in cache the
