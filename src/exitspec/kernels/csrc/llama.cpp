@@ -104,11 +104,18 @@ void rope_head(float* x, const float* cs, const float* sn, int D) {
 
 // The KV cache of the fused stack: fp32, or fp16 (half the bytes that attention reads per cached token,
 // the cost that grows with the context; values rounded to nearest even as they are written, read back
-// to fp32 by the attention kernel). Both caches of a call have the same type.
-void check_cache(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat16) &&
-                  t.is_contiguous(),
-              what, " must be a contiguous float32 or float16 CPU tensor");
+// to fp32 by the attention kernel). Both caches of a call have the same type: fp16_caches checks them
+// (for the stack and the single attention kernel alike) and says whether they hold fp16.
+bool fp16_caches(const torch::Tensor& k, const torch::Tensor& v) {
+  auto check = [](const torch::Tensor& t, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat16) &&
+                    t.is_contiguous(),
+                what, " must be a contiguous float32 or float16 CPU tensor");
+  };
+  check(k, "k cache");
+  check(v, "v cache");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v caches must have the same dtype");
+  return k.scalar_type() == torch::kFloat16;
 }
 
 // x (D floats, D a multiple of 16) into a cache slot.
@@ -164,7 +171,7 @@ class LlamaStack {
 
   // Where the calls' time went since the last take_times(), in ms: (weight products, attention over
   // the cache, the rest: norms, RoPE, cache writes, SiLU, input quantization). What `exitspec info`
-  // and bench-runtime split a step's layers by. A clock read costs ~20 ns, 9 per layer: always on.
+  // and bench-runtime split a step's layers by. A clock read costs ~20 ns, 10 per layer: always on.
   std::array<double, 3> take_times() {
     std::array<double, 3> ms;
     for (int i = 0; i < 3; ++i) ms[i] = times_ns_[i].exchange(0) * 1e-6;
@@ -175,10 +182,7 @@ class LlamaStack {
   torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                         const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin,
                         int64_t start, int64_t stop, const std::vector<bool>& skip_mlp) const {
-    check_cache(cache_k, "cache k");
-    check_cache(cache_v, "cache v");
-    TORCH_CHECK(cache_k.scalar_type() == cache_v.scalar_type(), "cache k and v must have the same dtype");
-    if (cache_k.scalar_type() == torch::kFloat16)
+    if (fp16_caches(cache_k, cache_v))
       return run<Half>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp);
     return run<float>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp);
   }
@@ -304,9 +308,7 @@ torch::Tensor q8_linear(const torch::Tensor& x, const Q8Weight& w) {
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                         const torch::Tensor& pos, int64_t tokens, double scale, int64_t window) {
   check_cpu_f32(q, "q");
-  check_cache(kc, "k cache");
-  check_cache(vc, "v cache");
-  TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "k and v caches must have the same dtype");
+  const bool half = fp16_caches(kc, vc);
   TORCH_CHECK(tokens > 0 && q.dim() == 3 && kc.dim() == 4 && vc.sizes() == kc.sizes() && q.size(2) == kc.size(3) &&
                   attention_supports((int)q.size(2)) && kc.size(1) > 0 && q.size(1) % kc.size(1) == 0 &&
                   q.size(0) == kc.size(0) * tokens,
@@ -320,7 +322,7 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const t
   auto out = torch::empty_like(q);
   AttentionShape s{(int)q.size(0), (int)tokens, (int)q.size(1), (int)kc.size(1), (int)q.size(2), kc.size(2),
                    (float)scale, (int)window, q.size(1) * q.size(2)};
-  if (kc.scalar_type() == torch::kFloat16)
+  if (half)
     decode_attention(q.data_ptr<float>(), static_cast<const Half*>(kc.data_ptr()),
                      static_cast<const Half*>(vc.data_ptr()), p, s, out.data_ptr<float>());
   else
