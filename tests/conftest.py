@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
@@ -23,6 +25,17 @@ torch.set_num_threads(2)
 # The instruction sets whose exitspec kernels this CPU runs: an AVX-512 machine tests its AVX2 build too.
 KERNEL_ISAS = kernel_build.supported_isas()
 
+# Kernel builds the current test asked for, and passed tests per build (reported at the end; with
+# EXITSPEC_REQUIRE_KERNEL_BUILDS=1, as .ci/run sets, a build this CPU runs that no passed test
+# exercised fails the run: a green suite must say something about every build the machine can load).
+_test_isas: set[str] = set()
+_passed_by_isa: dict[str, int] = {}
+
+
+def exercise(isa: str) -> None:
+    """Record that the running test uses the kernels built for `isa`."""
+    _test_isas.add(isa)
+
 
 def use_kernels(monkeypatch, isa: str | None) -> None:
     """Make the runtime pick the kernels built for `isa` (None: no kernels, torch's int4 fallback)."""
@@ -32,6 +45,45 @@ def use_kernels(monkeypatch, isa: str | None) -> None:
     monkeypatch.setenv("EXITSPEC_KERNELS", isa)
     monkeypatch.delitem(kernel_build._state, "", raising=False)  # chosen again; built modules stay cached
     assert kernel_build.load() is not None, kernel_build.unavailable_reason()
+    exercise(isa)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _test_isas.clear()
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        for isa in _test_isas:
+            _passed_by_isa[isa] = _passed_by_isa.get(isa, 0) + 1
+
+
+def _unexercised() -> list[str]:
+    return [isa for isa in KERNEL_ISAS if not _passed_by_isa.get(isa)]
+
+
+def pytest_terminal_summary(terminalreporter):
+    runs = ", ".join(f"{isa} ({_passed_by_isa.get(isa, 0)} passed tests)" for isa in KERNEL_ISAS) or "none"
+    terminalreporter.write_line(f"exitspec kernel builds this CPU runs: {runs}; "
+                                f"not runnable here: {_not_runnable() or 'none'}")
+    if _unexercised():
+        fails = " (EXITSPEC_REQUIRE_KERNEL_BUILDS is set: the run fails)" if _required() else ""
+        terminalreporter.write_line(f"exitspec kernel builds no passed test exercised: {', '.join(_unexercised())}"
+                                    + fails)
+
+
+def _not_runnable() -> str:
+    return "; ".join(f"{isa.name} ({kernel_build._why_not(isa)})" for isa in kernel_build.ISAS
+                     if isa.name not in KERNEL_ISAS)
+
+
+def _required() -> bool:
+    return os.environ.get("EXITSPEC_REQUIRE_KERNEL_BUILDS", "") not in ("", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _required() and exitstatus == 0 and _unexercised():
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(params=KERNEL_ISAS or [pytest.param(None, marks=pytest.mark.skip(

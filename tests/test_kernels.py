@@ -6,17 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import KERNEL_ISAS, tiny_model
+from conftest import KERNEL_ISAS, exercise, tiny_model
 from exitspec.kernels import build
 from exitspec.models.int4 import GROUP, int4_table, recover_q8
 from exitspec.runtime.layered import LayeredModel
-from test_int4 import q4_1, quantized_tiny
+from test_int4 import quantized_tiny
 
 
 @pytest.fixture(params=KERNEL_ISAS or [pytest.param(None, marks=pytest.mark.skip(
     reason=f"no exitspec kernels for this CPU: {build.chosen_isa()[1]}"))])
 def ops(request):
     """The kernel module of each instruction set this CPU runs (best first)."""
+    exercise(request.param)
     return build.load_isa(request.param)
 
 
@@ -30,6 +31,42 @@ def test_kernels_build_wherever_the_cpu_can_run_them():
         else:
             assert build.load_isa(isa.name) is None and build.unavailable_reason(isa.name) == build._why_not(isa)
     assert build.chosen_isa()[0] == (KERNEL_ISAS[0] if KERNEL_ISAS else None)
+
+
+_WHY_NOT = "; ".join(filter(None, map(build._why_not, build.ISAS)))
+
+
+@pytest.mark.skipif(len(KERNEL_ISAS) < 2, reason=f"this CPU runs only {KERNEL_ISAS or 'no'} exitspec kernel "
+                    f"build(s), so two cannot meet in one process ({_WHY_NOT})")
+@pytest.mark.parametrize("order", [KERNEL_ISAS, KERNEL_ISAS[::-1]], ids=["best-first", "best-last"])
+def test_every_build_loads_beside_the_others_in_one_process(order):
+    """Both builds bind C++ types of the same names (LlamaStack, Q4Weight, Q8Weight); pybind11 once
+    refused the second import ('generic_type: type "LlamaStack" is already registered!'), which
+    left every test of the other build failing on AVX-512 machines. A fresh process imports them
+    in each order and runs each build's own types through its own functions."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from exitspec.kernels import build
+for isa in {order!r}:
+    ops = build.load_isa(isa)
+    assert ops is not None and ops.ISA == isa, (isa, build.unavailable_reason(isa))
+    q = torch.randint(0, 16, (16, 64), dtype=torch.uint8)
+    scale, low = torch.full((16, 2), 0.5), torch.full((16, 2), -4.0)
+    w = ops.Q4Weight(q, scale, low)
+    y = ops.q4_linear(torch.ones(1, 64), w)
+    ref = (q.float() * 0.5 - 4.0).sum(1)
+    assert torch.allclose(y[0], ref, rtol=1e-2, atol=1e-2), (isa, y, ref)
+    assert ops.LlamaStack(64, 4, 2, 16, 128, 0.25).num_layers() == 0
+print("loaded", *{order!r})
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["loaded", *order]
+    for isa in order:
+        exercise(isa)
 
 
 def test_kernel_choice_follows_the_environment(monkeypatch):
@@ -247,28 +284,7 @@ def test_fused_stack_matches_the_per_layer_path(kernel_isa, family):
     assert_fused_close(fused, per_layer, ids, pos, kernel_isa)
 
 
-def test_mistral_style_sliding_window_in_the_fused_stack(kernel_isa):
-    """A layer with a sliding window attends only the last `window` slots, in the fused stack too."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                        sliding_window=4, initializer_range=0.2)
-    model = MistralForCausalLM(cfg).eval().requires_grad_(False)
-    head = model.get_output_embeddings()
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Linear) and mod is not head:
-                mod.weight.copy_(q4_1(mod.weight))
-    fused = LayeredModel(model, int4=int4_table(model))
-    per_layer = LayeredModel(model, int4=int4_table(model), fuse=False)
-    assert fused.adapter.fused
-    ids = torch.arange(12)[None] * 7 % 96
-    pos = torch.arange(12)[None]
-    assert_fused_close(fused, per_layer, ids, pos, kernel_isa)
-    # Without the window the fused stack would attend every slot: the outputs would differ a lot.
-    cfg.sliding_window = None
+# Sliding windows in the fused stack (Mistral, Qwen2), against HF itself: tests/test_sliding_window.py.
 
 
 def test_dense_models_never_take_the_fused_path():

@@ -222,6 +222,38 @@ def test_resume_continues_from_the_same_step_and_matches(tmp_path):
         Trainer(m, _cfg(grad_accum=2, epochs=3, lr=0.5), ex, tmp_path / "b", progress=False).train(resume=True)
 
 
+def test_checkpoints_are_safetensors_and_json_and_pickles_are_refused(tmp_path):
+    from exitspec.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    m = tiny_loaded("llama")
+    ex = random_examples(16)
+    cfg = _cfg(epochs=1, checkpoint_every=1)
+    Trainer(m, cfg, ex, tmp_path / "w", progress=False).train(stop_after=2)
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoint").iterdir()) == ["state.json", "tensors.safetensors"]
+    state = load_checkpoint(tmp_path / "w" / "checkpoint")
+    opt = state["opt"]["state"]
+    assert state["step"] == 2 and opt and set(opt) == set(range(len(opt)))  # per-parameter keys stay ints
+    # Any nest of data and tensors round-trips; what is neither is refused before anything is written.
+    nest = {"a": (1, 2.5, None, "x"), 3: {"t": torch.arange(4)}, "b": [torch.ones(2, 2), True]}
+    back = load_checkpoint(save_checkpoint(tmp_path / "c", nest))
+    assert back["a"] == [1, 2.5, None, "x"] and torch.equal(back[3]["t"], torch.arange(4))
+    assert torch.equal(back["b"][0], torch.ones(2, 2)) and back["b"][1] is True
+    with pytest.raises(TypeError, match="holds no object"):
+        save_checkpoint(tmp_path / "c", {"bad": object()})
+    assert torch.equal(load_checkpoint(tmp_path / "c")[3]["t"], torch.arange(4))  # the earlier one is intact
+    # A torn or foreign folder gets a message that says what to do.
+    (tmp_path / "c" / "tensors.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="unreadable.*delete"):
+        load_checkpoint(tmp_path / "c")
+    # A pickle checkpoint of an earlier exitspec is never unpickled, and is left where it was.
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"step": 1}, old / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="pickle checkpoint.*Delete it"):
+        Trainer(m, cfg, ex, old, progress=False).train(resume=True)
+    assert (old / "checkpoint.pt").is_file()
+
+
 def test_norm_lm_and_bad_layers_are_refused(tmp_path):
     m = tiny_loaded("llama")
     with pytest.raises(ValueError, match="no trainable parameters"):

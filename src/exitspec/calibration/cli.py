@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for the calibrated bundle (default: <heads>-calibrated beside the input)")
     p.add_argument("--estimator-proj-dim", type=int, default=8, help="learned estimator: hidden projection rank")
     p.add_argument("--estimator-mlp-dim", type=int, default=16, help="learned estimator: MLP width (0 = logistic)")
+    p.add_argument("--estimator-inputs", choices=("scores+hidden", "hidden"), default="scores+hidden",
+                   help="learned estimator: read the exit's scores and hidden state, or only the hidden state "
+                        "(decides before the exit's LM head: cheaper gates for cascade, mlp-skip, dssd)")
     add_model_args(p)
     add_data_args(p, num_prompts=40, max_new_tokens=96)
 
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     keep = args.score in ("auto", "learned")
     data = collect(model.lm, {"heads": bundle}, seqs, keep_features=keep).exits["heads"]
-    train = EstimatorTrainConfig(proj_dim=args.estimator_proj_dim, mlp_dim=args.estimator_mlp_dim)
+    train = EstimatorTrainConfig(proj_dim=args.estimator_proj_dim, mlp_dim=args.estimator_mlp_dim,
+                                 inputs=args.estimator_inputs)
     entries = calibrate_bundle(bundle, data, target, args.score, train=train, data_info=info, progress=True)
     path = bundle.save(out)
     keys = ("score", "value", "coverage", "agreement")

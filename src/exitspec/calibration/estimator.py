@@ -30,6 +30,10 @@ class EstimatorTrainConfig:
     weight_decay: float = 1e-2
     folds: int = 2  # cross-fitting folds over sequences (at least 2)
     seed: int = 0
+    inputs: str = "scores+hidden"  # or "hidden": decide before the exit's LM head (heads/confidence.py)
+
+    def __post_init__(self) -> None:
+        EstimatorConfig(hidden_size=1, proj_dim=self.proj_dim, mlp_dim=self.mlp_dim, inputs=self.inputs).check()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,9 +59,10 @@ def train_estimator(features: torch.Tensor, normed: torch.Tensor | None, labels:
         raise ValueError(f"need at least 2 tokens to train a confidence estimator, got {n}")
     torch.manual_seed(cfg.seed)
     proj_dim = cfg.proj_dim if normed is not None else 0
-    est = ConfidenceEstimator(EstimatorConfig(hidden_size=hidden_size, proj_dim=proj_dim, mlp_dim=cfg.mlp_dim))
+    est = ConfidenceEstimator(EstimatorConfig(hidden_size=hidden_size, proj_dim=proj_dim, mlp_dim=cfg.mlp_dim,
+                                              inputs=cfg.inputs))
     # Clones: the collected tensors may be inference-mode tensors, which autograd cannot save.
-    feats = features.float().clone()
+    feats = est.select(features).float().clone()
     est.feat_mean.copy_(feats.mean(0))
     est.feat_std.copy_(feats.std(0).clamp_min(1e-6) if n > 1 else torch.ones_like(est.feat_std))
     nh = normed.float().clone() if (normed is not None and proj_dim) else None

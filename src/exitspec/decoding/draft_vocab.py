@@ -23,7 +23,7 @@ import torch
 from exitspec.decoding.sampling import SamplingParams, probs, sample_from
 from exitspec.heads.base import ExitHead
 from exitspec.models.int4 import Q8Linear
-from exitspec.models.ops import Linear
+from exitspec.models.ops import Linear, outside_inference_mode
 
 
 class DraftHead:
@@ -35,10 +35,11 @@ class DraftHead:
         self.vocab = vocab  # (N,) long token ids, or None for the full vocabulary
         if vocab is not None:
             # Slice the rows once: (N, C). Tuned heads change their weights only when trained.
-            bias = head.head_bias()
-            rows = head.head_weight()[vocab].contiguous()
-            self.proj = _q8_rows(head, rows, bias[vocab].contiguous() if bias is not None else None) or Linear(
-                rows, bias[vocab].contiguous() if bias is not None else None)
+            with outside_inference_mode():  # kept by the strategy, used in and out of inference mode
+                bias = head.head_bias()
+                rows = head.head_weight()[vocab].contiguous()
+                self.proj = _q8_rows(head, rows, bias[vocab].contiguous() if bias is not None else None) or Linear(
+                    rows, bias[vocab].contiguous() if bias is not None else None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset)."""

@@ -79,9 +79,15 @@ class DSSD(Strategy):
             for j, dh in enumerate(self.drafters):
                 if j > 0:
                     h = stack.advance(dh.layer)  # catch up shallower tokens, then run e_{j-1}..e_j
+                gate = self.gates[dh.layer]
+                if not gate.needs_logits:  # a hidden-state gate: skip this head where no row drafts from it
+                    ok = gate.passes(None, h) & ~decided
+                    if not bool(ok.any()):
+                        continue
                 logits = dh.logits(h)  # (B, N)
                 t, qd = dh.choose(logits, params, state.generator, V)
-                ok = self.gates[dh.layer].passes(logits) & ~decided
+                if gate.needs_logits:
+                    ok = gate.passes(logits, h) & ~decided
                 # Rows no exit is sure about still get a (never proposed) filler token to keep shapes.
                 fill = ok | (j == 0)
                 tok = torch.where(fill, t, tok)

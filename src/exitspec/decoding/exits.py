@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
+from exitspec.heads.base import ExitHead
 from exitspec.heads.bundle import BundleError, HeadBundle
-from exitspec.heads.confidence import SCORES, confident, scores
+from exitspec.heads.confidence import ALL_SCORES, ConfidenceEstimator, confident, estimator_score, scores
 from exitspec.runtime.layered import LayeredModel
 
 
@@ -66,13 +67,25 @@ def as_layers(value) -> list[int]:
 
 @dataclass
 class Gate:
-    """Confidence test of one exit: `score` of its distribution against a threshold."""
+    """Confidence test of one exit: `score` of its distribution (or, for "learned", the exit's
+    estimator) against a threshold."""
 
     score: str
     value: float
+    estimator: ConfidenceEstimator | None = None  # score "learned": the exit's calibrated estimator
+    head: ExitHead | None = None  # score "learned": the exit's head (its norm feeds the estimator)
 
-    def passes(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (..., V) -> (...) bool."""
+    @property
+    def needs_logits(self) -> bool:
+        """False for a learned gate that reads only the hidden state: it decides before the exit's
+        LM head runs, so rows that do not exit never pay for it."""
+        return self.estimator is None or self.estimator.reads_logits
+
+    def passes(self, logits: torch.Tensor | None, h: torch.Tensor | None = None) -> torch.Tensor:
+        """logits (..., V) of the exit (None where not needs_logits), h (..., C) its hidden state
+        (needed by learned gates) -> (...) bool."""
+        if self.score == "learned":
+            return confident(self.score, estimator_score(self.estimator, self.head, h, logits), self.value)
         return confident(self.score, scores(logits)[self.score], self.value)
 
 
@@ -95,6 +108,15 @@ def gated_exits(model, strategy: str, exit_layers=None, exit_layer=None, thresho
     return GatedExits(layers, bundle, gates_for(bundle, layers, threshold, score, strategy=strategy))
 
 
+def _learned(bundle: HeadBundle, layer: int, strategy: str) -> dict:
+    """The Gate fields of exit `layer`'s learned estimator; a clear error where it has none."""
+    if str(layer) not in bundle.estimators:
+        raise StrategyOptionError(f"{strategy}: the exit at layer {layer} has no learned confidence estimator; "
+                                  "calibrate the bundle with `exitspec calibrate --score learned` or pass a "
+                                  "score of max_prob, entropy or margin")
+    return {"estimator": bundle.estimators[str(layer)], "head": bundle.head(layer)}
+
+
 def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str | None = None,
               strategy: str = "") -> dict[int, Gate]:
     """Gate per exit: `threshold` option (one value or {layer: value}) overrides the bundle's calibration."""
@@ -103,8 +125,8 @@ def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str 
         cal = bundle.threshold(layer) or {}
         value = threshold.get(layer, threshold.get(str(layer))) if isinstance(threshold, dict) else threshold
         name = score or cal.get("score", "max_prob")
-        if name not in SCORES:
-            raise StrategyOptionError(f"score {name!r} is not one of {', '.join(SCORES)}")
+        if name not in ALL_SCORES:
+            raise StrategyOptionError(f"score {name!r} is not one of {', '.join(ALL_SCORES)}")
         if value is None:
             if "value" not in cal:
                 raise StrategyOptionError(
@@ -114,7 +136,7 @@ def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str 
             if score is not None and score != cal.get("score", "max_prob"):
                 raise StrategyOptionError(f"the bundle calibrated layer {layer} with {cal.get('score')!r}; "
                                           f"pass a threshold for score {score!r} too")
-        out[layer] = Gate(name, float(value))
+        out[layer] = Gate(name, float(value), **(_learned(bundle, layer, strategy) if name == "learned" else {}))
     return out
 
 
@@ -128,7 +150,9 @@ class CheckedExit:
     full head, whose gate still decides. Renormalised over a subset holding the top token, max-prob
     can only rise and entropy barely moves when the full distribution is as peaked as a gate demands,
     so it rejects next to nothing the full gate would accept, and what it rejects is computed deeper:
-    it may cost a little speed, never quality."""
+    it may cost a little speed, never quality. A learned gate that reads only the hidden state needs
+    neither: it decides first, and only then does the full head run (for the token of rows that exit).
+    A learned gate that reads logits is pre-checked on the subset's scores like the others."""
 
     def __init__(self, head, gate: Gate, precheck: torch.Tensor | None = None):
         self.head, self.gate, self.layer = head, gate, head.layer
@@ -143,12 +167,17 @@ class CheckedExit:
         the full head's logits (B, V), or None where no row got that far)."""
         if rows is None:
             rows = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        if not self.gate.needs_logits:
+            rows = rows & self.gate.passes(None, h)  # from the hidden state alone: no head yet
+            if not bool(rows.any()):
+                return rows, None
+            return rows, self.head(h[:, None])[:, 0]
         if self.precheck is not None:
-            rows = rows & self.gate.passes(self.precheck.logits(h))  # (B, N) logits: cheap
+            rows = rows & self.gate.passes(self.precheck.logits(h), h)  # (B, N) logits: cheap
             if not bool(rows.any()):
                 return rows, None
         logits = self.head(h[:, None])[:, 0]  # (B, V)
-        return self.gate.passes(logits) & rows, logits
+        return self.gate.passes(logits, h) & rows, logits
 
 
 def precheck_vocabulary(model, precheck_vocab, bundle: HeadBundle, strategy: str) -> torch.Tensor | None:

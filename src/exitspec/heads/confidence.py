@@ -3,8 +3,10 @@
 Three fixed scores read the exit's logits (max probability, entropy, top-2 margin). A learned
 estimator (`ConfidenceEstimator`) is a tiny classifier over those scores plus a low-rank projection
 of the exit's hidden state, trained to predict "the exit's argmax equals the full model's argmax";
-its score is that predicted probability. Calibration (exitspec.calibration) picks, per exit, one
-score and the threshold that reaches a target agreement; decoders then only need
+its score is that predicted probability. With inputs="hidden" it reads the hidden state alone (its
+log RMS and the projection), so a decoder can decide before it computes the exit's LM head, which
+on a small model costs more than the layers an exit saves. Calibration (exitspec.calibration)
+picks, per exit, one score and the threshold that reaches a target agreement; decoders then only need
 
     s = exit_confidence(bundle, layer, h, logits)   # (B, T)
     ok = is_confident(bundle, layer, s)             # (B, T) bool
@@ -26,6 +28,9 @@ ALL_SCORES = (*SCORES, "learned")
 LOWER_IS_CONFIDENT = frozenset({"entropy"})
 # Per-token inputs of the learned estimator, besides the hidden-state projection (see features()).
 SCORE_FEATURES = ("max_prob", "log_max_prob", "entropy", "margin", "second_prob", "log_hidden_rms")
+# What an estimator reads: every feature above (from the exit's logits and hidden state), or only
+# what the hidden state gives before any LM head runs.
+ESTIMATOR_INPUTS = {"scores+hidden": SCORE_FEATURES, "hidden": ("log_hidden_rms",)}
 
 
 def scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -53,11 +58,15 @@ def score_features(h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     p = logp.exp()
     top2 = p.topk(2, dim=-1).values  # (B, T, 2)
     entropy = -(p * logp).sum(-1)
-    # The hidden state's scale grows with depth and with "settledness"; its log is a cheap cue.
-    rms = h.float().pow(2).mean(-1).clamp_min(1e-12).sqrt()
     cols = [top2[..., 0], top2[..., 0].clamp_min(1e-12).log(), entropy, top2[..., 0] - top2[..., 1],
-            top2[..., 1], rms.log()]
+            top2[..., 1], log_hidden_rms(h)]
     return torch.stack(cols, dim=-1)
+
+
+def log_hidden_rms(h: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (...): the hidden state's scale grows with depth and with "settledness"; its log
+    is a cheap cue, and the only score feature that needs no LM head."""
+    return h.float().pow(2).mean(-1).clamp_min(1e-12).sqrt().log()
 
 
 @dataclass
@@ -68,6 +77,7 @@ class EstimatorConfig:
     proj_dim: int = 8  # rank of the hidden-state projection (0 = scores only)
     mlp_dim: int = 16  # width of the hidden layer (0 = logistic regression)
     kind: str = "mlp"
+    inputs: str = "scores+hidden"  # a key of ESTIMATOR_INPUTS; "hidden" decides before the LM head
     # Filled in by training, for the report only (not needed to run the estimator).
     train_report: dict | None = None
 
@@ -77,9 +87,17 @@ class EstimatorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> EstimatorConfig:
         try:
-            return cls(**d)
+            cfg = cls(**d)
         except TypeError as err:
             raise ValueError(f"malformed estimator settings {d!r} ({err}); recalibrate the bundle") from err
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.inputs not in ESTIMATOR_INPUTS:
+            raise ValueError(f"estimator inputs {self.inputs!r} is not one of {', '.join(ESTIMATOR_INPUTS)}")
+        if self.inputs == "hidden" and not self.proj_dim:
+            raise ValueError("an estimator that reads only the hidden state needs proj_dim > 0")
 
 
 class ConfidenceEstimator(nn.Module):
@@ -91,8 +109,11 @@ class ConfidenceEstimator(nn.Module):
 
     def __init__(self, config: EstimatorConfig):
         super().__init__()
+        config.check()
         self.config = config
-        n = len(SCORE_FEATURES)
+        names = ESTIMATOR_INPUTS[config.inputs]
+        self.columns = [SCORE_FEATURES.index(n) for n in names]  # of score_features' output
+        n = len(names)
         self.register_buffer("feat_mean", torch.zeros(n))
         self.register_buffer("feat_std", torch.ones(n))
         self.proj = nn.Linear(config.hidden_size, config.proj_dim, bias=False) if config.proj_dim else None
@@ -102,9 +123,19 @@ class ConfidenceEstimator(nn.Module):
         else:
             self.net = nn.Sequential(nn.Linear(d_in, 1))
 
+    @property
+    def reads_logits(self) -> bool:
+        """False where the estimator decides from the hidden state alone (before any LM head)."""
+        return self.config.inputs != "hidden"
+
+    def select(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N.., len(SCORE_FEATURES)) score_features -> (N.., F) the columns this estimator reads."""
+        return feats[..., self.columns] if feats.shape[-1] != len(self.columns) else feats
+
     def inputs(self, feats: torch.Tensor, normed_h: torch.Tensor | None) -> torch.Tensor:
-        """(N.., F) features, (N.., C) normed hidden -> (N.., F + proj_dim) standardised inputs."""
-        x = (feats.float() - self.feat_mean) / self.feat_std
+        """(N.., F) features (all of score_features, or just this estimator's columns), (N.., C)
+        normed hidden -> (N.., F + proj_dim) standardised inputs."""
+        x = (self.select(feats).float() - self.feat_mean) / self.feat_std
         if self.proj is not None:
             if normed_h is None:
                 raise ValueError("this estimator reads the hidden state; pass normed_h")
@@ -123,13 +154,23 @@ def normed_hidden(bundle, layer: int, h: torch.Tensor) -> torch.Tensor:
     return bundle.head(layer).normed(h)
 
 
-def learned_score(bundle, layer: int, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """(B, T) probability of agreement from the exit's learned estimator."""
+def learned_score(bundle, layer: int, h: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) probability of agreement from the exit's learned estimator (logits may be None for
+    one that reads only the hidden state)."""
     if str(layer) not in bundle.estimators:
         raise ValueError(f"exit layer {layer} has no learned confidence estimator; run "
                          "`exitspec calibrate --score learned` or use max_prob / entropy / margin")
-    est = bundle.estimators[str(layer)]
-    nh = normed_hidden(bundle, layer, h) if est.proj is not None else None
+    return estimator_score(bundle.estimators[str(layer)], bundle.head(layer), h, logits)
+
+
+def estimator_score(est: ConfidenceEstimator, head, h: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    """(..., C) exit hidden and (..., V) its head's logits (None where `est` reads no logits) ->
+    (...) the estimator's probability that the exit agrees with the full model."""
+    nh = head.normed(h) if est.proj is not None else None
+    if not est.reads_logits:
+        return est(log_hidden_rms(h)[..., None], nh)
+    if logits is None:
+        raise ValueError("this learned estimator reads the exit's logits; pass them")
     return est(score_features(h, logits), nh)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exitspec.models.int4 import Int4Groups, Int4Linear
-from exitspec.models.ops import Linear, attention, fuse_linears, fused_bias
+from exitspec.models.ops import Linear, attention, fuse_linears, fused_bias, outside_inference_mode
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -136,6 +136,23 @@ class Adapter:
         raise NotImplementedError
 
 
+def sliding_window(config, attn: nn.Module) -> int | None:
+    """The sliding window HF applies in this attention layer (keys at positions > p - window for a
+    query at p), or None for full attention. HF keeps it in different places by family: Qwen2's
+    attention module holds it per layer (from config.layer_types), while Mistral's has no such
+    attribute and every layer reads config.sliding_window when it runs (transformers 5);
+    reading only the attribute silently dropped Mistral's window."""
+    window = getattr(attn, "sliding_window", None)
+    if window is not None:
+        return int(window)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        layer = attn.layer_idx
+        return int(config.sliding_window) if types[layer] == "sliding_attention" and config.sliding_window else None
+    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    return int(window) if window else None
+
+
 @dataclass
 class _LlamaPlan:
     """One Llama-family layer's tensors, gathered once (shapes for C hidden, I intermediate)."""
@@ -234,7 +251,8 @@ class LlamaAdapter(Adapter):
         table = self._rope_table
         if table is None or table[0].shape[0] < need or table[0].dtype != h.dtype:
             n = min(max(need, 2 * (table[0].shape[0] if table is not None else 256)), self.max_positions)
-            cos, sin = rot(h, torch.arange(max(n, need), device=h.device)[None])
+            with outside_inference_mode():  # kept across calls, in and out of inference mode
+                cos, sin = rot(h, torch.arange(max(n, need), device=h.device)[None])
             table = self._rope_table = (cos[0], sin[0])
         return table[0][positions], table[1][positions]
 
@@ -242,7 +260,7 @@ class LlamaAdapter(Adapter):
         return torch.rms_norm(h, (self.hidden_size,), self.base.norm.weight, self.base.norm.variance_epsilon)
 
     def window(self, i):
-        return getattr(self.layers[i].self_attn, "sliding_window", None)
+        return self._plans[i].window
 
     def layer(self, i, h, cache_kv, ctx, skip_mlp=False):
         p = self._plans[i]
@@ -278,7 +296,7 @@ class LlamaAdapter(Adapter):
             qkv=self.projection([at.q_proj, at.k_proj, at.v_proj]), o=self.projection([at.o_proj]),
             gate_up=self.projection([mlp.gate_proj, mlp.up_proj]), down=self.projection([mlp.down_proj]), act=act,
             ln1=ln1.weight, eps1=ln1.variance_epsilon, ln2=ln2.weight, eps2=ln2.variance_epsilon,
-            norm_shape=(self.hidden_size,), scaling=at.scaling, window=getattr(at, "sliding_window", None))
+            norm_shape=(self.hidden_size,), scaling=at.scaling, window=sliding_window(self.config, at))
 
     @property
     def final_norm(self):

@@ -6,6 +6,9 @@ is made once, with its reason next to it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +65,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*lead, y.shape[-1])
 
 
+@contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """Context for tensors a runtime builds once and keeps (packed weights, RoPE tables, fused
+    projections): made here they are normal tensors whether the first call came from inside
+    `torch.inference_mode()` (a decode loop) or not. An inference tensor kept past its loop breaks
+    later users outside inference mode: autograd refuses to save it for backward and it has no
+    version counter."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def in_place_version(t: torch.Tensor) -> int:
+    """t's in-place version counter; -2 for an inference tensor, which has none (and can be changed
+    in place only inside inference mode, which exitspec never does to a weight)."""
+    return -2 if t.is_inference() else t._version
+
+
 def onednn_packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     """True where a bf16/fp16 weight can be prepacked for oneDNN (CPU builds with mkldnn and a
     CPU that has the matching instructions: AVX512-BF16/AMX for bf16, AVX512-FP16/AMX-FP16 for fp16)."""
@@ -92,7 +112,10 @@ class Linear:
 
     The packed copy is extra memory (one more copy of the bf16 weights) and is made lazily on the
     first call under no-grad (autograd goes through plain `F.linear`), and again if the weight was
-    changed in place since (tracked by the tensor's version counter).
+    changed in place since (tracked by the tensor's version counter). It is always made outside
+    inference mode, so a first call inside `torch.inference_mode()` (every decode loop) leaves a
+    normal tensor that later calls outside it (training, evaluation) can use; a weight that is itself
+    an inference tensor has no version counter and is packed once.
     """
 
     __slots__ = ("weight", "bias", "_pack", "_packed", "_version")
@@ -106,10 +129,11 @@ class Linear:
 
     def packed(self) -> torch.Tensor:
         w = self.weight
-        if self._packed is None or self._version != w._version:
-            with torch.no_grad():
+        version = in_place_version(w)
+        if self._packed is None or self._version != version:
+            with outside_inference_mode():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-            self._version = w._version
+            self._version = version
         return self._packed
 
     def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:  # (..., in) -> (..., out)

@@ -16,11 +16,12 @@ import torch
 
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
 from exitspec.models.int4 import Int4Groups, Q8Linear
-from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available
+from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available, outside_inference_mode
 from exitspec.runtime.kv_cache import KVCache, aligned
 
 
 class LayeredModel:
+    @outside_inference_mode()  # what it builds (fused weights, packed heads) outlives any decode loop
     def __init__(self, model: torch.nn.Module, *, row_invariant: bool | None = None,
                  int4: dict[torch.nn.Linear, Int4Groups] | None = None, fuse: bool = True,
                  kv_dtype: torch.dtype | None = None):

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML or JSON training config (see configs/); defaults if omitted")
     p.add_argument("--out", required=True, help="bundle folder to write (bundle.json + heads.safetensors)")
     p.add_argument("--work", help="folder for self-distilled data and checkpoints (default runs/<out name>)")
-    p.add_argument("--resume", action="store_true", help="continue from WORK/checkpoint.pt at the same step")
+    p.add_argument("--resume", action="store_true", help="continue from WORK/checkpoint/ at the same step")
     p.add_argument("--eval-per-set", type=int, default=0,
                    help="after training, evaluate norm_lm vs the trained heads on N held-out prompts per set "
                         "(the eval part, as `exitspec eval-heads`; answers cached in WORK/heldout.jsonl)")

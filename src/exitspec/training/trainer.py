@@ -10,15 +10,15 @@ owns the sequences r::world (so its teacher pass covers only those) and shuffles
 from the seed: the data order depends on the seed, the world size and the micro-batch counter alone,
 so a resumed run sees exactly the batches it would have seen.
 
-Checkpoints (`WORK/checkpoint.pt`) hold heads, optimizer, scheduler, step, micro-batch counter and
-RNG state; they are written to a temporary file and renamed, so a crash never leaves a torn one.
+Checkpoints (`WORK/checkpoint/`, safetensors + JSON, never pickle: training/checkpoint.py) hold heads,
+optimizer, scheduler, step, micro-batch counter and RNG state; they are written to a temporary folder
+and renamed, so a crash never leaves a torn one.
 The teacher targets are not checkpointed: the teacher is deterministic, resuming recomputes them.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +27,14 @@ import torch
 from torch import nn
 
 from exitspec.heads.bundle import HeadBundle
+from exitspec.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from exitspec.training.config import TrainConfig
 from exitspec.training.data import Example
 from exitspec.training.losses import VocabSubset, exit_loss
 from exitspec.training.teacher import Targets, compute_targets
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint"  # a folder: training/checkpoint.py
+PICKLE_CHECKPOINT = "checkpoint.pt"  # what exitspec wrote before; refused, never unpickled
 
 
 class HeadSet(nn.Module):
@@ -154,20 +156,22 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        self.work.mkdir(parents=True, exist_ok=True)
         state = {"heads": self.bundle.heads.state_dict(), "opt": self.opt.state_dict(),
                  "sched": self.sched.state_dict(), "step": self.step, "micro": self.micro,
                  "tokens": self.tokens, "history": self.history, "config": self.cfg.to_dict(),
                  "rng": torch.get_rng_state(), "world": self.world}
-        tmp = self.work / f".{CHECKPOINT}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.work / CHECKPOINT)
+        save_checkpoint(self.work / CHECKPOINT, state)
 
     def load_checkpoint(self) -> bool:
         path = self.work / CHECKPOINT
-        if not path.is_file():
+        if not path.exists():
+            if (self.work / PICKLE_CHECKPOINT).exists():
+                raise CheckpointError(
+                    f"{self.work / PICKLE_CHECKPOINT} is a pickle checkpoint from an earlier exitspec; exitspec no "
+                    "longer reads pickle files (reading one can run any code it holds). Delete it and train from "
+                    "step 0, or pass another --work folder")
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
         mine = self.cfg.to_dict()
         theirs = state["config"]
         diff = sorted(k for k in mine if k not in ("threads", "checkpoint_every") and mine[k] != theirs.get(k))

@@ -338,18 +338,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "exitspec CPU kernels: q4/q8 few-row products, decode attention, fused Llama stack";
   m.attr("ISA") = kIsa;
   m.attr("NUMERICS") = kNumerics;
-  py::class_<Q4Weight>(m, "Q4Weight")
+  // Both builds (avx2, avx512bf16) bind C++ types of the same names. Without module_local, pybind11
+  // registers each type in one process-wide table, so importing the second build fails with
+  // 'generic_type: type "LlamaStack" is already registered!'. Local bindings keep each build's types
+  // to its own module: a Q4Weight of one build is never passed to the other's functions anyway.
+  py::class_<Q4Weight>(m, "Q4Weight", py::module_local())
       .def(py::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, c10::optional<torch::Tensor>>(),
            py::arg("q"), py::arg("scale"), py::arg("low"), py::arg("bias") = py::none())
       .def_readonly("out_features", &Q4Weight::n)
       .def_readonly("in_features", &Q4Weight::k)
       .def_property_readonly("nbytes", [](const Q4Weight& w) { return w.packed.numel(); });
-  py::class_<Q8Weight>(m, "Q8Weight")
+  py::class_<Q8Weight>(m, "Q8Weight", py::module_local())
       .def(py::init<const torch::Tensor&, const torch::Tensor&>(), py::arg("q"), py::arg("scale"))
       .def_readonly("out_features", &Q8Weight::n)
       .def_readonly("in_features", &Q8Weight::k)
       .def_property_readonly("nbytes", [](const Q8Weight& w) { return w.packed.numel(); });
-  py::class_<LlamaStack>(m, "LlamaStack")
+  py::class_<LlamaStack>(m, "LlamaStack", py::module_local())
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &LlamaStack::add_layer)
       .def("num_layers", &LlamaStack::num_layers)
