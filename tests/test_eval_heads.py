@@ -79,6 +79,15 @@ def test_calibrate_then_eval_heads_commands(tmp_path):
     assert all(r["coverage"] != "" for r in rows)  # calibrated: coverage at the stored threshold
     png = (out / "layer_sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # A learned gate over the hidden state alone, from the command line to a decoder that uses it.
+    learned = tmp_path / "learned"
+    assert main(["calibrate", "--heads", "norm_lm:2,4", "--target", "0.5", "--score", "learned",
+                 "--estimator-inputs", "hidden", "--out", str(learned), *common]) == 0
+    cfg = json.loads((learned / "bundle.json").read_text())
+    assert {cfg["thresholds"][k]["score"] for k in ("2", "4")} == {"learned"}
+    assert {cfg["estimators"][k]["inputs"] for k in ("2", "4")} == {"hidden"}
+    assert main(["generate", "hello", "--model", str(model_dir), "--heads", str(learned), "--strategy", "cascade",
+                 "--max-new-tokens", "6", "--raw"]) == 0
 
 
 def test_command_errors(tmp_path, capsys):
