@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from exitspec.training.data import Example
+from exitspec.runtime.sequences import TokenSequence
 
 
-def random_examples(n: int = 16, length: int = 20, prompt_len: int = 5, seed: int = 0) -> list[Example]:
+def random_examples(n: int = 16, length: int = 20, prompt_len: int = 5, seed: int = 0) -> list[TokenSequence]:
     g = torch.Generator().manual_seed(seed)
-    return [Example(torch.randint(0, 90, (length,), generator=g).tolist(), prompt_len) for _ in range(n)]
+    return [TokenSequence(torch.randint(0, 90, (length,), generator=g).tolist(), prompt_len) for _ in range(n)]
 
 
 def write_chat_jsonl(path: Path, n: int = 20) -> Path:

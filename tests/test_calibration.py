@@ -11,10 +11,11 @@ from conftest import tiny_loaded
 from exitspec.calibration.calibrate import calibrate_bundle
 from exitspec.calibration.collect import collect, token_metrics
 from exitspec.calibration.estimator import EstimatorTrainConfig, auc, cross_fit, train_estimator
-from exitspec.calibration.sequences import EvalSequence, heldout_prompts
+from exitspec.calibration.sequences import heldout_prompts
 from exitspec.calibration.thresholds import select_threshold
 from exitspec.heads.bundle import BundleError, HeadBundle
 from exitspec.heads.confidence import SCORE_FEATURES, exit_confidence, is_confident, scores
+from exitspec.runtime.sequences import scored_sequence
 
 FAST = EstimatorTrainConfig(steps=60, proj_dim=4, mlp_dim=8)
 
@@ -146,7 +147,7 @@ def test_auc_matches_definition():
 # --- bundles: calibrate, save, load ----------------------------------------------------------------
 def tiny_sequences(model, n=6, length=24, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [EvalSequence(torch.randint(0, 95, (length,), generator=g).tolist(), 6) for _ in range(n)]
+    return [scored_sequence(torch.randint(0, 95, (length,), generator=g).tolist(), 6) for _ in range(n)]
 
 
 def test_calibrate_save_load_round_trip(tmp_path):
@@ -211,7 +212,7 @@ def test_confidence_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="no sequences"):
         collect(m.lm, {"h": bundle}, [])
     with pytest.raises(ValueError, match="at least one scored token"):
-        EvalSequence([1, 2, 3], 3)
+        scored_sequence([1, 2, 3], 3)
 
 
 def test_heldout_prompt_parts_are_disjoint(tmp_path):

@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from conftest import save_tiny_model, tiny_loaded
-from exitspec.calibration.sequences import EvalSequence, greedy_sequences, heldout_prompts, teacher_forward
+from exitspec.calibration.sequences import greedy_sequences, heldout_prompts
 from exitspec.heads.bundle import HeadBundle
 from exitspec.heads.evaluate import evaluate_heads
+from exitspec.runtime.sequences import scored_sequence, teacher_forward
 from helpers_calibration import write_prompt_file
 
 
 def test_teacher_forward_matches_hf_hidden_states():
     m = tiny_loaded("qwen2")
-    seq = EvalSequence(list(range(10, 30)), 5)
+    seq = scored_sequence(list(range(10, 30)), 5)
     full_logits, hidden = teacher_forward(m.lm, seq, [1, 3])
     ids = torch.tensor([seq.ids])
     out = m.model(ids, output_hidden_states=True)
@@ -30,7 +31,7 @@ def test_teacher_forward_matches_hf_hidden_states():
 def test_evaluate_heads_matches_direct_computation():
     m = tiny_loaded("llama")
     bundle = HeadBundle.create(m.lm, [2, 4], "norm_lm")
-    seqs = [EvalSequence(list(range(20, 44)), 8), EvalSequence(list(range(50, 62)), 3)]
+    seqs = [scored_sequence(list(range(20, 44)), 8), scored_sequence(list(range(50, 62)), 3)]
     rows = evaluate_heads(m, bundle, seqs)
     assert [(r["bundle"], r["layer"]) for r in rows] == [("heads", 2), ("heads", 4), ("full", 6)]
     # Reference: HF forward with hidden states; norm_lm = final norm + LM head on hidden_states[l].

@@ -17,7 +17,7 @@ from exitspec.heads.bundle import HeadBundle
 from exitspec.models.int4 import int4_table
 from exitspec.models.ops import Linear, in_place_version
 from exitspec.runtime.layered import LayeredModel
-from exitspec.training.teacher import teacher_pass
+from exitspec.runtime.sequences import teacher_pass
 from test_int4 import backend, q4_1  # noqa: F401  (backend: a fixture)
 
 

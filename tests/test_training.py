@@ -15,19 +15,19 @@ import torch.nn.functional as F
 from conftest import save_tiny_model, tiny_loaded
 from exitspec.heads.bundle import HeadBundle
 from exitspec.heads.evaluate import evaluate_heads
+from exitspec.runtime.sequences import TokenSequence, teacher_pass
 from exitspec.training.cli import heldout_eval
 from exitspec.training.config import TrainConfig
 from exitspec.training.data import (
     HEADER_TOKENS,
     DistillSettings,
-    Example,
     collate,
     eval_sequences,
     read_source,
     self_distill,
 )
 from exitspec.training.losses import VocabSubset, kd_loss
-from exitspec.training.teacher import compute_targets, teacher_pass
+from exitspec.training.teacher import compute_targets
 from exitspec.training.trainer import Trainer, lr_factor
 from helpers_training import random_examples, write_chat_jsonl
 
@@ -64,7 +64,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 # --- data -----------------------------------------------------------------------------------------------
 def test_collate_masks_padding_first_token_and_prompt():
-    ex = [Example([5, 6, 7, 8, 9], 3), Example([1, 2, 3], 1)]
+    ex = [TokenSequence([5, 6, 7, 8, 9], 3), TokenSequence([1, 2, 3], 1)]
     b = collate(ex, pad_id=0)
     assert b.ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 0, 0]]
     assert b.mask.tolist() == [[False, True, True, True, True], [False, True, True, False, False]]
@@ -98,7 +98,7 @@ def test_self_distill_generates_once_and_checks_the_cache(tmp_path, monkeypatch)
     cache = tmp_path / "d.jsonl"
     first = self_distill(m, prompts, cache, DistillSettings(max_new_tokens=5, batch=2), progress=False)
     ref = exitspec.generate(m, "hello", max_new_tokens=5)
-    assert first[1].ids == first[1].ids[: first[1].prompt_len] + ref.token_ids[0]
+    assert first[1].ids == first[1].ids[: first[1].start] + ref.token_ids[0]
 
     def boom(*a, **k):
         raise AssertionError("the cache should have been used")
@@ -143,7 +143,7 @@ def test_one_teacher_pass_matches_hf_hidden_states(family):
 
 
 def test_eval_sequences_score_the_positions_training_scores():
-    ex = [Example(list(range(10, 20)), 4), Example(list(range(30, 36)), 0), Example([5, 6, 7], 3)]
+    ex = [TokenSequence(list(range(10, 20)), 4), TokenSequence(list(range(30, 36)), 0), TokenSequence([5, 6, 7], 3)]
     seqs = eval_sequences(ex)
     assert len(seqs) == 2  # the last one has no answer token to score
     batch = collate(ex[:2], pad_id=0, answer_only=True)

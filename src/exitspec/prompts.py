@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from exitspec.paths import shared_data_dir
+
 HELDOUT_FRACTION = 0.2
 
 
@@ -26,16 +28,6 @@ class Prompt:
     category: str = ""
     id: str = ""
     reference: str = ""  # a reference answer when the record has one (training may use it)
-
-
-def shared_data_dir() -> Path | None:
-    """`../shared/data` beside the repository checkout, when present (examples, tests, benchmarks)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent.parent / "shared" / "data"
-        if (parent / "pyproject.toml").is_file() and cand.is_dir():
-            return cand
-    return None
 
 
 def _records(path: Path) -> list:

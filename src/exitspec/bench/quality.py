@@ -19,8 +19,8 @@ from collections import defaultdict
 import torch
 
 from exitspec.bench import metrics
-from exitspec.calibration.sequences import EvalSequence, teacher_forward
 from exitspec.decoding.sampling import SamplingParams, probs
+from exitspec.runtime.sequences import scored_sequence, teacher_forward
 
 
 def _temps_key(t: float) -> str:
@@ -38,7 +38,7 @@ def layer_sweep(model, prompt: list[int], generated: list[int], layers: list[int
     n = len(generated)
     exits = [layer for layer in layers if 0 < layer < lm.num_layers]
     # The one teacher forward (training.teacher.teacher_pass), rows predicting the generated tokens.
-    full, states = teacher_forward(lm, EvalSequence(prompt + generated, len(prompt)), exits)  # (n, V), {l: (n, C)}
+    full, states = teacher_forward(lm, scored_sequence(prompt + generated, len(prompt)), exits)  # (n, V), {l: (n, C)}
     target = torch.tensor(generated, device=lm.device)  # (n,)
     temps = sorted({1.0, *[t for t in temperatures if t > 0]})
     full_p = {t: probs(full, SamplingParams(temperature=t)) for t in temps}
@@ -77,7 +77,7 @@ def fidelity(reference, candidate, seqs: list[tuple[int, list[int]]]) -> dict:
     nats, and each model's perplexity of the continuations."""
     tot: dict[str, float] = defaultdict(float)
     for n0, ids in seqs:
-        seq = EvalSequence(ids, n0)
+        seq = scored_sequence(ids, n0)
         a, _ = teacher_forward(reference.lm, seq, [])  # (n, V) logits predicting tokens n0..T-1
         b, _ = teacher_forward(candidate.lm, seq, [])
         target = torch.tensor(ids[n0:], device=a.device)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from exitspec.calibration.sequences import EvalSequence, teacher_forward
 from exitspec.heads.confidence import learned_score, score_features, scores
+from exitspec.runtime.sequences import TokenSequence, teacher_forward
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _cat(chunks: list[dict]) -> dict:
 
 
 @torch.inference_mode()
-def collect(lm, bundles: dict[str, object], sequences: list[EvalSequence], *,
+def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
             keep_features: bool = False, progress: bool = False) -> Collected:
     """Run the teacher once per sequence and gather per-token stats for every exit of every bundle.
 

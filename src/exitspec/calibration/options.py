@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from exitspec.calibration.sequences import EvalSequence, greedy_sequences, heldout_prompts, reference_sequences
+from exitspec.calibration.sequences import greedy_sequences, heldout_prompts, reference_sequences
+from exitspec.runtime.sequences import TokenSequence, scored_sequence
 
 
 def add_data_args(p: argparse.ArgumentParser, num_prompts: int, max_new_tokens: int) -> None:
@@ -26,7 +27,7 @@ def add_data_args(p: argparse.ArgumentParser, num_prompts: int, max_new_tokens: 
                    help="reuse sequences written by --save-sequences instead of building them")
 
 
-def sequences_from_args(model, args: argparse.Namespace, part: str) -> list[EvalSequence]:
+def sequences_from_args(model, args: argparse.Namespace, part: str) -> list[TokenSequence]:
     if args.sequences:
         seqs, made_for = load_sequences(args.sequences, model.lm.vocab_size)
         if made_for != part:
@@ -39,7 +40,7 @@ def sequences_from_args(model, args: argparse.Namespace, part: str) -> list[Eval
     return seqs
 
 
-def save_sequences(seqs: list[EvalSequence], path: str | Path, part: str) -> None:
+def save_sequences(seqs: list[TokenSequence], path: str | Path, part: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -47,14 +48,14 @@ def save_sequences(seqs: list[EvalSequence], path: str | Path, part: str) -> Non
     os.replace(tmp, path)
 
 
-def load_sequences(path: str | Path, vocab_size: int) -> tuple[list[EvalSequence], str]:
+def load_sequences(path: str | Path, vocab_size: int) -> tuple[list[TokenSequence], str]:
     """A file from save_sequences -> (sequences, the part they were built for)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sequence file {path} does not exist; write one with --save-sequences")
     try:
         doc = json.loads(path.read_text())
-        seqs = [EvalSequence([int(t) for t in r["ids"]], int(r["start"])) for r in doc["sequences"]]
+        seqs = [scored_sequence([int(t) for t in r["ids"]], int(r["start"])) for r in doc["sequences"]]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a sequence file written by --save-sequences ({err})") from err
     if not seqs:
@@ -64,7 +65,7 @@ def load_sequences(path: str | Path, vocab_size: int) -> tuple[list[EvalSequence
     return seqs, str(doc.get("part", ""))
 
 
-def build_sequences(model, args: argparse.Namespace, part: str) -> list[EvalSequence]:
+def build_sequences(model, args: argparse.Namespace, part: str) -> list[TokenSequence]:
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     if args.max_new_tokens < 1:
@@ -78,7 +79,7 @@ def build_sequences(model, args: argparse.Namespace, part: str) -> list[EvalSequ
     return seqs
 
 
-def data_info(args: argparse.Namespace, seqs: list[EvalSequence], part: str) -> dict:
+def data_info(args: argparse.Namespace, seqs: list[TokenSequence], part: str) -> dict:
     return {"part": part, "prompts": str(args.sequences or args.prompts or "shared held-out sets"), "text": args.text,
             "n_sequences": len(seqs), "max_new_tokens": args.max_new_tokens,
             "n_tokens": sum(s.n_scored for s in seqs)}

@@ -1,4 +1,5 @@
-"""Held-out token sequences for calibration and evaluation, and the one teacher forward over them.
+"""Held-out token sequences for calibration and evaluation (the sequence type and the teacher forward
+over it live in runtime/sequences.py).
 
 A sequence is a prompt followed by a continuation; only the continuation is scored, because that is
 the distribution decoders see. The continuation is either the base model's own greedy answer
@@ -11,32 +12,14 @@ used for training heads), calibration its even records and evaluation its odd re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from exitspec.prompts import DEFAULT_SETS, Prompt, load_prompts, shared_data_dir
-from exitspec.runtime.layered import LayeredModel
+from exitspec.decoding.api import encode_prompt, generate
+from exitspec.paths import shared_data_dir
+from exitspec.prompts import DEFAULT_SETS, Prompt, load_prompts
+from exitspec.runtime.sequences import TokenSequence, scored_sequence
 
 PARTS = {"calibrate": 0, "eval": 1}  # record parity inside the held-out split
-
-
-@dataclass
-class EvalSequence:
-    """Token ids whose positions start..len-1 are scored (predicted from positions start-1..len-2)."""
-
-    ids: list[int]
-    start: int
-
-    def __post_init__(self):
-        if not 1 <= self.start < len(self.ids):
-            raise ValueError(f"a sequence needs a prompt and at least one scored token (start={self.start}, "
-                             f"len={len(self.ids)})")
-
-    @property
-    def n_scored(self) -> int:
-        return len(self.ids) - self.start
 
 
 def heldout_prompts(part: str, n: int, prompts_file: str | Path | None = None,
@@ -69,10 +52,8 @@ def heldout_prompts(part: str, n: int, prompts_file: str | Path | None = None,
 
 
 def greedy_sequences(model, prompts: list[Prompt], max_new_tokens: int = 64, batch_size: int = 8,
-                     chat: bool = True) -> list[EvalSequence]:
+                     chat: bool = True) -> list[TokenSequence]:
     """Prompt + the base model's own greedy answer (vanilla decoding), one sequence per prompt."""
-    from exitspec.decoding.api import encode_prompt, generate
-
     if not prompts:
         raise ValueError("no prompts to build sequences from")
     enc = [encode_prompt(model.tokenizer, p.text, chat) for p in prompts]
@@ -80,15 +61,13 @@ def greedy_sequences(model, prompts: list[Prompt], max_new_tokens: int = 64, bat
     for i in range(0, len(enc), batch_size):
         chunk = enc[i:i + batch_size]
         out = generate(model, None, prompt_ids=chunk, max_new_tokens=max_new_tokens)
-        seqs += [EvalSequence(p + g, len(p)) for p, g in zip(chunk, out.token_ids, strict=True) if g]
+        seqs += [scored_sequence(p + g, len(p)) for p, g in zip(chunk, out.token_ids, strict=True) if g]
     return seqs
 
 
 def reference_sequences(model, prompts: list[Prompt], max_answer_tokens: int = 256,
-                        chat: bool = True) -> list[EvalSequence]:
+                        chat: bool = True) -> list[TokenSequence]:
     """Prompt + its reference answer from the data set, for prompts that have one."""
-    from exitspec.decoding.api import encode_prompt
-
     seqs = []
     for p in prompts:
         if not p.reference.strip():
@@ -96,21 +75,7 @@ def reference_sequences(model, prompts: list[Prompt], max_answer_tokens: int = 2
         ids = encode_prompt(model.tokenizer, p.text, chat)
         ans = model.tokenizer(p.reference, add_special_tokens=False)["input_ids"][:max_answer_tokens]
         if ans:
-            seqs.append(EvalSequence(ids + ans, len(ids)))
+            seqs.append(scored_sequence(ids + ans, len(ids)))
     if not seqs:
         raise ValueError("none of these prompts has a reference answer; use greedy continuations instead")
     return seqs
-
-
-@torch.inference_mode()
-def teacher_forward(lm: LayeredModel, seq: EvalSequence, layers: list[int]) -> tuple[torch.Tensor, dict]:
-    """One full forward over a sequence (training.teacher.teacher_pass), sliced to its scored rows.
-
-    Returns (full logits (N, V), {layer: hidden (N, C)}) at the N = seq.n_scored predicting positions
-    start-1..len-2, i.e. row j predicts token ids[start + j].
-    """
-    from exitspec.training.teacher import teacher_pass
-
-    rows = slice(seq.start - 1, len(seq.ids) - 1)
-    tp = teacher_pass(lm, torch.tensor([seq.ids]), layers, logits_from=seq.start - 1)
-    return tp.logits[0, :-1], {layer: h[0, rows] for layer, h in tp.hidden.items()}

@@ -24,6 +24,8 @@ from exitspec.decoding.sampling import SamplingParams, probs, sample_from
 from exitspec.heads.base import ExitHead
 from exitspec.models.int4 import Q8Linear
 from exitspec.models.ops import Linear, outside_inference_mode
+from exitspec.paths import cache_dir
+from exitspec.prompts import mixed_prompts
 
 
 class DraftHead:
@@ -129,9 +131,6 @@ def _special_ids(tokenizer) -> list[int]:
 
 def corpus_token_ranking(tokenizer, per_set: int = 400) -> list[int]:
     """Token ids by frequency in the train split of the shared prompt sets (prompts + references)."""
-    from exitspec.models.loading import cache_dir
-    from exitspec.prompts import mixed_prompts
-
     key = f"{type(tokenizer).__name__}-{len(tokenizer)}-{getattr(tokenizer, 'name_or_path', '')}"
     path = cache_dir() / "token_rankings" / (key.replace("/", "_") + f"-{per_set}.json")
     if path.is_file():

@@ -69,7 +69,7 @@ def evaluate_heads(model, bundle, sequences, *, baseline=None, label: str = "hea
                    progress: bool = False) -> list[dict]:
     """Evaluate every exit of `bundle` (and of a `baseline` bundle, e.g. norm_lm) on `sequences`.
 
-    `model` is a LoadedModel or LayeredModel; sequences are calibration.sequences.EvalSequence
+    `model` is a LoadedModel or LayeredModel; sequences are runtime.sequences.TokenSequence
     (build them with greedy_sequences / reference_sequences over heldout_prompts("eval", n)).
     """
     from exitspec.calibration.collect import collect

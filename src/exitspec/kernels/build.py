@@ -13,6 +13,8 @@ from types import ModuleType
 
 import torch
 
+from exitspec.paths import cache_dir
+
 
 @dataclass(frozen=True)
 class Isa:
@@ -102,8 +104,6 @@ def chosen_isa() -> tuple[str | None, str | None]:
 
 
 def _build_dir(isa: Isa) -> Path:
-    from exitspec.models.loading import cache_dir
-
     h = hashlib.sha256()
     for name in (isa.gemm, *SOURCES, *HEADERS):
         h.update(name.encode())

@@ -1,7 +1,7 @@
 """Training sequences for exit heads: chat records, plain text, or the base model's own answers.
 
-A training example is a token sequence plus `prompt_len` (how many leading tokens are the prompt),
-so the loss mask can keep answer tokens only. Sources:
+A training example is a runtime.sequences.TokenSequence: token ids plus `start` (how many leading
+tokens are the prompt), so the loss mask can keep answer tokens only. Sources:
 - chat JSONL: ShareGPT `conversations`, instruction/response pairs, formatted with the model's chat
   template (exitspec.prompts parses the record formats);
 - prompt-only records (MT-Bench `turns`, GSM8K questions...) and "mixed" (exitspec.prompts.
@@ -21,21 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from exitspec.calibration.sequences import EvalSequence
-from exitspec.prompts import Prompt, load_prompts, mixed_prompts
-
-
-@dataclass
-class Example:
-    ids: list[int]
-    prompt_len: int  # tokens [0, prompt_len) are the prompt; the rest is the answer
+from exitspec.decoding.api import encode_prompt, generate
+from exitspec.heads.bundle import fingerprint
+from exitspec.prompts import Prompt, _to_prompt, load_prompts, mixed_prompts
+from exitspec.runtime.sequences import TokenSequence, scored_sequence
 
 
 def chat_ids(tokenizer, prompt: str, answer: str | None = None) -> tuple[list[int], int]:
     """Prompt (+ answer) through the chat template: (ids, prompt_len)."""
-    from exitspec.decoding.api import encode_prompt
-
     p_ids = encode_prompt(tokenizer, prompt, chat=True)
     if answer is None:
         return p_ids, len(p_ids)
@@ -86,13 +81,11 @@ def _plain_texts(path: Path) -> list[str] | None:
 def _read_hf(spec: str, limit: int) -> tuple[list[Prompt], list[str]]:
     """'NAME[:SPLIT]' from the `datasets` library (optional; needs the dataset locally or network)."""
     try:
-        import datasets
+        import datasets  # optional: only hf: sources need it
     except ModuleNotFoundError as err:
         raise ValueError("hf: data needs the `datasets` package; pip install datasets") from err
     name, _, split = spec.partition(":")
     rows = datasets.load_dataset(name, split=split or "train")
-    from exitspec.prompts import _to_prompt
-
     prompts = [p for i, r in enumerate(rows) if (p := _to_prompt(dict(r), i, name))]
     cut = len(prompts) - max(1, round(0.2 * len(prompts)))
     return prompts[:cut][: limit or None], []
@@ -112,13 +105,8 @@ class DistillSettings:
 
 
 def self_distill(model, prompts: list[Prompt], cache: str | Path, settings: DistillSettings,
-                 *, progress: bool = True) -> list[Example]:
-    """The base model's own answers to `prompts` (cached in `cache`): one Example per prompt."""
-    from tqdm import tqdm
-
-    import exitspec
-    from exitspec.heads.bundle import fingerprint
-
+                 *, progress: bool = True) -> list[TokenSequence]:
+    """The base model's own answers to `prompts` (cached in `cache`): one sequence per prompt."""
     cache = Path(cache)
     meta = settings.meta(model.name, fingerprint(model.lm))
     done = _read_cache(cache, meta)
@@ -134,7 +122,7 @@ def self_distill(model, prompts: list[Prompt], cache: str | Path, settings: Dist
         t0, n_tok = time.perf_counter(), 0
         for i in range(0, len(todo), settings.batch):
             chunk = todo[i: i + settings.batch]
-            out = exitspec.generate(model, None, prompt_ids=[enc[t] for t in chunk],
+            out = generate(model, None, prompt_ids=[enc[t] for t in chunk],
                                     max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                     seed=settings.seed + i if settings.temperature > 0 else None)
             with open(cache, "a", encoding="utf-8") as f:  # one line per answer: a crash loses one batch
@@ -145,7 +133,7 @@ def self_distill(model, prompts: list[Prompt], cache: str | Path, settings: Dist
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
         bar.close()
-    return [Example(done[t][0] + done[t][1], len(done[t][0])) for t in texts]
+    return [TokenSequence(done[t][0] + done[t][1], len(done[t][0])) for t in texts]
 
 
 def _read_cache(cache: Path, meta: dict) -> dict[str, tuple[list[int], list[int]]]:
@@ -172,30 +160,30 @@ def _read_cache(cache: Path, meta: dict) -> dict[str, tuple[list[int], list[int]
 HEADER_TOKENS = 3  # the end of the chat template's assistant header, kept before each answer
 
 
-def draft_corpus(examples: list[Example]) -> list[list[int]]:
+def draft_corpus(examples: list[TokenSequence]) -> list[list[int]]:
     """The answers of chat examples for lookup's draft datastore, each with the last few prompt
     tokens (the assistant header) so the store also learns how this model starts its answers."""
-    return [e.ids[max(0, e.prompt_len - HEADER_TOKENS):] for e in examples if 0 < e.prompt_len < len(e.ids)]
+    return [e.ids[max(0, e.start - HEADER_TOKENS):] for e in examples if 0 < e.start < len(e.ids)]
 
 
-def eval_sequences(examples: list[Example]) -> list[EvalSequence]:
+def eval_sequences(examples: list[TokenSequence]) -> list[TokenSequence]:
     """Examples as held-out evaluation sequences (heads.evaluate / calibration.collect) scoring the
     answer tokens that training would score: collate(answer_only=True) predicts from positions
     max(1, prompt_len - 1) on (position 0 is the attention sink), i.e. tokens from max(2, prompt_len)."""
     out = []
     for e in examples:
-        start = max(2, e.prompt_len)
+        start = max(2, e.start)
         if start < len(e.ids):  # an empty answer has nothing to score
-            out.append(EvalSequence(e.ids, start))
+            out.append(scored_sequence(e.ids, start))
     return out
 
 
 # --- building and batching --------------------------------------------------------------------------
-def build_examples(model, cfg, out_dir: Path, *, progress: bool = True) -> list[Example]:
+def build_examples(model, cfg, out_dir: Path, *, progress: bool = True) -> list[TokenSequence]:
     """All training examples of a TrainConfig (self-distilled answers generated/cached as needed)."""
     prompts, plain = read_source(cfg.data, per_set=cfg.per_set, limit=cfg.limit)
     tok = model.tokenizer
-    examples = [Example(tok(t, add_special_tokens=True)["input_ids"], 0) for t in plain]
+    examples = [TokenSequence(tok(t, add_special_tokens=True)["input_ids"], 0) for t in plain]
     if prompts:
         if cfg.self_distill:
             cache = Path(cfg.distill_cache) if cfg.distill_cache else out_dir / "distill.jsonl"
@@ -206,8 +194,8 @@ def build_examples(model, cfg, out_dir: Path, *, progress: bool = True) -> list[
             if missing:
                 raise ValueError(f"{missing} of {len(prompts)} records have no reference answer; "
                                  "set self_distill = true to answer them with the base model")
-            examples += [Example(*chat_ids(tok, p.text, p.reference)) for p in prompts]
-    examples = [Example(e.ids[: cfg.max_len], min(e.prompt_len, cfg.max_len)) for e in examples]
+            examples += [TokenSequence(*chat_ids(tok, p.text, p.reference)) for p in prompts]
+    examples = [TokenSequence(e.ids[: cfg.max_len], min(e.start, cfg.max_len)) for e in examples]
     examples = [e for e in examples if len(e.ids) >= 3]
     if not examples:
         raise ValueError(f"no usable training sequences in {cfg.data!r}")
@@ -221,7 +209,7 @@ class Batch:
     labels: torch.Tensor  # (B, T) next token at each position (-100 where there is none)
 
 
-def collate(examples: list[Example], pad_id: int, answer_only: bool = False) -> Batch:
+def collate(examples: list[TokenSequence], pad_id: int, answer_only: bool = False) -> Batch:
     """Right-pad: under causal attention, pads after a row's tokens never change its real positions.
 
     Position t's hidden state predicts token t+1. Masked out: padding, position 0 (the first token's
@@ -234,7 +222,7 @@ def collate(examples: list[Example], pad_id: int, answer_only: bool = False) -> 
     for b, e in enumerate(examples):
         n = len(e.ids)
         ids[b, :n] = torch.tensor(e.ids)
-        first = max(1, e.prompt_len - 1) if answer_only else 1
+        first = max(1, e.start - 1) if answer_only else 1
         mask[b, first:n] = True
         labels[b, : n - 1] = ids[b, 1:n]
     return Batch(ids, mask, labels)

@@ -1,53 +1,16 @@
-"""One forward of the frozen base serves every exit: hidden states at all exit layers + final logits.
-
-The pass runs through exitspec's layered runtime (not HF's forward), so the hidden states a head
-trains on are bit-for-bit the ones it will read while decoding. Right padding needs no attention
-mask: a causal query never sees the pads that follow its row's real tokens.
-"""
+"""Training targets: one teacher pass of the frozen base (runtime/sequences.teacher_pass) serves every
+exit, kept per sequence as the exits' hidden states and the teacher's (top-k) logits."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from exitspec.runtime.layered import LayeredModel
-
-
-@dataclass
-class TeacherPass:
-    hidden: dict[int, torch.Tensor]  # exit layer -> (B, T, C) hidden state after that many layers
-    logits: torch.Tensor  # (B, T - logits_from, V) full-model logits at positions logits_from..T-1
-
-
-@torch.no_grad()
-def teacher_pass(lm: LayeredModel, ids: torch.Tensor, layers: list[int], *, logits_from: int = 0) -> TeacherPass:
-    """ids (B, T) right-padded -> hidden states after each layer in `layers` and final logits.
-
-    The one teacher forward of exitspec: training targets (compute_targets) and held-out evaluation /
-    calibration (calibration.sequences.teacher_forward) both run it.
-    no_grad, not inference_mode: the hidden states become inputs of trainable heads, and autograd
-    refuses to save inference tensors for backward (evaluation wraps it in inference_mode itself).
-    logits_from skips the LM head on leading positions nobody scores (a prompt): at V = 49k the LM
-    head is a large share of a small model's compute."""
-    if any(not 0 < layer < lm.num_layers for layer in layers):
-        raise ValueError(f"exit layers {layers} must lie in 1..{lm.num_layers - 1}")
-    B, T = ids.shape
-    if lm.max_positions < T:
-        raise ValueError(f"a sequence of {T} tokens exceeds the model's {lm.max_positions} positions; "
-                         "use shorter prompts or fewer new tokens")
-    ids = ids.to(lm.device)
-    pos = torch.arange(T, device=lm.device).expand(B, T).contiguous()
-    cache = lm.new_cache(B, T)
-    h = lm.embed(ids, pos)  # (B, T, C)
-    ctx = lm.context(h, pos)
-    hidden, start = {}, 0
-    for stop in sorted(set(layers)) + [lm.num_layers]:
-        h = lm.run_layers(h, pos, cache, start, stop, ctx=ctx)
-        if stop < lm.num_layers:
-            hidden[stop] = h
-        start = stop
-    return TeacherPass(hidden=hidden, logits=lm.logits(h[:, logits_from:]))
+from exitspec.runtime.sequences import TokenSequence, teacher_pass
+from exitspec.training.data import collate
 
 
 @dataclass
@@ -71,7 +34,7 @@ class Targets:
         return len(self.labels)
 
 
-def compute_targets(lm: LayeredModel, examples: list, layers: list[int], *, pad_id: int, batch_size: int,
+def compute_targets(lm: LayeredModel, examples: list[TokenSequence], layers: list[int], *, pad_id: int, batch_size: int,
                     topk: int, answer_only: bool, progress: bool = True) -> list[Targets]:
     """One teacher pass over every example (length-sorted batches), kept per example.
 
@@ -79,10 +42,6 @@ def compute_targets(lm: LayeredModel, examples: list, layers: list[int], *, pad_
     reusing its outputs across epochs makes every epoch after the first nearly free. With topk > 0
     only the teacher's top-k logits per position are kept (KD against the top-k-renormalised
     teacher, the usual "sparse KD"), which also keeps memory at n*k instead of n*V."""
-    from tqdm import tqdm
-
-    from exitspec.training.data import collate
-
     out: list[Targets | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     bar = tqdm(total=len(examples), desc="teacher pass", unit="seq", disable=not progress)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from exitspec.heads.bundle import HeadBundle
+from exitspec.runtime.sequences import TokenSequence
 from exitspec.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from exitspec.training.config import TrainConfig
-from exitspec.training.data import Example
 from exitspec.training.losses import VocabSubset, exit_loss
 from exitspec.training.teacher import Targets, compute_targets
 
@@ -87,7 +87,7 @@ def make_accelerator():
 
 
 class Trainer:
-    def __init__(self, model, cfg: TrainConfig, examples: list[Example], work_dir: str | Path,
+    def __init__(self, model, cfg: TrainConfig, examples: list[TokenSequence], work_dir: str | Path,
                  *, progress: bool = True):
         self.model, self.cfg, self.examples = model, cfg, examples
         self.work = Path(work_dir)
