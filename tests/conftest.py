@@ -164,7 +164,7 @@ def save_tiny_model(folder, family: str = "llama", *, layers: int = 6, seed: int
 
 def tiny_loaded(family: str = "llama", **kw):
     """A LoadedModel over a tiny random model and the character tokenizer."""
-    from exitspec.models.loading import LoadedModel
+    from exitspec.loading import LoadedModel
 
     return LoadedModel.from_hf(tiny_model(family, **kw), char_tokenizer(), name=f"tiny-{family}")
 
@@ -172,6 +172,6 @@ def tiny_loaded(family: str = "llama", **kw):
 @pytest.fixture(scope="session")
 def default_model():
     """The real embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""
-    from exitspec.models.loading import load
+    from exitspec.loading import load
 
     return load("default")

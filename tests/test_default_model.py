@@ -8,7 +8,7 @@ import torch
 import exitspec
 from exitspec.cli import main
 from exitspec.decoding.api import encode_prompt
-from exitspec.models.loading import ModelLoadError, load
+from exitspec.loading import ModelLoadError, load
 
 CHAT_PROMPTS = [
     "What is the capital of France?",

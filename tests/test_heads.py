@@ -120,8 +120,9 @@ def test_shipped_bundle_loads_and_beats_norm_lm_on_heldout_prompts(default_model
     import dataclasses
 
     from exitspec.calibration.sequences import greedy_sequences, heldout_prompts
-    from exitspec.heads.bundle import attach_heads, shipped_bundle_path
+    from exitspec.heads.bundle import shipped_bundle_path
     from exitspec.heads.evaluate import evaluate_heads
+    from exitspec.loading import attach_heads
 
     model = dataclasses.replace(default_model, heads=None)
     bundle = attach_heads(model, "default")

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import KERNEL_ISAS, char_tokenizer, tiny_model, use_kernels
+from exitspec.loading import LoadedModel, ModelLoadError, load
 from exitspec.models.int4 import GROUP, Int4Linear, int4_table, recover_groups
-from exitspec.models.loading import LoadedModel, ModelLoadError, load
 from exitspec.models.ops import Linear, onednn_packing_available
 from exitspec.runtime.layered import LayeredModel
 from helpers_strategies import PROMPTS, greedy

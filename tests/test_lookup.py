@@ -199,7 +199,7 @@ def test_datastore_command_replaces_the_corpus_and_keeps_the_heads(tmp_path):
     bundle's draft corpus; head weights and settings are copied unchanged."""
     from conftest import save_tiny_model
     from exitspec.cli import main
-    from exitspec.models.loading import load
+    from exitspec.loading import load
 
     folder = save_tiny_model(tmp_path / "m", chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     m = load(str(folder))

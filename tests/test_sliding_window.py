@@ -15,8 +15,8 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 
 import exitspec
 from conftest import char_tokenizer
+from exitspec.loading import LoadedModel
 from exitspec.models.int4 import int4_table
-from exitspec.models.loading import LoadedModel
 from exitspec.runtime.layered import LayeredModel
 from helpers_strategies import greedy
 from test_int4 import q4_1

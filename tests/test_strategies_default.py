@@ -12,7 +12,8 @@ import pytest
 
 import exitspec
 from exitspec.decoding.api import encode_prompt
-from exitspec.heads.bundle import BundleError, HeadBundle, attach_heads
+from exitspec.heads.bundle import BundleError, HeadBundle
+from exitspec.loading import attach_heads
 from exitspec.prompts import mixed_prompts
 
 N_NEW = 12

@@ -278,7 +278,7 @@ def _cli_setup(tmp_path: Path) -> Path:
 
 def test_cli_trains_and_saves_a_loadable_bundle(tmp_path):
     from exitspec.cli import main
-    from exitspec.models.loading import load
+    from exitspec.loading import load
 
     cfg = _cli_setup(tmp_path)
     rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "bundle"), "--work", str(tmp_path / "w"),
@@ -308,7 +308,7 @@ def test_accelerate_launch_with_two_processes(tmp_path):
            "--work", str(tmp_path / "w"), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from exitspec.models.loading import load
+    from exitspec.loading import load
 
     bundle = HeadBundle.load(tmp_path / "bundle", load(str(tmp_path / "model")).lm)
     # 16 train sequences over 2 processes of batch 4: 2 micro-batches per epoch, 2 epochs

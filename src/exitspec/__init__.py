@@ -2,7 +2,7 @@
 
 from exitspec.decoding.api import GenerationResult, generate, stream
 from exitspec.decoding.events import DoneEvent, FinishEvent, GenerationStats, TokenEvent
-from exitspec.models.loading import LoadedModel, ModelLoadError, load
+from exitspec.loading import LoadedModel, ModelLoadError, attach_heads, load
 from exitspec.runtime.kv_cache import KVCache
 from exitspec.runtime.layered import LayeredModel
 
@@ -18,6 +18,7 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "TokenEvent",
+    "attach_heads",
     "generate",
     "load",
     "stream",

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
     from exitspec.bench.runner import BenchRunner
     from exitspec.commands.common import set_threads
-    from exitspec.models.loading import load
+    from exitspec.loading import load
 
     cfg = build_config(args)
     prompts = load_bench_prompts(cfg)
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(cfg.threads)
     model = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if cfg.heads:
-        from exitspec.heads.bundle import attach_heads
+        from exitspec.loading import attach_heads
 
         attach_heads(model, cfg.heads)
     argv = sys.argv  # recorded for the report when run as a command (not from Python)

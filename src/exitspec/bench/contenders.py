@@ -60,7 +60,7 @@ class ExitspecContender(Contender):
             raise ValueError(f"strategy {spec.name!r} rejected options {spec.strategy_opts}: {err}; check the [[run]] "
                              "options against the strategy's constructor") from err
         self.lossless = bool(getattr(probe, "lossless", False))
-        self.uses_heads = getattr(model, "heads", None) is not None
+        self.uses_heads = model.heads is not None
         self.strategy_description = probe.describe()
 
     def run(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Sample:

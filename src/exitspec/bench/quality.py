@@ -32,7 +32,7 @@ def layer_sweep(model, prompt: list[int], generated: list[int], layers: list[int
                 temperatures: list[float]) -> dict[str, dict[int, dict[str, float]]]:
     """Per reading ("lens", "head") and layer: sums over generated positions of kl, nll, top1 and
     overlap_T<t>, plus the count n. Sums (not means) so prompts can be pooled exactly."""
-    lm, heads = model.lm, getattr(model, "heads", None)
+    lm, heads = model.lm, model.heads
     if not generated:
         return {}
     n = len(generated)

@@ -116,12 +116,12 @@ class BenchRunner:
         """The model a spec runs on: the configured one, or a copy loaded with other weights / KV cache."""
         w, key = spec.weights, spec.runtime
         if key not in self.models:
-            from exitspec.models.loading import load
+            from exitspec.loading import load
 
             m = load(self.model.source, dtype=None if w == "int4" else self.cfg.dtype, device=self.cfg.device,
                      weights=w, kv_cache=spec.kv_cache)
-            if getattr(self.model, "heads", None) is not None and self.cfg.heads:
-                from exitspec.heads.bundle import attach_heads
+            if self.model.heads is not None and self.cfg.heads:
+                from exitspec.loading import attach_heads
 
                 attach_heads(m, self.cfg.heads)
             self.models[key] = m
@@ -339,7 +339,7 @@ class BenchRunner:
             return {}
         # exitspec strategies read the attached head at that layer when the bundle has one (else the
         # logit lens, as HF's and economize's early exit always do).
-        heads = getattr(self.model, "heads", None)
+        heads = self.model.heads
         has_head = heads is not None and exit_layer in getattr(heads, "layers", [])
         reading = "head" if (not spec.is_peer and has_head) else "lens"
         match = [r for r in self.layer_rows if r["layer"] == exit_layer and r["reading"] == reading]

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from exitspec.bench.machine import describe_machine, machine_line
     from exitspec.bench.metrics import first_mismatch
     from exitspec.decoding.api import encode_prompt
-    from exitspec.models.loading import load
+    from exitspec.loading import load
     from exitspec.prompts import load_prompts, mixed_prompts
     from exitspec.runtime.profile import context_costs, step_costs
 

@@ -91,7 +91,8 @@ def resolve_bundle(model, spec: str):
     'norm_lm' builds the parameter-free logit-lens bundle in memory (every 4th layer by default):
     the baseline every trained head must beat, and a way to try the tools before training.
     """
-    from exitspec.heads.bundle import HeadBundle, attach_heads
+    from exitspec.heads.bundle import HeadBundle
+    from exitspec.loading import attach_heads
 
     if spec is None:
         raise ValueError("--heads is required: a bundle folder, 'default', or 'norm_lm[:4,8,12]'")

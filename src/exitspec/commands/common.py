@@ -48,7 +48,7 @@ def set_threads(n: int | None) -> None:
 
 def load_model(args: argparse.Namespace):
     """Set the thread count and load the model named by the model options (no heads)."""
-    from exitspec.models.loading import load
+    from exitspec.loading import load
 
     set_threads(getattr(args, "threads", None))
     return load(args.model, dtype=args.dtype, device=args.device, weights=args.weights,
@@ -60,7 +60,7 @@ def load_from_args(args: argparse.Namespace):
     model = load_model(args)
     heads = getattr(args, "heads", None)
     if heads:
-        from exitspec.heads.bundle import attach_heads
+        from exitspec.loading import attach_heads
 
         attach_heads(model, heads)
     return model

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     auto = args.heads == "auto"
     if auto:
         args.heads = None
-    from exitspec.models.loading import NoInt4WeightsError
+    from exitspec.loading import NoInt4WeightsError
 
     try:
         model = load_from_args(args)
@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         args.weights = "dense"
         model = load_from_args(args)
     if auto:
-        from exitspec.heads.bundle import BundleError, attach_heads
+        from exitspec.heads.bundle import BundleError
+        from exitspec.loading import attach_heads
 
         try:
             attach_heads(model, "default")

@@ -43,7 +43,7 @@ def make_strategy(name: str | Strategy, model, **options) -> Strategy:
 def recommended_options(model, name: str, options: dict) -> dict:
     """The attached bundle's recommended settings for `name`, as one set: used only when the caller
     names no exit layer (a recommended draft length belongs to the recommended layer)."""
-    bundle = getattr(model, "heads", None)
+    bundle = model.heads
     if bundle is None or options.get("exit_layer") is not None or options.get("exit_layers") is not None:
         return {}
     return dict(bundle.config.recommended.get(name, {}))
@@ -132,7 +132,7 @@ def stream(
     )
     strat = make_strategy(strategy, model, **strategy_options)
     yield from decode(model.lm, model.tokenizer, [list(p) for p in prompt_ids], strat, config,
-                      heads=getattr(model, "heads", None))
+                      heads=model.heads)
 
 
 def generate(model, prompts: Prompt | Sequence[Prompt], **kwargs) -> GenerationResult:

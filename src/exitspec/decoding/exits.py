@@ -29,7 +29,7 @@ def exit_bundle(model, layers: list[int]) -> HeadBundle:
     for layer in layers:
         if not isinstance(layer, int) or not 0 < layer < lm.num_layers:
             raise StrategyOptionError(f"exit layer {layer!r} must be an integer in 1..{lm.num_layers - 1}")
-    bundle = getattr(model, "heads", None)
+    bundle = model.heads
     if bundle is None:
         return HeadBundle.create(lm, sorted(set(layers)), "norm_lm")
     missing = [layer for layer in layers if layer not in bundle.layers]
@@ -42,7 +42,7 @@ def exit_bundle(model, layers: list[int]) -> HeadBundle:
 def default_exit_layers(model, strategy: str) -> list[int]:
     """Exit layers to use when the user names none: the bundle's recommendation, else its layers,
     else the middle layer (untrained norm_lm heads are rarely useful much shallower)."""
-    bundle = getattr(model, "heads", None)
+    bundle = model.heads
     if bundle is not None:
         rec = bundle.config.recommended.get(strategy, {})
         if "exit_layers" in rec:

@@ -25,7 +25,7 @@ Three sources for each row and step:
 By default the first that proposes anything wins and gives up to draft_len tokens. `adaptive=True`
 instead learns how far each source's drafts get accepted (AcceptanceTracker), picks the candidate
 with the most expected accepted drafts and cuts it where a further verification row (priced by the
-runtime's measured row-cost curve, LayeredModel.row_costs) would cost more than it is expected to
+runtime's measured row-cost curve, runtime/profile.row_costs) would cost more than it is expected to
 bring. That won where rows are dear (torch's int4 kernel: 1.37x against 1.25x for 3 fixed drafts)
 and loses a little where 4 rows cost about 1 (the fused kernels: 1.35x against 1.41x), hence off.
 
@@ -46,6 +46,7 @@ from exitspec.decoding.exits import StrategyOptionError
 from exitspec.decoding.speculative import verify
 from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
 from exitspec.heads.bundle import BundleError
+from exitspec.runtime.profile import row_costs
 
 
 class NgramIndex:
@@ -155,7 +156,7 @@ class Lookup(Strategy):
         self.adaptive = adaptive
         self.indexes: list[NgramIndex] = []
         self.tracker = AcceptanceTracker(draft_len)
-        self.costs = [1.0] * (draft_len + 1)  # (k+1)-row step / 1-row step; measured in prepare()
+        self.costs = [1.0] * (draft_len + 1)  # (k+1)-row step / 1-row step; see use_row_costs()
         self.tokens = self.spent = 0.0  # emitted tokens and the steps' cost so far, in 1-row steps
 
     def propose(self, index: NgramIndex, seq: list[int]) -> tuple[list[int], str]:
@@ -193,8 +194,13 @@ class Lookup(Strategy):
         self.indexes = [NgramIndex(self.min_ngram, self.max_ngram) for _ in state.seqs]
         self.tracker = AcceptanceTracker(self.gamma)
         self.tokens = self.spent = 0.0
-        if self.adaptive:
-            self.costs = state.lm.row_costs(self.gamma + 1)
+
+    def use_row_costs(self, costs: list[float]) -> None:
+        """The runtime's measured (k+1)-row step costs for k = 0..draft_len, in 1-row steps: what
+        adaptive drafting weighs a longer draft's expected gain against."""
+        if len(costs) < self.gamma + 1:
+            raise ValueError(f"need the costs of 1..{self.gamma + 1}-row steps, got {len(costs)}")
+        self.costs = list(costs[: self.gamma + 1])
 
     def select_rows(self, keep: list[int]) -> None:
         self.indexes = [self.indexes[i] for i in keep]
@@ -266,12 +272,15 @@ def make_lookup(model, draft_len: int = 3, max_ngram: int = 3, min_ngram: int = 
     if datastore is not None and not isinstance(datastore, bool):
         raise StrategyOptionError(f"datastore must be true or false (default: use the attached heads' corpus), "
                                   f"got {datastore!r}")
-    bundle = getattr(model, "heads", None)
+    bundle = model.heads
     store = bundle_store(bundle, model.lm.vocab_size) if bundle is not None and datastore is not False else None
     if datastore is True and store is None:
         raise StrategyOptionError("datastore=true needs a head bundle that keeps a draft corpus: attach "
                                   "--heads default or a bundle made by `exitspec train` with self_distill")
-    return Lookup(draft_len=draft_len, max_ngram=max_ngram, min_ngram=min_ngram, store=store, adaptive=adaptive)
+    lookup = Lookup(draft_len=draft_len, max_ngram=max_ngram, min_ngram=min_ngram, store=store, adaptive=adaptive)
+    if adaptive:
+        lookup.use_row_costs(row_costs(model.lm, lookup.gamma + 1))
+    return lookup
 
 
 register_strategy("lookup", make_lookup)

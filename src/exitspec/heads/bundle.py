@@ -238,14 +238,9 @@ def shipped_bundle_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "heads" / "smollm2-135m-instruct"
 
 
-def attach_heads(model, heads: str | Path | HeadBundle) -> HeadBundle:
-    """Load a bundle for `model` (a LoadedModel) and attach it as `model.heads`."""
-    if isinstance(heads, HeadBundle):
-        bundle = heads
-    else:
-        path = shipped_bundle_path() if str(heads) == "default" else Path(heads)
-        if str(heads) == "default" and not (path / CONFIG_FILE).is_file():
-            raise BundleError("this build ships no default head bundle; train one with `exitspec train`")
-        bundle = HeadBundle.load(path, model.lm)
-    model.heads = bundle
-    return bundle
+def __getattr__(name: str):
+    # attach_heads takes a LoadedModel, which now lives above the heads (exitspec/loading.py).
+    if name == "attach_heads":
+        raise ImportError("attach_heads moved to exitspec.loading: use `from exitspec import attach_heads`, or "
+                          "`exitspec.load(model, heads=...)`")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,7 +68,6 @@ class LayeredModel:
                 f"a {str(self.kv_dtype).removeprefix('torch.')} KV cache cannot run on this runtime (it runs: "
                 f"{names}); an fp16 cache needs weights='int4' on a Llama-family model with exitspec's CPU kernels"
             )
-        self._row_costs: list[float] = []  # see row_costs()
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
         self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
 
@@ -195,15 +194,6 @@ class LayeredModel:
         h = self.embed(ids, positions)
         h = self.run_layers(h, positions, cache, 0, self.num_layers)
         return self.logits(h)
-
-    def row_costs(self, max_rows: int) -> list[float]:
-        """Cost of a 1..max_rows-row decode step relative to a 1-row step, measured once per
-        runtime on first use (~0.2 s for the int4 default model) and kept (runtime/profile.py)."""
-        if len(self._row_costs) < max_rows:
-            from exitspec.runtime.profile import row_cost_curve
-
-            self._row_costs = row_cost_curve(self, max_rows)
-        return self._row_costs[:max_rows]
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part: embedding, layers, final norm, LM head (tied heads counted once)."""

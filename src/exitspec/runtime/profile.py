@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 
 import torch
 
@@ -105,6 +106,19 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
         r["mlp_ms"] = max(0.0, r["layers_ms"] - r["attention_ms"])
         r["vs_k1"] = r["step_ms"] / base
     return rows
+
+
+# Curves measured by row_costs, kept while their runtime lives.
+_ROW_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def row_costs(lm: LayeredModel, max_rows: int) -> list[float]:
+    """row_cost_curve up to max_rows, measured on first use for this runtime (~0.2 s for the int4
+    default model) and kept, so that a strategy built for every generate call measures it once."""
+    known = _ROW_COSTS.get(lm, [])
+    if len(known) < max_rows:
+        _ROW_COSTS[lm] = known = row_cost_curve(lm, max_rows)
+    return known[:max_rows]
 
 
 @torch.inference_mode()

