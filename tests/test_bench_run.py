@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_loaded
-from exitspec.bench.cli import finish
 from exitspec.bench.config import BenchConfig
 from exitspec.bench.quality import layer_sweep, pool_sweeps
+from exitspec.bench.report import finish
 from exitspec.bench.results import SavedResults
 from exitspec.bench.runner import BenchRunner
 from helpers_bench import INJECTED, tiny_prompts

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import save_tiny_model, tiny_loaded
+from exitspec.calibration.evaluate import evaluate_heads
 from exitspec.calibration.sequences import greedy_sequences, heldout_prompts
 from exitspec.heads.bundle import HeadBundle
-from exitspec.heads.evaluate import evaluate_heads
 from exitspec.runtime.sequences import scored_sequence, teacher_forward
 from helpers_calibration import write_prompt_file
 

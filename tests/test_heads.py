@@ -119,9 +119,9 @@ def test_shipped_bundle_loads_and_beats_norm_lm_on_heldout_prompts(default_model
     logit lens at every exit, on the full model's own answers to held-out prompts."""
     import dataclasses
 
+    from exitspec.calibration.evaluate import evaluate_heads
     from exitspec.calibration.sequences import greedy_sequences, heldout_prompts
     from exitspec.heads.bundle import shipped_bundle_path
-    from exitspec.heads.evaluate import evaluate_heads
     from exitspec.loading import attach_heads
 
     model = dataclasses.replace(default_model, heads=None)

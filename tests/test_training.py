@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import save_tiny_model, tiny_loaded
+from exitspec.calibration.evaluate import evaluate_heads
+from exitspec.commands.train import heldout_eval
 from exitspec.heads.bundle import HeadBundle
-from exitspec.heads.evaluate import evaluate_heads
 from exitspec.runtime.sequences import TokenSequence, teacher_pass
-from exitspec.training.cli import heldout_eval
 from exitspec.training.config import TrainConfig
 from exitspec.training.data import (
     HEADER_TOKENS,

@@ -1,8 +1,8 @@
 """The `exitspec` command: a thin dispatcher over the Python API.
 
-Each subcommand lives in the module of the pipeline stage it belongs to and exposes
-`add_arguments(parser)` and `run(args) -> int`; modules are imported only when their command runs,
-so `exitspec generate` never pays for the training or server imports.
+Each subcommand is one module of exitspec/commands/ exposing `add_arguments(parser)` and
+`run(args) -> int`: it parses, calls its stage's Python API and prints. Modules are imported only
+when their command runs, so `exitspec generate` never pays for the training or server imports.
 """
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ import argparse
 import importlib
 import sys
 
+from exitspec import __version__
+
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("exitspec.commands.demo", "the main job: side-by-side decoding on the embedded default model"),
     "generate": ("exitspec.commands.generate", "generate text (streams to the terminal, prints tokens/s)"),
     "info": ("exitspec.commands.info", "layout, parameters, step cost by k; with --heads, self-spec cost per exit"),
-    "bench-runtime": ("exitspec.bench.runtime", "tokens/s of HF generate vs the vanilla loop; k-token step cost"),
-    "train": ("exitspec.training.cli", "train exit heads by distillation from the frozen model"),
+    "bench-runtime": (
+        "exitspec.commands.bench_runtime", "tokens/s of HF generate vs the vanilla loop; k-row step cost"),
+    "train": ("exitspec.commands.train", "train exit heads by distillation from the frozen model"),
     "datastore": ("exitspec.commands.datastore", "rebuild a bundle's lookup datastore from the model's own answers"),
-    "calibrate": ("exitspec.calibration.cli", "choose per-exit confidence thresholds on held-out data"),
-    "eval-heads": ("exitspec.heads.evaluate", "per-exit KL, perplexity, agreement and coverage"),
-    "bench": ("exitspec.bench.cli", "benchmark strategies and peers: results.csv, plots, report"),
-    "serve": ("exitspec.server.cli", "OpenAI-compatible HTTP server"),
+    "calibrate": ("exitspec.commands.calibrate", "choose per-exit confidence thresholds on held-out data"),
+    "eval-heads": ("exitspec.commands.eval_heads", "per-exit KL, perplexity, agreement and coverage"),
+    "bench": ("exitspec.commands.bench", "benchmark strategies and peers: results.csv, plots, report"),
+    "serve": ("exitspec.commands.serve", "OpenAI-compatible HTTP server"),
 }
 
 
@@ -42,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if argv[0] == "--version":
-        from exitspec import __version__
-
         print(__version__)
         return 0
     name = argv[0]

@@ -30,6 +30,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from exitspec.prompts import Prompt, load_prompts, mixed_prompts
+
 # Peers: the decoders a user would pick instead of exitspec (implemented in bench/peers.py).
 PEERS = ("hf-generate", "hf-early-exit", "hf-prompt-lookup", "economize-early-exit")
 # The two vanilla decoders every run includes: speedups are against the faster of them.
@@ -236,3 +238,15 @@ def load_toml(path: str | Path) -> BenchConfig:
 
 def save_config(cfg: BenchConfig, out: Path, extra: dict | None = None) -> None:
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2, default=str))
+
+
+def load_bench_prompts(cfg: BenchConfig) -> list[Prompt]:
+    """The prompts a config names: the shared held-out sets (default) or a file's split."""
+    if cfg.prompts in ("heldout", "", None):
+        prompts = mixed_prompts("heldout", per_set=(cfg.num_prompts + 4) // 5, data_dir=cfg.data_dir)
+        prompts = prompts[: cfg.num_prompts]
+    else:
+        prompts = load_prompts(cfg.prompts, split=cfg.split, limit=cfg.num_prompts)
+    if not prompts:
+        raise ValueError(f"no prompts found in {cfg.prompts!r} (split {cfg.split})")
+    return prompts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exitspec.bench.plots import draw_all
 from exitspec.bench.results import SavedResults
 
 
@@ -132,3 +133,10 @@ def write_report(out: str | Path, figures: list[str]) -> Path:
     path = out / "report.md"
     path.write_text(render(SavedResults(out), figures))
     return path
+
+
+def finish(out: Path) -> list[str]:
+    """Plots and report from the saved files."""
+    figures = draw_all(out)
+    write_report(out, figures)
+    return figures

@@ -12,6 +12,8 @@ used for training heads), calibration its even records and evaluation its odd re
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from exitspec.decoding.api import encode_prompt, generate
@@ -79,3 +81,28 @@ def reference_sequences(model, prompts: list[Prompt], max_answer_tokens: int = 2
     if not seqs:
         raise ValueError("none of these prompts has a reference answer; use greedy continuations instead")
     return seqs
+
+
+def save_sequences(seqs: list[TokenSequence], path: str | Path, part: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"part": part, "sequences": [{"ids": s.ids, "start": s.start} for s in seqs]}))
+    os.replace(tmp, path)
+
+
+def load_sequences(path: str | Path, vocab_size: int) -> tuple[list[TokenSequence], str]:
+    """A file from save_sequences -> (sequences, the part they were built for)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sequence file {path} does not exist; write one with --save-sequences")
+    try:
+        doc = json.loads(path.read_text())
+        seqs = [scored_sequence([int(t) for t in r["ids"]], int(r["start"])) for r in doc["sequences"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a sequence file written by --save-sequences ({err})") from err
+    if not seqs:
+        raise ValueError(f"{path} holds no sequences")
+    if any(t < 0 or t >= vocab_size for s in seqs for t in s.ids):
+        raise ValueError(f"{path} has token ids outside this model's vocabulary; it was made for another model")
+    return seqs, str(doc.get("part", ""))

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from exitspec.loading import attach_heads, load
+
 
 def add_model_args(p: argparse.ArgumentParser, heads: bool = True) -> None:
     g = p.add_argument_group("model")
@@ -48,8 +50,6 @@ def set_threads(n: int | None) -> None:
 
 def load_model(args: argparse.Namespace):
     """Set the thread count and load the model named by the model options (no heads)."""
-    from exitspec.loading import load
-
     set_threads(getattr(args, "threads", None))
     return load(args.model, dtype=args.dtype, device=args.device, weights=args.weights,
                 kv_cache=getattr(args, "kv_cache", None))
@@ -60,7 +60,5 @@ def load_from_args(args: argparse.Namespace):
     model = load_model(args)
     heads = getattr(args, "heads", None)
     if heads:
-        from exitspec.loading import attach_heads
-
         attach_heads(model, heads)
     return model

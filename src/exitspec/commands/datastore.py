@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from exitspec.commands.common import add_model_args, load_from_args
+from exitspec.training.data import DistillSettings, draft_corpus, read_source, self_distill
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exitspec.training.data import DistillSettings, draft_corpus, read_source, self_distill
-
     if not args.heads:
         raise ValueError("--heads is needed: the bundle whose heads the new datastore goes with "
                          "('default' for the shipped one)")

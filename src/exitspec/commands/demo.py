@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from exitspec.bench.loop_speed import hf_generate_tps
+from exitspec.bench.machine import machine_line
 from exitspec.commands.common import add_model_args, load_from_args
+from exitspec.decoding.api import encode_prompt, generate
+from exitspec.heads.bundle import BundleError
+from exitspec.loading import NoInt4WeightsError, attach_heads
 
 DEMO_PROMPTS = [
     "Explain in a few sentences why the sky is blue.",
@@ -29,16 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import exitspec
-    from exitspec.bench.machine import machine_line
-    from exitspec.bench.runtime import hf_generate_tps
-    from exitspec.decoding.api import encode_prompt
-
     auto = args.heads == "auto"
     if auto:
         args.heads = None
-    from exitspec.loading import NoInt4WeightsError
-
     try:
         model = load_from_args(args)
     except NoInt4WeightsError as err:
@@ -46,9 +44,6 @@ def run(args: argparse.Namespace) -> int:
         args.weights = "dense"
         model = load_from_args(args)
     if auto:
-        from exitspec.heads.bundle import BundleError
-        from exitspec.loading import attach_heads
-
         try:
             attach_heads(model, "default")
         except BundleError as err:
@@ -70,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     for s in strategies:
         opts = recommended.get(s, {})
         # Warm-up, as for HF generate: the first call builds the draft head and packs its weights.
-        exitspec.generate(model, None, prompt_ids=[enc[0]], strategy=s, max_new_tokens=4, **opts)
-        runs = [exitspec.generate(model, None, prompt_ids=[ids], strategy=s, max_new_tokens=n, **opts)
+        generate(model, None, prompt_ids=[enc[0]], strategy=s, max_new_tokens=4, **opts)
+        runs = [generate(model, None, prompt_ids=[ids], strategy=s, max_new_tokens=n, **opts)
                 for ids in enc]
         outputs[s] = [r.token_ids[0] for r in runs]
         tps[s] = [r.stats.tokens_per_s for r in runs]

@@ -7,6 +7,8 @@ import json
 import sys
 
 from exitspec.commands.common import add_model_args, add_sampling_args, load_from_args, sampling_kwargs
+from exitspec.decoding.api import stream
+from exitspec.decoding.events import DoneEvent, TokenEvent
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,15 +38,12 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import exitspec
-    from exitspec.decoding.events import DoneEvent, TokenEvent
-
     model = load_from_args(args)
     prompt = args.prompt
     if args.system and not args.raw:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]
     done = None
-    for ev in exitspec.stream(model, prompt, strategy=args.strategy, chat=not args.raw,
+    for ev in stream(model, prompt, strategy=args.strategy, chat=not args.raw,
                               **sampling_kwargs(args), **parse_options(args.option)):
         if isinstance(ev, TokenEvent) and ev.text:
             sys.stdout.write(ev.text)

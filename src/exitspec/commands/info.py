@@ -7,6 +7,8 @@ import argparse
 import json
 
 from exitspec.commands.common import add_model_args, load_from_args
+from exitspec.decoding.spec_costs import exit_costs
+from exitspec.runtime.profile import step_costs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,15 +39,11 @@ def describe(model) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exitspec.runtime.profile import step_costs
-
     model = load_from_args(args)
     info = describe(model)
     if not args.no_profile:
         info["step_costs"] = step_costs(model.lm, context=args.context)
         if model.heads is not None:
-            from exitspec.decoding.spec_costs import exit_costs
-
             rec = model.heads.config.recommended.get("self-spec", {})
             gamma = rec.get("draft_len", 2) if args.draft_len is None else args.draft_len
             vocab = rec.get("draft_vocab") if args.draft_vocab is None else args.draft_vocab

@@ -167,7 +167,7 @@ def draft_corpus(examples: list[TokenSequence]) -> list[list[int]]:
 
 
 def eval_sequences(examples: list[TokenSequence]) -> list[TokenSequence]:
-    """Examples as held-out evaluation sequences (heads.evaluate / calibration.collect) scoring the
+    """Examples as held-out evaluation sequences (calibration.evaluate / calibration.collect) scoring the
     answer tokens that training would score: collate(answer_only=True) predicts from positions
     max(1, prompt_len - 1) on (position 0 is the attention sink), i.e. tokens from max(2, prompt_len)."""
     out = []

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
+from exitspec.calibration.evaluate import evaluate_heads, format_table
+from exitspec.calibration.sequences import heldout_prompts
+from exitspec.heads.bundle import HeadBundle
+from exitspec.loading import load
+from exitspec.prompts import DEFAULT_SETS
 from exitspec.training.config import TrainConfig, apply_overrides
+from exitspec.training.data import DistillSettings, build_examples, draft_corpus, eval_sequences, self_distill
+from exitspec.training.trainer import Trainer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,17 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import exitspec
-    from exitspec.training.data import build_examples, draft_corpus
-    from exitspec.training.trainer import Trainer
-
     cfg = (TrainConfig.from_file(args.config, args.overrides) if args.config
            else TrainConfig.from_dict(apply_overrides({}, args.overrides)))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / out.name
-    model = exitspec.load(cfg.model)
+    model = load(cfg.model)
     t_start = time.perf_counter()
     # Only the main process generates the self-distilled data; the others wait and read the cache.
     acc_state = _accelerate_state()
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _accelerate_state():
     try:
-        from accelerate import PartialState
+        from accelerate import PartialState  # optional: the train extra
     except ModuleNotFoundError:
         return None
     return PartialState(cpu=not torch.cuda.is_available())
@@ -105,10 +108,6 @@ def _evaluate(model, bundle, per_set: int, work: Path) -> dict:
 
     Prompts: the "eval" part of the held-out split (the one calibration never reads), per_set per
     prompt set; answers: the full model's greedy ones, cached in WORK/heldout.jsonl like training data."""
-    from exitspec.calibration.sequences import heldout_prompts
-    from exitspec.prompts import DEFAULT_SETS
-    from exitspec.training.data import DistillSettings, eval_sequences, self_distill
-
     prompts = heldout_prompts("eval", per_set * len(DEFAULT_SETS))  # interleaved: per_set from each set
     examples = self_distill(model, prompts, work / "heldout.jsonl", DistillSettings(max_new_tokens=128),
                             progress=False)
@@ -118,9 +117,6 @@ def _evaluate(model, bundle, per_set: int, work: Path) -> dict:
 def heldout_eval(model, bundle, sequences) -> dict:
     """Trained heads and norm_lm at the same exits on `sequences`: prints the table and returns
     {"trained" | "norm_lm" | "full": {layer: {kl, ppl, agreement, accuracy, tokens}}} for bundle.json."""
-    from exitspec.heads.bundle import HeadBundle
-    from exitspec.heads.evaluate import evaluate_heads, format_table
-
     baseline = HeadBundle.create(model.lm, bundle.layers, "norm_lm", base_model=model.name)
     rows = evaluate_heads(model, bundle, sequences, baseline=baseline, label="trained")
     print(format_table(rows))

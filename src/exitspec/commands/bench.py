@@ -19,7 +19,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from exitspec.commands.common import add_model_args
+from transformers.utils import logging as hf_logging
+
+from exitspec.bench.config import BenchConfig, BenchConfigError, load_bench_prompts, load_toml, parse_run
+from exitspec.bench.report import finish
+from exitspec.bench.runner import BenchRunner
+from exitspec.commands.common import add_model_args, set_threads
+from exitspec.loading import attach_heads, load
 
 # Which option the --exit-layers / --draft-lengths shortcuts set, per contender (for --run, name it).
 LAYER_OPTION = {"self-spec": "exit_layer", "dssd": "exit_layer", "hf-early-exit": "exit_layer",
@@ -66,8 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from exitspec.bench.config import BenchConfig, BenchConfigError, load_toml, parse_run
-
     cfg = load_toml(args.config) if args.config else BenchConfig()
     for key in ("prompts", "split", "data_dir", "num_prompts", "max_new_tokens", "repeats", "warmup", "seed",
                 "temperatures"):
@@ -101,29 +105,6 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def load_bench_prompts(cfg):
-    from exitspec.prompts import load_prompts, mixed_prompts
-
-    if cfg.prompts in ("heldout", "", None):
-        prompts = mixed_prompts("heldout", per_set=(cfg.num_prompts + 4) // 5, data_dir=cfg.data_dir)
-        prompts = prompts[: cfg.num_prompts]
-    else:
-        prompts = load_prompts(cfg.prompts, split=cfg.split, limit=cfg.num_prompts)
-    if not prompts:
-        raise ValueError(f"no prompts found in {cfg.prompts!r} (split {cfg.split})")
-    return prompts
-
-
-def finish(out: Path) -> list[str]:
-    """Plots and report from the saved files."""
-    from exitspec.bench.plots import draw_all
-    from exitspec.bench.report import write_report
-
-    figures = draw_all(out)
-    write_report(out, figures)
-    return figures
-
-
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -136,12 +117,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ValueError("--out DIR is required (or --replot DIR to redraw a finished run)")
-    from transformers.utils import logging as hf_logging
-
-    from exitspec.bench.runner import BenchRunner
-    from exitspec.commands.common import set_threads
-    from exitspec.loading import load
-
     cfg = build_config(args)
     prompts = load_bench_prompts(cfg)
     out = Path(args.out)
@@ -151,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
     set_threads(cfg.threads)
     model = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     if cfg.heads:
-        from exitspec.loading import attach_heads
-
         attach_heads(model, cfg.heads)
     argv = sys.argv  # recorded for the report when run as a command (not from Python)
     command = "exitspec " + " ".join(shlex.quote(a) for a in argv[argv.index("bench"):]) if "bench" in argv else ""

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-from exitspec.calibration.sequences import greedy_sequences, heldout_prompts, reference_sequences
-from exitspec.runtime.sequences import TokenSequence, scored_sequence
+from exitspec.calibration.sequences import (
+    greedy_sequences,
+    heldout_prompts,
+    load_sequences,
+    reference_sequences,
+    save_sequences,
+)
+from exitspec.heads.bundle import HeadBundle
+from exitspec.loading import attach_heads
+from exitspec.runtime.sequences import TokenSequence
 
 
 def add_data_args(p: argparse.ArgumentParser, num_prompts: int, max_new_tokens: int) -> None:
@@ -40,31 +46,6 @@ def sequences_from_args(model, args: argparse.Namespace, part: str) -> list[Toke
     return seqs
 
 
-def save_sequences(seqs: list[TokenSequence], path: str | Path, part: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"part": part, "sequences": [{"ids": s.ids, "start": s.start} for s in seqs]}))
-    os.replace(tmp, path)
-
-
-def load_sequences(path: str | Path, vocab_size: int) -> tuple[list[TokenSequence], str]:
-    """A file from save_sequences -> (sequences, the part they were built for)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sequence file {path} does not exist; write one with --save-sequences")
-    try:
-        doc = json.loads(path.read_text())
-        seqs = [scored_sequence([int(t) for t in r["ids"]], int(r["start"])) for r in doc["sequences"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a sequence file written by --save-sequences ({err})") from err
-    if not seqs:
-        raise ValueError(f"{path} holds no sequences")
-    if any(t < 0 or t >= vocab_size for s in seqs for t in s.ids):
-        raise ValueError(f"{path} has token ids outside this model's vocabulary; it was made for another model")
-    return seqs, str(doc.get("part", ""))
-
-
 def build_sequences(model, args: argparse.Namespace, part: str) -> list[TokenSequence]:
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
@@ -91,9 +72,6 @@ def resolve_bundle(model, spec: str):
     'norm_lm' builds the parameter-free logit-lens bundle in memory (every 4th layer by default):
     the baseline every trained head must beat, and a way to try the tools before training.
     """
-    from exitspec.heads.bundle import HeadBundle
-    from exitspec.loading import attach_heads
-
     if spec is None:
         raise ValueError("--heads is required: a bundle folder, 'default', or 'norm_lm[:4,8,12]'")
     if spec == "norm_lm" or spec.startswith("norm_lm:"):

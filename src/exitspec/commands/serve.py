@@ -11,7 +11,12 @@ import argparse
 import logging
 import sys
 
+import uvicorn  # the serve extra; `exitspec serve` says which package is missing
+
 from exitspec.commands.common import add_model_args, load_from_args
+from exitspec.commands.generate import parse_options
+from exitspec.decoding.api import make_strategy
+from exitspec.server.app import ServerConfig, create_app
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,11 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from exitspec.commands.generate import parse_options
-    from exitspec.server.app import ServerConfig, create_app
-
     for name in ("max_batch", "max_queue", "default_max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -54,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
                           default_max_tokens=args.default_max_tokens)
     app = create_app(model, config)
     # Validate the default strategy now: a typo should stop the server, not fail every request.
-    from exitspec.decoding.api import make_strategy
-
     try:
         make_strategy(args.strategy, model, **options)
     except TypeError as err:  # a factory refusing an option name

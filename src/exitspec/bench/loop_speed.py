@@ -1,32 +1,19 @@
-"""`exitspec bench-runtime`: the foundation's speed check, in one run on one model.
-
-Reports tokens/s of HF `generate` (greedy) and of exitspec's vanilla loop over the same prompts
-(medians, exactly `max_new_tokens` each, EOS ignored so every run does the same work), and the cost
-of one forward step over k = 1, 2, 4, 8 new tokens with a warm cache. With `--weights int4`, also the
-4-bit loop's speed and its fidelity to the dense model (greedy divergence, teacher-forced top-1
-agreement, KL and perplexity); adding `--kv-cache float16` runs the 4-bit loop a second time over an
-fp16 KV cache, with the same figures, and times a step of both at 256 / 1024 / 2048 cached tokens.
-"""
+"""Speed of the plain decoding loops on one model: HF `generate` against exitspec's vanilla loop
+(dense, and over 4-bit weights with an fp32 or fp16 KV cache), the cost of a k-token step, and the
+4-bit loop's fidelity to the dense model. `exitspec bench-runtime` (commands/bench_runtime.py) runs it."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from exitspec.commands.common import add_model_args, load_from_args
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p, heads=False)
-    p.add_argument("--num-prompts", type=int, default=10)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--prompts", default=None, help="prompt file (default: held-out shared prompts)")
-    p.add_argument("--out", default=None, help="folder for runtime.json and runtime.md")
+from exitspec.bench import quality
+from exitspec.bench.machine import describe_machine, machine_line
+from exitspec.bench.metrics import first_mismatch
+from exitspec.decoding.api import generate
+from exitspec.runtime.profile import context_costs, step_costs
 
 
 def hf_generate_tps(model, ids: list[int], n: int) -> float:
@@ -41,40 +28,14 @@ def hf_generate_tps(model, ids: list[int], n: int) -> float:
 
 def vanilla_run(model, ids: list[int], n: int) -> tuple[float, list[int]]:
     """tokens/s of exitspec's vanilla loop on one prompt, and the tokens it generated."""
-    from exitspec.decoding.api import generate
-
     r = generate(model, None, prompt_ids=[ids], max_new_tokens=n, ignore_eos=True)
     return r.stats.new_tokens / r.stats.total_s, r.token_ids[0]
 
 
-def run(args: argparse.Namespace) -> int:
-    from exitspec.bench import quality
-    from exitspec.bench.machine import describe_machine, machine_line
-    from exitspec.bench.metrics import first_mismatch
-    from exitspec.decoding.api import encode_prompt
-    from exitspec.loading import load
-    from exitspec.prompts import load_prompts, mixed_prompts
-    from exitspec.runtime.profile import context_costs, step_costs
-
-    # HF generate and the reference loop always run the dense model (fp32 unless --dtype says
-    # otherwise); --weights int4 adds exitspec's vanilla loop over the 4-bit weights.
-    # With --weights int4, --kv-cache float16 adds a second int4 runtime over an fp16 cache (the dense
-    # model keeps its own; asked for with dense weights, the load says why it cannot).
-    dense_args = argparse.Namespace(**{**vars(args), "weights": "dense",
-                                       "kv_cache": None if args.weights == "int4" else args.kv_cache})
-    model = load_from_args(dense_args)
-    fast = {}  # result key prefix -> (loaded int4 model, its name in the tables)
-    if args.weights == "int4":
-        fast["int4"] = (load(args.model, device=args.device, weights="int4"), "int4 weights")
-        if args.kv_cache == "float16":
-            fast["int4_kv16"] = (load(args.model, device=args.device, weights="int4", kv_cache="float16"),
-                                 "int4 weights, fp16 KV cache")
-    if args.prompts:
-        prompts = load_prompts(args.prompts, split="heldout", limit=args.num_prompts)
-    else:
-        prompts = mixed_prompts("heldout", per_set=(args.num_prompts + 4) // 5)[: args.num_prompts]
-    enc = [encode_prompt(model.tokenizer, p.text) for p in prompts]
-    n = args.max_new_tokens
+def measure(model, fast: dict, enc: list[list[int]], n: int) -> dict:
+    """HF generate and exitspec's vanilla loop on `model` (dense), and the vanilla loop of each model in
+    `fast` (result key prefix -> (loaded model, title)), over the encoded prompts `enc` with exactly n
+    new tokens each; step costs, and for the fast models fidelity to the dense model. -> result dict."""
     # Each run returns (tokens/s, generated tokens or None).
     runs = [("hf", lambda ids, k: (hf_generate_tps(model, ids, k), None)),
             ("vanilla", lambda ids, k: vanilla_run(model, ids, k))]
@@ -98,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         "speedup_vs_hf": med["vanilla"] / med["hf"], "hf_generate_tps": tps["hf"], "vanilla_tps": tps["vanilla"],
         "step_costs": step_costs(model.lm),
     }
-    rows = [("HF generate", med["hf"]), (f"exitspec vanilla loop ({model.lm.dtype}, dense)", med["vanilla"])]
+    result["table"] = [["HF generate", med["hf"]], [f"exitspec vanilla loop ({model.lm.dtype}, dense)", med["vanilla"]]]
     texts = [(len(ids), ids + t) for ids, t in zip(enc, tokens["vanilla"], strict=True)]
     for key, (m, title) in fast.items():
         # How far the int4 loop's greedy tokens follow the dense loop's (rounded product inputs flip near-ties).
@@ -108,23 +69,30 @@ def run(args: argparse.Namespace) -> int:
                    f"{key}_tps": tps[key], f"{key}_first_divergence": div,
                    f"{key}_fidelity": quality.fidelity(model, m, texts), f"{key}_backend": m.lm.backend,
                    f"{key}_step_costs": step_costs(m.lm)}
-        rows.append((f"exitspec vanilla loop ({title})", med[key]))
+        result["table"].append([f"exitspec vanilla loop ({title})", med[key]])
     if len(fast) > 1:
         result["context_costs"] = context_costs({key: m.lm for key, (m, _) in fast.items()})
+    return result
+
+
+def report(result: dict, fast: dict, n: int) -> str:
+    """The markdown report of a `measure` result (fast: as given to measure)."""
+    med_hf = result["hf_generate_tps_median"]
+    model_name, enc_n = result["model"], result["prompts"]
     lines = [
-        f"# Runtime benchmark: {model.name}", "",
+        f"# Runtime benchmark: {model_name}", "",
         f"Machine: {machine_line(result['machine'])}", "",
-        f"Greedy, {n} new tokens, {len(enc)} held-out prompts, medians:", "",
+        f"Greedy, {n} new tokens, {enc_n} held-out prompts, medians:", "",
         "| decoder | tokens/s | vs HF generate |", "|---|---:|---:|",
     ]
-    lines += [f"| {name} | {v:.1f} | {v / med['hf']:.2f}x |" for name, v in rows]
+    lines += [f"| {name} | {v:.1f} | {v / med_hf:.2f}x |" for name, v in result["table"]]
     if fast:
         lines += ["", f"int4 runtime: {result['int4_backend']}."]
     for key, (_, title) in fast.items():
         same = sum(d is None for d in result[f"{key}_first_divergence"])
         firsts = sorted(d for d in result[f"{key}_first_divergence"] if d is not None)
         fid = result[f"{key}_fidelity"]
-        lines += ["", f"{title}: greedy tokens equal the dense loop's on {same}/{len(enc)} prompts"
+        lines += ["", f"{title}: greedy tokens equal the dense loop's on {same}/{enc_n} prompts"
                   + (f"; the others first differ at tokens {', '.join(map(str, firsts))}" if firsts else "") + ". "
                   f"Teacher-forced on the dense loop's {fid['tokens']} generated tokens: top-1 agreement with "
                   f"the dense model {fid['top1_agreement']:.1%}, KL(dense || int4) {fid['kl_nats']:.4f} nats, "
@@ -152,11 +120,4 @@ def run(args: argparse.Namespace) -> int:
                   "|---:|---:|---:|---:|---:|"]
         lines += [f"| {c} | {k} | {ms:.2f} | {cc[('int4_kv16', c, k)]:.2f} | {cc[('int4_kv16', c, k)] / ms:.2f}x |"
                   for (name, c, k), ms in cc.items() if name == "int4"]
-    report = "\n".join(lines) + "\n"
-    print("\n" + report)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "runtime.json").write_text(json.dumps(result, indent=2))
-        (out / "runtime.md").write_text(report)
-    return 0
+    return "\n".join(lines) + "\n"

@@ -15,9 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from exitspec.calibration.calibrate import SCORE_CHOICES
-from exitspec.calibration.options import add_data_args
-from exitspec.commands.common import add_model_args
+from exitspec.calibration.calibrate import SCORE_CHOICES, calibrate_bundle
+from exitspec.calibration.collect import collect
+from exitspec.calibration.estimator import EstimatorTrainConfig
+from exitspec.calibration.thresholds import check_target
+from exitspec.commands.common import add_model_args, load_model
+from exitspec.commands.heldout import add_data_args, data_info, resolve_bundle, sequences_from_args
+from exitspec.heads.bundle import CONFIG_FILE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,20 +48,11 @@ def default_out(heads: str) -> Path:
 
 def check_out(out: Path) -> None:
     """Refuse to replace something that is not a head bundle (e.g. a typo pointing at a source folder)."""
-    from exitspec.heads.bundle import CONFIG_FILE
-
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise ValueError(f"--out {out} exists and is not a head bundle; choose a new folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    from exitspec.calibration.calibrate import calibrate_bundle
-    from exitspec.calibration.collect import collect
-    from exitspec.calibration.estimator import EstimatorTrainConfig
-    from exitspec.calibration.options import data_info, resolve_bundle, sequences_from_args
-    from exitspec.calibration.thresholds import check_target
-    from exitspec.commands.common import load_model
-
     target = check_target(args.target)
     if args.heads is None:
         raise ValueError("--heads is required: a bundle folder, 'default', or 'norm_lm[:4,8,12]'")

@@ -1,0 +1,133 @@
+"""Evaluating exit heads on held-out text (the `exitspec eval-heads` command is commands/eval_heads.py).
+
+    from exitspec.calibration.evaluate import evaluate_heads
+    rows = evaluate_heads(model, bundle, sequences, baseline=norm_lm_bundle)   # list[dict]
+
+Per exit layer (one teacher forward per sequence serves every exit and the baseline):
+  kl          mean KL(p_full || p_exit) in nats
+  ce, ppl     cross-entropy / perplexity of the sequence's next tokens (the labels: the full model's
+              greedy tokens, or reference text)
+  agreement   share of tokens where the exit's top-1 equals the full model's top-1
+  accuracy    share where the exit's top-1 equals the label
+  coverage    share of tokens passing the exit's calibrated threshold, and agreement_at_threshold
+              the agreement among those (empty when the bundle is not calibrated)
+A "full" row (layer = L) gives the full model on the same tokens. `exitspec eval-heads` writes
+results.csv, results.json and layer_sweep.png (x = layer; the norm_lm baseline dashed).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from exitspec.calibration.collect import collect
+from exitspec.calibration.thresholds import coverage_at
+
+COLUMNS = ["bundle", "layer", "depth", "kind", "n_tokens", "kl", "ce", "ppl", "agreement", "accuracy",
+           "mean_max_prob", "threshold_score", "threshold_value", "coverage", "agreement_at_threshold"]
+
+
+def _mean(t) -> float:
+    return float(t.double().mean())
+
+
+def summarize(collected, bundles: dict, num_layers: int) -> list[dict]:
+    """Collected per-token stats (calibration.collect) -> one row per (bundle, exit) + the full model."""
+    rows = []
+    for name, bundle in bundles.items():
+        for layer, tok in collected.exits[name].items():
+            ce = _mean(tok.ce)
+            row = {"bundle": name, "layer": layer, "depth": layer / num_layers,
+                   "kind": bundle.config.head_kinds.get(str(layer), ""), "n_tokens": tok.n,
+                   "kl": _mean(tok.kl), "ce": ce, "ppl": math.exp(min(ce, 700.0)),
+                   "agreement": _mean(tok.agree), "accuracy": _mean(tok.correct),
+                   "mean_max_prob": _mean(tok.scores["max_prob"]),
+                   "threshold_score": "", "threshold_value": None, "coverage": None, "agreement_at_threshold": None}
+            th = bundle.threshold(layer)
+            if th is not None and th.get("score") in tok.scores:
+                cov, agr = coverage_at(tok.scores[th["score"]], tok.agree, th["score"], float(th["value"]))
+                row.update(threshold_score=th["score"], threshold_value=float(th["value"]), coverage=cov,
+                           agreement_at_threshold=agr)
+            rows.append(row)
+    full = collected.full
+    ce = _mean(full.ce)
+    rows.append({"bundle": "full", "layer": num_layers, "depth": 1.0, "kind": "full", "n_tokens": int(full.ce.numel()),
+                 "kl": 0.0, "ce": ce, "ppl": math.exp(min(ce, 700.0)), "agreement": 1.0,
+                 "accuracy": _mean(full.correct), "mean_max_prob": None, "threshold_score": "",
+                 "threshold_value": None, "coverage": 1.0, "agreement_at_threshold": 1.0})
+    return rows
+
+
+def evaluate_heads(model, bundle, sequences, *, baseline=None, label: str = "heads",
+                   progress: bool = False) -> list[dict]:
+    """Evaluate every exit of `bundle` (and of a `baseline` bundle, e.g. norm_lm) on `sequences`.
+
+    `model` is a LoadedModel or LayeredModel; sequences are runtime.sequences.TokenSequence
+    (build them with greedy_sequences / reference_sequences over heldout_prompts("eval", n)).
+    """
+    lm = getattr(model, "lm", model)
+    bundles = {label: bundle}
+    if baseline is not None:
+        bundles["norm_lm"] = baseline
+    collected = collect(lm, bundles, sequences, progress=progress)
+    return summarize(collected, bundles, lm.num_layers)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                        for k in COLUMNS})
+
+
+def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
+    """Three panels over exit layer: KL, perplexity (log), and agreement / accuracy / coverage."""
+    import matplotlib  # optional (the bench extra): only the plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("kl", "KL(p_full || p_exit) [nats]", False), ("ppl", "perplexity of labels", True),
+              (None, "rate", False)]
+    rate_metrics = [("agreement", "C0"), ("accuracy", "C1"), ("coverage", "C2")]
+    full = next((r for r in rows if r["bundle"] == "full"), None)
+    names = [n for n in dict.fromkeys(r["bundle"] for r in rows) if n != "full"]
+    for ax, (metric, ylabel, log) in zip(axes, panels, strict=True):
+        for name in names:
+            sub = sorted((r for r in rows if r["bundle"] == name), key=lambda r: r["layer"])
+            style = "--" if name == "norm_lm" else "-"
+            xs = [r["layer"] for r in sub]
+            for m, color in ([(metric, "C0")] if metric else rate_metrics):
+                pts = [(x, r[m]) for x, r in zip(xs, sub, strict=True) if r[m] is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=color, label=f"{m} ({name})")
+        if metric == "ppl" and full:
+            ax.axhline(full["ppl"], color="k", lw=0.8, ls=":", label="full model")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("exit layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[2].set_ylim(-0.02, 1.02)
+    fig.suptitle(title or "exit heads: layer sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict]) -> str:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"{'bundle':<8} {'layer':>5} {'KL':>8} {'ppl':>10} {'agree':>7} {'acc':>7} {'coverage':>9} {'agr@thr':>8}"]
+    for r in rows:
+        lines.append(f"{r['bundle']:<8} {r['layer']:>5} {r['kl']:>8.3f} {r['ppl']:>10.2f} {r['agreement']:>7.1%} "
+                     f"{r['accuracy']:>7.1%} {f(r['coverage'], '>9.1%')} {f(r['agreement_at_threshold'], '>8.1%')}")
+    return "\n".join(lines)
