@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_loaded
-from exitspec.heads.base import HEAD_KINDS, make_head
 from exitspec.heads.bundle import BundleError, HeadBundle
-from exitspec.heads.kinds import default_adapter_width
+from exitspec.heads.kinds import HEAD_KINDS, default_adapter_width, make_head
 
 TRAINABLE = ["linear", "swiglu", "lm_head"]
 

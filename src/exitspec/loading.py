@@ -119,9 +119,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _from_pretrained(folder: str | Path, gguf_file: str | None, dtype: torch.dtype, local_only: bool):
-    # start-up time: transformers' model classes take seconds to import; only loading needs them
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # start-up: the auto classes import slowly
+    from transformers.utils import logging as hf_logging  # start-up: with them
 
     hf_logging.disable_progress_bar()  # per-tensor progress bars would drown the command's output
 

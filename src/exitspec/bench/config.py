@@ -216,9 +216,9 @@ def load_toml(path: str | Path) -> BenchConfig:
     if not path.is_file():
         raise FileNotFoundError(f"benchmark config {path} does not exist")
     try:
-        import tomllib
+        import tomllib  # optional: in the standard library from Python 3.11
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib  # type: ignore[no-redef]  # optional: the 3.10 backport
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:

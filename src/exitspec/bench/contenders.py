@@ -3,7 +3,8 @@
 Every contender returns the same `Sample`, so the runner, metrics and audit never care which
 library produced the tokens. exitspec strategies come from the registry
 (`exitspec.decoding.api.make_strategy`), so strategies added later are benchmarked without changes
-here; peers (HF generate, HF early exit, HF prompt lookup, economize) live in bench/peers.py.
+here; peers (HF generate, HF early exit, HF prompt lookup, economize) live in bench/peers.py, and
+bench/runner.make_contender picks one for a run spec.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from exitspec.bench.config import RunSpec
+from exitspec.decoding.api import generate, make_strategy
 
 
 @dataclass
@@ -50,8 +52,6 @@ class ExitspecContender(Contender):
 
     def __init__(self, spec: RunSpec, model, factory=None):
         super().__init__(spec, model)
-        from exitspec.decoding.api import make_strategy
-
         # A factory lets tests inject a strategy object; normally the registry builds it.
         self.factory = factory or (lambda: make_strategy(spec.name, model, **spec.strategy_opts))
         try:
@@ -64,8 +64,6 @@ class ExitspecContender(Contender):
         self.strategy_description = probe.describe()
 
     def run(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Sample:
-        from exitspec.decoding.api import generate
-
         # A fresh strategy per prompt: strategies may keep per-generation state (adaptive drafts).
         r = generate(self.model, None, prompt_ids=[ids], strategy=self.factory(), max_new_tokens=max_new_tokens,
                      temperature=temperature, seed=seed, ignore_eos=True)
@@ -78,19 +76,3 @@ class ExitspecContender(Contender):
 
     def describe(self) -> dict:
         return {**super().describe(), **self.strategy_description}
-
-
-def make_contender(spec: RunSpec, model, injected: dict | None = None) -> Contender:
-    """The contender for a spec. `injected` maps names to strategy factories (tests, plugins)."""
-    if injected and spec.name in injected:
-        make = injected[spec.name]
-        return ExitspecContender(spec, model, factory=lambda: make(model, **spec.strategy_opts))
-    if spec.is_peer:
-        from exitspec.bench.peers import make_peer
-
-        if spec.runtime != "dense":
-            raise ValueError(f"{spec.name} is a peer library's decoder; it runs the dense model only "
-                             "(drop weights= and kv_cache=)")
-
-        return make_peer(spec, model)
-    return ExitspecContender(spec, model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
+import threading
 
 import torch
 
@@ -50,8 +52,6 @@ class PeakMemory:
         self.source = ""
 
     def __enter__(self):
-        import threading
-
         self._stop = threading.Event()
         self._thread = None
         if self.device.startswith("cuda") and torch.cuda.is_available():
@@ -59,7 +59,7 @@ class PeakMemory:
             self.source = "cuda_max_allocated"
             return self
         try:
-            import psutil
+            import psutil  # optional (the bench extra): sampled RSS, else the kernel's peak
         except ImportError:
             self.source = "ru_maxrss"
             return self
@@ -81,11 +81,9 @@ class PeakMemory:
         elif self.source == "rss_sampled":
             self._stop.set()
             self._thread.join()
-            import psutil
+            import psutil  # optional: present, as __enter__ found
 
             self.peak_mib = max(self._peak, psutil.Process().memory_info().rss) / 2**20
         else:
-            import resource
-
             self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return False

@@ -191,8 +191,8 @@ class EconomizeEarlyExit(Contender):
     def __init__(self, spec: RunSpec, model):
         super().__init__(spec, model)
         try:
-            import economize
-            from economize.techniques.early_exit import EarlyExitConfig
+            import economize  # optional peer library
+            from economize.techniques.early_exit import EarlyExitConfig  # optional peer library
         except ImportError as err:
             raise ValueError("economize-early-exit needs the optional package `economize` "
                              "(pip install economize); drop the run or install it") from err

@@ -13,10 +13,10 @@ from exitspec.bench.results import SavedResults
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # optional (the bench extra)
 
     matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional (the bench extra)
 
     return plt
 
@@ -40,7 +40,7 @@ def _series_key(r: dict) -> str:
 
 
 def _integer_x(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional (the bench extra)
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 

@@ -23,12 +23,17 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from exitspec.bench import metrics
 from exitspec.bench.config import BenchConfig, RunSpec, save_config
-from exitspec.bench.contenders import Contender, Sample, make_contender
+from exitspec.bench.contenders import Contender, ExitspecContender, Sample
 from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
+from exitspec.bench.peers import make_peer
 from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
 from exitspec.bench.results import ResultsWriter
+from exitspec.decoding.api import encode_prompt
+from exitspec.loading import attach_heads, load
 from exitspec.prompts import Prompt
 
 
@@ -57,8 +62,6 @@ class RunOutcome:
 class BenchRunner:
     def __init__(self, cfg: BenchConfig, model, prompts: list[Prompt], out: Path, *,
                  injected: dict | None = None, progress: bool = True, command: str = ""):
-        from exitspec.decoding.api import encode_prompt
-
         self.cfg, self.model, self.prompts, self.out = cfg, model, prompts, out
         self.injected = injected or {}
         self.ids = [encode_prompt(model.tokenizer, p.text, cfg.chat) for p in prompts]
@@ -82,8 +85,6 @@ class BenchRunner:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> RunOutcome:
-        from tqdm import tqdm
-
         P, r = len(self.ids), self.cfg.repeats
         units = sum(self.cfg.warmup + P * r for _ in self.specs) + (P if self.cfg.quality else 0)
         bar = tqdm(total=units, desc="bench", unit="gen", disable=not self.progress, dynamic_ncols=True,
@@ -116,13 +117,9 @@ class BenchRunner:
         """The model a spec runs on: the configured one, or a copy loaded with other weights / KV cache."""
         w, key = spec.weights, spec.runtime
         if key not in self.models:
-            from exitspec.loading import load
-
             m = load(self.model.source, dtype=None if w == "int4" else self.cfg.dtype, device=self.cfg.device,
                      weights=w, kv_cache=spec.kv_cache)
             if self.model.heads is not None and self.cfg.heads:
-                from exitspec.loading import attach_heads
-
                 attach_heads(m, self.cfg.heads)
             self.models[key] = m
         return self.models[key]
@@ -418,3 +415,17 @@ def _category_tps(per_prompt: list[dict]) -> dict[str, float]:
         groups[r["category"] or "-"].append(r)
     return {c: metrics.throughput([r["new_tokens"] for r in rs], [r["time_s"] for r in rs])
             for c, rs in groups.items()}
+
+
+def make_contender(spec: RunSpec, model, injected: dict | None = None) -> Contender:
+    """The contender for a spec. `injected` maps names to strategy factories (tests, plugins)."""
+    if injected and spec.name in injected:
+        make = injected[spec.name]
+        return ExitspecContender(spec, model, factory=lambda: make(model, **spec.strategy_opts))
+    if spec.is_peer:
+        if spec.runtime != "dense":
+            raise ValueError(f"{spec.name} is a peer library's decoder; it runs the dense model only "
+                             "(drop weights= and kv_cache=)")
+
+        return make_peer(spec, model)
+    return ExitspecContender(spec, model)

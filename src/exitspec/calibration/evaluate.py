@@ -88,8 +88,8 @@ def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib  # optional (the bench extra): only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    import matplotlib.pyplot as plt  # optional (the bench extra)
+    from matplotlib.ticker import MaxNLocator  # optional (the bench extra)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [("kl", "KL(p_full || p_exit) [nats]", False), ("ppl", "perplexity of labels", True),

@@ -11,6 +11,7 @@ and chat=True), a list of chat messages, or a batch (list) of either.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +52,6 @@ def recommended_options(model, name: str, options: dict) -> dict:
 
 def _load_builtin_strategies() -> None:
     """Import the strategy modules that register themselves (kept lazy: vanilla needs none)."""
-    import importlib
-
     for mod in ("exitspec.decoding.self_spec", "exitspec.decoding.dssd", "exitspec.decoding.cascade",
                 "exitspec.decoding.mlp_skip", "exitspec.decoding.lookup"):
         try:

@@ -58,26 +58,3 @@ class NormLMHead(ExitHead):
     """No parameters: the base model's final norm + LM head applied to layer l (the logit lens)."""
 
     kind = "norm_lm"
-
-
-HEAD_KINDS: dict[str, type[ExitHead]] = {"norm_lm": NormLMHead}
-
-
-def register_head_kind(cls: type[ExitHead]) -> type[ExitHead]:
-    """Class decorator: make a head kind loadable by name (bundles store only the name + options)."""
-    HEAD_KINDS[cls.kind] = cls
-    return cls
-
-
-def make_head(kind: str, lm: LayeredModel, layer: int, **kwargs) -> ExitHead:
-    if kind not in HEAD_KINDS:
-        raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(sorted(HEAD_KINDS))}")
-    try:
-        return HEAD_KINDS[kind](lm, layer, **kwargs)
-    except TypeError as err:  # an option this kind does not take (e.g. from a hand-edited bundle.json)
-        raise ValueError(f"bad options for head kind {kind!r}: {kwargs} ({err})") from err
-
-
-# The trainable kinds live in their own module and register themselves; importing it here (after
-# everything it needs is defined) makes `make_head` know them wherever base is imported from.
-from exitspec.heads import kinds as _kinds  # noqa: E402,F401

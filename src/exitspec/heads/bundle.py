@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exitspec.atomic import atomic_dir
-from exitspec.heads.base import ExitHead, make_head
+from exitspec.heads.base import ExitHead
 from exitspec.heads.confidence import ConfidenceEstimator, EstimatorConfig
+from exitspec.heads.kinds import make_head
 from exitspec.runtime.layered import LayeredModel
 
 FORMAT_VERSION = 2  # 2 added the optional draft corpus; an older exitspec refuses it by number, not as "corrupt"
@@ -144,8 +146,6 @@ class HeadBundle(nn.Module):
     # --- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Atomically write the bundle folder (weights optionally cast, e.g. to fp16 for shipping)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
@@ -159,8 +159,6 @@ class HeadBundle(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, lm: LayeredModel, *, check_fingerprint: bool = True) -> HeadBundle:
-        from safetensors.torch import load_file
-
         path = Path(path)
         cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not path.is_dir():

@@ -15,8 +15,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exitspec.heads.base import ExitHead, register_head_kind
+from exitspec.heads.base import ExitHead, NormLMHead
 from exitspec.runtime.layered import LayeredModel
+
+# Every head kind by name (bundles store only the name + options); the trainable ones below register
+# themselves with the decorator.
+HEAD_KINDS: dict[str, type[ExitHead]] = {"norm_lm": NormLMHead}
+
+
+def register_head_kind(cls: type[ExitHead]) -> type[ExitHead]:
+    """Class decorator: make a head kind loadable by name (bundles store only the name + options)."""
+    HEAD_KINDS[cls.kind] = cls
+    return cls
+
+
+def make_head(kind: str, lm: LayeredModel, layer: int, **kwargs) -> ExitHead:
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(sorted(HEAD_KINDS))}")
+    try:
+        return HEAD_KINDS[kind](lm, layer, **kwargs)
+    except TypeError as err:  # an option this kind does not take (e.g. from a hand-edited bundle.json)
+        raise ValueError(f"bad options for head kind {kind!r}: {kwargs} ({err})") from err
 
 
 def default_adapter_width(lm: LayeredModel, fraction: float = 0.005) -> int:

@@ -130,7 +130,7 @@ def _build(isa: Isa) -> ModuleType:
             return _import_built(name, built)
         except (ImportError, OSError):  # a link cut short (an interrupted first run): build it again
             built.unlink()
-    from torch.utils.cpp_extension import load as build
+    from torch.utils.cpp_extension import load as build  # start-up: only a first build needs the compiler driver
 
     folder.mkdir(parents=True, exist_ok=True)
     print(f"exitspec: compiling the CPU kernels for {isa.name} (once per machine, ~40 s)...", file=sys.stderr,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exitspec import kernels
 from exitspec.models.int4 import Int4Groups, Int4Linear
 from exitspec.models.ops import Linear, attention, fuse_linears, fused_bias, outside_inference_mode
 
@@ -205,8 +206,6 @@ class LlamaAdapter(Adapter):
                             for p in plans for name in ("qkv", "o", "gate_up", "down")):
             return None
         c = self.config
-        from exitspec import kernels
-
         ops = kernels.load()
         if p_act(plans) is not F.silu or getattr(c, "partial_rotary_factor", 1.0) != 1.0 \
                 or not ops.attention_supports(self.head_dim):

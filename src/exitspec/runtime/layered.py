@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from exitspec import kernels
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
 from exitspec.models.int4 import Int4Groups, Q8Linear
 from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available, outside_inference_mode
@@ -76,8 +77,6 @@ class LayeredModel:
         """Which kernels run the decoder projections and the LM head, in words."""
         if self.weights == "dense":
             return f"torch ({str(self.dtype).replace('torch.', '')} weights)"
-        from exitspec import kernels
-
         ops = kernels.load()
         isa = f", {ops.ISA} build: {ops.NUMERICS}" if ops is not None else ""
         layers = ("exitspec fused C++ stack (q4)" if self.adapter.fused else

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from exitspec.heads.bundle import HeadBundle
 from exitspec.runtime.sequences import TokenSequence
@@ -80,7 +81,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def make_accelerator():
     """accelerate's Accelerator when installed (works unlaunched as a single process), else None."""
     try:
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # optional (the train extra)
     except ModuleNotFoundError:
         return None
     return Accelerator(cpu=not torch.cuda.is_available())
@@ -192,8 +193,6 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------------
     def train(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Run to the end (or `stop_after` optimizer steps, for tests of resuming)."""
-        from tqdm import tqdm
-
         cfg = self.cfg
         if resume and not self.load_checkpoint() and self.rank == 0:
             print(f"no checkpoint in {self.work}; starting from step 0")
