@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from exitspec.decoding.strategies.vanilla import Vanilla
 from exitspec.decoding.strategy import DecodeState, StepOutput
-from exitspec.decoding.vanilla import Vanilla
 from exitspec.prompts import Prompt
 
 

@@ -12,8 +12,8 @@ from conftest import VOCAB, tiny_loaded
 from exitspec.decoding.api import make_strategy
 from exitspec.decoding.datastore import NgramStore
 from exitspec.decoding.exits import StrategyOptionError
-from exitspec.decoding.lookup import NgramIndex
 from exitspec.decoding.sampling import SamplingParams, probs
+from exitspec.decoding.strategies.lookup import NgramIndex
 from exitspec.heads.bundle import BundleError, HeadBundle
 from helpers_strategies import PROMPTS, greedy
 
@@ -36,7 +36,7 @@ def test_a_match_near_the_end_repeats_with_its_period():
 
 
 def test_acceptance_tracker_drafts_as_far_as_drafts_get_accepted():
-    from exitspec.decoding.lookup import AcceptanceTracker
+    from exitspec.decoding.strategies.lookup import AcceptanceTracker
 
     t = AcceptanceTracker(6)
     free = [1.0] * 7  # rows cost nothing: draft everything proposed

@@ -7,6 +7,7 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from exitspec.models.adapters import UnsupportedArchitectureError
+from exitspec.models.dims import ModelDims
 from exitspec.runtime.kv_cache import CacheFullError
 from exitspec.runtime.layered import LayeredModel
 
@@ -15,6 +16,16 @@ ATOL = 2e-5
 
 def _positions(B, start, T):
     return (torch.arange(T) + start).expand(B, T).contiguous()
+
+
+def test_one_set_of_dimensions_read_from_each_family(family):
+    lm = LayeredModel(tiny_model(family))
+    # every tiny family: 6 layers, C = 64, 4 query heads; GQA (2 KV heads) where the family has it
+    kv = 2 if family in ("llama", "qwen2") else 4
+    assert lm.dims == ModelDims(num_layers=6, hidden_size=64, vocab_size=VOCAB, num_heads=4, num_kv_heads=kv,
+                                head_dim=16, max_positions=512)
+    assert lm.adapter.dims is lm.dims
+    assert (lm.num_layers, lm.hidden_size, lm.vocab_size, lm.max_positions) == (6, 64, VOCAB, 512)
 
 
 def test_full_forward_matches_hf(family):

@@ -65,7 +65,7 @@ def test_stream_events_and_eos_stop():
     assert isinstance(events[-1], DoneEvent)
     # Treat ref[5] as EOS through the driver's config: generation ends right after it.
     from exitspec.decoding.driver import GenerateConfig, decode
-    from exitspec.decoding.vanilla import Vanilla
+    from exitspec.decoding.strategies.vanilla import Vanilla
 
     cfg = GenerateConfig(max_new_tokens=30, eos_token_ids=[stop_tok])
     evs = list(decode(m.lm, m.tokenizer, [m.tokenizer("xyz")["input_ids"]], Vanilla(), cfg))

@@ -19,8 +19,8 @@ from typing import Any
 from exitspec.decoding.driver import GenerateConfig, GenerationError, decode
 from exitspec.decoding.events import DoneEvent, Event, GenerationStats
 from exitspec.decoding.sampling import SamplingParams
+from exitspec.decoding.strategies.vanilla import Vanilla
 from exitspec.decoding.strategy import Strategy
-from exitspec.decoding.vanilla import Vanilla
 
 Prompt = str | Sequence[dict]
 
@@ -52,8 +52,8 @@ def recommended_options(model, name: str, options: dict) -> dict:
 
 def _load_builtin_strategies() -> None:
     """Import the strategy modules that register themselves (kept lazy: vanilla needs none)."""
-    for mod in ("exitspec.decoding.self_spec", "exitspec.decoding.dssd", "exitspec.decoding.cascade",
-                "exitspec.decoding.mlp_skip", "exitspec.decoding.lookup"):
+    for name in ("self_spec", "dssd", "cascade", "mlp_skip", "lookup"):
+        mod = f"exitspec.decoding.strategies.{name}"
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:

@@ -37,7 +37,7 @@ def fingerprint(lm: LayeredModel) -> dict:
     """Identity of a base model: its architecture and a hash of a few of its weight tensors."""
     a = lm.adapter
     arch = {"model_type": lm.model.config.model_type, "layers": lm.num_layers, "hidden_size": lm.hidden_size,
-            "vocab_size": lm.vocab_size, "kv_heads": a.num_kv_heads, "head_dim": a.head_dim}
+            "vocab_size": lm.vocab_size, "kv_heads": lm.dims.num_kv_heads, "head_dim": lm.dims.head_dim}
     h = hashlib.sha256()
     probes = [lm.lm_head.weight[:64], next(a.layers[0].parameters()).flatten()[:4096],
               next(a.layers[-1].parameters()).flatten()[:4096]]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exitspec import kernels
+from exitspec.models.dims import ModelDims, dim
 from exitspec.models.int4 import Int4Groups, Int4Linear
 from exitspec.models.ops import Linear, attention, fuse_linears, fused_bias, outside_inference_mode
 
@@ -83,13 +84,15 @@ class Adapter:
         w, b = fuse_linears(mods) if len(mods) > 1 else (mods[0].weight, mods[0].bias)
         return Linear(w, b)
 
-    # --- sizes --------------------------------------------------------------------------------
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    num_kv_heads: int
-    head_dim: int
-    max_positions: int
+    # --- sizes: one ModelDims, built by each family's __init__ ----------------------------------
+    dims: ModelDims
+    num_layers = dim("num_layers")
+    hidden_size = dim("hidden_size")
+    vocab_size = dim("vocab_size")
+    num_heads = dim("num_heads")
+    num_kv_heads = dim("num_kv_heads")
+    head_dim = dim("head_dim")
+    max_positions = dim("max_positions")
 
     # --- pieces -------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (B,T) -> (B,T,C)
@@ -185,13 +188,9 @@ class LlamaAdapter(Adapter):
         self.layers = base.layers
         attn0 = self.layers[0].self_attn
         c = self.config
-        self.num_layers = len(self.layers)
-        self.hidden_size = c.hidden_size
-        self.vocab_size = c.vocab_size
-        self.num_heads = c.num_attention_heads
-        self.num_kv_heads = c.num_key_value_heads
-        self.head_dim = attn0.head_dim
-        self.max_positions = c.max_position_embeddings
+        self.dims = ModelDims(num_layers=len(self.layers), hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                              num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                              head_dim=attn0.head_dim, max_positions=c.max_position_embeddings)
         self._plans = [self._plan(blk) for blk in self.layers]
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, D) cos, sin
         self.stack = self._fused_stack() if fuse else None
@@ -314,13 +313,10 @@ class GPTNeoXAdapter(Adapter):
         self.base = base
         self.layers = base.layers
         c = self.config
-        self.num_layers = len(self.layers)
-        self.hidden_size = c.hidden_size
-        self.vocab_size = c.vocab_size
-        self.num_heads = c.num_attention_heads
-        self.num_kv_heads = c.num_attention_heads
-        self.head_dim = c.hidden_size // c.num_attention_heads
-        self.max_positions = c.max_position_embeddings
+        self.dims = ModelDims(num_layers=len(self.layers), hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                              num_heads=c.num_attention_heads, num_kv_heads=c.num_attention_heads,
+                              head_dim=c.hidden_size // c.num_attention_heads,
+                              max_positions=c.max_position_embeddings)
         self._proj = [self._projections(blk) for blk in self.layers]
 
     def _projections(self, blk) -> dict[str, Linear | Int4Linear]:
@@ -376,13 +372,9 @@ class GPT2Adapter(Adapter):
         self.base = base
         self.layers = base.h
         c = self.config
-        self.num_layers = len(self.layers)
-        self.hidden_size = c.n_embd
-        self.vocab_size = c.vocab_size
-        self.num_heads = c.n_head
-        self.num_kv_heads = c.n_head
-        self.head_dim = c.n_embd // c.n_head
-        self.max_positions = c.n_positions
+        self.dims = ModelDims(num_layers=len(self.layers), hidden_size=c.n_embd, vocab_size=c.vocab_size,
+                              num_heads=c.n_head, num_kv_heads=c.n_head, head_dim=c.n_embd // c.n_head,
+                              max_positions=c.n_positions)
 
     def embed(self, ids, positions):
         return self.base.wte(ids) + self.base.wpe(positions)

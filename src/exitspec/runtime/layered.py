@@ -16,12 +16,18 @@ import torch
 
 from exitspec import kernels
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
+from exitspec.models.dims import dim
 from exitspec.models.int4 import Int4Groups, Q8Linear
 from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available, outside_inference_mode
 from exitspec.runtime.kv_cache import KVCache, aligned
 
 
 class LayeredModel:
+    num_layers = dim("num_layers")
+    hidden_size = dim("hidden_size")
+    vocab_size = dim("vocab_size")
+    max_positions = dim("max_positions")
+
     @outside_inference_mode()  # what it builds (fused weights, packed heads) outlives any decode loop
     def __init__(self, model: torch.nn.Module, *, row_invariant: bool | None = None,
                  int4: dict[torch.nn.Linear, Int4Groups] | None = None, fuse: bool = True,
@@ -48,10 +54,7 @@ class LayeredModel:
         self.weights = "int4" if int4 else "dense"
         a = self.adapter
         self.row_invariant = bool(int4) if row_invariant is None else row_invariant
-        self.num_layers = a.num_layers
-        self.hidden_size = a.hidden_size
-        self.vocab_size = a.vocab_size
-        self.max_positions = a.max_positions
+        self.dims = a.dims  # the model's sizes (models/dims.py); num_layers etc. below read it
         self.lm_head = a.lm_head
         self.final_norm = a.final_norm
         head_w, head_b = self.lm_head.weight, getattr(self.lm_head, "bias", None)
@@ -107,9 +110,9 @@ class LayeredModel:
                 f"{max_len} positions asked for but the model supports {self.max_positions}; "
                 "shorten the prompt or lower max_new_tokens"
             )
-        a = self.adapter
-        return KVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, max_len, dtype=self.kv_dtype,
-                       device=self.device, hidden_layer=hidden_layer, hidden_size=a.hidden_size,
+        d = self.dims
+        return KVCache(d.num_layers, batch, d.num_kv_heads, d.head_dim, max_len, dtype=self.kv_dtype,
+                       device=self.device, hidden_layer=hidden_layer, hidden_size=d.hidden_size,
                        hidden_dtype=self.dtype)
 
     def kv_cache_dtypes(self) -> tuple[torch.dtype, ...]:
