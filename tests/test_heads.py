@@ -103,6 +103,23 @@ def test_mismatched_base_is_refused(tmp_path):
         HeadBundle.load(tmp_path / "b", tiny_loaded("llama", layers=4).lm)
 
 
+def test_load_attaches_heads_in_one_call_and_refuses_a_bundle_of_another_model(tmp_path):
+    import exitspec
+    from conftest import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", seed=0)
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    m = exitspec.load(str(folder))
+    assert m.heads is None
+    HeadBundle.create(m.lm, [2, 4], "swiglu", base_model=m.name).save(tmp_path / "b")
+    loaded = exitspec.load(str(folder), heads=tmp_path / "b")
+    assert isinstance(loaded.heads, HeadBundle) and loaded.heads.layers == [2, 4]
+    with pytest.raises(BundleError, match="different weights"):
+        exitspec.load(str(other), heads=tmp_path / "b")
+    later = exitspec.load(str(folder))
+    assert exitspec.attach_heads(later, tmp_path / "b") is later.heads
+
+
 def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     m = tiny_loaded("llama")
     HeadBundle.create(m.lm, [2], "swiglu", base_model=m.name, width=16).save(tmp_path / "b")
