@@ -40,7 +40,7 @@ def _records(path: Path) -> list:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _to_prompt(rec, index: int, category: str) -> Prompt | None:
+def to_prompt(rec, index: int, category: str) -> Prompt | None:
     if isinstance(rec, str):
         return Prompt(rec, category, str(index))
     if not isinstance(rec, dict):
@@ -79,7 +79,7 @@ def load_prompts(path: str | Path, *, split: str = "all", limit: int | None = No
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be train, heldout or all, got {split!r}")
     category = path.parent.name
-    prompts = [p for i, r in enumerate(_records(path)) if (p := _to_prompt(r, i, category)) and p.text.strip()]
+    prompts = [p for i, r in enumerate(_records(path)) if (p := to_prompt(r, i, category)) and p.text.strip()]
     if not prompts:
         raise ValueError(f"{path} holds no prompts in a format exitspec reads (see exitspec.prompts)")
     cut = len(prompts) - max(1, int(round(len(prompts) * heldout_fraction)))

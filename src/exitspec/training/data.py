@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from exitspec.decoding.api import encode_prompt, generate
 from exitspec.heads.bundle import fingerprint
-from exitspec.prompts import Prompt, _to_prompt, load_prompts, mixed_prompts
+from exitspec.prompts import Prompt, to_prompt, load_prompts, mixed_prompts
 from exitspec.runtime.sequences import TokenSequence, scored_sequence
 
 
@@ -86,7 +86,7 @@ def _read_hf(spec: str, limit: int) -> tuple[list[Prompt], list[str]]:
         raise ValueError("hf: data needs the `datasets` package; pip install datasets") from err
     name, _, split = spec.partition(":")
     rows = datasets.load_dataset(name, split=split or "train")
-    prompts = [p for i, r in enumerate(rows) if (p := _to_prompt(dict(r), i, name))]
+    prompts = [p for i, r in enumerate(rows) if (p := to_prompt(dict(r), i, name))]
     cut = len(prompts) - max(1, round(0.2 * len(prompts)))
     return prompts[:cut][: limit or None], []
 
