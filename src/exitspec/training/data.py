@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from exitspec.decoding.api import encode_prompt, generate
 from exitspec.heads.bundle import fingerprint
-from exitspec.prompts import Prompt, to_prompt, load_prompts, mixed_prompts
+from exitspec.prompts import Prompt, load_prompts, mixed_prompts, to_prompt
 from exitspec.runtime.sequences import TokenSequence, scored_sequence
 
 
