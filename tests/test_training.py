@@ -204,6 +204,33 @@ def test_sparse_kd_over_a_reduced_vocabulary_also_trains(tmp_path):
         assert set(a) == {"kl", "ppl", "agreement", "accuracy", "tokens"}
 
 
+@pytest.mark.parametrize("sparse", [dict(kd_topk=8, kd_vocab=40), dict(kd_topk=0)], ids=["topk-subset", "dense"])
+def test_streamed_teacher_trains_the_heads_the_cached_one_does(tmp_path, sparse):
+    """The teacher inside each step (memory follows the batch) against one pass kept for all epochs:
+    the same batches, the same KD vocabulary, the same heads up to float rounding (a sequence's
+    teacher pass shares its call with other sequences in each mode, which moves low bits)."""
+    m = tiny_loaded("llama")
+    ex = random_examples(16)
+    runs = {}
+    for mode in ("cached", "streamed"):
+        trainer = Trainer(m, _cfg(epochs=3, teacher=mode, **sparse), ex, tmp_path / mode, progress=False)
+        runs[mode] = (trainer, trainer.train())
+    (cached, a), (streamed, b) = runs["cached"], runs["streamed"]
+    assert streamed.targets is None and cached.targets is not None and len(cached.targets) == 16
+    if cached.vocab.ids is None:
+        assert streamed.vocab.ids is None
+    else:
+        assert torch.equal(cached.vocab.ids, streamed.vocab.ids)
+    assert a.steps == b.steps and a.tokens == b.tokens
+    for x, y in zip(a.history, b.history, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+    ref = a.bundle.state_dict()
+    for k, v in b.bundle.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="teacher must be"):
+        _cfg(teacher="lazy")
+
+
 def test_resume_continues_from_the_same_step_and_matches(tmp_path):
     m = tiny_loaded("llama")
     ex = random_examples(16)

@@ -36,6 +36,10 @@ class TrainConfig:
     ce_weight: float = 0.0  # weight of CE on the next token (the data's labels)
     kd_topk: int = 0  # >0: keep the teacher's top-k logits per position (sparse KD); 0 = full logits
     kd_vocab: int = 0  # >0 (with kd_topk): score heads over the kd_vocab tokens of most teacher mass
+    # "streamed": the frozen teacher runs inside each training step, so memory follows the batch, not
+    # the data set (a 1B+ model, or many examples); "cached": one teacher pass before training, its
+    # outputs kept in memory and reused every epoch (faster for a small model over several epochs).
+    teacher: str = "streamed"
     # --- optimisation ----------------------------------------------------------------------------
     epochs: int = 1
     max_steps: int = 0  # >0 caps optimizer steps
@@ -62,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.teacher not in ("streamed", "cached"):
+            raise ValueError(f"teacher must be 'streamed' or 'cached', got {self.teacher!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -31,12 +31,12 @@ class VocabSubset:
         `reduce` sums a tensor over data-parallel processes, so that they all pick the same subset."""
         if targets[0].top_ids is None:
             return cls(None, vocab_size)
-        mass = torch.zeros(vocab_size, dtype=torch.float64)
-        for t in targets:
-            mass.index_add_(0, t.top_ids.flatten().cpu(), t.top_logits.float().softmax(-1).flatten().double().cpu())
-        labels = torch.cat([t.labels for t in targets]).cpu()
-        is_label = torch.zeros(vocab_size, dtype=torch.float64)
-        is_label[labels[labels >= 0]] = 1.0  # every label stays in the subset (for the CE term)
+        return cls.from_mass(*teacher_mass(targets, vocab_size), vocab_size, size, reduce)
+
+    @classmethod
+    def from_mass(cls, mass: torch.Tensor, is_label: torch.Tensor, vocab_size: int, size: int,
+                  reduce=None) -> VocabSubset:
+        """from_targets over teacher_mass sums (accumulated batch by batch when the teacher streams)."""
         if reduce is not None:
             mass, is_label = reduce(mass), reduce(is_label)
         keep = torch.nonzero(mass > 0).squeeze(-1)
@@ -79,6 +79,18 @@ class VocabSubset:
             return labels
         slots = self._slots(self.ids.to(labels.device))[labels.clamp_min(0)]
         return torch.where(labels >= 0, slots, labels)
+
+
+def teacher_mass(targets: list[Targets], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V,) teacher probability per token summed over sparse targets, (V,) 1 where a token is a label:
+    sums over any split of the data add up to the whole's."""
+    mass = torch.zeros(vocab_size, dtype=torch.float64)
+    is_label = torch.zeros(vocab_size, dtype=torch.float64)
+    for t in targets:
+        mass.index_add_(0, t.top_ids.flatten().cpu(), t.top_logits.float().softmax(-1).flatten().double().cpu())
+        labels = t.labels.cpu()
+        is_label[labels[labels >= 0]] = 1.0  # every label stays in the subset (for the CE term)
+    return mass, is_label
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

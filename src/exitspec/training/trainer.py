@@ -1,9 +1,12 @@
 """The head trainer: frozen base, one teacher pass for all exits, AdamW, resumable, data parallel.
 
-    compute_targets(examples) -> per sequence: hidden states at every exit layer + teacher logits
-                                 (one pass of the frozen base, before the first step)
     per optimizer step, `grad_accum` micro-batches of
-        HeadSet(targets) -> sum over exits of KD (+ CE) loss   (only the heads get gradients)
+        compute_targets(batch) -> hidden states at every exit layer + teacher logits (one pass of the
+                                  frozen base serves every exit)
+        HeadSet(targets)       -> sum over exits of KD (+ CE) loss   (only the heads get gradients)
+With cfg.teacher = "streamed" (default) the teacher runs inside each step, so memory follows the batch
+and not the data set; "cached" runs it once over all data before the first step and keeps its outputs
+(every later epoch is then nearly free: the choice for a small model trained for several epochs).
 Multi-process data parallel goes through accelerate's Accelerator: only the small HeadSet module is
 wrapped (DDP all-reduces the heads' gradients); the base model runs unwrapped and frozen. Process r
 owns the sequences r::world (so its teacher pass covers only those) and shuffles them per epoch
@@ -31,7 +34,7 @@ from exitspec.heads.bundle import HeadBundle
 from exitspec.runtime.sequences import TokenSequence
 from exitspec.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from exitspec.training.config import TrainConfig
-from exitspec.training.losses import VocabSubset, exit_loss
+from exitspec.training.losses import VocabSubset, exit_loss, teacher_mass
 from exitspec.training.teacher import Targets, compute_targets
 
 CHECKPOINT = "checkpoint"  # a folder: training/checkpoint.py
@@ -127,23 +130,48 @@ class Trainer:
         self.micro = 0  # global micro-batches consumed: the data position
         self.tokens = 0
         self.history: list[dict] = []
-        self.targets: list[Targets] | None = None
+        self.targets: list[Targets] | None = None  # per example, with cfg.teacher "cached"
+        self.vocab: VocabSubset | None = None  # the KD vocabulary, set by prepare_targets
         self.teacher_s = 0.0
 
     # --- teacher targets --------------------------------------------------------------------------
-    def prepare_targets(self) -> None:
-        """The one teacher pass over this process's data (every exit's inputs and targets at once)."""
-        if self.targets is not None:
-            return
+    def _teacher_pass(self, examples: list[TokenSequence], progress: bool = False) -> list[Targets]:
         cfg, pad = self.cfg, self.model.tokenizer.pad_token_id
         t0 = time.perf_counter()
-        self.targets = compute_targets(self.model.lm, self.shard[: self.shard_len], cfg.layers,
-                                       pad_id=0 if pad is None else pad, batch_size=cfg.batch_size,
-                                       topk=cfg.kd_topk, answer_only=cfg.answer_only,
-                                       progress=self.progress and self.rank == 0)
-        self.teacher_s = time.perf_counter() - t0
+        out = compute_targets(self.model.lm, examples, cfg.layers, pad_id=0 if pad is None else pad,
+                              batch_size=cfg.batch_size, topk=cfg.kd_topk, answer_only=cfg.answer_only,
+                              progress=progress and self.progress and self.rank == 0)
+        self.teacher_s += time.perf_counter() - t0
+        return out
+
+    def prepare_targets(self) -> None:
+        """What training needs from the teacher before the first step: with cfg.teacher "cached", the
+        one teacher pass over this process's data, kept; "streamed" keeps nothing per example (each
+        step runs the teacher on its own batch) and, for a reduced KD vocabulary, sums the teacher's
+        token mass batch by batch first, so that the subset is the same as the cached run's."""
+        if self.vocab is not None:
+            return
+        cfg, V = self.cfg, self.model.lm.vocab_size
         reduce = (lambda x: self.acc.reduce(x, "sum")) if self.acc and self.world > 1 else None
-        self.vocab = VocabSubset.from_targets(self.targets, self.model.lm.vocab_size, cfg.kd_vocab, reduce=reduce)
+        data = self.shard[: self.shard_len]
+        if cfg.teacher == "cached":
+            self.targets = self._teacher_pass(data, progress=True)
+            self.vocab = VocabSubset.from_targets(self.targets, V, cfg.kd_vocab, reduce=reduce)
+        elif cfg.kd_topk > 0:
+            mass, is_label = torch.zeros(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
+            for s in range(0, len(data), cfg.batch_size):
+                m, lab = teacher_mass(self._teacher_pass(data[s: s + cfg.batch_size]), V)
+                mass += m
+                is_label = torch.maximum(is_label, lab)
+            self.vocab = VocabSubset.from_mass(mass, is_label, V, cfg.kd_vocab, reduce=reduce)
+        else:
+            self.vocab = VocabSubset(None, V)  # dense targets score the whole vocabulary
+
+    def targets_for(self, idx: list[int]) -> Targets:
+        """The teacher's targets for the examples `idx` of this process's shard."""
+        if self.targets is not None:
+            return Targets.cat([self.targets[i] for i in idx])
+        return Targets.cat(self._teacher_pass([self.shard[i] for i in idx]))
 
     # --- data order --------------------------------------------------------------------------------
     def micro_batch(self, micro: int) -> list[int]:
@@ -204,7 +232,7 @@ class Trainer:
         while self.step < end:
             loss_sum, kd_sum = 0.0, torch.zeros(len(cfg.layers))
             for _ in range(cfg.grad_accum):
-                targets = Targets.cat([self.targets[i] for i in self.micro_batch(self.micro)])
+                targets = self.targets_for(self.micro_batch(self.micro))
                 loss, kd = self.ddp(targets, self.vocab, cfg.temperature, cfg.ce_weight)
                 scaled = loss / cfg.grad_accum
                 if self.acc:
