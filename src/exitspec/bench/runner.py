@@ -11,7 +11,7 @@ prompt `repeats` times; a prompt's time is the median of its repeats, a configur
 total tokens / total median time (and the median of per-prompt tokens/s is reported beside it).
 By default configurations run one after the other; with `interleave = true` every configuration is
 built and warmed up first, then each prompt (and repeat) is run by every configuration in turn, so
-that a machine whose speed drifts over minutes (a shared VM: +-20% seen here) slows all of them
+that a machine whose speed drifts over minutes (a shared VM, benchmarks/README.md) slows all of them
 alike and the ratios stay fair. Memory is then the process peak of the whole timed phase.
 """
 

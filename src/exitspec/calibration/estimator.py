@@ -42,7 +42,8 @@ class EstimatorTrainConfig:
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Run tiny full-batch steps on one thread: with a busy CPU, intra-op thread synchronisation
-    made each step ~20x slower than the arithmetic itself (measured: 17.6 s vs 0.8 s for 100 steps)."""
+    made each step many times slower than the arithmetic itself (benchmarks/README.md, 'Design
+    measurements')."""
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -4,11 +4,10 @@
 
 `lookup` drafts the continuation the model itself most often wrote after the last few tokens
 (decoding/datastore.py). More answers give more and better matches: on the default model, lookup's
-estimated speedup grew with the share of the earlier bundle's 1,770 answers kept (none 1.20x, a
-quarter 1.31x, half 1.34x, all 1.38x on 20 held-out prompts), and the shipped bundle's datastore was
-rebuilt with this command from 5,869 prompts (`--weights int4 --per-set 2000`, 18 min on 2
-cores): tokens per verification 1.84 -> 1.88, 1.33x -> 1.37x the int4 vanilla loop in one
-interleaved run. This command answers train-split prompts
+estimated speedup grew with the share of the earlier bundle's 1,770 answers kept, and the shipped
+bundle's datastore was rebuilt with this command from 5,869 prompts (`--weights int4 --per-set
+2000`), which raised tokens per verification and lookup's speedup over the int4 vanilla loop
+(benchmarks/README.md, 'Design measurements'). This command answers train-split prompts
 (the shared sets by default, or a prompt file) with exitspec's batched greedy decoding, caches the
 answers in --work (an interrupted run continues), and writes a copy of the bundle whose datastore is
 those answers; head weights, thresholds and settings are copied unchanged, and the bundle folder is

@@ -25,7 +25,7 @@ from exitspec.loading import load
 from exitspec.prompts import DEFAULT_SETS
 from exitspec.training.config import TrainConfig, apply_overrides
 from exitspec.training.data import DistillSettings, build_examples, draft_corpus, eval_sequences, self_distill
-from exitspec.training.trainer import Trainer
+from exitspec.training.trainer import Trainer, check_config, check_work_folder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="bundle folder to write (bundle.json + heads.safetensors)")
     p.add_argument("--work", help="folder for self-distilled data and checkpoints (default runs/<out name>)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/checkpoint/ at the same step")
+    p.add_argument("--restart", action="store_true",
+                   help="train from step 0 even though WORK holds a checkpoint (it is overwritten)")
     p.add_argument("--eval-per-set", type=int, default=0,
                    help="after training, evaluate norm_lm vs the trained heads on N held-out prompts per set "
                         "(the eval part, as `exitspec eval-heads`; answers cached in WORK/heldout.jsonl)")
@@ -47,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / out.name
-    model = load(cfg.model)
+    model = load(cfg.model, device=cfg.device, dtype=cfg.dtype or None)
+    check_config(cfg, model)  # before minutes of generating answers
+    check_work_folder(work, args.resume, args.restart)
     t_start = time.perf_counter()
     # Only the main process generates the self-distilled data; the others wait and read the cache.
     acc_state = _accelerate_state()
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             examples = build_examples(model, cfg, work, progress=False)
     t_data = time.perf_counter() - t_start
     trainer = Trainer(model, cfg, examples, work, progress=not args.no_progress)
-    result = trainer.train(resume=args.resume)
+    result = trainer.train(resume=args.resume, restart=args.restart)
     _end_processes(acc_state)  # on success only: a barrier after one process failed would hang the rest
     if trainer.rank != 0:
         return 0

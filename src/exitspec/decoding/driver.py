@@ -6,7 +6,6 @@ whichever strategy produced the tokens.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ import torch
 from exitspec.decoding.events import DoneEvent, Event, FinishEvent, GenerationStats, RowStats, TokenEvent
 from exitspec.decoding.sampling import SamplingParams
 from exitspec.decoding.strategy import DecodeState, Strategy
+from exitspec.runtime.clock import now
 from exitspec.runtime.layered import LayeredModel
 
 
@@ -53,8 +53,8 @@ def eos_ids_for(model, tokenizer) -> list[int]:
 class _RowText:
     """Incremental detokenisation with hold-back for stop strings and incomplete characters.
 
-    Decoding the whole answer after every step costs O(length) per step (~0.4 ms per token at 2,000
-    tokens). Instead, as in vLLM's detokenizer, only the tokens since the last complete point are
+    Decoding the whole answer after every step costs O(length) per step, O(length^2) per answer.
+    Instead, as in vLLM's detokenizer, only the tokens since the last complete point are
     decoded, together with the chunk before it for context (so a SentencePiece word-start space or a
     byte-level character split over tokens comes out as in a full decode); the new text is what that
     decode adds to the context's. Tokenizers that rewrite spaces across tokens while decoding
@@ -139,13 +139,13 @@ def decode(
     B = len(prompts)
     stats = GenerationStats(strategy=strategy.name, num_layers=lm.num_layers, batch=B,
                             prompt_tokens=sum(len(p) for p in prompts), rows=[RowStats() for _ in prompts])
-    t0 = time.perf_counter()
+    t0 = now(lm.device)
     cache = lm.new_cache(B, max_len, hidden_layer=strategy.keep_hidden_layer())
     state = DecodeState(lm=lm, cache=cache, seqs=[list(p) for p in prompts], params=config.sampling,
                         generator=config.sampling.generator(lm.device) if not config.sampling.greedy else None,
                         heads=heads)
     prefill(lm, state)
-    stats.prefill_s = time.perf_counter() - t0
+    stats.prefill_s = now(lm.device) - t0
     strategy.prepare(state)
 
     active = list(range(B))  # original row index of each active batch row
@@ -158,7 +158,7 @@ def decode(
         while active:
             out = strategy.step(state)
             if first_token_at is None:
-                first_token_at = time.perf_counter()
+                first_token_at = now(lm.device)
             keep: list[int] = []
             for j, row in enumerate(active):
                 rs = stats.rows[row]
@@ -200,7 +200,7 @@ def decode(
                     rows = torch.tensor(keep, device=lm.device)
                     state.cache.reorder(rows)
                     strategy.select_rows(keep)
-    end = time.perf_counter()
+    end = now(lm.device)
     stats.new_tokens = sum(len(g) for g in generated)
     stats.time_to_first_token_s = (first_token_at or end) - t0
     stats.decode_s = end - t0 - stats.prefill_s

@@ -144,7 +144,7 @@ class CheckedExit:
     """An exit head and its gate, with the gate tried first over a frequent-token subset.
 
     Calibrated gates are strict, so most tokens are not confident at an exit, and each of them would
-    pay a full LM head there (SmolLM2: 49152 x 576, ~1 ms of a ~5 ms int4 step on 2 CPU cores) only to
+    pay a full LM head there (SmolLM2: 49152 x 576, a large share of an int4 step on CPU) only to
     be sent on. The pre-check applies the gate to the exit's distribution over the N most frequent
     tokens (draft_vocab.py; 4096 rows cost N/V of the head) and only rows that pass it pay for the
     full head, whose gate still decides. Renormalised over a subset holding the top token, max-prob

@@ -17,7 +17,7 @@ import torch
 
 from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
 from exitspec.runtime.layered import LayeredModel
-from exitspec.runtime.profile import _median_ms, full_step, warm_cache
+from exitspec.runtime.profile import full_step, median_ms, warm_cache
 
 
 @torch.inference_mode()
@@ -43,10 +43,10 @@ def cycle_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int =
 
     out = {"exit_layer": E, "draft_len": gamma, "context": context,
            "draft_vocab": None if drafter.vocab is None else int(drafter.vocab.numel()),
-           "vanilla_step_ms": _median_ms(vanilla, repeats),
-           "draft_layers_ms": _median_ms(draft_layers, repeats),
-           "draft_step_ms": _median_ms(draft, repeats),
-           "verify_ms": _median_ms(verify, repeats)}
+           "vanilla_step_ms": median_ms(vanilla, repeats, device=lm.device),
+           "draft_layers_ms": median_ms(draft_layers, repeats, device=lm.device),
+           "draft_step_ms": median_ms(draft, repeats, device=lm.device),
+           "verify_ms": median_ms(verify, repeats, device=lm.device)}
     out["cycle_ms"] = (gamma + 1) * out["draft_layers_ms"] + gamma * (out["draft_step_ms"] - out["draft_layers_ms"]) \
         + out["verify_ms"]
     return out

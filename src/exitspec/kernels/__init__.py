@@ -2,7 +2,7 @@
 attention, and a fused Llama-family layer stack.
 
 They are C++ with SIMD intrinsics in two builds, compiled on first use with the machine's C++
-compiler through torch's extension builder (~40 s once each) and cached under the exitspec cache
+compiler through torch's extension builder (slow, so once each) and cached under the exitspec cache
 folder, keyed by the sources, the flags and the torch version:
   * avx512bf16 (AVX-512 with BF16, e.g. Zen 4/5, Sapphire Rapids): products' inputs rounded to bf16,
     vdpbf16ps dot products (csrc/gemm_avx512.cpp);

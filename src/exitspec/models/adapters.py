@@ -241,7 +241,7 @@ class LlamaAdapter(Adapter):
         """(cos, sin), each (B, T, D), as HF's rotary embedding computes them. For static RoPE types
         they are read from a table HF's module filled once for positions 0..n-1 (each entry is one
         product inv_freq * position, then cos/sin: the same values whatever else is in the call),
-        saving ~20 us of small ops per forward."""
+        saving the small ops HF's module runs on every forward."""
         rot = self.base.rotary_emb
         if getattr(rot, "rope_type", "default") not in self.STATIC_ROPE or positions.device != h.device:
             return rot(h, positions)

@@ -14,8 +14,8 @@ Two backends, chosen when the runtime is built:
     Llama-family stack runs as one fused C++ call (norms, RoPE, cache writes, attention in C++); the
     Q8_0 LM head runs from its int8 codes (`Q8Linear`). Only the products' inputs are rounded: to
     bf16 on AVX-512 (the head takes fp32), to int8 per group of 32 on AVX2 (llama.cpp's Q8_0 rule,
-    what its CPU products do; AVX2 has no bf16 dot product and fp32 FMAs would make an 8-row step
-    ~3x a 1-row one); everything else is fp32.
+    what its CPU products do; AVX2 has no bf16 dot product and fp32 FMAs would make a many-row step
+    cost a multiple of a 1-row one); everything else is fp32.
   * torch's int4 CPU kernel (`aten._weight_int4pack_mm_for_cpu`) where those cannot run: it takes
     bf16 inputs and bf16 per-group scale/zero (d and m + 8d rounded to bf16, a relative change
     <= 2^-9 per group) and dequantizes again for every block of 4 rows; the LM head is a prepacked
@@ -24,28 +24,22 @@ All are row-invariant (a row's output is bit-identical in 1-row and k-row calls,
 and tests/test_kernels.py), which lossless speculative decoding needs. How close the output stays
 to the fp32 reference is measured, not assumed: `exitspec bench-runtime --weights int4` reports
 where greedy text first departs and, teacher-forced on the dense model's own text, the top-1
-agreement, KL and perplexity. On AMD EPYC Zen 3, the 10 held-out prompts x 128 tokens of
-benchmarks/runtime-avx2 (the dense model's perplexity of its own text: 1.5977):
-    backend                              top-1 agreement   KL(fp32 || int4)   perplexity
-    torch int4 kernel (bf16 inputs)           99.5%          0.00026 nats       1.5980
-    exitspec AVX2 build (int8 inputs)         97.9%          0.0023 nats        1.5982
-(int8 inputs of every product, simulated on the fp32 model, 20 prompts x 48 tokens: KL 0.0025, spread
-over all products: q/k/v 0.0009, gate/up 0.0008, down 0.0005, LM head 0.0004.)
+agreement, KL and perplexity. The AVX2 build's int8 inputs move the distributions more than torch's
+bf16 inputs do, yet neither changes the dense model's perplexity of the text noticeably; simulated
+on the fp32 model, the int8 inputs' error is spread over all products, not one (figures:
+benchmarks/README.md, 'Design measurements').
 
-Measured on AMD EPYC (Zen 5, AVX-512 BF16, no AMX), 2 threads, torch 2.13, the default model's
-products over 30 layers with cold caches (66 MB of codes and scales):
-    k rows                1        2        4        8
-    torch int4 kernel   3.2 ms   3.4      3.8      8.6
-    exitspec q4 kernel  1.5 ms   1.6      1.7-2.0  2.7-3.5
-A 1-row product streams the codes at ~44 GB/s (the machine's ~39-45 GB/s), thanks to software
-prefetch; past 4 rows it is bound by vdpbf16ps throughput (one per cycle on this core), which is why
-an 8-row decode step still costs ~1.65x a 1-row one while 2-4 rows cost 1.00-1.06x
-(`exitspec info --weights int4`). The whole decode step: 11-13 ms with torch's kernel and per-op
-torch glue, ~4.3 ms fused. On AMD EPYC Zen 3 (AVX2 build, DRAM 12-20 GB/s) a decode step is
-~6.0 ms (56-70 ms before the AVX2 build, on torch's int4 kernel); one core's q4 product peaks near
-97 GMAC/s at 4+ rows (two vpmaddubsw per cycle, with the unpacking and per-group scaling around
-them), so 2 / 4 / 8 rows cost 0.99-1.17 / 1.20-1.33 / 1.84-2.38x a 1-row step over three runs of
-benchmarks/runtime-avx2 (up to 4 rows the growth is in the attention halves, runtime/profile.py).
+Speed: the default model's products over 30 layers read 66 MB of codes and scales. exitspec's q4
+kernel takes about half the time of torch's int4 kernel up to 4 rows and grows far less at 8. A
+1-row product streams the codes at about the machine's DRAM bandwidth, thanks to software prefetch;
+past 4 rows it is bound by vdpbf16ps throughput (one per cycle on Zen 5), which is why an 8-row
+decode step costs clearly more than a 1-row one while 2-4 rows cost about the same (`exitspec info
+--weights int4`). A whole decode step on torch's kernel with per-op torch glue costs several times a
+fused one; on an AVX2 machine the AVX2 build cut the step to a fraction of torch's. There one core's
+q4 product reaches its peak rate at 4+ rows, set by vpmaddubsw throughput (two per cycle, no VNNI,
+with the unpacking and per-group scaling around them), so from 4 rows on a step grows with every
+row (up to 4 rows the growth is in the attention halves, runtime/profile.py). Figures by machine:
+benchmarks/README.md, 'Design measurements' and 'Run history'.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def _pad_rows(x: torch.Tensor, dim: int, to: int) -> torch.Tensor:
     n = x.shape[dim]
     if n >= to:
         return x
-    if n == 1:  # every decode step of vanilla decoding: one copy, no cat (10.7 -> ~2 us per call)
+    if n == 1:  # every decode step of vanilla decoding: one copy, no cat (a much cheaper call; benchmarks/README.md)
         shape = list(x.shape)
         shape[dim] = to
         return x.expand(shape).contiguous()
@@ -37,26 +37,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Row-count invariance (what lossless speculative decoding needs): a row must get bit-identical
     results whether it is computed alone (vanilla decoding) or among the k rows of a verification
-    call. MKL's sgemm is not like that: measured on this CPU (torch 2.13, 2 threads), 1 row takes a
-    gemv path and, for small output sizes (192, 576, 960 = fused qkv), 2-3 rows take yet another
-    kernel; each differs from the 4-15-row kernel by ~1e-6 per matmul, ~5e-5 in the default model's
-    logits after 30 layers (`exitspec.runtime.profile.row_invariance`). Rows 4..15 agree bit for bit
-    for every SmolLM2 shape (16+ rows switch kernels again). So calls with 1-3 rows are padded to 4
-    by repeating the last row and the extra results dropped when `min_rows=MIN_ROWS` (row-invariant
+    call. MKL's sgemm is not like that (torch 2.13, 2 threads): 1 row takes a gemv path and, for
+    small output sizes (192, 576, 960 = fused qkv), 2-3 rows take yet another kernel; each differs
+    from the 4-15-row kernel by ~1e-6 per matmul, ~5e-5 in the default model's logits after 30
+    layers (`exitspec.runtime.profile.row_invariance`). Rows 4..15 agree bit for bit for every
+    SmolLM2 shape (16+ rows switch kernels again). So calls with 1-3 rows are padded to 4 by
+    repeating the last row and the extra results dropped when `min_rows=MIN_ROWS` (row-invariant
     mode, `LayeredModel(model, row_invariant=True)`). It is NOT the default, because MKL's few-row
-    gemm is slow here: full step, default model, 256 cached tokens, 1 thread (min of 6, in one run):
-        F.linear           k=1 58 ms, k=2 62, k=4 96, k=8 127
-        F.linear padded    k=1 104 ms (= its k=4 cost), k=4 98, k=8 131
-        x @ W_t (copy)     k=1 53 ms, k=2 74, k=4 84, k=8 109  (pre-transposed, +425 MB)
-        x @ W_t padded     k=1 85 ms, k=4 82, k=8 101
-    2 threads, same run order (base = foundation code, now = fused projections, this default):
-        base k=1 35.2 ms, k=2 35.9, k=4 52.7, k=8 66.1;  now k=1 31.5, k=2 32.9, k=4 51.4, k=8 65.4
+    gemm is slow: a padded 1-row call costs what a 4-row call does, far more than the gemv path, in
+    HF's layout and with a pre-transposed copy alike (benchmarks/README.md, 'Design measurements').
     Unpadded, the 1-row vs 8-row logit difference of the default model is <= 7e-5 (0 argmax flips
     in 48 rows); padded (row-invariant mode) it is exactly 0 (tests/test_speed_paths.py).
 
     Layout: HF's (out, in) weight with `F.linear` (MKL trans-B) stays for fp32: the pre-transposed
-    copy wins at k=1 by ~10% only at one thread and costs 425 MB for the default model. bf16/fp16
-    weights go through `Linear`'s prepacked oneDNN path instead (see there).
+    copy wins at k=1 only at one thread, and only slightly, and costs 425 MB for the default model.
+    bf16/fp16 weights go through `Linear`'s prepacked oneDNN path instead (see there).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -100,15 +95,12 @@ class Linear:
     Why prepacking: for a bf16 weight, `F.linear` hands oneDNN the plain (out, in) matrix and oneDNN
     reorders it into its blocked AMX layout on EVERY call; on a decode step (1-8 rows) that reorder
     costs more than the product. `torch.ops.mkldnn._reorder_linear_weight` does the reorder once
-    (what inductor's freezing pass does), and `_linear_pointwise` then reads the packed copy.
-    Measured on this CPU (Xeon with AMX, 2 threads, torch 2.13, ms per call, k = rows):
-                            k=1    k=8                           k=1    k=8
-        qkv 960x576  fp32   0.020  0.084  bf16 F.linear 0.057  0.058  bf16 packed 0.032  0.034
-        gate|up 3072 fp32   0.144  0.430  bf16 F.linear 0.159  0.155  bf16 packed 0.096  0.089
-        LM head 49k  fp32   3.19   14.5   bf16 F.linear 2.26   2.37   bf16 packed 1.19   1.27
-    So in bf16 a k-row call costs about what a 1-row call does: the property that speculative
-    verification needs (fp32 MKL costs 2-4x more at 8 rows). fp32 keeps MKL's sgemm: MKL's packed
-    sgemm (`torch.ops.mkl._mkl_linear`) was not faster here and oneDNN fp32 matched F.linear.
+    (what inductor's freezing pass does), and `_linear_pointwise` then reads the packed copy, faster
+    than bf16 `F.linear` for every projection shape measured (qkv, gate|up, LM head). In bf16 a k-row
+    call then costs about what a 1-row call does, the property that speculative verification needs,
+    where an fp32 MKL call grows severalfold from 1 to 8 rows (measured on a Xeon with AMX:
+    benchmarks/README.md, 'Design measurements'). fp32 keeps MKL's sgemm: MKL's packed sgemm
+    (`torch.ops.mkl._mkl_linear`) was not faster there and oneDNN fp32 matched F.linear.
 
     The packed copy is extra memory (one more copy of the bf16 weights) and is made lazily on the
     first call under no-grad (autograd goes through plain `F.linear`), and again if the weight was

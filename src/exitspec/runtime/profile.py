@@ -4,41 +4,39 @@ Speculative verification lives or dies by how a k-token step costs relative to a
 this measures exactly that, on a warm cache of a realistic length. The layers are split into their
 attention halves (norm, q/k/v and o products, rotary, cache write, attention over the cache: the
 layers run with every MLP skipped) and their MLP halves (the rest). On the default model's int4
-kernels (Zen 3, AVX2, 2 cores, 256 cached tokens; benchmarks/runtime-avx2 as of ac7e523) the MLP
-halves stayed flat from 1 to 4 rows (2.84 -> 2.75 ms: their products are bound by reading the weights)
-while the attention halves grew 1.57 -> 2.68 ms (the later, slower run: 4.49 -> 3.30 and 2.45 -> 3.81),
-so up to 4 rows the k-row cost is attention (fp32 FMAs over the cache for every query row and head) and
-the per-row glue around it; at 8 rows both grow (4.28 and 4.80 ms), the weight products turning
-compute-bound as well.
+kernels (AVX2 build, 256 cached tokens) the MLP halves stay flat from 1 to 4 rows (their products
+are bound by reading the weights) while the attention halves grow, so up to 4 rows the k-row cost is
+attention (fp32 FMAs over the cache for every query row and head) and the per-row glue around it; at
+8 rows both grow, the weight products turning compute-bound as well.
 
-Inside the fused stack (timers around its parts, now `LlamaStack.take_times`; default model, Zen 3, 256
-cached tokens, fastest of 25 steps): 1 new token, 6.97 ms in all = q4 products 3.70 ms (67 MB of codes read
-from DRAM) + attention 0.88 + glue 0.15 + the q8 LM head 1.55 (30 MB, also DRAM-bound) + norm, embedding,
-rotary tables and argmax 0.45; 8 new tokens, 13.98 ms = products 7.36 (8 x 134.5 M int8 multiply-adds,
-compute-bound) + attention 2.45 + glue 0.48 + head 2.67 + the rest. With their operands in cache the
-8-row products take 6.6 ms and the 8-row head 2.4 ms: past ~4 rows an AVX2 step without VNNI is bound
-by int8 arithmetic, not by memory, whatever the code around it does.
+Inside the fused stack (timers around its parts, now `LlamaStack.take_times`; same model, AVX2): for
+1 new token the q4 products (67 MB of codes read from DRAM) and the q8 LM head (30 MB, also
+DRAM-bound) are most of the step, attention, glue, norm, embedding, rotary tables and argmax the
+rest; for 8 new tokens the products (8 x 134.5 M int8 multiply-adds) are compute-bound, and they and
+the 8-row head take nearly as long with their operands in cache: past ~4 rows an AVX2 step without
+VNNI is bound by int8 arithmetic, not by memory, whatever the code around it does. Figures:
+benchmarks/README.md, 'Design measurements' (and 'Run history', Zen 3).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 import weakref
 
 import torch
 
+from exitspec.runtime.clock import now
 from exitspec.runtime.layered import LayeredModel
 
 
-def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
+def median_ms(fn, repeats: int, warmup: int = 3, device: torch.device | None = None) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = now(device)
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(now(device) - t)
     return statistics.median(times) * 1000
 
 
@@ -63,8 +61,8 @@ def full_step(lm: LayeredModel, x: torch.Tensor, p: torch.Tensor, cache) -> torc
 def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: int = 20) -> list[dict]:
     """ms of one forward over k new tokens after `context` cached tokens, split by part: the fastest
     of `repeats` interleaved rounds (every k and part once per round, as `row_cost_curve` and
-    `context_costs` do). Medians of back-to-back repeats per k moved the 8-row step between 1.84x
-    and 2.20x of the 1-row one on the same code, as the shared VM's speed drifted between the k.
+    `context_costs` do). Medians of back-to-back repeats per k were unstable: as a shared VM's speed
+    drifted between the k, the 8-row / 1-row ratio moved widely on the same code.
     Where a fused stack runs the layers, rows also carry its own split of the fastest layers call:
     stack_products_ms (the weight products), stack_attention_ms (attention over the cache) and
     stack_glue_ms (norms, RoPE, cache writes, SiLU, input quantization)."""
@@ -87,10 +85,10 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
     for rnd in range(repeats + 1):
         for key, fn in jobs.items():
             lm.adapter.take_stack_times()  # drop what earlier calls left
-            t = time.perf_counter()
+            t = now(lm.device)
             fn()
             if rnd:  # round 0 warms up
-                times[key].append(time.perf_counter() - t)
+                times[key].append(now(lm.device) - t)
                 if key[1] == "layers_ms":
                     stack_parts[key[0]].append(lm.adapter.take_stack_times())
     rows = [{"k": k, **{part: min(times[(k, part)]) * 1000 for kk, part in jobs if kk == k}} for k in ks]
@@ -113,8 +111,8 @@ _ROW_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def row_costs(lm: LayeredModel, max_rows: int) -> list[float]:
-    """row_cost_curve up to max_rows, measured on first use for this runtime (~0.2 s for the int4
-    default model) and kept, so that a strategy built for every generate call measures it once."""
+    """row_cost_curve up to max_rows, measured on first use for this runtime and kept, so that a
+    strategy built for every generate call measures it once."""
     known = _ROW_COSTS.get(lm, [])
     if len(known) < max_rows:
         _ROW_COSTS[lm] = known = row_cost_curve(lm, max_rows)
@@ -126,22 +124,22 @@ def row_cost_curve(lm: LayeredModel, max_rows: int, context: int = 256, repeats:
     """[1.0, cost of a 2-row step / a 1-row step, ..., up to max_rows], measured now.
 
     What a speculative strategy needs to size its drafts: verifying k drafts costs one (k+1)-row
-    step. With exitspec's int4 kernels on the default model a 4-row step costs ~1.13x a 1-row one
-    and an 8-row step ~1.7x (products become compute-bound past 4 rows), so the best draft length
-    depends on the row count, not only on acceptance. Timed interleaved (every row count once per
-    round) so that a drift of the machine's speed hits all alike, and the fastest of `repeats`
-    rounds kept: on a shared machine a step is only ever slowed down by others, so the minimum is
-    the stable reading (medians of 5 rounds moved the 8-row cost between 1.4x and 2.3x). A
+    step. With exitspec's int4 kernels on the default model a 4-row step costs little more than a
+    1-row one and an 8-row step clearly more (products become compute-bound past 4 rows), so the
+    best draft length depends on the row count, not only on acceptance. Timed interleaved (every row
+    count once per round) so that a drift of the machine's speed hits all alike, and the fastest of
+    `repeats` rounds kept: on a shared machine a step is only ever slowed down by others, so the
+    minimum is the stable reading (medians of a few rounds moved the 8-row cost widely). A
     cumulative maximum keeps noise from making more rows look cheaper than fewer."""
     cache, ids, pos = warm_cache(lm, context, max_rows)
     times: dict[int, list[float]] = {k: [] for k in range(1, max_rows + 1)}
     for rnd in range(repeats + 1):
         for k in times:
             x, p = ids[:, context:context + k], pos[:, context:context + k]
-            t = time.perf_counter()
+            t = now(lm.device)
             full_step(lm, x, p, cache)
             if rnd:  # round 0 warms up
-                times[k].append(time.perf_counter() - t)
+                times[k].append(now(lm.device) - t)
     base = min(times[1])
     curve, worst = [], 0.0
     for k in times:
@@ -171,10 +169,10 @@ def context_costs(lms: dict[str, LayeredModel], contexts=(256, 1024, 2048), ks=(
         for (name, c, k), ts in times.items():
             lm, cache, ids, pos = state[name]
             x, p = ids[:, c:c + k], pos[:, c:c + k]
-            t = time.perf_counter()
+            t = now(lm.device)
             full_step(lm, x, p, cache)
             if rnd:  # round 0 warms up
-                ts.append(time.perf_counter() - t)
+                ts.append(now(lm.device) - t)
     return [{"runtime": n, "context": c, "k": k, "step_ms": min(ts) * 1000} for (n, c, k), ts in times.items()]
 
 

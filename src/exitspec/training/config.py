@@ -14,6 +14,8 @@ import tomllib
 class TrainConfig:
     # --- what to train ---------------------------------------------------------------------------
     model: str = "default"
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (a GPU when torch sees one)
+    dtype: str = ""  # float32, bfloat16 or float16; "" = bfloat16 on a GPU, float32 on a CPU
     layers: list[int] = field(default_factory=lambda: [4, 8, 12, 16, 20, 24])
     kind: str = "swiglu"  # norm_lm | linear | swiglu | lm_head (see heads/kinds.py)
     head_options: dict = field(default_factory=dict)  # e.g. {"width": 128} for swiglu

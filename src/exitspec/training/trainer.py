@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from exitspec.heads.bundle import HeadBundle
+from exitspec.heads.kinds import HEAD_KINDS, make_head
 from exitspec.runtime.sequences import TokenSequence
 from exitspec.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from exitspec.training.config import TrainConfig
@@ -81,13 +82,39 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_accelerator():
-    """accelerate's Accelerator when installed (works unlaunched as a single process), else None."""
+def make_accelerator(device: torch.device):
+    """accelerate's Accelerator when installed (works unlaunched as a single process), else None; on
+    the base model's device (a CPU run on a machine with a GPU keeps the heads on the CPU too)."""
     try:
         from accelerate import Accelerator  # optional (the train extra)
     except ModuleNotFoundError:
         return None
-    return Accelerator(cpu=not torch.cuda.is_available())
+    return Accelerator(cpu=device.type == "cpu")
+
+
+def check_config(cfg: TrainConfig, model) -> None:
+    """Refuse settings this model cannot train before any work (generating answers takes minutes):
+    exit layers outside the model, a head kind that is unknown or has nothing to train, head options
+    the kind does not take."""
+    lm = model.lm
+    bad = [x for x in cfg.layers if not 0 < x < lm.num_layers]
+    if bad:
+        raise ValueError(f"exit layers {bad} are outside 1..{lm.num_layers - 1} for {model.name}; pick layers "
+                         "in that range (layers=[...])")
+    if cfg.kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {cfg.kind!r}; choose one of {', '.join(sorted(HEAD_KINDS))}")
+    if cfg.kind == "norm_lm":
+        raise ValueError("head kind 'norm_lm' has no trainable parameters; pick linear, swiglu or lm_head")
+    make_head(cfg.kind, lm, cfg.layers[0], **cfg.head_options)  # raises on options the kind does not take
+
+
+def check_work_folder(work: Path, resume: bool, restart: bool) -> None:
+    """A work folder holding a checkpoint is continued (resume) or knowingly started over (restart),
+    never silently overwritten."""
+    found = [p for p in (work / CHECKPOINT, work / PICKLE_CHECKPOINT) if p.exists()]
+    if found and not resume and not restart:
+        raise ValueError(f"{found[0]} holds a checkpoint of an earlier run; pass --resume to continue it, or "
+                         "--restart to train from step 0 and overwrite it (or use another --work folder)")
 
 
 class Trainer:
@@ -96,19 +123,15 @@ class Trainer:
         self.model, self.cfg, self.examples = model, cfg, examples
         self.work = Path(work_dir)
         self.progress = progress
-        self.acc = make_accelerator()
+        lm = model.lm
+        check_config(cfg, model)
+        self.acc = make_accelerator(lm.device)
         self.rank = self.acc.process_index if self.acc else 0
         self.world = self.acc.num_processes if self.acc else 1
-        lm = model.lm
-        bad = [x for x in cfg.layers if not 0 < x < lm.num_layers]
-        if bad:
-            raise ValueError(f"exit layers {bad} are outside 1..{lm.num_layers - 1} for {model.name}")
         torch.manual_seed(cfg.seed)  # head initialisation (zero/identity inits make this moot today)
         self.bundle = HeadBundle.create(lm, cfg.layers, cfg.kind, base_model=model.name, **cfg.head_options)
         self.bundle.train()
         params = [p for p in self.bundle.heads.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"head kind {cfg.kind!r} has no trainable parameters; pick linear, swiglu or lm_head")
         self.headset = HeadSet(self.bundle.heads)
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.shard = examples[self.rank:: self.world]
@@ -219,9 +242,11 @@ class Trainer:
         return True
 
     # --- the loop --------------------------------------------------------------------------------------
-    def train(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-        """Run to the end (or `stop_after` optimizer steps, for tests of resuming)."""
+    def train(self, *, resume: bool = False, restart: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Run to the end (or `stop_after` optimizer steps, for tests of resuming). A work folder that
+        holds a checkpoint needs resume (continue it) or restart (overwrite it)."""
         cfg = self.cfg
+        check_work_folder(self.work, resume, restart)
         if resume and not self.load_checkpoint() and self.rank == 0:
             print(f"no checkpoint in {self.work}; starting from step 0")
         self.prepare_targets()

@@ -19,9 +19,8 @@ token from its own shallowest confident exit.
 
 Each exit's gate is first tried over the 4096 most frequent tokens (`precheck_vocab`, see
 exits.CheckedExit): the many tokens that are confident nowhere then skip the full LM head at every
-exit. It can only send tokens deeper; on the default model (int4, Zen 3, two interleaved 10-prompt
-runs) it took cascade from 0.64-0.71x to 0.78-0.83x of the int4 vanilla loop and the perplexity of
-its outputs from 1.97 to 1.71.
+exit. It can only send tokens deeper; on the default model (int4) it made cascade both faster and
+better, lowering the perplexity of its outputs (benchmarks/README.md, 'Design measurements').
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ so greedy output equals vanilla's token for token and sampled output follows the
 distribution (the draft distribution q is one-hot at the copied token).
 
 Why it pays on this runtime and not in HF's: with exitspec's int4 kernels a step of K+1 rows costs
-barely more than a step of one while K+1 <= 4 (1.00 / 1.04 / 1.06x for 2 / 3 / 4 rows on the default
-model, kernels/csrc/gemm.cpp: the weights are read once for all rows and a 1-row step is bound by
-memory), so a proposal that is only partly right still comes out ahead, and a row with no match at
-all pays only its one-row step. With dense `F.linear` a few-row step costs ~1.6x a one-row step,
-which is why HF's prompt lookup runs below plain `generate` on this CPU.
+barely more than a step of one while K+1 <= 4 (kernels/csrc/gemm.cpp: the weights are read once for
+all rows and a 1-row step is bound by memory), so a proposal that is only partly right still comes
+out ahead, and a row with no match at all pays only its one-row step. With dense `F.linear` a
+few-row step costs clearly more than a one-row step (MKL's few-row gemm, models/ops.linear), which
+is why HF's prompt lookup ran below plain `generate` in the CPU runs measured.
 
 Three sources for each row and step:
   1. the row's own context, n-grams of length max_ngram..2 (a long match there is the best evidence);
@@ -26,12 +26,10 @@ By default the first that proposes anything wins and gives up to draft_len token
 instead learns how far each source's drafts get accepted (AcceptanceTracker), picks the candidate
 with the most expected accepted drafts and cuts it where a further verification row (priced by the
 runtime's measured row-cost curve, runtime/profile.row_costs) would cost more than it is expected to
-bring. That won where rows are dear (torch's int4 kernel: 1.37x against 1.25x for 3 fixed drafts)
-and loses a little where 4 rows cost about 1 (the fused kernels: 1.35x against 1.41x), hence off.
-
-Measured (default model, int4 fused kernels, AMD EPYC Zen 5, 2 cores, 20 held-out prompts, the
-configurations interleaved prompt by prompt): 3 drafts 1.41x the int4 vanilla loop (317 vs 225
-tok/s); 4 drafts 1.18-1.26x (a 5-row step costs ~1.26x); adaptive with up to 7 drafts 1.31x.
+bring. That won where rows are dear (torch's int4 kernel) and loses a little where 4 rows cost
+about as much as 1 (the fused kernels), hence off. On the fused kernels 3 fixed drafts (the default)
+beat 4, whose 5-row step already costs clearly more than a 1-row one, and adaptive drafting with up
+to 7 (speedups by machine: benchmarks/README.md, 'Design measurements' and 'Run history').
 """
 
 from __future__ import annotations
@@ -245,8 +243,8 @@ class Lookup(Strategy):
                 "datastore_tokens": self.store.tokens if self.store else 0}
 
 
-# One datastore per bundle, built on first use (~0.9 s for 735k tokens) and dropped with the bundle;
-# rebuilt when the bundle's corpus tensor is replaced (set_draft_corpus).
+# One datastore per bundle, built on first use (too slow to rebuild per generate call) and dropped
+# with the bundle; rebuilt when the bundle's corpus tensor is replaced (set_draft_corpus).
 _STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
