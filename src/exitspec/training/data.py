@@ -83,7 +83,7 @@ def _read_hf(spec: str, limit: int) -> tuple[list[Prompt], list[str]]:
     try:
         import datasets  # optional: only hf: sources need it
     except ModuleNotFoundError as err:
-        raise ValueError("hf: data needs the `datasets` package; pip install datasets") from err
+        raise ValueError("hf: data needs the `datasets` package: pip install 'exitspec[data]'") from err
     name, _, split = spec.partition(":")
     rows = datasets.load_dataset(name, split=split or "train")
     prompts = [p for i, r in enumerate(rows) if (p := to_prompt(dict(r), i, name))]
