@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("exitspec.commands.info", "layout, parameters, step cost by k; with --heads, self-spec cost per exit"),
     "bench-runtime": (
         "exitspec.commands.bench_runtime", "tokens/s of HF generate vs the vanilla loop; k-row step cost"),
+    "bench-scale": ("exitspec.commands.bench_scale", "training memory and self-spec cost model at 1B-8B shapes"),
     "train": ("exitspec.commands.train", "train exit heads by distillation from the frozen model"),
     "datastore": ("exitspec.commands.datastore", "rebuild a bundle's lookup datastore from the model's own answers"),
     "calibrate": ("exitspec.commands.calibrate", "choose per-exit confidence thresholds on held-out data"),
