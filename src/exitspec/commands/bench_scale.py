@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--big-exits", type=_ints, default=[8, 16, 24], help="exits of the cost model of --big")
     p.add_argument("--draft-len", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--replot", metavar="DIR", help="rewrite DIR/scale.md from DIR/results.json")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one training case, JSON to stdout
 
 
@@ -45,8 +46,14 @@ def run(args: argparse.Namespace) -> int:
     if args.case:  # a child process: its peak RSS is this case's alone
         print(json.dumps(train_case(SHAPES[args.shape], int(args.case), steps=args.steps)))
         return 0
+    if args.replot:
+        folder = Path(args.replot)
+        if not (folder / "results.json").is_file():
+            raise FileNotFoundError(f"{folder} holds no results.json of `exitspec bench-scale`")
+        (folder / "scale.md").write_text(report(json.loads((folder / "results.json").read_text())))
+        return 0
     if not args.out:
-        raise ValueError("--out DIR is required")
+        raise ValueError("--out DIR is required (or --replot DIR)")
     if any(n < 1 for n in args.examples) or args.steps < 1 or args.draft_len < 1:
         raise ValueError("--examples, --steps and --draft-len must be >= 1")
     L, big_L = SHAPES[args.shape]["num_hidden_layers"], SHAPES[args.big]["num_hidden_layers"]
