@@ -101,15 +101,31 @@ DEFAULT_SETS = (
 )
 
 
+# Original prompts shipped with exitspec (50 each of chat, code, math, roleplay, interleaved), for an
+# installed exitspec without the repository's public sets beside it.
+STARTER_FILE = Path(__file__).with_name("assets") / "prompts" / "starter.jsonl"
+
+
+def prompt_sets(split: str, data_dir: str | Path | None = None, max_chars: int | None = 1500,
+                limit: int | None = None) -> list[list[Prompt]]:
+    """The `split` of each prompt set: the public sets in `data_dir` (default: ../shared/data beside a
+    checkout), else, when no folder was named and none is there, the starter set's categories."""
+    root = Path(data_dir) if data_dir else shared_data_dir()
+    if root is not None and root.is_dir():
+        return [load_prompts(root / rel, split=split, limit=limit, max_chars=max_chars)
+                for rel in DEFAULT_SETS if (root / rel).is_file()]
+    if data_dir:
+        raise FileNotFoundError(f"prompt data folder {data_dir} does not exist; pass an existing --data-dir")
+    starter = load_prompts(STARTER_FILE, split=split, max_chars=max_chars)
+    return [[p for p in starter if p.category == c][:limit] for c in dict.fromkeys(p.category for p in starter)]
+
+
+def interleave(sets: list[list[Prompt]]) -> list[Prompt]:
+    """One prompt of each set in turn (so any prefix mixes every kind)."""
+    return [s[i] for i in range(max((len(s) for s in sets), default=0)) for s in sets if i < len(s)]
+
+
 def mixed_prompts(split: str, per_set: int, data_dir: str | Path | None = None,
                   max_chars: int = 1500) -> list[Prompt]:
-    """`per_set` prompts from each of the shared public sets, interleaved (chat, code, math, roleplay)."""
-    root = Path(data_dir) if data_dir else shared_data_dir()
-    if root is None or not root.is_dir():
-        raise FileNotFoundError("no prompt data folder found; pass --prompts FILE or --data-dir DIR")
-    sets = [load_prompts(root / rel, split=split, limit=per_set, max_chars=max_chars)
-            for rel in DEFAULT_SETS if (root / rel).is_file()]
-    out = []
-    for i in range(per_set):
-        out.extend(s[i] for s in sets if i < len(s))
-    return out
+    """`per_set` prompts from each prompt set (chat, code, math, roleplay), interleaved."""
+    return interleave(prompt_sets(split, data_dir, max_chars, limit=per_set))

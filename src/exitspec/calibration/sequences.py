@@ -17,8 +17,7 @@ import os
 from pathlib import Path
 
 from exitspec.decoding.api import encode_prompt, generate
-from exitspec.paths import shared_data_dir
-from exitspec.prompts import DEFAULT_SETS, Prompt, load_prompts
+from exitspec.prompts import Prompt, interleave, load_prompts, prompt_sets
 from exitspec.runtime.sequences import TokenSequence, scored_sequence
 
 PARTS = {"calibrate": 0, "eval": 1}  # record parity inside the held-out split
@@ -29,23 +28,18 @@ def heldout_prompts(part: str, n: int, prompts_file: str | Path | None = None,
     """Up to n held-out prompts for `part` ("calibrate" or "eval"), interleaved across prompt sets.
 
     With prompts_file, that file's held-out split; otherwise the shared public sets (chat, code, math,
-    roleplay), taking records of one parity so the two parts never overlap.
+    roleplay; the starter set shipped with exitspec where they are absent), taking records of one
+    parity so the two parts never overlap.
     """
     if part not in PARTS:
         raise ValueError(f"part must be one of {sorted(PARTS)}, got {part!r}")
     if n < 1:
         raise ValueError(f"the number of prompts must be at least 1, got {n}")
     if prompts_file is not None:
-        files = [Path(prompts_file)]
+        sets = [load_prompts(prompts_file, split="heldout", max_chars=1500)]
     else:
-        root = Path(data_dir) if data_dir else shared_data_dir()
-        if root is None or not root.is_dir():
-            raise FileNotFoundError("no prompt data folder found; pass --prompts FILE")
-        files = [root / rel for rel in DEFAULT_SETS if (root / rel).is_file()]
-    sets = [load_prompts(f, split="heldout", max_chars=1500)[PARTS[part]::2] for f in files]
-    out: list[Prompt] = []
-    for i in range(max((len(s) for s in sets), default=0)):
-        out.extend(s[i] for s in sets if i < len(s))
+        sets = prompt_sets("heldout", data_dir)
+    out = interleave([s[PARTS[part]::2] for s in sets])
     if not out:
         src = prompts_file or "the shared prompt sets"
         raise ValueError(f"{src} has no held-out prompts for {part} (the held-out split is the last 20% of a "
