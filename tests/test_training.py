@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -364,13 +365,24 @@ def test_accelerate_launch_with_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "exitspec.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "bundle"),
-           "--work", str(tmp_path / "w"), "--no-progress"]
+           "--work", str(tmp_path / "w"), "--no-progress", "save_dtype=float32"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from exitspec.cli import main
     from exitspec.loading import load
 
-    bundle = HeadBundle.load(tmp_path / "bundle", load(str(tmp_path / "model")).lm)
+    lm = load(str(tmp_path / "model")).lm
+    bundle = HeadBundle.load(tmp_path / "bundle", lm)
     # 16 train sequences over 2 processes of batch 4: 2 micro-batches per epoch, 2 epochs
     assert bundle.config.training["steps"] == 4
     assert "saved 2 swiglu heads" in proc.stdout
+    # One process with the same global batch (8) trains the same heads: same batches, same token-mean loss.
+    (tmp_path / "w1").mkdir()
+    shutil.copy(tmp_path / "w" / "distill.jsonl", tmp_path / "w1" / "distill.jsonl")  # the same answers
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "one"), "--work", str(tmp_path / "w1"),
+                 "--no-progress", "save_dtype=float32", "batch_size=8"]) == 0
+    one = HeadBundle.load(tmp_path / "one", lm)
+    assert one.config.training["steps"] == 4
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(bundle.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
 

@@ -8,10 +8,11 @@ With cfg.teacher = "streamed" (default) the teacher runs inside each step, so me
 and not the data set; "cached" runs it once over all data before the first step and keeps its outputs
 (every later epoch is then nearly free: the choice for a small model trained for several epochs).
 Multi-process data parallel goes through accelerate's Accelerator: only the small HeadSet module is
-wrapped (DDP all-reduces the heads' gradients); the base model runs unwrapped and frozen. Process r
-owns the sequences r::world (so its teacher pass covers only those) and shuffles them per epoch
-from the seed: the data order depends on the seed, the world size and the micro-batch counter alone,
-so a resumed run sees exactly the batches it would have seen.
+wrapped (DDP all-reduces the heads' gradients); the base model runs unwrapped and frozen. The data
+order is global (one permutation per epoch from the seed, cut into global batches, process r taking
+its slice of each) and each process's loss is weighted by its share of the global batch's tokens, so
+N processes of batch B train the heads one process of batch N x B trains, and a resumed run sees
+exactly the batches it would have seen.
 
 Checkpoints (`WORK/checkpoint/`, safetensors + JSON, never pickle: training/checkpoint.py) hold heads,
 optimizer, scheduler, step, micro-batch counter and RNG state; they are written to a temporary folder
@@ -134,9 +135,8 @@ class Trainer:
         params = [p for p in self.bundle.heads.parameters() if p.requires_grad]
         self.headset = HeadSet(self.bundle.heads)
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.shard = examples[self.rank:: self.world]
-        self.shard_len = len(examples) // self.world  # equal on every process: same number of steps
-        self.micro_per_epoch = self.shard_len // cfg.batch_size
+        # One global batch = batch_size sequences on each of `world` processes (see micro_batch).
+        self.micro_per_epoch = len(examples) // (cfg.batch_size * self.world)
         if self.micro_per_epoch == 0:
             raise ValueError(f"{len(examples)} sequences are fewer than one global batch "
                              f"({cfg.batch_size} x {self.world} processes); lower batch_size or add data")
@@ -176,11 +176,12 @@ class Trainer:
             return
         cfg, V = self.cfg, self.model.lm.vocab_size
         reduce = (lambda x: self.acc.reduce(x, "sum")) if self.acc and self.world > 1 else None
-        data = self.shard[: self.shard_len]
         if cfg.teacher == "cached":
-            self.targets = self._teacher_pass(data, progress=True)
-            self.vocab = VocabSubset.from_targets(self.targets, V, cfg.kd_vocab, reduce=reduce)
+            # Any process may draw any sequence (one global order), so each keeps every sequence's targets.
+            self.targets = self._teacher_pass(self.examples, progress=True)
+            self.vocab = VocabSubset.from_targets(self.targets, V, cfg.kd_vocab)
         elif cfg.kd_topk > 0:
+            data = self.examples[self.rank:: self.world]  # the processes split the pass; reduce sums it
             mass, is_label = torch.zeros(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
             for s in range(0, len(data), cfg.batch_size):
                 m, lab = teacher_mass(self._teacher_pass(data[s: s + cfg.batch_size]), V)
@@ -191,18 +192,26 @@ class Trainer:
             self.vocab = VocabSubset(None, V)  # dense targets score the whole vocabulary
 
     def targets_for(self, idx: list[int]) -> Targets:
-        """The teacher's targets for the examples `idx` of this process's shard."""
+        """The teacher's targets for the examples `idx`."""
         if self.targets is not None:
             return Targets.cat([self.targets[i] for i in idx])
-        return Targets.cat(self._teacher_pass([self.shard[i] for i in idx]))
+        return Targets.cat(self._teacher_pass([self.examples[i] for i in idx]))
 
     # --- data order --------------------------------------------------------------------------------
     def micro_batch(self, micro: int) -> list[int]:
+        """This process's sequences of global micro-batch `micro`: one permutation of the data per
+        epoch (from the seed alone), cut into global batches of batch_size x world, each process
+        taking its slice. So N processes of batch B see, together, the batches one process of batch
+        N x B would, and a resumed run (same micro counter) the batches it would have seen."""
         epoch, i = divmod(micro, self.micro_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch * 1009 + self.rank)
-        order = torch.randperm(self.shard_len, generator=g)
-        lo = i * self.cfg.batch_size
-        return order[lo: lo + self.cfg.batch_size].tolist()
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch * 1009)
+        order = torch.randperm(len(self.examples), generator=g)
+        B = self.cfg.batch_size
+        lo = (i * self.world + self.rank) * B
+        return order[lo: lo + B].tolist()
+
+    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(x, "sum") if self.acc and self.world > 1 else x
 
     # --- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -259,16 +268,23 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 targets = self.targets_for(self.micro_batch(self.micro))
                 loss, kd = self.ddp(targets, self.vocab, cfg.temperature, cfg.ce_weight)
-                scaled = loss / cfg.grad_accum
+                # Losses are token means over this process's rows, and DDP averages the processes'
+                # gradients: weighting each process by its share of the global batch's tokens makes
+                # that average the token mean over the whole global batch, as one process computes it.
+                n = torch.tensor(float(targets.tokens))
+                total = self._global_sum(n.clone())
+                share = float(n * self.world / total) if total > 0 else 1.0
+                scaled = loss * share / cfg.grad_accum
                 if self.acc:
                     self.acc.backward(scaled)
                 else:
                     scaled.backward()
-                loss_sum += float(loss.detach()) / cfg.grad_accum
-                kd_sum += kd.float().cpu() / cfg.grad_accum
+                part = torch.cat([loss.detach().float().cpu()[None], kd.float().cpu()]) * n / max(float(total), 1.0)
+                part = self._global_sum(part)  # the global batch's token-mean loss and KDs, for the record
+                loss_sum += float(part[0]) / cfg.grad_accum
+                kd_sum += part[1:] / cfg.grad_accum
                 self.micro += 1
-                n = torch.tensor(float(targets.tokens))
-                self.tokens += int(self.acc.reduce(n, "sum")) if self.acc and self.world > 1 else int(n)
+                self.tokens += int(total)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.headset.parameters(), cfg.max_grad_norm)
             self.opt.step()
