@@ -46,6 +46,21 @@ def test_token_metrics_match_formulas():
     assert torch.allclose(token_metrics(full, torch.log_softmax(full, -1), labels)["kl"], torch.zeros(2), atol=1e-6)
 
 
+def test_top5_and_the_training_temperature_kl():
+    full = torch.tensor([[0.0, 5.0, 1.0, 2.0, 3.0, 4.0, -1.0], [9.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    exit_ = torch.tensor([[6.0, 1.0, 5.0, 4.0, 3.0, 2.0, 0.0], [0.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    labels = torch.tensor([1, 6])
+    m = token_metrics(exit_, torch.log_softmax(full, -1), labels, temperature=2.0)
+    # exit row 0's top 5: ids 0, 2, 3, 4, 5 (not 1); row 1's: 1..5 (not 0, not 6)
+    assert m["agree5"].tolist() == [False, False] and m["correct5"].tolist() == [False, False]
+    m = token_metrics(exit_, torch.log_softmax(full, -1), torch.tensor([2, 5]), temperature=2.0)
+    assert m["correct5"].tolist() == [True, True]
+    pf, pe = torch.softmax(full / 2, -1), torch.softmax(exit_ / 2, -1)
+    assert torch.allclose(m["kl_t"], (pf * (pf.log() - pe.log())).sum(-1), atol=1e-6)
+    assert not torch.allclose(m["kl_t"], m["kl"])
+    assert torch.equal(token_metrics(exit_, torch.log_softmax(full, -1), labels)["kl_t"], m["kl"])
+
+
 # --- thresholds ------------------------------------------------------------------------------------
 def brute_force_coverage(values, agree, target, lower_better=False):
     best = 0.0

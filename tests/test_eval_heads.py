@@ -91,6 +91,38 @@ def test_calibrate_then_eval_heads_commands(tmp_path):
                  "--max-new-tokens", "6", "--raw"]) == 0
 
 
+def test_many_checkpoints_in_one_run_and_plain_text(tmp_path, capsys):
+    """`--heads 'runs/*/'` compares every bundle a pattern matches on the same tokens; `--text-file`
+    scores plain text; rows carry top-5 rates and the KL at the training temperature."""
+    from exitspec.cli import main
+    from exitspec.loading import load
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    lm = load(str(model_dir)).lm
+    for name, layers in (("a", [2]), ("b", [2, 4])):
+        bundle = HeadBundle.create(lm, layers, "linear", base_model="tiny")
+        bundle.config.training = {"config": {"temperature": 2.0}}
+        bundle.save(tmp_path / "runs" / name)
+    text = tmp_path / "ood.txt"
+    text.write_text("\n\n".join(f"A paragraph about topic {i}, written plainly for testing." for i in range(5)))
+    out = tmp_path / "eval"
+    assert main(["eval-heads", "--model", str(model_dir), "--heads", str(tmp_path / "runs" / "*"),
+                 "--text-file", str(text), "--num-prompts", "4", "--max-new-tokens", "30", "--threads", "1",
+                 "--out", str(out)]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["bundle"], r["layer"]) for r in rows] == [("a", "2"), ("b", "2"), ("b", "4"), ("full", "6")]
+    a2, b2 = rows[0], rows[1]
+    assert a2["n_tokens"] == b2["n_tokens"] and a2["kl"] == b2["kl"]  # untrained linear heads: the same exit
+    assert float(a2["train_temperature"]) == 2.0 and float(a2["kl_at_train_temperature"]) != float(a2["kl"])
+    assert float(a2["top5_agreement"]) >= float(a2["agreement"]) and float(a2["top5_accuracy"]) >= float(a2["accuracy"])
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["data"]["text"] == "plain" and meta["data"]["n_sequences"] == 4 and set(meta["bundles"]) == {"a", "b"}
+    assert main(["eval-heads", "--model", str(model_dir), "--heads", str(tmp_path / "none" / "*"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "no head bundle" in capsys.readouterr().err
+
+
 def test_command_errors(tmp_path, capsys):
     from exitspec.cli import main
 

@@ -25,6 +25,9 @@ class ExitTokens:
     ce: torch.Tensor
     agree: torch.Tensor  # bool: exit top-1 == full-model top-1
     correct: torch.Tensor  # bool: exit top-1 == label (next token of the sequence)
+    agree5: torch.Tensor  # bool: the full model's top-1 is among the exit's top 5
+    correct5: torch.Tensor  # bool: the label is among the exit's top 5
+    kl_t: torch.Tensor  # KL at the temperature the heads trained at (= kl where that is 1)
     scores: dict[str, torch.Tensor]  # max_prob, entropy, margin (+ learned when the exit has one)
     seq_index: torch.Tensor  # long: which sequence each token came from (for cross-fitting)
     features: torch.Tensor | None = None  # (N, F) score features for the learned estimator
@@ -41,6 +44,7 @@ class FullTokens:
 
     ce: torch.Tensor
     correct: torch.Tensor
+    correct5: torch.Tensor
     entropy: torch.Tensor
 
 
@@ -51,16 +55,40 @@ class Collected:
     n_sequences: int
 
 
-def token_metrics(exit_logits: torch.Tensor, full_logp: torch.Tensor, labels: torch.Tensor) -> dict:
-    """exit logits (N, V), full-model log-probs (N, V), labels (N,) -> per-token kl, ce, agree, correct."""
+def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_full || p_exit) in nats per row: (N, V) log-probs -> (N,)."""
+    return (full_logp.exp() * (full_logp - logp)).sum(-1)
+
+
+def in_top5(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits, (N,) ids -> (N,) bool: the id is among the row's 5 largest logits."""
+    return (logits.topk(min(5, logits.shape[-1]), dim=-1).indices == ids[:, None]).any(-1)
+
+
+def token_metrics(exit_logits: torch.Tensor, full_logp: torch.Tensor, labels: torch.Tensor,
+                  temperature: float = 1.0) -> dict:
+    """exit logits (N, V), full-model log-probs (N, V), labels (N,) -> per-token kl, ce, agree, correct,
+    their top-5 versions, and the KL at `temperature` (the one distillation minimised: heads trained
+    at T > 1 are judged on it too, besides the T = 1 KL that decoding sees)."""
     logp = torch.log_softmax(exit_logits.float(), -1)
-    top1 = logp.argmax(-1)
+    top1, full_top1 = logp.argmax(-1), full_logp.argmax(-1)
+    kl_1 = kl(full_logp, logp)
+    kl_t = kl_1 if temperature == 1.0 else kl(torch.log_softmax(full_logp / temperature, -1),
+                                              torch.log_softmax(exit_logits.float() / temperature, -1))
     return {
-        "kl": (full_logp.exp() * (full_logp - logp)).sum(-1),  # KL(p_full || p_exit), nats
+        "kl": kl_1,
         "ce": -logp.gather(-1, labels[:, None])[:, 0],
-        "agree": top1 == full_logp.argmax(-1),
+        "agree": top1 == full_top1,
         "correct": top1 == labels,
+        "agree5": in_top5(logp, full_top1),
+        "correct5": in_top5(logp, labels),
+        "kl_t": kl_t,
     }
+
+
+def training_temperature(bundle) -> float:
+    """The KD temperature a bundle's heads were trained at (1.0 when it does not say)."""
+    return float(bundle.config.training.get("config", {}).get("temperature", 1.0))
 
 
 def _cat(chunks: list[dict]) -> dict:
@@ -98,7 +126,7 @@ def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
         full_top1 = full_logp.argmax(-1)
         full_p = full_logp.exp()
         full_chunks.append({"ce": -full_logp.gather(-1, labels[:, None])[:, 0], "correct": full_top1 == labels,
-                            "entropy": -(full_p * full_logp).sum(-1)})
+                            "correct5": in_top5(full_logp, labels), "entropy": -(full_p * full_logp).sum(-1)})
         for name, bundle in bundles.items():
             for layer in bundle.layers:
                 h = hidden[layer]  # (N, C)
@@ -107,7 +135,7 @@ def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
                 if str(layer) in bundle.estimators:
                     sc["learned"] = learned_score(bundle, layer, h[None], logits[None])[0]
                 row = {
-                    **token_metrics(logits, full_logp, labels),
+                    **token_metrics(logits, full_logp, labels, training_temperature(bundle)),
                     "scores": {k: v.cpu() for k, v in sc.items()},
                     "seq_index": torch.full_like(labels, si),
                     "features": score_features(h[None], logits[None])[0] if keep_features else None,

@@ -21,10 +21,11 @@ import csv
 import math
 from pathlib import Path
 
-from exitspec.calibration.collect import collect
+from exitspec.calibration.collect import collect, training_temperature
 from exitspec.calibration.thresholds import coverage_at
 
 COLUMNS = ["bundle", "layer", "depth", "kind", "n_tokens", "kl", "ce", "ppl", "agreement", "accuracy",
+           "top5_agreement", "top5_accuracy", "train_temperature", "kl_at_train_temperature",
            "mean_max_prob", "threshold_score", "threshold_value", "coverage", "agreement_at_threshold"]
 
 
@@ -42,6 +43,8 @@ def summarize(collected, bundles: dict, num_layers: int) -> list[dict]:
                    "kind": bundle.config.head_kinds.get(str(layer), ""), "n_tokens": tok.n,
                    "kl": _mean(tok.kl), "ce": ce, "ppl": math.exp(min(ce, 700.0)),
                    "agreement": _mean(tok.agree), "accuracy": _mean(tok.correct),
+                   "top5_agreement": _mean(tok.agree5), "top5_accuracy": _mean(tok.correct5),
+                   "train_temperature": training_temperature(bundle), "kl_at_train_temperature": _mean(tok.kl_t),
                    "mean_max_prob": _mean(tok.scores["max_prob"]),
                    "threshold_score": "", "threshold_value": None, "coverage": None, "agreement_at_threshold": None}
             th = bundle.threshold(layer)
@@ -54,7 +57,9 @@ def summarize(collected, bundles: dict, num_layers: int) -> list[dict]:
     ce = _mean(full.ce)
     rows.append({"bundle": "full", "layer": num_layers, "depth": 1.0, "kind": "full", "n_tokens": int(full.ce.numel()),
                  "kl": 0.0, "ce": ce, "ppl": math.exp(min(ce, 700.0)), "agreement": 1.0,
-                 "accuracy": _mean(full.correct), "mean_max_prob": None, "threshold_score": "",
+                 "accuracy": _mean(full.correct), "top5_agreement": 1.0, "top5_accuracy": _mean(full.correct5),
+                 "train_temperature": None, "kl_at_train_temperature": 0.0, "mean_max_prob": None,
+                 "threshold_score": "",
                  "threshold_value": None, "coverage": 1.0, "agreement_at_threshold": 1.0})
     return rows
 
@@ -66,10 +71,16 @@ def evaluate_heads(model, bundle, sequences, *, baseline=None, label: str = "hea
     `model` is a LoadedModel or LayeredModel; sequences are runtime.sequences.TokenSequence
     (build them with greedy_sequences / reference_sequences over heldout_prompts("eval", n)).
     """
-    lm = getattr(model, "lm", model)
     bundles = {label: bundle}
     if baseline is not None:
         bundles["norm_lm"] = baseline
+    return evaluate_bundles(model, bundles, sequences, progress=progress)
+
+
+def evaluate_bundles(model, bundles: dict, sequences, *, progress: bool = False) -> list[dict]:
+    """Every exit of every bundle ({label: HeadBundle}, e.g. many checkpoints) on `sequences`, from
+    one teacher forward per sequence."""
+    lm = getattr(model, "lm", model)
     collected = collect(lm, bundles, sequences, progress=progress)
     return summarize(collected, bundles, lm.num_layers)
 
@@ -126,8 +137,11 @@ def format_table(rows: list[dict]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    lines = [f"{'bundle':<8} {'layer':>5} {'KL':>8} {'ppl':>10} {'agree':>7} {'acc':>7} {'coverage':>9} {'agr@thr':>8}"]
+    lines = [f"{'bundle':<8} {'layer':>5} {'KL':>8} {'KL@T':>8} {'ppl':>10} {'agree':>7} {'agree5':>7} {'acc':>7} "
+             f"{'acc5':>7} {'coverage':>9} {'agr@thr':>8}"]
     for r in rows:
-        lines.append(f"{r['bundle']:<8} {r['layer']:>5} {r['kl']:>8.3f} {r['ppl']:>10.2f} {r['agreement']:>7.1%} "
-                     f"{r['accuracy']:>7.1%} {f(r['coverage'], '>9.1%')} {f(r['agreement_at_threshold'], '>8.1%')}")
+        lines.append(f"{r['bundle']:<8} {r['layer']:>5} {r['kl']:>8.3f} {r['kl_at_train_temperature']:>8.3f} "
+                     f"{r['ppl']:>10.2f} {r['agreement']:>7.1%} {r['top5_agreement']:>7.1%} {r['accuracy']:>7.1%} "
+                     f"{r['top5_accuracy']:>7.1%} {f(r['coverage'], '>9.1%')} "
+                     f"{f(r['agreement_at_threshold'], '>8.1%')}")
     return "\n".join(lines)

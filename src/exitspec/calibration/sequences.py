@@ -77,6 +77,29 @@ def reference_sequences(model, prompts: list[Prompt], max_answer_tokens: int = 2
     return seqs
 
 
+def text_sequences(tokenizer, path: str | Path, max_tokens: int = 256, n: int = 20) -> list[TokenSequence]:
+    """Up to n windows of plain text from a local file, for out-of-domain evaluation: a .txt file's
+    paragraphs, or the `text` of each JSONL / JSON record (else its prompt and reference answer).
+    Each window is scored from its second token on (the first has no context to predict it from)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist")
+    if path.suffix == ".txt":
+        texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    else:
+        texts = [(p.text + "\n\n" + p.reference).strip() for p in load_prompts(path, split="all")]
+    seqs = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][: max_tokens + 1]
+        if len(ids) >= 2:
+            seqs.append(scored_sequence(ids, 1))
+        if len(seqs) == n:
+            break
+    if not seqs:
+        raise ValueError(f"{path} holds no text of two or more tokens")
+    return seqs
+
+
 def save_sequences(seqs: list[TokenSequence], path: str | Path, part: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from exitspec.calibration.sequences import (
     load_sequences,
     reference_sequences,
     save_sequences,
+    text_sequences,
 )
 from exitspec.heads.bundle import HeadBundle
 from exitspec.loading import attach_heads
@@ -27,6 +28,9 @@ def add_data_args(p: argparse.ArgumentParser, num_prompts: int, max_new_tokens: 
                    help="length of the greedy continuation scored per prompt")
     g.add_argument("--text", choices=("greedy", "reference"), default="greedy",
                    help="score the base model's greedy answers (default) or the data set's reference answers")
+    g.add_argument("--text-file", default=None, metavar="FILE",
+                   help="score plain text instead (out-of-domain: a .txt file's paragraphs or JSONL records' text), "
+                        "--num-prompts windows of up to --max-new-tokens tokens")
     g.add_argument("--save-sequences", default=None, metavar="FILE",
                    help="write the scored token sequences as JSON (greedy decoding is the slow part)")
     g.add_argument("--sequences", default=None, metavar="FILE",
@@ -51,6 +55,8 @@ def build_sequences(model, args: argparse.Namespace, part: str) -> list[TokenSeq
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.text_file:
+        return text_sequences(model.tokenizer, args.text_file, args.max_new_tokens, args.num_prompts)
     prompts = heldout_prompts(part, args.num_prompts, args.prompts)
     if args.text == "reference":
         return reference_sequences(model, prompts, max_answer_tokens=args.max_new_tokens)
@@ -61,7 +67,8 @@ def build_sequences(model, args: argparse.Namespace, part: str) -> list[TokenSeq
 
 
 def data_info(args: argparse.Namespace, seqs: list[TokenSequence], part: str) -> dict:
-    return {"part": part, "prompts": str(args.sequences or args.prompts or "shared held-out sets"), "text": args.text,
+    source = args.sequences or args.text_file or args.prompts or "shared held-out sets"
+    return {"part": part, "prompts": str(source), "text": "plain" if args.text_file else args.text,
             "n_sequences": len(seqs), "max_new_tokens": args.max_new_tokens,
             "n_tokens": sum(s.n_scored for s in seqs)}
 
