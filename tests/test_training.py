@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -342,6 +343,25 @@ def test_cli_refuses_bad_settings_before_any_work_and_never_overwrites_a_run(tmp
     assert main([*common, "--work", str(work), "max_steps=1"]) == 2
     assert "--resume" in capsys.readouterr().err and (work / "checkpoint" / "state.json").read_text() == before
     assert main([*common, "--work", str(work), "--restart", "max_steps=1"]) == 0
+
+
+def test_one_command_sweeps_a_setting_and_compares_the_runs(tmp_path):
+    from exitspec.cli import main
+
+    cfg = _cli_setup(tmp_path)
+    out = tmp_path / "sweep"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--work", str(tmp_path / "w"), "--no-progress",
+                 "--sweep", "temperature=1,2", "--eval-per-set", "1", "gen_max_new_tokens=4"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["sweep-eval", "temperature-1", "temperature-2"]
+    assert (tmp_path / "w" / "distill.jsonl").is_file()  # the answers were generated once, for both runs
+    assert not (tmp_path / "w" / "temperature-1" / "distill.jsonl").exists()
+    with open(out / "sweep-eval" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["bundle"] for r in rows} == {"temperature-1", "temperature-2", "norm_lm", "full"}
+    by = {(r["bundle"], r["layer"]): r for r in rows}
+    assert float(by[("temperature-2", "2")]["train_temperature"]) == 2.0
+    assert (out / "sweep-eval" / "layer_sweep.png").is_file()
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--sweep", "model=a,b"]) == 2
 
 
 def test_heads_train_on_a_bf16_model(tmp_path):

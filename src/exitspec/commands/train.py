@@ -1,6 +1,7 @@
 """`exitspec train`: train exit heads by self-distillation and save a bundle.
 
-    exitspec train --config configs/heads-smollm2.toml --out DIR [--resume] [KEY=VALUE ...]
+    exitspec train --config configs/heads-smollm2.toml --out DIR [--resume | --restart] [KEY=VALUE ...]
+    exitspec train --config ... --out DIR --sweep temperature=1,2,4     # DIR/temperature-1, ..., DIR/sweep-eval
 
 Work files (self-distilled answers, checkpoints) go to --work (default runs/<name of DIR>); the
 bundle folder DIR is written atomically at the end and holds only bundle.json + heads.safetensors
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from exitspec.calibration.evaluate import evaluate_heads, format_table
+from exitspec.calibration.evaluate import evaluate_bundles, evaluate_heads, format_table, plot_layer_sweep, write_csv
 from exitspec.calibration.sequences import heldout_prompts
 from exitspec.heads.bundle import HeadBundle
 from exitspec.loading import load
@@ -38,23 +39,73 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-per-set", type=int, default=0,
                    help="after training, evaluate norm_lm vs the trained heads on N held-out prompts per set "
                         "(the eval part, as `exitspec eval-heads`; answers cached in WORK/heldout.jsonl)")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                   help="train one bundle per value of one setting (OUT/KEY-V, answers generated once) and compare "
+                        "them with norm_lm on held-out answers (OUT/sweep-eval), e.g. --sweep temperature=1,2,4")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. lr=3e-4 layers=[4,8]")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = (TrainConfig.from_file(args.config, args.overrides) if args.config
-           else TrainConfig.from_dict(apply_overrides({}, args.overrides)))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+# Settings that change which sequences are trained on: a sweep over one of them generates its own data.
+DATA_KEYS = {"data", "per_set", "limit", "self_distill", "gen_max_new_tokens", "gen_batch", "gen_temperature",
+             "gen_seed", "max_len"}
+FIXED_KEYS = {"model", "device", "dtype", "threads"}  # one model is loaded for every run of a sweep
+
+
+def sweep_runs(args: argparse.Namespace) -> list[tuple[str, TrainConfig, Path, Path]]:
+    """(label, config, bundle folder, work folder) of each run: one, or one per value of --sweep."""
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / out.name
-    model = load(cfg.model, device=cfg.device, dtype=cfg.dtype or None)
-    check_config(cfg, model)  # before minutes of generating answers
-    check_work_folder(work, args.resume, args.restart)
+
+    def config(extra: list[str]) -> TrainConfig:
+        overrides = [*args.overrides, *extra]
+        return (TrainConfig.from_file(args.config, overrides) if args.config
+                else TrainConfig.from_dict(apply_overrides({}, overrides)))
+
+    if not args.sweep:
+        return [("heads", config([]), out, work)]
+    key, sep, values = args.sweep.partition("=")
+    key = key.strip()
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or len(vals) < 2:
+        raise ValueError(f"--sweep {args.sweep!r}: give KEY=V1,V2[,...] with two or more values, "
+                         "e.g. --sweep temperature=1,2,4")
+    if key in FIXED_KEYS:
+        raise ValueError(f"--sweep cannot vary {key!r}: every run of a sweep shares one loaded model")
+    runs = []
+    for v in vals:
+        label = f"{key}-{v}"
+        shared = [] if key in DATA_KEYS else [f"distill_cache={work / 'distill.jsonl'}"]  # generate once
+        runs.append((label, config([f"{key}={v}", *shared]), out / label, work / label))
+    return runs
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = sweep_runs(args)  # every config is read and checked before anything is loaded
+    first = runs[0][1]
+    if first.threads:
+        torch.set_num_threads(first.threads)
+    model = load(first.model, device=first.device, dtype=first.dtype or None)
+    for _, cfg, _, work in runs:
+        check_config(cfg, model)  # before minutes of generating answers
+        check_work_folder(work, args.resume, args.restart)
+    acc_state = _accelerate_state()
+    bundles = {}
+    for label, cfg, out, work in runs:
+        bundle = train_one(model, cfg, out, work, args, acc_state)
+        if bundle is not None:
+            bundles[label] = bundle
+    _end_processes(acc_state)  # on success only: a barrier after one process failed would hang the rest
+    if args.sweep and bundles:
+        compare_sweep(model, bundles, Path(args.out) / "sweep-eval", args.eval_per_set or 5,
+                      Path(args.work) if args.work else Path("runs") / Path(args.out).name, first.gen_max_new_tokens)
+    return 0
+
+
+def train_one(model, cfg: TrainConfig, out: Path, work: Path, args: argparse.Namespace, acc_state):
+    """Train and save one bundle (None on processes other than the main one)."""
     t_start = time.perf_counter()
     # Only the main process generates the self-distilled data; the others wait and read the cache.
-    acc_state = _accelerate_state()
     if acc_state is None or acc_state.is_main_process:
         examples = build_examples(model, cfg, work, progress=not args.no_progress)
     if acc_state is not None:
@@ -64,9 +115,8 @@ def run(args: argparse.Namespace) -> int:
     t_data = time.perf_counter() - t_start
     trainer = Trainer(model, cfg, examples, work, progress=not args.no_progress)
     result = trainer.train(resume=args.resume, restart=args.restart)
-    _end_processes(acc_state)  # on success only: a barrier after one process failed would hang the rest
     if trainer.rank != 0:
-        return 0
+        return None
     bundle = result.bundle
     bundle.config.training = {
         "config": cfg.to_dict(), "sequences": len(examples), "steps": result.steps,
@@ -78,13 +128,28 @@ def run(args: argparse.Namespace) -> int:
     }
     if cfg.self_distill and (corpus := draft_corpus(examples)):  # the model's own answers: lookup's datastore
         bundle.set_draft_corpus(corpus, source=f"self-distilled answers to {len(corpus)} prompts of {cfg.data}")
-    if args.eval_per_set:
-        bundle.config.training["heldout_eval"] = _evaluate(model, bundle, args.eval_per_set, work)
+    if args.eval_per_set and not args.sweep:
+        bundle.config.training["heldout_eval"] = _evaluate(model, bundle, args.eval_per_set, work,
+                                                           cfg.gen_max_new_tokens)
     bundle.save(out, dtype=getattr(torch, cfg.save_dtype))
     (work / "history.json").write_text(json.dumps(result.history))
     print(f"saved {len(bundle.layers)} {cfg.kind} heads at layers {bundle.layers} to {out} "
           f"({result.steps} steps, {result.tokens_per_s:.0f} trained tokens/s, {result.wall_s:.0f} s training)")
-    return 0
+    return bundle
+
+
+def compare_sweep(model, bundles: dict, out: Path, per_set: int, work: Path, max_new_tokens: int) -> None:
+    """Every run of a sweep and norm_lm at the same exits on the same held-out answers: results.csv,
+    results.json and layer_sweep.png in `out`."""
+    layers = sorted({layer for b in bundles.values() for layer in b.layers})
+    compared = {**bundles, "norm_lm": HeadBundle.create(model.lm, layers, "norm_lm", base_model=model.name)}
+    rows = evaluate_bundles(model, compared, _eval_sequences(model, per_set, work, max_new_tokens))
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    (out / "results.json").write_text(json.dumps({"model": model.name, "runs": list(bundles), "rows": rows}, indent=2))
+    plot_layer_sweep(rows, out / "layer_sweep.png", title=f"{model.name}: sweep of {', '.join(bundles)}")
+    print(format_table(rows))
+    print(f"wrote {out / 'results.csv'} and {out / 'layer_sweep.png'}")
 
 
 def _accelerate_state():
@@ -107,15 +172,19 @@ def _end_processes(acc_state) -> None:
     acc_state.destroy_process_group()
 
 
-def _evaluate(model, bundle, per_set: int, work: Path) -> dict:
-    """Held-out comparison of the trained heads vs norm_lm, with the `exitspec eval-heads` evaluator.
-
-    Prompts: the "eval" part of the held-out split (the one calibration never reads), per_set per
-    prompt set; answers: the full model's greedy ones, cached in WORK/heldout.jsonl like training data."""
+def _eval_sequences(model, per_set: int, work: Path, max_new_tokens: int):
+    """Held-out sequences for comparing heads: the "eval" part of the held-out split (the one
+    calibration never reads), per_set per prompt set, with the full model's greedy answers cached in
+    WORK/heldout.jsonl like training data."""
     prompts = heldout_prompts("eval", per_set * len(DEFAULT_SETS))  # interleaved: per_set from each set
-    examples = self_distill(model, prompts, work / "heldout.jsonl", DistillSettings(max_new_tokens=128),
+    examples = self_distill(model, prompts, work / "heldout.jsonl", DistillSettings(max_new_tokens=max_new_tokens),
                             progress=False)
-    return heldout_eval(model, bundle, eval_sequences(examples))
+    return eval_sequences(examples)
+
+
+def _evaluate(model, bundle, per_set: int, work: Path, max_new_tokens: int) -> dict:
+    """Held-out comparison of the trained heads vs norm_lm, with the `exitspec eval-heads` evaluator."""
+    return heldout_eval(model, bundle, _eval_sequences(model, per_set, work, max_new_tokens))
 
 
 def heldout_eval(model, bundle, sequences) -> dict:
