@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,6 +75,33 @@ def test_collate_masks_padding_first_token_and_prompt():
     a = collate(ex, pad_id=0, answer_only=True)
     # position 2 (last prompt token) predicts the first answer token
     assert a.mask.tolist()[0] == [False, False, True, True, True]
+
+
+def test_multi_turn_conversations_train_on_every_reply(tmp_path):
+    from conftest import char_tokenizer
+    from exitspec.prompts import load_prompts
+    from exitspec.training.data import build_examples
+    from helpers_server import CHAT_TEMPLATE
+
+    tok = char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    conv = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+            {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}, {"from": "human", "value": "q3"}]
+    data = tmp_path / "conv.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "conversations": conv}) + "\n" for i in range(10)))
+    prompt = load_prompts(data)[0]
+    assert [t["role"] for t in prompt.turns] == ["user", "assistant", "user", "assistant"]  # system, last q dropped
+    cfg = _cfg(data=str(data), self_distill=False, answer_only=True)
+    seqs = build_examples(SimpleNamespace(tokenizer=tok), cfg, tmp_path)
+    seq = seqs[0]
+    assert tok.decode(seq.ids) == "<user>q1<assistant>a1<user>q2<assistant>a2"
+    assert "".join(tok.decode([t]) for t, a in zip(seq.ids, seq.answer, strict=True) if a) == "a1a2"
+    batch = collate([seq], pad_id=0, answer_only=True)
+    trained = [int(batch.labels[0, t]) for t in range(len(seq.ids)) if batch.mask[0, t] and batch.labels[0, t] >= 0]
+    assert tok.decode(trained) == "a1a2"  # the second user turn is context, not a target
+    first_only = build_examples(SimpleNamespace(tokenizer=tok), _cfg(data=str(data), self_distill=False,
+                                                                       multi_turn=False), tmp_path)[0]
+    assert tok.decode(first_only.ids) == "<user>q1<assistant>a1" and first_only.answer is None
 
 
 def test_read_source_formats_use_the_train_split_only(tmp_path):

@@ -28,6 +28,9 @@ class Prompt:
     category: str = ""
     id: str = ""
     reference: str = ""  # a reference answer when the record has one (training may use it)
+    # The whole conversation of a multi-turn record ({"role": "user" | "assistant", "content"}, user
+    # first, alternating); None for single-turn records.
+    turns: list[dict] | None = None
 
 
 def _records(path: Path) -> list:
@@ -38,6 +41,26 @@ def _records(path: Path) -> list:
     if stripped.startswith("[") and not path.name.endswith((".jsonl", ".jsonl.gz")):
         return json.loads(text)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def conversation_turns(conv: list[dict]) -> list[dict] | None:
+    """A ShareGPT / chat record's messages as alternating user / assistant turns starting with the
+    user (system and other roles dropped), or None when it has no more than one exchange."""
+    turns = []
+    for m in conv:
+        role = ROLES.get(m.get("from", m.get("role")))
+        text = m.get("value", m.get("content", ""))
+        if role is None or not isinstance(text, str) or not text.strip():
+            continue
+        if (not turns and role != "user") or (turns and turns[-1]["role"] == role):
+            continue  # keep strict alternation from a user turn
+        turns.append({"role": role, "content": text})
+    if turns and turns[-1]["role"] == "user":
+        turns.pop()
+    return turns if len(turns) > 2 else None
 
 
 def to_prompt(rec, index: int, category: str) -> Prompt | None:
@@ -56,7 +79,7 @@ def to_prompt(rec, index: int, category: str) -> Prompt | None:
         reply = next((m for m in conv if m.get("from", m.get("role")) in ("gpt", "assistant")), None)
         text = user.get("value", user.get("content", ""))
         ref = (reply or {}).get("value", (reply or {}).get("content", ""))
-        return Prompt(text, cat, rid, ref)
+        return Prompt(text, cat, rid, ref, conversation_turns(conv))
     if "instruction" in rec:
         text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         return Prompt(text, cat, rid, rec.get("response", rec.get("output", "")))

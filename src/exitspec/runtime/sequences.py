@@ -20,14 +20,19 @@ from exitspec.runtime.layered import LayeredModel
 @dataclass
 class TokenSequence:
     """Token ids whose positions start..len-1 are trained / scored (start = the prompt's length;
-    0 for plain text, where every token after the first is trained)."""
+    0 for plain text, where every token after the first is trained). A multi-turn conversation also
+    marks which tokens are answers (`answer`, one flag per token): training on answers only then
+    skips the later user turns too."""
 
     ids: list[int]
     start: int
+    answer: list[bool] | None = None
 
     def __post_init__(self):
         if not 0 <= self.start <= len(self.ids):
             raise ValueError(f"a sequence's prompt length must lie in 0..{len(self.ids)}, got {self.start}")
+        if self.answer is not None and len(self.answer) != len(self.ids):
+            raise ValueError(f"answer flags ({len(self.answer)}) must match the tokens ({len(self.ids)})")
 
     @property
     def n_scored(self) -> int:

@@ -33,6 +33,9 @@ class TrainConfig:
     gen_seed: int = 0
     max_len: int = 384  # sequences are cut to this many tokens
     answer_only: bool = False  # train only on positions that predict answer tokens
+    # With reference answers (self_distill = false): every assistant turn of a multi-turn conversation
+    # (false: the first exchange only). Self-distillation answers the first user turn.
+    multi_turn: bool = True
     # --- loss ------------------------------------------------------------------------------------
     temperature: float = 1.0  # KD temperature T (loss is scaled by T^2)
     ce_weight: float = 0.0  # weight of CE on the next token (the data's labels)

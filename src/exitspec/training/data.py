@@ -44,6 +44,37 @@ def chat_ids(tokenizer, prompt: str, answer: str | None = None) -> tuple[list[in
     return p_ids + tokenizer(answer, add_special_tokens=False)["input_ids"], len(p_ids)
 
 
+def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def conversation_ids(tokenizer, turns: list[dict]) -> TokenSequence | None:
+    """Every turn of a conversation through the chat template, each assistant turn's tokens marked as
+    answer; None where the tokenizer has no template or the template does not build the conversation
+    turn by turn (each prefix a prefix of the whole), so that the answers cannot be located."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    full = _template_ids(tokenizer, turns, False)
+    answer = [False] * len(full)
+    for k, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        before, upto = _template_ids(tokenizer, turns[:k], True), _template_ids(tokenizer, turns[: k + 1], False)
+        if full[: len(upto)] != upto or upto[: len(before)] != before:
+            return None
+        answer[len(before): len(upto)] = [True] * (len(upto) - len(before))
+    return TokenSequence(full, answer.index(True), answer) if any(answer) else None
+
+
+def reference_example(tokenizer, prompt: Prompt, multi_turn: bool = True) -> TokenSequence:
+    """A record with its reference answer(s): every turn of a multi-turn conversation (multi_turn), else
+    the first exchange."""
+    if multi_turn and prompt.turns and (seq := conversation_ids(tokenizer, prompt.turns)) is not None:
+        return seq
+    return TokenSequence(*chat_ids(tokenizer, prompt.text, prompt.reference))
+
+
 def read_source(source: str, *, per_set: int = 60, limit: int = 0) -> tuple[list[Prompt], list[str]]:
     """(prompts with optional reference answers, plain texts) of a data source, train split only."""
     if source == "mixed":
@@ -194,8 +225,9 @@ def build_examples(model, cfg, out_dir: Path, *, progress: bool = True) -> list[
             if missing:
                 raise ValueError(f"{missing} of {len(prompts)} records have no reference answer; "
                                  "set self_distill = true to answer them with the base model")
-            examples += [TokenSequence(*chat_ids(tok, p.text, p.reference)) for p in prompts]
-    examples = [TokenSequence(e.ids[: cfg.max_len], min(e.start, cfg.max_len)) for e in examples]
+            examples += [reference_example(tok, p, cfg.multi_turn) for p in prompts]
+    examples = [TokenSequence(e.ids[: cfg.max_len], min(e.start, cfg.max_len),
+                              None if e.answer is None else e.answer[: cfg.max_len]) for e in examples]
     examples = [e for e in examples if len(e.ids) >= 3]
     if not examples:
         raise ValueError(f"no usable training sequences in {cfg.data!r}")
@@ -214,7 +246,8 @@ def collate(examples: list[TokenSequence], pad_id: int, answer_only: bool = Fals
 
     Position t's hidden state predicts token t+1. Masked out: padding, position 0 (the first token's
     state is an attention sink, unlike anything seen while decoding) and, with answer_only, every
-    position before the last prompt token."""
+    position before the last prompt token (in a conversation: every position that does not predict an
+    answer token)."""
     T = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(examples), T, dtype=torch.bool)
@@ -224,5 +257,8 @@ def collate(examples: list[TokenSequence], pad_id: int, answer_only: bool = Fals
         ids[b, :n] = torch.tensor(e.ids)
         first = max(1, e.start - 1) if answer_only else 1
         mask[b, first:n] = True
+        if answer_only and e.answer is not None:  # a conversation: only positions that predict answer tokens
+            ans = torch.tensor(e.answer[1:] + e.answer[-1:])  # position t predicts token t+1
+            mask[b, :n] &= ans
         labels[b, : n - 1] = ids[b, 1:n]
     return Batch(ids, mask, labels)
