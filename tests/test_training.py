@@ -261,6 +261,35 @@ def test_streamed_teacher_trains_the_heads_the_cached_one_does(tmp_path, sparse)
         _cfg(teacher="lazy")
 
 
+def test_sparse_teacher_targets_cached_on_disk_train_the_same_heads(tmp_path):
+    """teacher_cache: one full teacher pass writes the data set's top-k targets (memory-mapped); every
+    step then runs the base only up to the deepest exit. Same heads as computing them each step; a
+    second run reuses the file untouched; other data makes a new one."""
+    m = tiny_loaded("llama")
+    ex = random_examples(16)
+    sparse = dict(kd_topk=8, kd_vocab=40, epochs=2)
+    plain = Trainer(m, _cfg(**sparse), ex, tmp_path / "plain", progress=False)
+    ref = plain.train()
+    cache = tmp_path / "teacher"
+    first = Trainer(m, _cfg(teacher_cache=str(cache), **sparse), ex, tmp_path / "c1", progress=False)
+    got = first.train()
+    assert first.sparse is not None and first.sparse.rows == sum(t.tokens for t in [first.targets_for([i])
+                                                                                   for i in range(16)])
+    assert torch.equal(first.vocab.ids, plain.vocab.ids)
+    for k, v in got.bundle.state_dict().items():
+        torch.testing.assert_close(v, ref.bundle.state_dict()[k], rtol=1e-4, atol=1e-5)
+    stamp = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
+    again = Trainer(m, _cfg(teacher_cache=str(cache), **sparse), ex, tmp_path / "c2", progress=False).train()
+    assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == stamp  # reused, not rewritten
+    for k, v in again.bundle.state_dict().items():
+        assert torch.equal(v, got.bundle.state_dict()[k]), k
+    Trainer(m, _cfg(teacher_cache=str(cache), **sparse), random_examples(16, seed=5), tmp_path / "c3",
+            progress=False).train(stop_after=1)
+    assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} != stamp  # other data: rebuilt
+    with pytest.raises(ValueError, match="teacher_cache keeps sparse targets"):
+        _cfg(teacher_cache=str(cache), kd_topk=0)
+
+
 def test_resume_continues_from_the_same_step_and_matches(tmp_path):
     m = tiny_loaded("llama")
     ex = random_examples(16)

@@ -49,18 +49,20 @@ def scored_sequence(ids: list[int], start: int) -> TokenSequence:
 @dataclass
 class TeacherPass:
     hidden: dict[int, torch.Tensor]  # exit layer -> (B, T, C) hidden state after that many layers
-    logits: torch.Tensor  # (B, T - logits_from, V) full-model logits at positions logits_from..T-1
+    logits: torch.Tensor | None  # (B, T - logits_from, V) full-model logits at positions logits_from..T-1
 
 
 @torch.no_grad()
-def teacher_pass(lm: LayeredModel, ids: torch.Tensor, layers: list[int], *, logits_from: int = 0) -> TeacherPass:
+def teacher_pass(lm: LayeredModel, ids: torch.Tensor, layers: list[int], *, logits_from: int = 0,
+                 logits: bool = True) -> TeacherPass:
     """ids (B, T) right-padded -> hidden states after each layer in `layers` and final logits.
 
     The one teacher forward of exitspec: training targets and held-out evaluation / calibration
     (teacher_forward) both run it. no_grad, not inference_mode: the hidden states become inputs of
     trainable heads, and autograd refuses to save inference tensors for backward (evaluation wraps
     it in inference_mode itself). logits_from skips the LM head on leading positions nobody scores
-    (a prompt): at V = 49k the LM head is a large share of a small model's compute."""
+    (a prompt): at V = 49k the LM head is a large share of a small model's compute. logits=False stops
+    after the deepest of `layers` (the teacher's outputs come from elsewhere, e.g. a cache on disk)."""
     if any(not 0 < layer < lm.num_layers for layer in layers):
         raise ValueError(f"exit layers {layers} must lie in 1..{lm.num_layers - 1}")
     B, T = ids.shape
@@ -73,12 +75,12 @@ def teacher_pass(lm: LayeredModel, ids: torch.Tensor, layers: list[int], *, logi
     h = lm.embed(ids, pos)  # (B, T, C)
     ctx = lm.context(h, pos)
     hidden, start = {}, 0
-    for stop in sorted(set(layers)) + [lm.num_layers]:
+    for stop in sorted(set(layers)) + ([lm.num_layers] if logits else []):
         h = lm.run_layers(h, pos, cache, start, stop, ctx=ctx)
         if stop < lm.num_layers:
             hidden[stop] = h
         start = stop
-    return TeacherPass(hidden=hidden, logits=lm.logits(h[:, logits_from:]))
+    return TeacherPass(hidden=hidden, logits=lm.logits(h[:, logits_from:]) if logits else None)
 
 
 @torch.inference_mode()

@@ -45,6 +45,10 @@ class TrainConfig:
     # the data set (a 1B+ model, or many examples); "cached": one teacher pass before training, its
     # outputs kept in memory and reused every epoch (faster for a small model over several epochs).
     teacher: str = "streamed"
+    # A folder for the data set's sparse teacher targets (kd_topk > 0, streamed teacher), memory-mapped
+    # and reused by every later run on the same model and data: its steps then run the base only up to
+    # the deepest exit. "" = no cache.
+    teacher_cache: str = ""
     # --- optimisation ----------------------------------------------------------------------------
     epochs: int = 1
     max_steps: int = 0  # >0 caps optimizer steps
@@ -73,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.teacher not in ("streamed", "cached"):
             raise ValueError(f"teacher must be 'streamed' or 'cached', got {self.teacher!r}")
+        if self.teacher_cache and (self.kd_topk <= 0 or self.teacher != "streamed"):
+            raise ValueError("teacher_cache keeps sparse targets for a streamed teacher: set kd_topk > 0 and "
+                             "teacher = 'streamed', or drop teacher_cache")
 
     def to_dict(self) -> dict:
         return asdict(self)

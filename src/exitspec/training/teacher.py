@@ -11,6 +11,7 @@ from tqdm import tqdm
 from exitspec.runtime.layered import LayeredModel
 from exitspec.runtime.sequences import TokenSequence, teacher_pass
 from exitspec.training.data import collate
+from exitspec.training.teacher_cache import SparseTargets
 
 
 @dataclass
@@ -35,27 +36,31 @@ class Targets:
 
 
 def compute_targets(lm: LayeredModel, examples: list[TokenSequence], layers: list[int], *, pad_id: int, batch_size: int,
-                    topk: int, answer_only: bool, progress: bool = True) -> list[Targets]:
+                    topk: int, answer_only: bool, progress: bool = True,
+                    sparse: SparseTargets | None = None, index: list[int] | None = None) -> list[Targets]:
     """One teacher pass over every example (length-sorted batches), kept per example.
 
     The heads are small, so the frozen teacher dominates a training step; running it once and
     reusing its outputs across epochs makes every epoch after the first nearly free. With topk > 0
     only the teacher's top-k logits per position are kept (KD against the top-k-renormalised
-    teacher, the usual "sparse KD"), which also keeps memory at n*k instead of n*V."""
+    teacher, the usual "sparse KD"), which also keeps memory at n*k instead of n*V. With `sparse` (the
+    top-k targets of the data set, on disk, and `index`: each example's position in it) the base runs
+    only up to the deepest exit: the rest of the layers and the LM head are read, not computed."""
     out: list[Targets | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     bar = tqdm(total=len(examples), desc="teacher pass", unit="seq", disable=not progress)
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
         batch = collate([examples[i] for i in idx], pad_id, answer_only)
-        tp = teacher_pass(lm, batch.ids, layers)
+        tp = teacher_pass(lm, batch.ids, layers, logits=sparse is None)
         for b, i in enumerate(idx):
             m = batch.mask[b].to(lm.device)
-            logits = tp.logits[b][m].float()  # (n, V)
-            if topk > 0:
-                vals, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+            if sparse is not None:
+                ids, vals = sparse.of(index[i], lm.device)
+            elif topk > 0:
+                vals, ids = tp.logits[b][m].float().topk(min(topk, tp.logits.shape[-1]), dim=-1)  # (n, k)
             else:
-                vals, ids = logits, None
+                vals, ids = tp.logits[b][m].float(), None  # (n, V)
             out[i] = Targets(hidden={x: tp.hidden[x][b][m].clone() for x in layers}, top_ids=ids,
                              top_logits=vals.clone(), labels=batch.labels[b].to(lm.device)[m])
         bar.update(len(idx))

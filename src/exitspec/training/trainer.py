@@ -27,17 +27,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from exitspec.heads.bundle import HeadBundle
+from exitspec.heads.bundle import HeadBundle, fingerprint
 from exitspec.heads.kinds import HEAD_KINDS, make_head
 from exitspec.runtime.sequences import TokenSequence
 from exitspec.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from exitspec.training.config import TrainConfig
+from exitspec.training.data import collate
 from exitspec.training.losses import VocabSubset, exit_loss, teacher_mass
 from exitspec.training.teacher import Targets, compute_targets
+from exitspec.training.teacher_cache import SparseTargets, build_cache, cache_meta, open_cache
 
 CHECKPOINT = "checkpoint"  # a folder: training/checkpoint.py
 PICKLE_CHECKPOINT = "checkpoint.pt"  # what exitspec wrote before; refused, never unpickled
@@ -155,15 +158,18 @@ class Trainer:
         self.history: list[dict] = []
         self.targets: list[Targets] | None = None  # per example, with cfg.teacher "cached"
         self.vocab: VocabSubset | None = None  # the KD vocabulary, set by prepare_targets
+        self.sparse: SparseTargets | None = None  # the data set's targets on disk (cfg.teacher_cache)
         self.teacher_s = 0.0
 
     # --- teacher targets --------------------------------------------------------------------------
-    def _teacher_pass(self, examples: list[TokenSequence], progress: bool = False) -> list[Targets]:
+    def _teacher_pass(self, examples: list[TokenSequence], progress: bool = False,
+                      index: list[int] | None = None) -> list[Targets]:
         cfg, pad = self.cfg, self.model.tokenizer.pad_token_id
         t0 = time.perf_counter()
         out = compute_targets(self.model.lm, examples, cfg.layers, pad_id=0 if pad is None else pad,
                               batch_size=cfg.batch_size, topk=cfg.kd_topk, answer_only=cfg.answer_only,
-                              progress=progress and self.progress and self.rank == 0)
+                              progress=progress and self.progress and self.rank == 0,
+                              sparse=self.sparse if index is not None else None, index=index)
         self.teacher_s += time.perf_counter() - t0
         return out
 
@@ -176,7 +182,10 @@ class Trainer:
             return
         cfg, V = self.cfg, self.model.lm.vocab_size
         reduce = (lambda x: self.acc.reduce(x, "sum")) if self.acc and self.world > 1 else None
-        if cfg.teacher == "cached":
+        if cfg.teacher_cache:
+            self.sparse = self._open_teacher_cache()
+            self.vocab = VocabSubset.from_mass(*self._cached_mass(), V, cfg.kd_vocab)
+        elif cfg.teacher == "cached":
             # Any process may draw any sequence (one global order), so each keeps every sequence's targets.
             self.targets = self._teacher_pass(self.examples, progress=True)
             self.vocab = VocabSubset.from_targets(self.targets, V, cfg.kd_vocab)
@@ -191,10 +200,39 @@ class Trainer:
         else:
             self.vocab = VocabSubset(None, V)  # dense targets score the whole vocabulary
 
+    def _open_teacher_cache(self) -> SparseTargets:
+        """The data set's sparse targets from cfg.teacher_cache, written first by the main process
+        (one full teacher pass) unless a cache made from this very model, data and k is there."""
+        cfg, B = self.cfg, self.cfg.batch_size
+        meta = cache_meta(fingerprint(self.model.lm), self.examples, cfg.kd_topk, cfg.answer_only)
+        if self.rank == 0 and open_cache(cfg.teacher_cache, meta) is None:
+            build_cache(cfg.teacher_cache, meta, (self._teacher_pass(self.examples[s: s + B], progress=s == 0)
+                                                  for s in range(0, len(self.examples), B)))
+        if self.acc and self.world > 1:
+            self.acc.wait_for_everyone()
+        return open_cache(cfg.teacher_cache, meta)
+
+    def _cached_mass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """teacher_mass over the cached targets, and the labels of the trained positions."""
+        V, sp = self.model.lm.vocab_size, self.sparse
+        mass, is_label = torch.zeros(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
+        for lo in range(0, sp.rows, 65536):  # a slice of the mapped file at a time
+            ids = torch.from_numpy(np.array(sp.top_ids[lo: lo + 65536])).long()
+            vals = torch.from_numpy(np.array(sp.top_logits[lo: lo + 65536]))
+            mass.index_add_(0, ids.flatten(), vals.softmax(-1).flatten().double())
+        pad = self.model.tokenizer.pad_token_id or 0
+        for s in range(0, len(self.examples), 256):
+            batch = collate(self.examples[s: s + 256], pad, self.cfg.answer_only)
+            labels = batch.labels[batch.mask]
+            is_label[labels[labels >= 0]] = 1.0
+        return mass, is_label
+
     def targets_for(self, idx: list[int]) -> Targets:
         """The teacher's targets for the examples `idx`."""
         if self.targets is not None:
             return Targets.cat([self.targets[i] for i in idx])
+        if self.sparse is not None:  # the base up to the deepest exit; the rest from the cache on disk
+            return Targets.cat(self._teacher_pass([self.examples[i] for i in idx], index=idx))
         return Targets.cat(self._teacher_pass([self.examples[i] for i in idx]))
 
     # --- data order --------------------------------------------------------------------------------
