@@ -2,7 +2,7 @@
 no two files import each other in a circle, and a function-level import says why it is one.
 
     paths, atomic -> prompts, kernels -> models -> runtime -> heads -> loading -> decoding
-        -> training -> calibration -> bench -> server -> commands -> cli, the package root
+        -> training -> calibration -> export -> bench -> server -> commands -> cli, the package root
 
 Decoding sits below training and calibration because they generate with it (self-distillation, the
 model's own answers to calibrate on); nothing in decoding needs them: it reads what they produce
@@ -26,6 +26,7 @@ LAYERS = [
     {"decoding"},
     {"training"},
     {"calibration"},
+    {"export"},
     {"bench"},
     {"server"},
     {"commands"},

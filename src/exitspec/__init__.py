@@ -2,6 +2,7 @@
 
 from exitspec.decoding.api import GenerationResult, generate, stream
 from exitspec.decoding.events import DoneEvent, FinishEvent, GenerationStats, TokenEvent
+from exitspec.export.draft import export_draft
 from exitspec.loading import LoadedModel, ModelLoadError, attach_heads, load
 from exitspec.runtime.kv_cache import KVCache
 from exitspec.runtime.layered import LayeredModel
@@ -19,6 +20,7 @@ __all__ = [
     "ModelLoadError",
     "TokenEvent",
     "attach_heads",
+    "export_draft",
     "generate",
     "load",
     "stream",

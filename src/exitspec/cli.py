@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datastore": ("exitspec.commands.datastore", "rebuild a bundle's lookup datastore from the model's own answers"),
     "calibrate": ("exitspec.commands.calibrate", "choose per-exit confidence thresholds on held-out data"),
     "eval-heads": ("exitspec.commands.eval_heads", "per-exit KL, perplexity, agreement and coverage"),
+    "export-draft": ("exitspec.commands.export_draft", "write a trained exit as a standard draft model folder"),
     "bench": ("exitspec.commands.bench", "benchmark strategies and peers: results.csv, plots, report"),
     "serve": ("exitspec.commands.serve", "OpenAI-compatible HTTP server"),
 }

@@ -1,0 +1,73 @@
+"""A trained exit as a standard draft model: the base model's own architecture class, cut to its
+first `layer` decoder layers, ending in the exit's head, saved as an HF folder that
+`AutoModelForCausalLM.from_pretrained(DIR)` loads with no custom code. Engines that take a separate
+draft model for speculative decoding (HF `generate(assistant_model=...)`, vLLM, llama.cpp) can then
+draft with it.
+
+Only what the architecture expresses exactly is exported. A `norm_lm` exit is the plain truncation
+(the layers, the frozen final norm, the frozen LM head); an `lm_head` exit swaps in its tuned LM head
+(embeddings then untied). The `linear` and `swiglu` adapters sit between the last layer and the
+final norm, where no standard layer does, so they are refused with the kinds that do export.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from exitspec.atomic import atomic_dir
+from exitspec.heads.bundle import HeadBundle
+from exitspec.loading import LoadedModel
+
+EXPORTABLE = {"norm_lm": "plain truncation: the first layers, the final norm, the LM head",
+              "lm_head": "the first layers, the final norm and the exit's tuned LM head"}
+_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # model.layers.3. / gpt_neox.layers.3. / transformer.h.3.
+
+
+class ExportError(ValueError):
+    """An exit that cannot be written as a standard checkpoint; the message says which can."""
+
+
+def draft_state(model: LoadedModel, bundle: HeadBundle, layer: int) -> tuple[dict, dict]:
+    """(config dict, state dict) of the draft model for exit `layer`."""
+    if layer not in bundle.layers:
+        raise ExportError(f"the bundle has exits at layers {bundle.layers}, not {layer}")
+    kind = bundle.config.head_kinds.get(str(layer), "")
+    if kind not in EXPORTABLE:
+        kinds = "; ".join(f"{k} ({why})" for k, why in EXPORTABLE.items())
+        raise ExportError(f"the {kind!r} head at layer {layer} is not a layer the {model.config.model_type} "
+                          f"architecture has, so no standard checkpoint reproduces it; exportable kinds: {kinds}")
+    cfg = model.config.to_dict()
+    cfg["n_layer" if "n_layer" in cfg else "num_hidden_layers"] = layer
+    if isinstance(cfg.get("layer_types"), list):
+        cfg["layer_types"] = cfg["layer_types"][:layer]
+    state = {k: v for k, v in model.model.state_dict().items()
+             if (m := _LAYER.search(k)) is None or int(m.group(1)) < layer}
+    if kind == "lm_head":
+        head = bundle.head(layer)
+        if head.head_bias() is not None:
+            raise ExportError("this tuned LM head has a bias, which the architecture's LM head does not")
+        head_module = model.model.get_output_embeddings()  # by module: a tied weight's first name is the embedding's
+        out_key = next(name for name, mod in model.model.named_modules() if mod is head_module) + ".weight"
+        state[out_key] = head.head_weight().detach().to(model.lm.dtype).clone()
+        cfg["tie_word_embeddings"] = False
+    return cfg, state
+
+
+def export_draft(model: LoadedModel, bundle: HeadBundle, layer: int, out: str | Path) -> Path:
+    """Write exit `layer` of `bundle` as a draft model folder at `out` (atomically)."""
+    cfg_dict, state = draft_state(model, bundle, layer)
+    config = type(model.config).from_dict(cfg_dict)
+    with torch.device("meta"):  # no random weights for layers about to be replaced
+        draft = type(model.model)(config)
+    draft.load_state_dict(state, assign=True, strict=False)
+    missing = [k for k, v in draft.state_dict().items() if v.is_meta]
+    if missing:
+        raise ExportError(f"the draft model misses weights {missing[:3]}; this architecture is not supported")
+    draft.tie_weights()
+    with atomic_dir(out) as tmp:
+        draft.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+    return Path(out)

@@ -1,0 +1,73 @@
+"""Exits exported as standard draft models: the same logits as the exit, lossless in HF's assisted
+generation, refused where the architecture cannot express the head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES, save_tiny_model, tiny_loaded
+from exitspec.export.draft import ExportError, export_draft
+from exitspec.heads.bundle import HeadBundle
+from exitspec.runtime.sequences import teacher_pass
+
+IDS = torch.tensor([[5, 17, 33, 2, 60, 41, 7, 9, 3, 3, 12]])
+
+
+def bundle_of(m, kind: str, layer: int = 3) -> HeadBundle:
+    bundle = HeadBundle.create(m.lm, [layer], kind, base_model=m.name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a tuned head: not the base's weights any more
+        for p in bundle.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return bundle
+
+
+@pytest.mark.parametrize("kind", ["norm_lm", "lm_head"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_exported_draft_computes_the_exit(tmp_path, family, kind):
+    m = tiny_loaded(family)
+    bundle = bundle_of(m, kind)
+    draft = AutoModelForCausalLM.from_pretrained(export_draft(m, bundle, 3, tmp_path / "draft")).eval()
+    assert draft.config.num_hidden_layers == 3 and type(draft) is type(m.model)
+    with torch.no_grad():
+        got = draft(IDS).logits
+        ref = bundle.head(3)(teacher_pass(m.lm, IDS, [3]).hidden[3])
+    assert float((got - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hf_assisted_generation_with_the_draft_is_lossless(tmp_path, family):
+    m = tiny_loaded(family)
+    draft = AutoModelForCausalLM.from_pretrained(export_draft(m, bundle_of(m, "lm_head"), 3, tmp_path / "d")).eval()
+    for prompt in ([5, 17, 33], [60, 41, 7, 9, 3]):
+        x = torch.tensor([prompt])
+        kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False, pad_token_id=95)
+        plain = m.model.generate(x, **kw)
+        assisted = m.model.generate(x, assistant_model=draft, **kw)
+        assert assisted.tolist() == plain.tolist()
+
+
+def test_heads_no_standard_layer_expresses_are_refused(tmp_path, capsys):
+    from exitspec.cli import main
+
+    m = tiny_loaded("llama")
+    for kind in ("swiglu", "linear"):
+        with pytest.raises(ExportError, match="exportable kinds: norm_lm"):
+            export_draft(m, HeadBundle.create(m.lm, [3], kind), 3, tmp_path / kind)
+        assert not (tmp_path / kind).exists()
+    with pytest.raises(ExportError, match="not 4"):
+        export_draft(m, HeadBundle.create(m.lm, [3], "norm_lm"), 4, tmp_path / "x")
+    folder = save_tiny_model(tmp_path / "tiny")
+    from exitspec.loading import load
+
+    lm = load(str(folder)).lm
+    HeadBundle.create(lm, [2], "swiglu").save(tmp_path / "sw")
+    HeadBundle.create(lm, [2], "lm_head").save(tmp_path / "lh")
+    assert main(["export-draft", "--model", str(folder), "--heads", str(tmp_path / "sw"), "--exit-layer", "2",
+                 "--out", str(tmp_path / "o1")]) == 2
+    assert "exportable kinds" in capsys.readouterr().err and not (tmp_path / "o1").exists()
+    assert main(["export-draft", "--model", str(folder), "--heads", str(tmp_path / "lh"), "--exit-layer", "2",
+                 "--out", str(tmp_path / "o2")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o2").config.num_hidden_layers == 2
