@@ -71,7 +71,7 @@ def train_case(shape: dict, examples: int, steps: int = 3, seq_len: int = 64, ba
         t0 = time.perf_counter()
         result = Trainer(model, cfg, data, work, progress=False).train()
         wall = time.perf_counter() - t0
-    return {"examples": examples, "steps": result.steps, "batch": batch, "seq_len": seq_len,
+    return {"examples": examples, "exits": list(exits), "steps": result.steps, "batch": batch, "seq_len": seq_len,
             "step_s": wall / max(result.steps, 1), "model_built_rss_mib": built_mib, "peak_rss_mib": peak_rss_mib(),
             "final_kd": result.history[-1]["kd"]}
 

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if done.returncode != 0:
             raise RuntimeError(f"training case with {n} examples failed: {done.stderr.strip()[-2000:]}")
         case = json.loads(done.stdout.strip().splitlines()[-1])
-        train.append({**case, "shape": args.shape, "exits": [4, 8]})
+        train.append({**case, "shape": args.shape})
         print(f"train {n} examples: {case['step_s']:.1f} s/step, peak RSS {case['peak_rss_mib']:.0f} MiB", flush=True)
     models = {args.shape: cost_model(SHAPES[args.shape], args.exits, gamma=args.draft_len)}
     print(f"cost model of {args.shape} done", flush=True)

@@ -52,10 +52,14 @@ DATA_KEYS = {"data", "per_set", "limit", "self_distill", "gen_max_new_tokens", "
 FIXED_KEYS = {"model", "device", "dtype", "threads"}  # one model is loaded for every run of a sweep
 
 
+def work_folder(args: argparse.Namespace) -> Path:
+    """--work, by default runs/<name of --out>."""
+    return Path(args.work) if args.work else Path("runs") / Path(args.out).name
+
+
 def sweep_runs(args: argparse.Namespace) -> list[tuple[str, TrainConfig, Path, Path]]:
     """(label, config, bundle folder, work folder) of each run: one, or one per value of --sweep."""
-    out = Path(args.out)
-    work = Path(args.work) if args.work else Path("runs") / out.name
+    out, work = Path(args.out), work_folder(args)
 
     def config(extra: list[str]) -> TrainConfig:
         overrides = [*args.overrides, *extra]
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     _end_processes(acc_state)  # on success only: a barrier after one process failed would hang the rest
     if args.sweep and bundles:
         compare_sweep(model, bundles, Path(args.out) / "sweep-eval", args.eval_per_set or 5,
-                      Path(args.work) if args.work else Path("runs") / Path(args.out).name, first.gen_max_new_tokens)
+                      work_folder(args), first.gen_max_new_tokens)
     return 0
 
 

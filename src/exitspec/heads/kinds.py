@@ -12,6 +12,8 @@ Every kind is initialised so that, untrained, it computes exactly the `norm_lm` 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -29,13 +31,20 @@ def register_head_kind(cls: type[ExitHead]) -> type[ExitHead]:
     return cls
 
 
-def make_head(kind: str, lm: LayeredModel, layer: int, **kwargs) -> ExitHead:
+def check_head(kind: str, lm: LayeredModel, layer: int, **kwargs) -> type[ExitHead]:
+    """The class of head kind `kind` once its options bind to its constructor; nothing is built (an
+    lm_head kind copies the whole LM head), so a config can be checked before any work."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(sorted(HEAD_KINDS))}")
     try:
-        return HEAD_KINDS[kind](lm, layer, **kwargs)
+        inspect.signature(HEAD_KINDS[kind]).bind(lm, layer, **kwargs)
     except TypeError as err:  # an option this kind does not take (e.g. from a hand-edited bundle.json)
         raise ValueError(f"bad options for head kind {kind!r}: {kwargs} ({err})") from err
+    return HEAD_KINDS[kind]
+
+
+def make_head(kind: str, lm: LayeredModel, layer: int, **kwargs) -> ExitHead:
+    return check_head(kind, lm, layer, **kwargs)(lm, layer, **kwargs)
 
 
 def default_adapter_width(lm: LayeredModel, fraction: float = 0.005) -> int:

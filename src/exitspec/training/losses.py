@@ -81,13 +81,19 @@ class VocabSubset:
         return torch.where(labels >= 0, slots, labels)
 
 
+def add_mass(mass: torch.Tensor, top_ids: torch.Tensor, top_logits: torch.Tensor) -> None:
+    """Add to (V,) `mass` the teacher probability of sparse targets: top-k ids and logits (N, k),
+    renormalised over the k."""
+    mass.index_add_(0, top_ids.flatten().long().cpu(), top_logits.float().softmax(-1).flatten().double().cpu())
+
+
 def teacher_mass(targets: list[Targets], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(V,) teacher probability per token summed over sparse targets, (V,) 1 where a token is a label:
     sums over any split of the data add up to the whole's."""
     mass = torch.zeros(vocab_size, dtype=torch.float64)
     is_label = torch.zeros(vocab_size, dtype=torch.float64)
     for t in targets:
-        mass.index_add_(0, t.top_ids.flatten().cpu(), t.top_logits.float().softmax(-1).flatten().double().cpu())
+        add_mass(mass, t.top_ids, t.top_logits)
         labels = t.labels.cpu()
         is_label[labels[labels >= 0]] = 1.0  # every label stays in the subset (for the CE term)
     return mass, is_label

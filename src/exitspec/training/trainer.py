@@ -33,12 +33,12 @@ from torch import nn
 from tqdm import tqdm
 
 from exitspec.heads.bundle import HeadBundle, fingerprint
-from exitspec.heads.kinds import HEAD_KINDS, make_head
+from exitspec.heads.kinds import check_head
 from exitspec.runtime.sequences import TokenSequence
 from exitspec.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from exitspec.training.config import TrainConfig
 from exitspec.training.data import collate
-from exitspec.training.losses import VocabSubset, exit_loss, teacher_mass
+from exitspec.training.losses import VocabSubset, add_mass, exit_loss, teacher_mass
 from exitspec.training.teacher import Targets, compute_targets
 from exitspec.training.teacher_cache import SparseTargets, build_cache, cache_meta, open_cache
 
@@ -105,11 +105,9 @@ def check_config(cfg: TrainConfig, model) -> None:
     if bad:
         raise ValueError(f"exit layers {bad} are outside 1..{lm.num_layers - 1} for {model.name}; pick layers "
                          "in that range (layers=[...])")
-    if cfg.kind not in HEAD_KINDS:
-        raise ValueError(f"unknown head kind {cfg.kind!r}; choose one of {', '.join(sorted(HEAD_KINDS))}")
     if cfg.kind == "norm_lm":
         raise ValueError("head kind 'norm_lm' has no trainable parameters; pick linear, swiglu or lm_head")
-    make_head(cfg.kind, lm, cfg.layers[0], **cfg.head_options)  # raises on options the kind does not take
+    check_head(cfg.kind, lm, cfg.layers[0], **cfg.head_options)
 
 
 def check_work_folder(work: Path, resume: bool, restart: bool) -> None:
@@ -162,14 +160,20 @@ class Trainer:
         self.teacher_s = 0.0
 
     # --- teacher targets --------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        pad = self.model.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
     def _teacher_pass(self, examples: list[TokenSequence], progress: bool = False,
                       index: list[int] | None = None) -> list[Targets]:
-        cfg, pad = self.cfg, self.model.tokenizer.pad_token_id
+        """compute_targets over `examples` (timed); with the targets cache open, `index` places them in it."""
+        cfg = self.cfg
         t0 = time.perf_counter()
-        out = compute_targets(self.model.lm, examples, cfg.layers, pad_id=0 if pad is None else pad,
+        out = compute_targets(self.model.lm, examples, cfg.layers, pad_id=self.pad_id,
                               batch_size=cfg.batch_size, topk=cfg.kd_topk, answer_only=cfg.answer_only,
                               progress=progress and self.progress and self.rank == 0,
-                              sparse=self.sparse if index is not None else None, index=index)
+                              sparse=self.sparse, index=index)
         self.teacher_s += time.perf_counter() - t0
         return out
 
@@ -217,12 +221,10 @@ class Trainer:
         V, sp = self.model.lm.vocab_size, self.sparse
         mass, is_label = torch.zeros(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
         for lo in range(0, sp.rows, 65536):  # a slice of the mapped file at a time
-            ids = torch.from_numpy(np.array(sp.top_ids[lo: lo + 65536])).long()
-            vals = torch.from_numpy(np.array(sp.top_logits[lo: lo + 65536]))
-            mass.index_add_(0, ids.flatten(), vals.softmax(-1).flatten().double())
-        pad = self.model.tokenizer.pad_token_id or 0
+            add_mass(mass, torch.from_numpy(np.array(sp.top_ids[lo: lo + 65536])),
+                     torch.from_numpy(np.array(sp.top_logits[lo: lo + 65536])))
         for s in range(0, len(self.examples), 256):
-            batch = collate(self.examples[s: s + 256], pad, self.cfg.answer_only)
+            batch = collate(self.examples[s: s + 256], self.pad_id, self.cfg.answer_only)
             labels = batch.labels[batch.mask]
             is_label[labels[labels >= 0]] = 1.0
         return mass, is_label
@@ -231,9 +233,8 @@ class Trainer:
         """The teacher's targets for the examples `idx`."""
         if self.targets is not None:
             return Targets.cat([self.targets[i] for i in idx])
-        if self.sparse is not None:  # the base up to the deepest exit; the rest from the cache on disk
-            return Targets.cat(self._teacher_pass([self.examples[i] for i in idx], index=idx))
-        return Targets.cat(self._teacher_pass([self.examples[i] for i in idx]))
+        # With the targets cache: the base up to the deepest exit, the rest read from the file.
+        return Targets.cat(self._teacher_pass([self.examples[i] for i in idx], index=idx))
 
     # --- data order --------------------------------------------------------------------------------
     def micro_batch(self, micro: int) -> list[int]:
