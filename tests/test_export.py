@@ -57,6 +57,11 @@ def test_heads_no_standard_layer_expresses_are_refused(tmp_path, capsys):
         with pytest.raises(ExportError, match="exportable kinds: norm_lm"):
             export_draft(m, HeadBundle.create(m.lm, [3], kind), 3, tmp_path / kind)
         assert not (tmp_path / kind).exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a model folder"):
+        export_draft(m, HeadBundle.create(m.lm, [3], "norm_lm"), 3, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     with pytest.raises(ExportError, match="not 4"):
         export_draft(m, HeadBundle.create(m.lm, [3], "norm_lm"), 4, tmp_path / "x")
     folder = save_tiny_model(tmp_path / "tiny")

@@ -288,6 +288,11 @@ def test_sparse_teacher_targets_cached_on_disk_train_the_same_heads(tmp_path):
     assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} != stamp  # other data: rebuilt
     with pytest.raises(ValueError, match="teacher_cache keeps sparse targets"):
         _cfg(teacher_cache=str(cache), kd_topk=0)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no teacher cache"):  # never wipes a folder of other files
+        Trainer(m, _cfg(teacher_cache=str(tmp_path / "busy"), **sparse), ex, tmp_path / "c4", progress=False).train()
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
 def test_resume_continues_from_the_same_step_and_matches(tmp_path):

@@ -57,7 +57,11 @@ def draft_state(model: LoadedModel, bundle: HeadBundle, layer: int) -> tuple[dic
 
 
 def export_draft(model: LoadedModel, bundle: HeadBundle, layer: int, out: str | Path) -> Path:
-    """Write exit `layer` of `bundle` as a draft model folder at `out` (atomically)."""
+    """Write exit `layer` of `bundle` as a draft model folder at `out` (atomically). An existing `out`
+    is replaced only where it is a model folder (an earlier export), never another folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise ExportError(f"{out} exists and is not a model folder; choose a new folder for the draft model")
     cfg_dict, state = draft_state(model, bundle, layer)
     config = type(model.config).from_dict(cfg_dict)
     with torch.device("meta"):  # no random weights for layers about to be replaced

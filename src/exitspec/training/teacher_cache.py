@@ -77,7 +77,11 @@ def open_cache(folder: str | Path, meta: dict) -> SparseTargets | None:
 
 def build_cache(folder: str | Path, meta: dict, batches) -> SparseTargets:
     """Write the targets that `batches` yields (lists of per-example Targets, in example order), then
-    open them. Written beside the folder and renamed into place: a killed build leaves no cache."""
+    open them. Written beside the folder and renamed into place: a killed build leaves no cache. An
+    existing folder is replaced only where it holds an earlier cache, never other files."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / META).is_file())):
+        raise ValueError(f"teacher_cache {folder} exists and holds no teacher cache; choose a new folder")
     offsets = [0]
     with atomic_dir(folder) as tmp:
         with open(tmp / "top_ids.bin", "wb") as f_ids, open(tmp / "top_logits.bin", "wb") as f_val:
