@@ -66,8 +66,9 @@ def sweep_runs(args: argparse.Namespace) -> list[tuple[str, TrainConfig, Path, P
         return (TrainConfig.from_file(args.config, overrides) if args.config
                 else TrainConfig.from_dict(apply_overrides({}, overrides)))
 
+    base = config([])
     if not args.sweep:
-        return [("heads", config([]), out, work)]
+        return [("heads", base, out, work)]
     key, sep, values = args.sweep.partition("=")
     key = key.strip()
     vals = [v.strip() for v in values.split(",") if v.strip()]
@@ -79,7 +80,8 @@ def sweep_runs(args: argparse.Namespace) -> list[tuple[str, TrainConfig, Path, P
     runs = []
     for v in vals:
         label = f"{key}-{v}"
-        shared = [] if key in DATA_KEYS else [f"distill_cache={work / 'distill.jsonl'}"]  # generate once
+        # Answers generated once for every run, unless the setting changes them or a cache is named already.
+        shared = [] if key in DATA_KEYS or base.distill_cache else [f"distill_cache={work / 'distill.jsonl'}"]
         runs.append((label, config([f"{key}={v}", *shared]), out / label, work / label))
     return runs
 
