@@ -15,8 +15,13 @@ from exitspec.runtime.sequences import teacher_pass
 IDS = torch.tensor([[5, 17, 33, 2, 60, 41, 7, 9, 3, 3, 12]])
 
 
+KINDS = {"norm_lm": ("norm_lm", {}), "lm_head": ("lm_head", {}), "block": ("block", {"init": "new"}),
+         "option-b": ("block", {"init": "copy", "tune_head": True})}  # the research plan's Option B
+
+
 def bundle_of(m, kind: str, layer: int = 3) -> HeadBundle:
-    bundle = HeadBundle.create(m.lm, [layer], kind, base_model=m.name)
+    kind, options = KINDS[kind]
+    bundle = HeadBundle.create(m.lm, [layer], kind, base_model=m.name, **options)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a tuned head: not the base's weights any more
         for p in bundle.parameters():
@@ -24,23 +29,24 @@ def bundle_of(m, kind: str, layer: int = 3) -> HeadBundle:
     return bundle
 
 
-@pytest.mark.parametrize("kind", ["norm_lm", "lm_head"])
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_exported_draft_computes_the_exit(tmp_path, family, kind):
     m = tiny_loaded(family)
     bundle = bundle_of(m, kind)
     draft = AutoModelForCausalLM.from_pretrained(export_draft(m, bundle, 3, tmp_path / "draft")).eval()
-    assert draft.config.num_hidden_layers == 3 and type(draft) is type(m.model)
+    depth = 4 if kind in ("block", "option-b") else 3  # a block head is one more layer
+    assert draft.config.num_hidden_layers == depth == bundle.head(3).layers_run and type(draft) is type(m.model)
     with torch.no_grad():
         got = draft(IDS).logits
         ref = bundle.head(3)(teacher_pass(m.lm, IDS, [3]).hidden[3])
     assert float((got - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_hf_assisted_generation_with_the_draft_is_lossless(tmp_path, family):
+@pytest.mark.parametrize("family, kind", [("llama", "lm_head"), ("gpt2", "lm_head"), ("llama", "option-b")])
+def test_hf_assisted_generation_with_the_draft_is_lossless(tmp_path, family, kind):
     m = tiny_loaded(family)
-    draft = AutoModelForCausalLM.from_pretrained(export_draft(m, bundle_of(m, "lm_head"), 3, tmp_path / "d")).eval()
+    draft = AutoModelForCausalLM.from_pretrained(export_draft(m, bundle_of(m, kind), 3, tmp_path / "d")).eval()
     for prompt in ([5, 17, 33], [60, 41, 7, 9, 3]):
         x = torch.tensor([prompt])
         kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False, pad_token_id=95)

@@ -100,3 +100,16 @@ def test_lookup_greedy_equals_vanilla(default_model, chat_ids, vanilla_refs):
         out = _run(m, chat_ids[j:j + 4], strategy="lookup", draft_len=3)
         assert out.token_ids == vanilla_refs[j:j + 4], j
     assert accepted > 0
+
+
+@pytest.mark.slow
+def test_self_spec_with_a_block_head_on_the_int4_runtime(default_model, chat_ids, vanilla_refs):
+    """A block head (its own fp32 layer and keys / values beside the fused int4 stack) drafts for
+    self-spec on the real model: lossless, and a copy of the last layer after exit L-1 reproduces the
+    model's next token nearly always (its weights are the checkpoint's de-quantised ones)."""
+    m = default_model
+    L = m.lm.num_layers
+    with heads_swapped(m, HeadBundle.create(m.lm, [L - 1], "block", init="copy")):
+        out = _run(m, chat_ids[:4], strategy="self-spec", exit_layer=L - 1, draft_len=4)
+    assert out.token_ids == vanilla_refs[:4]
+    assert out.stats.accepted >= 0.8 * out.stats.drafted > 0

@@ -206,11 +206,14 @@ def test_sparse_targets_with_full_topk_equal_dense_targets():
 
 
 # --- training ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["swiglu", "linear", "lm_head"])
+OPTIONS = {"swiglu": {"width": 32}, "block": {"init": "new"}}
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "linear", "lm_head", "block"])
 def test_a_few_steps_lower_the_kl(tmp_path, kind):
     m = tiny_loaded("llama")
     ex = random_examples(16)
-    cfg = _cfg(kind=kind, head_options={"width": 32} if kind == "swiglu" else {}, epochs=4, lr=1e-2)
+    cfg = _cfg(kind=kind, head_options=OPTIONS.get(kind, {}), epochs=4, lr=1e-2)
     before = HeadBundle.create(m.lm, cfg.layers, "norm_lm")
     result = Trainer(m, cfg, ex, tmp_path, progress=False).train()
     rows = evaluate_heads(m, result.bundle, eval_sequences(ex), baseline=before, label="after")

@@ -20,7 +20,7 @@ import torch
 
 from exitspec.bench import metrics
 from exitspec.decoding.sampling import SamplingParams, probs
-from exitspec.runtime.sequences import scored_sequence, teacher_forward
+from exitspec.runtime.sequences import scored_rows, scored_sequence, teacher_forward
 
 
 def _temps_key(t: float) -> str:
@@ -38,16 +38,18 @@ def layer_sweep(model, prompt: list[int], generated: list[int], layers: list[int
     n = len(generated)
     exits = [layer for layer in layers if 0 < layer < lm.num_layers]
     # The one teacher forward (training.teacher.teacher_pass), rows predicting the generated tokens.
-    full, states = teacher_forward(lm, scored_sequence(prompt + generated, len(prompt)), exits)  # (n, V), {l: (n, C)}
+    seq = scored_sequence(prompt + generated, len(prompt))
+    full, whole = teacher_forward(lm, seq, exits, whole=True)  # (n, V), {l: (T, C)}
+    rows = scored_rows(seq)
     target = torch.tensor(generated, device=lm.device)  # (n,)
     temps = sorted({1.0, *[t for t in temperatures if t > 0]})
     full_p = {t: probs(full, SamplingParams(temperature=t)) for t in temps}
     full_top = full.argmax(-1)
     out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
     for layer in exits:
-        readings = {"lens": lm.logits(states[layer])}
+        readings = {"lens": lm.logits(whole[layer][rows])}
         if heads is not None and layer in getattr(heads, "layers", []):
-            readings["head"] = heads.head(layer)(states[layer][None])[0]
+            readings["head"] = heads.head(layer).rows(whole[layer], rows)
         for name, logits in readings.items():
             row = {"n": float(n), **_against(full, logits, target, full_top)}
             for t in temps:

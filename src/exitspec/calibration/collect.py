@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from exitspec.heads.confidence import learned_score, score_features, scores
-from exitspec.runtime.sequences import TokenSequence, teacher_forward
+from exitspec.heads.confidence import learned_score, position_wise, score_features, scores
+from exitspec.runtime.sequences import TokenSequence, scored_rows, teacher_forward
 
 
 @dataclass
@@ -120,7 +120,8 @@ def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
     per: dict[str, dict[int, list[dict]]] = {name: {layer: [] for layer in b.layers} for name, b in bundles.items()}
     full_chunks = []
     for si, seq in enumerate(sequences):
-        full_logits, hidden = teacher_forward(lm, seq, layers)  # (N, V), {layer: (N, C)}
+        full_logits, whole = teacher_forward(lm, seq, layers, whole=True)  # (N, V), {layer: (T, C)}
+        rows = scored_rows(seq)
         labels = torch.tensor(seq.ids[seq.start:], device=full_logits.device)  # (N,)
         full_logp = torch.log_softmax(full_logits.float(), -1)  # (N, V)
         full_top1 = full_logp.argmax(-1)
@@ -129,8 +130,9 @@ def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
                             "correct5": in_top5(full_logp, labels), "entropy": -(full_p * full_logp).sum(-1)})
         for name, bundle in bundles.items():
             for layer in bundle.layers:
-                h = hidden[layer]  # (N, C)
-                logits = bundle.head(layer)(h[None])[0]  # (N, V)
+                head = bundle.head(layer)
+                h = whole[layer][rows]  # (N, C)
+                logits = head.rows(whole[layer], rows)  # (N, V)
                 sc = scores(logits)
                 if str(layer) in bundle.estimators:
                     sc["learned"] = learned_score(bundle, layer, h[None], logits[None])[0]
@@ -139,7 +141,7 @@ def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
                     "scores": {k: v.cpu() for k, v in sc.items()},
                     "seq_index": torch.full_like(labels, si),
                     "features": score_features(h[None], logits[None])[0] if keep_features else None,
-                    "normed": bundle.head(layer).normed(h[None])[0].half() if keep_features else None,
+                    "normed": position_wise(head).normed(h[None])[0].half() if keep_features else None,
                 }
                 per[name][layer].append({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in row.items()})
         if progress:

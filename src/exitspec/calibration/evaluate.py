@@ -24,7 +24,7 @@ from pathlib import Path
 from exitspec.calibration.collect import collect, training_temperature
 from exitspec.calibration.thresholds import coverage_at
 
-COLUMNS = ["bundle", "layer", "depth", "kind", "n_tokens", "kl", "ce", "ppl", "agreement", "accuracy",
+COLUMNS = ["bundle", "layer", "layers_run", "depth", "kind", "n_tokens", "kl", "ce", "ppl", "agreement", "accuracy",
            "top5_agreement", "top5_accuracy", "train_temperature", "kl_at_train_temperature",
            "mean_max_prob", "threshold_score", "threshold_value", "coverage", "agreement_at_threshold"]
 
@@ -39,7 +39,9 @@ def summarize(collected, bundles: dict, num_layers: int) -> list[dict]:
     for name, bundle in bundles.items():
         for layer, tok in collected.exits[name].items():
             ce = _mean(tok.ce)
-            row = {"bundle": name, "layer": layer, "depth": layer / num_layers,
+            # layers_run: a block head (heads/block.py) adds a layer of its own after the exit
+            row = {"bundle": name, "layer": layer, "layers_run": bundle.head(layer).layers_run,
+                   "depth": layer / num_layers,
                    "kind": bundle.config.head_kinds.get(str(layer), ""), "n_tokens": tok.n,
                    "kl": _mean(tok.kl), "ce": ce, "ppl": math.exp(min(ce, 700.0)),
                    "agreement": _mean(tok.agree), "accuracy": _mean(tok.correct),
@@ -55,7 +57,8 @@ def summarize(collected, bundles: dict, num_layers: int) -> list[dict]:
             rows.append(row)
     full = collected.full
     ce = _mean(full.ce)
-    rows.append({"bundle": "full", "layer": num_layers, "depth": 1.0, "kind": "full", "n_tokens": int(full.ce.numel()),
+    rows.append({"bundle": "full", "layer": num_layers, "layers_run": num_layers, "depth": 1.0, "kind": "full",
+                 "n_tokens": int(full.ce.numel()),
                  "kl": 0.0, "ce": ce, "ppl": math.exp(min(ce, 700.0)), "agreement": 1.0,
                  "accuracy": _mean(full.correct), "top5_agreement": 1.0, "top5_accuracy": _mean(full.correct5),
                  "train_temperature": None, "kl_at_train_temperature": 0.0, "mean_max_prob": None,
@@ -95,7 +98,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
-    """Three panels over exit layer: KL, perplexity (log), and agreement / accuracy / coverage."""
+    """Three panels over the layers a token runs to reach each exit (its cost): KL, perplexity (log),
+    and agreement / accuracy / coverage. Written as `path` (PNG) and the same name .pdf."""
     import matplotlib  # optional (the bench extra): only the plot needs it
 
     matplotlib.use("Agg")
@@ -110,9 +114,9 @@ def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
     names = [n for n in dict.fromkeys(r["bundle"] for r in rows) if n != "full"]
     for ax, (metric, ylabel, log) in zip(axes, panels, strict=True):
         for name in names:
-            sub = sorted((r for r in rows if r["bundle"] == name), key=lambda r: r["layer"])
+            sub = sorted((r for r in rows if r["bundle"] == name), key=lambda r: r["layers_run"])
             style = "--" if name == "norm_lm" else "-"
-            xs = [r["layer"] for r in sub]
+            xs = [r["layers_run"] for r in sub]
             for m, color in ([(metric, "C0")] if metric else rate_metrics):
                 pts = [(x, r[m]) for x, r in zip(xs, sub, strict=True) if r[m] is not None]
                 if pts:
@@ -121,7 +125,7 @@ def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
             ax.axhline(full["ppl"], color="k", lw=0.8, ls=":", label="full model")
         if log:
             ax.set_yscale("log")
-        ax.set_xlabel("exit layer")
+        ax.set_xlabel("layers run to the exit")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -130,6 +134,7 @@ def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
     fig.suptitle(title or "exit heads: layer sweep")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    fig.savefig(Path(path).with_suffix(".pdf"))
     plt.close(fig)
 
 

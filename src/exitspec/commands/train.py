@@ -2,6 +2,7 @@
 
     exitspec train --config configs/heads-smollm2.toml --out DIR [--resume | --restart] [KEY=VALUE ...]
     exitspec train --config ... --out DIR --sweep temperature=1,2,4     # DIR/temperature-1, ..., DIR/sweep-eval
+    exitspec train --config ... --out DIR --ft-last-block     # DIR/head-only, DIR/ft-last-block, DIR/sweep-eval
 
 Work files (self-distilled answers, checkpoints) go to --work (default runs/<name of DIR>); the
 bundle folder DIR is written atomically at the end and holds only bundle.json + heads.safetensors
@@ -42,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", metavar="KEY=V1,V2,...",
                    help="train one bundle per value of one setting (OUT/KEY-V, answers generated once) and compare "
                         "them with norm_lm on held-out answers (OUT/sweep-eval), e.g. --sweep temperature=1,2,4")
+    p.add_argument("--ft-last-block", action="store_true",
+                   help="the research plan's Option B: at each exit l of `layers`, tune the LM head together with the "
+                        "last kept layer (l-1) (a `block` head, heads/block.py), against the LM head alone at the same "
+                        "exits (OUT/ft-last-block, OUT/head-only, compared in OUT/sweep-eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. lr=3e-4 layers=[4,8]")
 
@@ -67,6 +72,18 @@ def sweep_runs(args: argparse.Namespace) -> list[tuple[str, TrainConfig, Path, P
                 else TrainConfig.from_dict(apply_overrides({}, overrides)))
 
     base = config([])
+    if args.ft_last_block:
+        if args.sweep:
+            raise ValueError("--ft-last-block is a comparison of its own; run --sweep separately")
+        if min(base.layers) < 2:
+            raise ValueError(f"--ft-last-block tunes layer l-1 of each exit l: exits must be >= 2, got {base.layers}")
+        shared = [] if base.distill_cache else [f"distill_cache={work / 'distill.jsonl'}"]  # answers made once
+        # Both cost l layers a token at exit l: the block head reads layer l-1's input through its own layer l-1.
+        option_b = ['kind="block"', 'head_options={init="copy", tune_head=true}',
+                    f"layers=[{','.join(str(x - 1) for x in base.layers)}]"]
+        return [("head-only", config(['kind="lm_head"', "head_options={}", *shared]), out / "head-only",
+                 work / "head-only"),
+                ("ft-last-block", config([*option_b, *shared]), out / "ft-last-block", work / "ft-last-block")]
     if not args.sweep:
         return [("heads", base, out, work)]
     key, sep, values = args.sweep.partition("=")
@@ -102,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if bundle is not None:
             bundles[label] = bundle
     _end_processes(acc_state)  # on success only: a barrier after one process failed would hang the rest
-    if args.sweep and bundles:
+    if len(runs) > 1 and bundles:
         compare_sweep(model, bundles, Path(args.out) / "sweep-eval", args.eval_per_set or 5,
                       work_folder(args), first.gen_max_new_tokens)
     return 0
@@ -134,7 +151,7 @@ def train_one(model, cfg: TrainConfig, out: Path, work: Path, args: argparse.Nam
     }
     if cfg.self_distill and (corpus := draft_corpus(examples)):  # the model's own answers: lookup's datastore
         bundle.set_draft_corpus(corpus, source=f"self-distilled answers to {len(corpus)} prompts of {cfg.data}")
-    if args.eval_per_set and not args.sweep:
+    if args.eval_per_set and not (args.sweep or args.ft_last_block):
         bundle.config.training["heldout_eval"] = _evaluate(model, bundle, args.eval_per_set, work,
                                                            cfg.gen_max_new_tokens)
     bundle.save(out, dtype=getattr(torch, cfg.save_dtype))

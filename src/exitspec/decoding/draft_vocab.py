@@ -43,8 +43,15 @@ class DraftHead:
                 self.proj = _q8_rows(head, rows, bias[vocab].contiguous() if bias is not None else None) or Linear(
                     rows, bias[vocab].contiguous() if bias is not None else None)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset)."""
+    def logits(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset). A
+        contextual head (heads/block.py) reads h (B, T, C) at `positions` (B, T) against `cache`."""
+        if self.head.contextual:
+            if positions is None:
+                raise ValueError(f"the {self.head.kind} head at layer {self.layer} attends over earlier positions: "
+                                 "pass the draft's positions and the decode cache")
+            x = self.head.normed_at(h, positions, cache)
+            return self.head.project(x) if self.vocab is None else self.proj(x)
         if self.vocab is None:
             return self.head(h)
         return self.proj(self.head.normed(h))

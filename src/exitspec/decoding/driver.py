@@ -110,10 +110,16 @@ def prefill(lm: LayeredModel, state: DecodeState) -> None:
     ids = torch.tensor([s[:n] + [s[0]] * (T - n) for s, n in zip(state.seqs, lens, strict=True)],
                        device=lm.device)
     pos = torch.arange(T, device=lm.device).expand(len(lens), T).contiguous()
+    cache = state.cache
     with torch.inference_mode():
         h = lm.embed(ids, pos)
-        lm.run_layers(h, pos, state.cache, 0, lm.num_layers)
-    state.cache.lengths[:] = torch.tensor(lens)
+        if cache.hidden is not None:  # keep the prompt's states at that layer too (an exit head may read them)
+            h = lm.run_layers(h, pos, cache, 0, cache.hidden_layer)
+            cache.keep_hidden(h, pos)
+            lm.run_layers(h, pos, cache, cache.hidden_layer, lm.num_layers)
+        else:
+            lm.run_layers(h, pos, cache, 0, lm.num_layers)
+    cache.lengths[:] = torch.tensor(lens)
 
 
 def decode(
@@ -140,7 +146,7 @@ def decode(
     stats = GenerationStats(strategy=strategy.name, num_layers=lm.num_layers, batch=B,
                             prompt_tokens=sum(len(p) for p in prompts), rows=[RowStats() for _ in prompts])
     t0 = now(lm.device)
-    cache = lm.new_cache(B, max_len, hidden_layer=strategy.keep_hidden_layer())
+    cache = lm.new_cache(B, max_len, hidden_layer=strategy.keep_hidden_layer(), head_cache=strategy.head_cache_dtype())
     state = DecodeState(lm=lm, cache=cache, seqs=[list(p) for p in prompts], params=config.sampling,
                         generator=config.sampling.generator(lm.device) if not config.sampling.greedy else None,
                         heads=heads)

@@ -23,8 +23,10 @@ class StrategyOptionError(ValueError):
     """A strategy option is missing or impossible; the message says what to pass."""
 
 
-def exit_bundle(model, layers: list[int]) -> HeadBundle:
-    """The attached bundle if it has every layer in `layers`, else norm_lm heads when none is attached."""
+def exit_bundle(model, layers: list[int], contextual: bool = False) -> HeadBundle:
+    """The attached bundle if it has every layer in `layers`, else norm_lm heads when none is attached.
+    contextual=False (a strategy that reads exits one position at a time, or at several exits) refuses
+    heads that attend over earlier positions (heads/block.py): only self-spec keeps their state."""
     lm = model.lm
     for layer in layers:
         if not isinstance(layer, int) or not 0 < layer < lm.num_layers:
@@ -36,6 +38,13 @@ def exit_bundle(model, layers: list[int]) -> HeadBundle:
     if missing:
         raise BundleError(f"the attached head bundle has exits at layers {bundle.layers}, not {missing}; "
                           "pick one of those layers or train heads there")
+    if not contextual:
+        for layer in layers:
+            if bundle.head(layer).contextual:
+                raise StrategyOptionError(
+                    f"the exit at layer {layer} is a {bundle.head(layer).kind!r} head, a decoder layer that attends "
+                    "over earlier positions; only self-spec drafts with it: use --strategy self-spec, or a bundle of "
+                    "position-wise heads (norm_lm, linear, swiglu, lm_head)")
     return bundle
 
 

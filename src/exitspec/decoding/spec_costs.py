@@ -24,7 +24,9 @@ from exitspec.runtime.profile import full_step, median_ms, warm_cache
 def cycle_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int = 256, repeats: int = 20) -> dict:
     """Median ms of a vanilla step, a draft pass (with / without head) and a verification pass."""
     L, E = lm.num_layers, drafter.layer
-    cache, ids, pos = warm_cache(lm, context, gamma + 1, hidden_layer=E)
+    contextual = drafter.head.contextual  # a block head: its own layer over the kept states (heads/block.py)
+    cache, ids, pos = warm_cache(lm, context, gamma + 1, hidden_layer=E,
+                                 head_cache=torch.float32 if contextual else None)
     x1, p1 = ids[:, context:context + 1], pos[:, context:context + 1]
     xk, pk = ids[:, context:], pos[:, context:]  # gamma+1 tokens
     hk = lm.run_layers(lm.embed(xk, pk), pk, cache, 0, E)  # (1, gamma+1, C) what drafting keeps
@@ -36,7 +38,8 @@ def cycle_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int =
         return lm.run_layers(lm.embed(x1, p1), p1, cache, 0, E)
 
     def draft():
-        drafter.logits(draft_layers()[:, -1]).argmax(-1)
+        h = draft_layers()
+        (drafter.logits(h, p1, cache) if contextual else drafter.logits(h[:, -1])).argmax(-1)
 
     def verify():
         lm.logits(lm.run_layers(hk, pk, cache, E, L)).argmax(-1)

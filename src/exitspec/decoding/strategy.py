@@ -67,6 +67,11 @@ class Strategy(ABC):
         """Layer index whose input hidden states the cache should keep (None: keep nothing)."""
         return None
 
+    def head_cache_dtype(self) -> torch.dtype | None:
+        """Element type of the keys / values of an exit head that is a decoder layer (heads/block.py),
+        kept beside the model's (KVCache.head_cache); None: the strategy's heads need none."""
+        return None
+
     def prepare(self, state: DecodeState) -> None:
         """Called once after prefill, before the first step."""
 

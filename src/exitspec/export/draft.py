@@ -6,8 +6,10 @@ draft with it.
 
 Only what the architecture expresses exactly is exported. A `norm_lm` exit is the plain truncation
 (the layers, the frozen final norm, the frozen LM head); an `lm_head` exit swaps in its tuned LM head
-(embeddings then untied). The `linear` and `swiglu` adapters sit between the last layer and the
-final norm, where no standard layer does, so they are refused with the kinds that do export.
+(embeddings then untied). A `block` exit is a decoder layer of the architecture (heads/block.py),
+written as the draft's last layer (l + 1 layers in all), with its tuned LM head where it has one. The
+`linear` and `swiglu` adapters sit between the last layer and the final norm, where no standard layer
+does, so they are refused with the kinds that do export.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from exitspec.heads.bundle import HeadBundle
 from exitspec.loading import LoadedModel
 
 EXPORTABLE = {"norm_lm": "plain truncation: the first layers, the final norm, the LM head",
-              "lm_head": "the first layers, the final norm and the exit's tuned LM head"}
+              "lm_head": "the first layers, the final norm and the exit's tuned LM head",
+              "block": "the first layers, the exit's own decoder layer after them, the final norm, the (tuned) LM head"}
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # model.layers.3. / gpt_neox.layers.3. / transformer.h.3.
 
 
@@ -39,14 +42,20 @@ def draft_state(model: LoadedModel, bundle: HeadBundle, layer: int) -> tuple[dic
         kinds = "; ".join(f"{k} ({why})" for k, why in EXPORTABLE.items())
         raise ExportError(f"the {kind!r} head at layer {layer} is not a layer the {model.config.model_type} "
                           f"architecture has, so no standard checkpoint reproduces it; exportable kinds: {kinds}")
+    head = bundle.head(layer)
+    depth = head.layers_run  # the draft's decoder layers
     cfg = model.config.to_dict()
-    cfg["n_layer" if "n_layer" in cfg else "num_hidden_layers"] = layer
+    cfg["n_layer" if "n_layer" in cfg else "num_hidden_layers"] = depth
     if isinstance(cfg.get("layer_types"), list):
-        cfg["layer_types"] = cfg["layer_types"][:layer]
+        cfg["layer_types"] = cfg["layer_types"][:depth]
     state = {k: v for k, v in model.model.state_dict().items()
              if (m := _LAYER.search(k)) is None or int(m.group(1)) < layer}
-    if kind == "lm_head":
-        head = bundle.head(layer)
+    if kind == "block":  # the head's layer takes the place of base layer `layer` (same module path)
+        base_layer = model.lm.adapter.layers[layer]
+        prefix = next(name for name, mod in model.model.named_modules() if mod is base_layer)
+        for k, v in head.block.state_dict().items():
+            state[f"{prefix}.{k}"] = v.detach().to(model.lm.dtype).clone()
+    if head.head_weight() is not model.lm.lm_head.weight:  # a tuned LM head
         if head.head_bias() is not None:
             raise ExportError("this tuned LM head has a bias, which the architecture's LM head does not")
         head_module = model.model.get_output_embeddings()  # by module: a tied weight's first name is the embedding's

@@ -149,6 +149,16 @@ class ConfidenceEstimator(nn.Module):
         return torch.sigmoid(self.logit(feats, normed_h))
 
 
+def position_wise(head):
+    """`head`, where a learned estimator can read it: its features at a position come from that
+    position alone. A head that attends over earlier positions (heads/block.py) is refused."""
+    if head.contextual:
+        raise ValueError(f"the {head.kind!r} head at layer {head.layer} attends over earlier positions, and "
+                         "learned confidence estimators read position-wise heads; calibrate it with max_prob, "
+                         "entropy or margin")
+    return head
+
+
 def normed_hidden(bundle, layer: int, h: torch.Tensor) -> torch.Tensor:
     """(B, T, C) exit-layer hidden -> (B, T, C) RMS-normalised features the head's LM head reads."""
     return bundle.head(layer).normed(h)
@@ -166,7 +176,7 @@ def learned_score(bundle, layer: int, h: torch.Tensor, logits: torch.Tensor | No
 def estimator_score(est: ConfidenceEstimator, head, h: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
     """(..., C) exit hidden and (..., V) its head's logits (None where `est` reads no logits) ->
     (...) the estimator's probability that the exit agrees with the full model."""
-    nh = head.normed(h) if est.proj is not None else None
+    nh = position_wise(head).normed(h) if est.proj is not None else None
     if not est.reads_logits:
         return est(log_hidden_rms(h)[..., None], nh)
     if logits is None:

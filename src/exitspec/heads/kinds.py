@@ -8,6 +8,8 @@ Every kind is initialised so that, untrained, it computes exactly the `norm_lm` 
   scale-free its effect does not shrink where h is large. `down` starts at zero: untrained == norm_lm.
 - `lm_head`: a tuned copy of the LM head (and its bias) over the frozen final norm. It is as big as
   the embedding (V x C), so it is a training option, never shipped in the small default bundle.
+- `block`: a decoder layer of the base architecture (heads/block.py): Kangaroo's adapter
+  (init "new") or the research plan's Option B, the base's next layer tuned (init "copy").
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import inspect
 import torch
 from torch import nn
 
-from exitspec.heads.base import ExitHead, NormLMHead
+from exitspec.heads.base import ExitHead, NormLMHead, tuned_lm_head
+from exitspec.heads.block import BlockHead
 from exitspec.runtime.layered import LayeredModel
 
 # Every head kind by name (bundles store only the name + options); the trainable ones below register
 # themselves with the decorator.
-HEAD_KINDS: dict[str, type[ExitHead]] = {"norm_lm": NormLMHead}
+HEAD_KINDS: dict[str, type[ExitHead]] = {"norm_lm": NormLMHead, "block": BlockHead}
 
 
 def register_head_kind(cls: type[ExitHead]) -> type[ExitHead]:
@@ -119,10 +122,7 @@ class LMHeadCopy(ExitHead):
 
     def __init__(self, lm: LayeredModel, layer: int):
         super().__init__(lm, layer)
-        base = lm.lm_head
-        self.weight = nn.Parameter(base.weight.detach().to(torch.float32).clone())  # (V, C)
-        b = getattr(base, "bias", None)
-        self.bias = nn.Parameter(b.detach().to(torch.float32).clone()) if b is not None else None
+        self.weight, self.bias = tuned_lm_head(lm)  # (V, C), (V,) or None
 
     def head_weight(self) -> torch.Tensor:
         return self.weight
@@ -130,6 +130,5 @@ class LMHeadCopy(ExitHead):
     def head_bias(self) -> torch.Tensor | None:
         return self.bias
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
-        x = self.normed(h)
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., V)
         return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)

@@ -104,6 +104,17 @@ class Adapter:
     def layer(self, i: int, h: torch.Tensor, cache_kv, ctx: StepContext, skip_mlp: bool = False):
         raise NotImplementedError
 
+    def block(self, blk: nn.Module, h: torch.Tensor, cache_kv, ctx: StepContext) -> torch.Tensor:
+        """A decoder layer module of this architecture that is not one of the model's own (an exit
+        head's trainable copy, heads/block.py) over h (B, T, C), against `cache_kv` (that layer's own
+        keys / values) and a masked `ctx`: the same math as `layer`, read from the module's own
+        parameters each call (no fused or packed copies), so autograd reaches them."""
+        raise NotImplementedError
+
+    # Names, inside a decoder layer, of the projections that write into the residual stream; zeroed,
+    # the layer is the identity (a new layer that starts as a no-op, heads/block.py).
+    residual_outputs: tuple[str, ...] = ()
+
     # A fused kernel stack runs layers start..stop in one call (LlamaAdapter over q4 weights); it masks
     # by position itself, so the step context then carries no mask.
     fused: bool = False
@@ -173,6 +184,16 @@ class _LlamaPlan:
     norm_shape: tuple[int]
     scaling: float
     window: int | None
+
+
+class _Modules:
+    """Projections by module, called like a plan's fused Linear: [m1(x) | m2(x) | ...] (B, T, sum out)."""
+
+    def __init__(self, mods: list[nn.Linear]):
+        self.mods = mods
+
+    def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.mods], -1) if len(self.mods) > 1 else self.mods[0](x)
 
 
 class LlamaAdapter(Adapter):
@@ -260,8 +281,22 @@ class LlamaAdapter(Adapter):
     def window(self, i):
         return self._plans[i].window
 
+    residual_outputs = ("self_attn.o_proj", "mlp.down_proj")
+
     def layer(self, i, h, cache_kv, ctx, skip_mlp=False):
-        p = self._plans[i]
+        return self._layer(self._plans[i], h, cache_kv, ctx, skip_mlp)
+
+    def block(self, blk, h, cache_kv, ctx):
+        at, mlp = blk.self_attn, blk.mlp
+        ln1, ln2 = blk.input_layernorm, blk.post_attention_layernorm
+        act = F.silu if getattr(self.config, "hidden_act", None) == "silu" else mlp.act_fn
+        plan = _LlamaPlan(qkv=_Modules([at.q_proj, at.k_proj, at.v_proj]), o=_Modules([at.o_proj]),
+                          gate_up=_Modules([mlp.gate_proj, mlp.up_proj]), down=_Modules([mlp.down_proj]), act=act,
+                          ln1=ln1.weight, eps1=ln1.variance_epsilon, ln2=ln2.weight, eps2=ln2.variance_epsilon,
+                          norm_shape=(self.hidden_size,), scaling=at.scaling, window=sliding_window(self.config, at))
+        return self._layer(plan, h, cache_kv, ctx)
+
+    def _layer(self, p: _LlamaPlan, h, cache_kv, ctx, skip_mlp=False):
         B, T, _ = h.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = torch.rms_norm(h, p.norm_shape, p.ln1, p.eps1)  # bit-identical to HF's LlamaRMSNorm
@@ -330,8 +365,17 @@ class GPTNeoXAdapter(Adapter):
     def rope(self, h, positions):
         return self.base.rotary_emb(h, positions)
 
+    residual_outputs = ("attention.dense", "mlp.dense_4h_to_h")
+
     def layer(self, i, h, cache_kv, ctx, skip_mlp=False):
-        blk, proj = self.layers[i], self._proj[i]
+        return self._layer(self.layers[i], self._proj[i], h, cache_kv, ctx, skip_mlp)
+
+    def block(self, blk, h, cache_kv, ctx):
+        at, m = blk.attention, blk.mlp
+        proj = {"qkv": at.query_key_value, "dense": at.dense, "up": m.dense_h_to_4h, "down": m.dense_4h_to_h}
+        return self._layer(blk, proj, h, cache_kv, ctx)
+
+    def _layer(self, blk, proj, h, cache_kv, ctx, skip_mlp=False):
         at = blk.attention
         B, T, _ = h.shape
         x = blk.input_layernorm(h)
@@ -384,8 +428,15 @@ class GPT2Adapter(Adapter):
         # HF Conv1D computes x @ W + b with W stored (in, out).
         return torch.addmm(mod.bias, x.reshape(-1, x.shape[-1]), mod.weight).view(*x.shape[:-1], -1)
 
+    residual_outputs = ("attn.c_proj", "mlp.c_proj")
+
     def layer(self, i, h, cache_kv, ctx, skip_mlp=False):
-        blk = self.layers[i]
+        return self._layer(self.layers[i], h, cache_kv, ctx, skip_mlp)
+
+    def block(self, blk, h, cache_kv, ctx):
+        return self._layer(blk, h, cache_kv, ctx)
+
+    def _layer(self, blk, h, cache_kv, ctx, skip_mlp=False):
         at = blk.attn
         B, T, C = h.shape
         x = blk.ln_1(h)

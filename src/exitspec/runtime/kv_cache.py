@@ -15,6 +15,10 @@ drafted tokens instead of recomputing them from the bottom (the LayerSkip trick)
 Keys and values are stored in `dtype`: the model's, or fp16 under the fused int4 stack
 (`LayeredModel(kv_dtype=...)`, `exitspec.load(kv_cache="float16")`); the kept hidden states stay in
 the activations' dtype (`hidden_dtype`), since verification resumes from them.
+
+`head_cache` optionally holds one more layer: the keys / values of an exit head that is itself a
+decoder layer (heads/block.py), over the hidden states entering `hidden_layer`. It lives beside the
+model's layers (whose count the fused C++ stack checks) and follows every rollback and reorder.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class KVCache:
         hidden_layer: int | None = None,
         hidden_size: int | None = None,
         hidden_dtype: torch.dtype | None = None,
+        head_cache: KVCache | None = None,
     ):
         shape = (num_layers, batch, num_kv_heads, aligned(max_len), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (n_layer, B, Hkv, L, D)
@@ -62,6 +67,7 @@ class KVCache:
         self.max_len = max_len
         self.hidden_layer = hidden_layer
         self.hidden: torch.Tensor | None = None
+        self.head_cache = head_cache
         if hidden_layer is not None:
             if hidden_size is None:
                 raise ValueError("hidden_size is needed to keep hidden states")
@@ -97,6 +103,8 @@ class KVCache:
         cur = self.lengths[layers]
         new = torch.as_tensor(lengths, dtype=torch.long).expand_as(cur)
         self.lengths[layers] = torch.minimum(cur, new)
+        if self.head_cache is not None:  # the exit head's layer reads positions the model's layers roll back
+            self.head_cache.rollback(lengths)
 
     def keep_hidden(self, h: torch.Tensor, positions: torch.Tensor) -> None:
         """Store hidden states h (B, T, C) of `hidden_layer` at their positions (B, T)."""
@@ -111,3 +119,5 @@ class KVCache:
         self.lengths = self.lengths[:, rows.cpu()]
         if self.hidden is not None:
             self.hidden = self.hidden[rows]
+        if self.head_cache is not None:
+            self.head_cache.reorder(rows)

@@ -104,16 +104,24 @@ class LayeredModel:
         self.adapter.min_rows = MIN_ROWS if on else 1
 
     # ------------------------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int, hidden_layer: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, hidden_layer: int | None = None, *,
+                  head_cache: torch.dtype | None = None) -> KVCache:
+        """`head_cache`: the element type of one more layer's keys / values, for an exit head that is a
+        decoder layer reading the hidden states kept at `hidden_layer` (heads/block.py); None = none."""
         if max_len > self.max_positions:
             raise ValueError(
                 f"{max_len} positions asked for but the model supports {self.max_positions}; "
                 "shorten the prompt or lower max_new_tokens"
             )
         d = self.dims
+        extra = None
+        if head_cache is not None:
+            if hidden_layer is None:
+                raise ValueError("an exit head's own layer reads the kept hidden states: name hidden_layer")
+            extra = KVCache(1, batch, d.num_kv_heads, d.head_dim, max_len, dtype=head_cache, device=self.device)
         return KVCache(d.num_layers, batch, d.num_kv_heads, d.head_dim, max_len, dtype=self.kv_dtype,
                        device=self.device, hidden_layer=hidden_layer, hidden_size=d.hidden_size,
-                       hidden_dtype=self.dtype)
+                       hidden_dtype=self.dtype, head_cache=extra)
 
     def kv_cache_dtypes(self) -> tuple[torch.dtype, ...]:
         """The KV cache element types this runtime can run: its own dtype, and fp16 where the fused
@@ -129,6 +137,11 @@ class LayeredModel:
         if self.adapter.fused:  # the fused kernels attend by position: no mask, no cache write pattern
             return StepContext(positions=positions, rows=None, start=0, attend_len=0, mask=None,
                                rope=self.adapter.rope(h, positions), windowed_mask={})
+        return self.masked_context(h, positions)
+
+    def masked_context(self, h: torch.Tensor, positions: torch.Tensor) -> StepContext:
+        """The per-layer path's context (cache write pattern, causal and window masks, rotary tables),
+        also what a decoder layer outside the stack needs (adapter.block) when the stack is fused."""
         B, T = positions.shape
         if B == 1:
             # Batch 1 (every decode step of a single sequence) always writes contiguous positions;

@@ -41,11 +41,11 @@ def median_ms(fn, repeats: int, warmup: int = 3, device: torch.device | None = N
 
 
 def warm_cache(lm: LayeredModel, context: int, new: int, hidden_layer: int | None = None,
-               generator: torch.Generator | None = None):
+               generator: torch.Generator | None = None, head_cache: torch.dtype | None = None):
     """A batch-1 cache prefilled with `context` random tokens, with room for `new` more: returns
     (cache, ids, positions) of all context + new tokens, the new ones at [:, context:]."""
     n = context + new
-    cache = lm.new_cache(1, n + 1, hidden_layer=hidden_layer)
+    cache = lm.new_cache(1, n + 1, hidden_layer=hidden_layer, head_cache=head_cache)
     ids = torch.randint(0, lm.vocab_size, (1, n), generator=generator).to(lm.device)
     pos = torch.arange(n, device=lm.device)[None]
     lm.forward(ids[:, :context], pos[:, :context], cache)

@@ -83,14 +83,21 @@ def teacher_pass(lm: LayeredModel, ids: torch.Tensor, layers: list[int], *, logi
     return TeacherPass(hidden=hidden, logits=lm.logits(h[:, logits_from:]) if logits else None)
 
 
+def scored_rows(seq: TokenSequence) -> slice:
+    """The positions start-1..len-2 of a sequence, whose states predict its scored tokens."""
+    return slice(seq.start - 1, len(seq.ids) - 1)
+
+
 @torch.inference_mode()
-def teacher_forward(lm: LayeredModel, seq: TokenSequence, layers: list[int]) -> tuple[torch.Tensor, dict]:
+def teacher_forward(lm: LayeredModel, seq: TokenSequence, layers: list[int],
+                    whole: bool = False) -> tuple[torch.Tensor, dict]:
     """One full forward over a scored sequence (teacher_pass), sliced to its scored rows.
 
     Returns (full logits (N, V), {layer: hidden (N, C)}) at the N = seq.n_scored predicting positions
-    start-1..len-2, i.e. row j predicts token ids[start + j].
+    start-1..len-2, i.e. row j predicts token ids[start + j]. whole=True keeps every position's hidden
+    state, (T, C) (a head that attends over earlier positions reads them; `scored_rows` slices).
     """
     seq = scored_sequence(seq.ids, seq.start)
-    rows = slice(seq.start - 1, len(seq.ids) - 1)
+    rows = slice(None) if whole else scored_rows(seq)
     tp = teacher_pass(lm, torch.tensor([seq.ids]), layers, logits_from=seq.start - 1)
     return tp.logits[0, :-1], {layer: h[0, rows] for layer, h in tp.hidden.items()}

@@ -64,8 +64,7 @@ class VocabSubset:
         table[ids] = torch.arange(len(ids), device=ids.device)
         return table
 
-    def head_logits(self, head: ExitHead, h: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N, S)
-        x = head.normed(h)
+    def head_logits(self, head: ExitHead, x: torch.Tensor) -> torch.Tensor:  # (N, C) normed -> (N, S)
         w, b = head.head_weight(), head.head_bias()
         if self.ids is not None:
             ids = self.ids.to(w.device)
@@ -110,10 +109,10 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     return kl.mean() * t * t
 
 
-def exit_loss(head: ExitHead, layer: int, t: Targets, teacher: torch.Tensor, vocab: VocabSubset,
+def exit_loss(head: ExitHead, t: Targets, teacher: torch.Tensor, vocab: VocabSubset,
               temperature: float, ce_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, KD part) of one exit; `teacher` is vocab.teacher(t), shared by all exits."""
-    logits = vocab.head_logits(head, t.hidden[layer])  # (N, S)
+    logits = vocab.head_logits(head, t.normed(head))  # (N, S)
     kd = kd_loss(logits, teacher, temperature)
     loss = kd
     if ce_weight > 0:

@@ -58,8 +58,8 @@ class HeadSet(nn.Module):
         """N trained positions -> (loss summed over exits, per-exit KD (n_exits,))."""
         teacher = vocab.teacher(targets)  # (N, S), shared by every exit
         losses, kds = [], []
-        for key, head in self.heads.items():
-            loss, kd = exit_loss(head, int(key), targets, teacher, vocab, temperature, ce_weight)
+        for head in self.heads.values():
+            loss, kd = exit_loss(head, targets, teacher, vocab, temperature, ce_weight)
             losses.append(loss)
             kds.append(kd)
         return torch.stack(losses).sum(), torch.stack(kds)
@@ -135,6 +135,8 @@ class Trainer:
         self.bundle.train()
         params = [p for p in self.bundle.heads.parameters() if p.requires_grad]
         self.headset = HeadSet(self.bundle.heads)
+        # Exits whose heads attend over earlier positions train on whole sequences (heads/block.py).
+        self.contextual = frozenset(int(k) for k, h in self.bundle.heads.items() if h.contextual)
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # One global batch = batch_size sequences on each of `world` processes (see micro_batch).
         self.micro_per_epoch = len(examples) // (cfg.batch_size * self.world)
@@ -173,7 +175,7 @@ class Trainer:
         out = compute_targets(self.model.lm, examples, cfg.layers, pad_id=self.pad_id,
                               batch_size=cfg.batch_size, topk=cfg.kd_topk, answer_only=cfg.answer_only,
                               progress=progress and self.progress and self.rank == 0,
-                              sparse=self.sparse, index=index)
+                              sparse=self.sparse, index=index, contextual=self.contextual)
         self.teacher_s += time.perf_counter() - t0
         return out
 

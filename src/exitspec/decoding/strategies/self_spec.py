@@ -47,6 +47,9 @@ class SelfSpec(Strategy):
     def keep_hidden_layer(self) -> int:
         return self.layer
 
+    def head_cache_dtype(self) -> torch.dtype | None:
+        return torch.float32 if self.drafter.head.contextual else None
+
     def step(self, state: DecodeState) -> StepOutput:
         lm, cache, params = state.lm, state.cache, state.params
         L, E, K = lm.num_layers, self.layer, self.gamma  # E: the exit layer
@@ -60,7 +63,9 @@ class SelfSpec(Strategy):
             cache.keep_hidden(h, pos)
             if i == K:
                 break
-            tok, q = self.drafter.choose(self.drafter.logits(h[:, -1]), params, state.generator, lm.vocab_size)
+            logits = self.drafter.logits(h, pos, cache)[:, -1] if self.drafter.head.contextual else \
+                self.drafter.logits(h[:, -1])
+            tok, q = self.drafter.choose(logits, params, state.generator, lm.vocab_size)
             drafts.append(tok)
             qs.append(q)
             x = tok[:, None]
@@ -79,8 +84,10 @@ class SelfSpec(Strategy):
             k = int(n[b])
             tokens.append(d[b, :k].tolist() + [int(v.next_token[b])])
             exits.append([E] * k + [L])
-        # Every row ran (K+1) tokens through all L layers (0..l while drafting, l..L verifying).
-        return StepOutput(tokens=tokens, exit_layers=exits, layers_computed=[float((K + 1) * L)] * B,
+        # Every row ran (K+1) tokens through all L layers (0..l while drafting, l..L verifying), and
+        # K drafts through the head's own layer where it has one (heads/block.py).
+        layers = float((K + 1) * L + K * (self.drafter.head.layers_run - E))
+        return StepOutput(tokens=tokens, exit_layers=exits, layers_computed=[layers] * B,
                           drafted=[K] * B, accepted=n.tolist())
 
     def describe(self) -> dict:
@@ -94,7 +101,7 @@ def make_self_spec(model, exit_layer: int | None = None, draft_len: int = 4, dra
         raise StrategyOptionError(f"self-spec has no option(s) {sorted(unknown)}; "
                                   "it takes exit_layer, draft_len, draft_vocab")
     layer = as_layers(exit_layer)[0] if exit_layer is not None else default_exit_layers(model, "self-spec")[0]
-    bundle = exit_bundle(model, [layer])
+    bundle = exit_bundle(model, [layer], contextual=True)
     vocab = draft_vocabulary(model, draft_vocab, bundle) if draft_vocab else None
     return SelfSpec(DraftHead(bundle.head(layer), vocab), model.lm.num_layers, draft_len=draft_len)
 
