@@ -30,6 +30,20 @@ class Sample:
     exit_hist: dict[int, int] = field(default_factory=dict)  # exit layer -> tokens
 
 
+class PeerUnavailable(ValueError):
+    """A peer that cannot run on this machine or model (no binary, no GGUF): the run is skipped with
+    the reason, not failed."""
+
+
+def spread_accepts(total: int, n: int) -> list[int] | None:
+    """Per-verification accepted counts when only the total is known: n values summing to total
+    (their mean is exact; their spread is not, so histograms skip contenders built this way)."""
+    if n <= 0:
+        return None
+    q, r = divmod(total, n)
+    return [q + 1] * r + [q] * (n - r)
+
+
 class Contender:
     """Interface: `run(prompt_ids, max_new_tokens, temperature, seed) -> Sample`."""
 

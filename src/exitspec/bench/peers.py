@@ -28,7 +28,8 @@ import time
 import torch
 
 from exitspec.bench.config import RunSpec
-from exitspec.bench.contenders import Contender, Sample
+from exitspec.bench.contenders import Contender, Sample, spread_accepts
+from exitspec.bench.llama_cpp import LlamaCppServer
 
 # HF's defaults for the assistant, applied when the model's generation config leaves them unset.
 HF_DEFAULT_DRAFTS = 20
@@ -157,7 +158,7 @@ class HFEarlyExit(HFGenerate):
         # each verification yields its accepted drafts + 1 token.
         s = super().sample(s, calls)
         s.drafted = calls.first_calls - calls.last_calls
-        s.accept_lengths = _spread(max(0, len(s.tokens) - calls.last_calls), calls.last_calls)
+        s.accept_lengths = spread_accepts(max(0, len(s.tokens) - calls.last_calls), calls.last_calls)
         s.accept_lengths_exact = False
         return s
 
@@ -178,7 +179,7 @@ class HFPromptLookup(HFGenerate):
     def sample(self, s: Sample, calls: _LayerCounter) -> Sample:
         # No model drafts here: the number of drafts proposed is unknown, only accepted ones are.
         s = super().sample(s, calls)
-        s.accept_lengths = _spread(max(0, len(s.tokens) - calls.last_calls), calls.last_calls)
+        s.accept_lengths = spread_accepts(max(0, len(s.tokens) - calls.last_calls), calls.last_calls)
         s.accept_lengths_exact = False
         return s
 
@@ -232,20 +233,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _spread(total: int, n: int) -> list[int] | None:
-    """Per-verification accepted counts when only the total is known: n values summing to total
-    (their mean is exact; their spread is not, so histograms skip contenders built this way)."""
-    if n <= 0:
-        return None
-    q, r = divmod(total, n)
-    return [q + 1] * r + [q] * (n - r)
-
-
 PEER_CLASSES: dict[str, type[Contender]] = {
     "hf-generate": HFGenerate,
     "hf-early-exit": HFEarlyExit,
     "hf-prompt-lookup": HFPromptLookup,
     "economize-early-exit": EconomizeEarlyExit,
+    "llama.cpp": LlamaCppServer,
 }
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from exitspec.bench import metrics
 from exitspec.bench.config import BenchConfig, RunSpec, save_config
-from exitspec.bench.contenders import Contender, ExitspecContender, Sample
+from exitspec.bench.contenders import Contender, ExitspecContender, PeerUnavailable, Sample
 from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
 from exitspec.bench.peers import make_peer
 from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
@@ -136,7 +136,7 @@ class BenchRunner:
         except Exception as err:  # a broken or missing contender must not end the whole sweep
             bar.update(units)
             print(f"\n[bench] skipping {spec.label}: {err}", file=sys.stderr)
-            self._write(self._settings(spec, None) | {"status": f"error: {err}"}, [], [])
+            self._write(self._settings(spec, None) | {"status": failure(err)}, [], [])
             return
         samples: list[Sample] = []
         times: list[list[float]] = []
@@ -180,7 +180,7 @@ class BenchRunner:
                 live[spec] = contender
             except Exception as err:
                 print(f"\n[bench] skipping {spec.label}: {err}", file=sys.stderr)
-                self._write(self._settings(spec, None) | {"status": f"error: {err}"}, [], [])
+                self._write(self._settings(spec, None) | {"status": failure(err)}, [], [])
                 bar.update(cfg.warmup + len(self.ids) * cfg.repeats)
         reps: dict[RunSpec, list[list[Sample]]] = {spec: [] for spec in live}
         with PeakMemory(str(self.model.lm.device)) as mem:
@@ -415,6 +415,12 @@ def _category_tps(per_prompt: list[dict]) -> dict[str, float]:
         groups[r["category"] or "-"].append(r)
     return {c: metrics.throughput([r["new_tokens"] for r in rs], [r["time_s"] for r in rs])
             for c, rs in groups.items()}
+
+
+def failure(err: Exception) -> str:
+    """A run's status when its contender could not be made: "skipped: why" for a peer this machine or
+    model cannot run (the sweep goes on, the report says why), else "error: ..."."""
+    return f"skipped: {err}" if isinstance(err, PeerUnavailable) else f"error: {err}"
 
 
 def make_contender(spec: RunSpec, model, injected: dict | None = None) -> Contender:

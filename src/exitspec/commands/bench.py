@@ -13,6 +13,7 @@ fails, 130 when interrupted (finished rows, plots and report are still written).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from exitspec.bench.config import BenchConfig, BenchConfigError, load_bench_prompts, load_toml, parse_run
+from exitspec.bench.llama_cpp import ENV as LLAMA_SERVER_ENV
 from exitspec.bench.report import finish
 from exitspec.bench.runner import BenchRunner
 from exitspec.commands.common import add_model_args, set_threads
@@ -68,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interleave", action="store_true",
                    help="run every configuration in turn on each prompt (fair ratios on a machine whose speed drifts)")
     g.add_argument("--no-quality", action="store_true", help="skip the layer sweep and perplexities")
+    g.add_argument("--llama-server", default=None, metavar="PATH",
+                   help="llama.cpp's llama-server binary for `llama.cpp` runs "
+                        "(default: $EXITSPEC_LLAMA_SERVER, then PATH)")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -118,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError("--out DIR is required (or --replot DIR to redraw a finished run)")
     cfg = build_config(args)
+    if args.llama_server:
+        os.environ[LLAMA_SERVER_ENV] = args.llama_server  # read by bench/llama_cpp.find_server
     prompts = load_bench_prompts(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
