@@ -3,8 +3,9 @@
 Formats (detected per record): a JSON string per line; MT-Bench / Spec-Bench (`turns`, optional
 `category`, `question_id`); ShareGPT (`conversations` with `from`/`value` or `role`/`content`);
 instruction / response pairs (`instruction`, `input`); GSM8K (`question`); HumanEval (`prompt`);
-Open-Assistant trees (`prompt.text`); plain `prompt` / `text` fields. `.json` arrays, `.jsonl` and
-`.jsonl.gz` files are read.
+Open-Assistant trees (`prompt.text`, `replies`); plain `prompt` / `text` fields. `.json` arrays,
+`.jsonl` and `.jsonl.gz` files are read. Multi-turn records (MT-Bench turns, conversations, trees)
+also keep their user turns in order (`Prompt.user_turns`) for self-distillation to answer one by one.
 
 Split: the last `heldout_fraction` (20%) of every file is held out for evaluation and never used
 for training (the recipe suggested by ../shared/data/SOURCES.md); `split="train"` gives the rest.
@@ -31,6 +32,11 @@ class Prompt:
     # The whole conversation of a multi-turn record ({"role": "user" | "assistant", "content"}, user
     # first, alternating); None for single-turn records.
     turns: list[dict] | None = None
+    # Every user turn of a multi-turn record, in order, user_turns[0] == text (MT-Bench `turns`; a
+    # conversation's user messages, a last unanswered one included; an Open-Assistant tree's first reply
+    # chain): what self-distillation answers with the model's own earlier answers in between. None for
+    # single-turn records, so those compare and behave as before.
+    user_turns: list[str] | None = None
 
 
 def _records(path: Path) -> list:
@@ -46,10 +52,10 @@ def _records(path: Path) -> list:
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def conversation_turns(conv: list[dict]) -> list[dict] | None:
+def _alternating(conv: list[dict]) -> list[dict]:
     """A ShareGPT / chat record's messages as alternating user / assistant turns starting with the
-    user (system and other roles dropped), or None when it has no more than one exchange."""
-    turns = []
+    user (system and other roles dropped); it may end with a user turn."""
+    turns: list[dict] = []
     for m in conv:
         role = ROLES.get(m.get("from", m.get("role")))
         text = m.get("value", m.get("content", ""))
@@ -58,9 +64,38 @@ def conversation_turns(conv: list[dict]) -> list[dict] | None:
         if (not turns and role != "user") or (turns and turns[-1]["role"] == role):
             continue  # keep strict alternation from a user turn
         turns.append({"role": role, "content": text})
+    return turns
+
+
+def conversation_turns(conv: list[dict]) -> list[dict] | None:
+    """A ShareGPT / chat record's answered turns (see _alternating), or None when it has no more than
+    one exchange."""
+    turns = _alternating(conv)
     if turns and turns[-1]["role"] == "user":
         turns.pop()
     return turns if len(turns) > 2 else None
+
+
+def _several(users: list[str]) -> list[str] | None:
+    return users if len(users) > 1 else None
+
+
+def tree_user_turns(node: dict) -> list[str]:
+    """The user turns along an Open-Assistant tree's first reply chain: the root prompt, then the first
+    user reply to its first assistant reply, and so on (deleted messages skipped; sibling replies are
+    alternatives to each other, not later turns)."""
+    users: list[str] = []
+    want = "prompter"
+    while isinstance(node, dict):
+        if want == "prompter":
+            text = node.get("text")
+            if not isinstance(text, str) or not text.strip():
+                break
+            users.append(text)
+        want = "assistant" if want == "prompter" else "prompter"
+        node = next((r for r in node.get("replies") or [] if isinstance(r, dict) and r.get("role") == want
+                     and not r.get("deleted")), None)
+    return users
 
 
 def to_prompt(rec, index: int, category: str) -> Prompt | None:
@@ -71,22 +106,29 @@ def to_prompt(rec, index: int, category: str) -> Prompt | None:
     rid = str(rec.get("question_id", rec.get("task_id", rec.get("id", index))))
     cat = rec.get("category", category)
     if rec.get("turns"):
-        turn = rec["turns"][0]
-        return Prompt(turn if isinstance(turn, str) else turn.get("content", ""), cat, rid)
+        users = [t.get("content", "") if isinstance(t, dict) else t for t in rec["turns"]]
+        chain: list[str] = []
+        for u in users:  # an empty or unreadable turn ends the chain: later turns would refer to it
+            if not isinstance(u, str) or not u.strip():
+                break
+            chain.append(u)
+        return Prompt(users[0] if isinstance(users[0], str) else "", cat, rid, user_turns=_several(chain))
     if rec.get("conversations"):
         conv = rec["conversations"]
         user = next((m for m in conv if m.get("from", m.get("role")) in ("human", "user")), conv[0])
         reply = next((m for m in conv if m.get("from", m.get("role")) in ("gpt", "assistant")), None)
         text = user.get("value", user.get("content", ""))
         ref = (reply or {}).get("value", (reply or {}).get("content", ""))
-        return Prompt(text, cat, rid, ref, conversation_turns(conv))
+        users = [t["content"] for t in _alternating(conv) if t["role"] == "user"]
+        return Prompt(text, cat, rid, ref, conversation_turns(conv),
+                      _several(users) if users and users[0] == text else None)
     if "instruction" in rec:
         text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         return Prompt(text, cat, rid, rec.get("response", rec.get("output", "")))
     if "question" in rec:
         return Prompt(rec["question"], cat, rid, rec.get("answer", ""))
     if isinstance(rec.get("prompt"), dict):  # Open-Assistant message tree
-        return Prompt(rec["prompt"].get("text", ""), cat, rid)
+        return Prompt(rec["prompt"].get("text", ""), cat, rid, user_turns=_several(tree_user_turns(rec["prompt"])))
     for key in ("prompt", "text"):
         if isinstance(rec.get(key), str):
             return Prompt(rec[key], cat, rid)

@@ -33,8 +33,9 @@ class TrainConfig:
     gen_seed: int = 0
     max_len: int = 384  # sequences are cut to this many tokens
     answer_only: bool = False  # train only on positions that predict answer tokens
-    # With reference answers (self_distill = false): every assistant turn of a multi-turn conversation
-    # (false: the first exchange only). Self-distillation answers the first user turn.
+    # Train on every assistant turn of a multi-turn record (false: the first exchange only). With
+    # reference answers (self_distill = false): the conversation's own replies; with self-distillation:
+    # the model answers each user turn in order after its own earlier answers (needs a chat template).
     multi_turn: bool = True
     # --- loss ------------------------------------------------------------------------------------
     temperature: float = 1.0  # KD temperature T (loss is scaled by T^2)

@@ -10,7 +10,12 @@ tokens are the prompt), so the loss mask can keep answer tokens only. Sources:
 Only the "train" split of a prompt file is ever read: held-out prompts are for evaluation.
 
 Self-distilled answers come from exitspec's own batched vanilla decoding and are cached in a JSONL
-file, appended batch by batch, so an interrupted generation continues where it stopped.
+file, appended batch by batch, so an interrupted generation continues where it stopped. With
+multi_turn, a multi-turn prompt (Prompt.user_turns) is answered turn by turn, each answer generated
+after the model's OWN earlier answers (user1, own1, user2, own2, ...), and becomes one conversation
+with every assistant turn marked as answer, as reference conversations are; single-turn prompts,
+tokenizers without a chat template and templates that do not build a conversation turn by turn get
+the first exchange only.
 """
 
 from __future__ import annotations
@@ -135,39 +140,106 @@ class DistillSettings:
                 "temperature": self.temperature, "seed": self.seed}
 
 
+Key = str | tuple[str, ...]  # a cached answer: the prompt text (first turn) or the user turns so far
+
+
 def self_distill(model, prompts: list[Prompt], cache: str | Path, settings: DistillSettings,
-                 *, progress: bool = True) -> list[TokenSequence]:
-    """The base model's own answers to `prompts` (cached in `cache`): one sequence per prompt."""
+                 *, multi_turn: bool = False, progress: bool = True) -> list[TokenSequence]:
+    """The base model's own answers to `prompts` (cached in `cache`): one sequence per prompt.
+
+    With multi_turn, every user turn of a multi-turn prompt is answered, round by round across the
+    prompts (round r answers the r-th user turns, given the conversation so far with the model's own
+    earlier answers), and the prompt becomes one conversation through the chat template with every
+    assistant turn marked (conversation_ids). Where that cannot work (no chat template, or one that does
+    not build the conversation turn by turn, so the answers cannot be located) only the first turn is
+    answered, exactly as for a single-turn prompt. A first turn's cache record is keyed by the prompt
+    text, as before multi-turn existed: old caches stay valid and serve both settings."""
     cache = Path(cache)
+    tok = model.tokenizer
     meta = settings.meta(model.name, fingerprint(model.lm))
     done = _read_cache(cache, meta)
-    texts = [p.text for p in prompts]
-    todo = [t for t in dict.fromkeys(texts) if t not in done]
-    if todo:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        if not cache.exists():
-            cache.write_text(json.dumps({"meta": meta}) + "\n")
-        enc = {t: chat_ids(model.tokenizer, t)[0] for t in todo}
-        todo.sort(key=lambda t: len(enc[t]))  # similar lengths per batch: less padding in prefill
-        bar = tqdm(total=len(todo), desc="self-distill", unit="prompt", disable=not progress)
-        t0, n_tok = time.perf_counter(), 0
-        for i in range(0, len(todo), settings.batch):
-            chunk = todo[i: i + settings.batch]
-            out = generate(model, None, prompt_ids=[enc[t] for t in chunk],
-                                    max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                    seed=settings.seed + i if settings.temperature > 0 else None)
-            with open(cache, "a", encoding="utf-8") as f:  # one line per answer: a crash loses one batch
-                for t, ids in zip(chunk, out.token_ids, strict=True):
-                    f.write(json.dumps({"prompt": t, "prompt_ids": enc[t], "answer_ids": ids}) + "\n")
-                    done[t] = (enc[t], ids)
-            n_tok += sum(len(x) for x in out.token_ids)
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
-        bar.close()
-    return [TokenSequence(done[t][0] + done[t][1], len(done[t][0])) for t in texts]
+    chains = [_user_chain(tok, p, multi_turn) for p in prompts]
+    for r in range(max((len(c) for c in chains), default=0)):
+        # A later turn's prompt holds the earlier answers, so its round waits for the previous one.
+        todo = [k for k in dict.fromkeys(_key(c[: r + 1]) for c in chains if len(c) > r) if k not in done]
+        if todo:
+            _answer(model, todo, done, cache, meta, settings, r, progress)
+    return [_example(tok, c, done) for c in chains]
 
 
-def _read_cache(cache: Path, meta: dict) -> dict[str, tuple[list[int], list[int]]]:
+def _key(users: tuple[str, ...]) -> Key:
+    return users[0] if len(users) == 1 else users
+
+
+def _user_chain(tokenizer, prompt: Prompt, multi_turn: bool) -> tuple[str, ...]:
+    """The user turns self-distillation answers: all of them where the template can hold them (probed
+    with a stand-in answer, before any generation is spent on later turns), else the first."""
+    users = prompt.user_turns if multi_turn else None
+    if not users or len(users) < 2 or users[0] != prompt.text:
+        return (prompt.text,)
+    probe = [{"role": role, "content": u if role == "user" else "..."} for u in users for role in ("user", "assistant")]
+    return tuple(users) if conversation_ids(tokenizer, probe) is not None else (prompt.text,)
+
+
+def _messages(tokenizer, users: tuple[str, ...], done: dict) -> list[dict]:
+    """users[k] with the model's own cached answers to users[:k+1] after each (as many as are done)."""
+    msgs = []
+    for k, u in enumerate(users):
+        msgs.append({"role": "user", "content": u})
+        if (key := _key(users[: k + 1])) in done:  # decoded as generate() decodes its texts
+            msgs.append({"role": "assistant", "content": tokenizer.decode(done[key][1], skip_special_tokens=True)})
+    return msgs
+
+
+def _answer(model, todo: list[Key], done: dict, cache: Path, meta: dict, settings: DistillSettings,
+            r: int, progress: bool) -> None:
+    """Generate the answers to `todo` (round r's keys), appending each batch to the cache."""
+    tok = model.tokenizer
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if not cache.exists():
+        cache.write_text(json.dumps({"meta": meta}) + "\n")
+    elif not cache.read_bytes().endswith(b"\n"):  # a line cut by a crash: appended records start anew
+        with open(cache, "a", encoding="utf-8") as f:
+            f.write("\n")
+    # Round 0 encodes exactly as before multi-turn existed (same ids, same records); later rounds end with
+    # the user turn to answer, after the model's own earlier answers.
+    enc = {k: chat_ids(tok, k)[0] if isinstance(k, str) else encode_prompt(tok, _messages(tok, k, done))
+           for k in todo}
+    todo = sorted(todo, key=lambda k: len(enc[k]))  # similar lengths per batch: less padding in prefill
+    bar = tqdm(total=len(todo), desc="self-distill" + (f" turn {r + 1}" if r else ""), unit="prompt",
+               disable=not progress)
+    t0, n_tok = time.perf_counter(), 0
+    for i in range(0, len(todo), settings.batch):
+        chunk = todo[i: i + settings.batch]
+        # Sampling seeds per batch as before in round 0; later rounds shifted so they do not repeat them.
+        seed = settings.seed + i + 1_000_003 * r if settings.temperature > 0 else None
+        out = generate(model, None, prompt_ids=[enc[k] for k in chunk], max_new_tokens=settings.max_new_tokens,
+                       temperature=settings.temperature, seed=seed)
+        with open(cache, "a", encoding="utf-8") as f:  # one line per answer: a crash loses one batch
+            for k, ids in zip(chunk, out.token_ids, strict=True):
+                # A later turn's record: `turns` is its key (no prompt text can collide with it); `prompt`
+                # (their JSON) only keeps the line readable by exitspec versions from before multi-turn.
+                rec = {"prompt": k} if isinstance(k, str) else {"prompt": json.dumps(list(k)), "turns": list(k)}
+                f.write(json.dumps(rec | {"prompt_ids": enc[k], "answer_ids": ids}) + "\n")
+                done[k] = (enc[k], ids)
+        n_tok += sum(len(x) for x in out.token_ids)
+        bar.update(len(chunk))
+        bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+    bar.close()
+
+
+def _example(tokenizer, users: tuple[str, ...], done: dict) -> TokenSequence:
+    """A single-turn prompt: its prompt and answer ids as generated. A conversation: re-encoded through
+    the template (the generated ids of later turns were prompts, not one sequence), answers marked."""
+    if len(users) > 1:
+        msgs = _messages(tokenizer, users, done)
+        if (seq := conversation_ids(tokenizer, msgs)) is not None:
+            return seq
+    p_ids, a_ids = done[users[0]]
+    return TokenSequence(p_ids + a_ids, len(p_ids))
+
+
+def _read_cache(cache: Path, meta: dict) -> dict[Key, tuple[list[int], list[int]]]:
     if not cache.exists():
         return {}
     lines = cache.read_text(encoding="utf-8").splitlines()
@@ -178,13 +250,14 @@ def _read_cache(cache: Path, meta: dict) -> dict[str, tuple[list[int], list[int]
     if head != meta:
         raise ValueError(f"self-distillation cache {cache} was made with other settings or another model "
                          f"({head}); delete it or set distill_cache to a new file")
-    done = {}
+    done: dict[Key, tuple[list[int], list[int]]] = {}
     for line in lines[1:]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash: that prompt is generated again
-        done[rec["prompt"]] = (rec["prompt_ids"], rec["answer_ids"])
+        key = tuple(rec["turns"]) if "turns" in rec else rec["prompt"]
+        done[key] = (rec["prompt_ids"], rec["answer_ids"])
     return done
 
 
@@ -193,8 +266,18 @@ HEADER_TOKENS = 3  # the end of the chat template's assistant header, kept befor
 
 def draft_corpus(examples: list[TokenSequence]) -> list[list[int]]:
     """The answers of chat examples for lookup's draft datastore, each with the last few prompt
-    tokens (the assistant header) so the store also learns how this model starts its answers."""
-    return [e.ids[max(0, e.start - HEADER_TOKENS):] for e in examples if 0 < e.start < len(e.ids)]
+    tokens (the assistant header) so the store also learns how this model starts its answers. A
+    conversation gives each of its answers (its user turns are not the model's text)."""
+    return [e.ids[max(0, a - HEADER_TOKENS): b] for e in examples for a, b in _answer_spans(e) if 0 < a < b]
+
+
+def _answer_spans(e: TokenSequence) -> list[tuple[int, int]]:
+    """(start, end) of each run of answer tokens: where the flags switch on, then off."""
+    if e.answer is None:
+        return [(e.start, len(e.ids))]
+    edges = [k for k in range(len(e.ids) + 1)
+             if (k < len(e.ids) and e.answer[k]) != (k > 0 and e.answer[k - 1])]
+    return list(zip(edges[::2], edges[1::2], strict=True))
 
 
 def eval_sequences(examples: list[TokenSequence]) -> list[TokenSequence]:
@@ -219,7 +302,7 @@ def build_examples(model, cfg, out_dir: Path, *, progress: bool = True) -> list[
         if cfg.self_distill:
             cache = Path(cfg.distill_cache) if cfg.distill_cache else out_dir / "distill.jsonl"
             settings = DistillSettings(cfg.gen_max_new_tokens, cfg.gen_batch, cfg.gen_temperature, cfg.gen_seed)
-            examples += self_distill(model, prompts, cache, settings, progress=progress)
+            examples += self_distill(model, prompts, cache, settings, multi_turn=cfg.multi_turn, progress=progress)
         else:
             missing = sum(not p.reference for p in prompts)
             if missing:
