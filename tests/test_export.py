@@ -82,3 +82,41 @@ def test_heads_no_standard_layer_expresses_are_refused(tmp_path, capsys):
     assert main(["export-draft", "--model", str(folder), "--heads", str(tmp_path / "lh"), "--exit-layer", "2",
                  "--out", str(tmp_path / "o2")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "o2").config.num_hidden_layers == 2
+
+
+def test_an_exported_exit_drafts_in_hf_as_the_exit_does_in_self_spec(tmp_path):
+    """The `hf-assisted` bench peer: HF's speculative decoding with exit 3 exported as its draft model
+    (norm_lm here: no bundle attached). Lossless, and its acceptance is self-spec's at that exit with
+    the same draft length (the same drafts; only HF's last, shortened round may differ)."""
+    from exitspec.bench.config import BenchConfig
+    from exitspec.bench.runner import BenchRunner
+    from helpers_bench import tiny_prompts
+
+    m = tiny_loaded("gpt2")
+    cfg = BenchConfig(num_prompts=3, max_new_tokens=24, repeats=1, warmup=0, quality=False,
+                      runs=[{"name": "hf-assisted", "draft_exit": 5, "draft_len": 3},
+                            {"name": "self-spec", "exit_layer": 5, "draft_len": 3},
+                            {"name": "hf-assisted", "draft_exit": 5, "colour": 1}])
+    rows = {r["label"]: r for r in BenchRunner(cfg, m, tiny_prompts(), tmp_path, progress=False).run().rows}
+    hf, ours = rows["hf-assisted[draft_exit=5,draft_len=3]@T0"], rows["self-spec[draft_len=3,exit_layer=5]@T0"]
+    assert hf["status"] == "ok" and hf["lossless_ok"] is True and ours["lossless_ok"] is True
+    assert ours["acceptance_rate"] > 0.2
+    assert hf["acceptance_rate"] == pytest.approx(ours["acceptance_rate"], abs=0.1)
+    assert "hf-assisted takes draft_exit" in rows["hf-assisted[colour=1,draft_exit=5]@T0"]["status"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_exported_draft_passes_the_checks_vllms_draft_model_path_makes(tmp_path, family):
+    from exitspec.export.engines import vllm_command, vllm_draft_problems
+    from exitspec.loading import load
+
+    target = save_tiny_model(tmp_path / "target", family)
+    m = load(str(target))
+    draft = export_draft(m, bundle_of(m, "option-b"), 3, tmp_path / "draft")
+    assert vllm_draft_problems(draft, target) == []
+    cmd = vllm_command(str(target), draft, 5)
+    assert cmd.startswith(f"vllm serve {target} --speculative-config ") and '"method": "draft_model"' in cmd
+    # A draft from another model (another vocabulary, as deep as the target) is refused with the reasons.
+    other = save_tiny_model(tmp_path / "other", "llama" if family != "llama" else "qwen2", layers=6)
+    problems = " | ".join(vllm_draft_problems(other, target))
+    assert "model types differ" in problems and "it would cost as much as it saves" in problems

@@ -33,7 +33,7 @@ from pathlib import Path
 from exitspec.prompts import Prompt, load_prompts, mixed_prompts
 
 # Peers: the decoders a user would pick instead of exitspec (implemented in bench/peers.py).
-PEERS = ("hf-generate", "hf-early-exit", "hf-prompt-lookup", "economize-early-exit", "llama.cpp")
+PEERS = ("hf-generate", "hf-early-exit", "hf-prompt-lookup", "hf-assisted", "economize-early-exit", "llama.cpp")
 # The two vanilla decoders every run includes: speedups are against the faster of them.
 BASELINES = ("vanilla", "hf-generate")
 # Options that choose how the model runs, not what the strategy does (`exitspec.load(weights=,

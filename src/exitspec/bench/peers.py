@@ -8,6 +8,8 @@
   draft's top probability falls below 0.4): HF takes the assistant's settings from the model's own
   generation config, which we do not modify.
 - `hf-prompt-lookup`: `generate(prompt_lookup_num_tokens=k)`, n-gram copying from the context.
+- `hf-assisted`: `generate(assistant_model=...)` with an exit exported as a draft model.
+- `llama.cpp`: its server on the same GGUF, plain or speculative (bench/llama_cpp.py).
 - `economize-early-exit`: the `early_exit` drafter of the optional `economize` package (frozen
   layers, shared head), cycle length gamma + 1.
 
@@ -23,13 +25,18 @@ of an early-exit assistant never reaches the last layer); the hooks are removed 
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from exitspec.bench.config import RunSpec
 from exitspec.bench.contenders import Contender, Sample, spread_accepts
 from exitspec.bench.llama_cpp import LlamaCppServer
+from exitspec.decoding.exits import exit_bundle
+from exitspec.export.draft import export_draft
 
 # HF's defaults for the assistant, applied when the model's generation config leaves them unset.
 HF_DEFAULT_DRAFTS = 20
@@ -96,6 +103,11 @@ class HFGenerate(Contender):
         self.gen_config.eos_token_id = []  # an empty list: no stop token, and no fallback to the model's
 
     def generate_kwargs(self) -> dict:
+        """Settings of the generation config (e.g. prompt_lookup_num_tokens)."""
+        return {}
+
+    def call_kwargs(self) -> dict:
+        """Arguments of generate() itself that are not config settings (e.g. assistant_model)."""
         return {}
 
     def run(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Sample:
@@ -114,7 +126,8 @@ class HFGenerate(Contender):
         timer = _FirstTokenTimer()
         with _LayerCounter(self.model.lm.adapter.layers) as calls, torch.inference_mode():
             t0 = time.perf_counter()
-            out = hf.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, streamer=timer)
+            out = hf.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, streamer=timer,
+                              **self.call_kwargs())
             _sync(x.device)
             total = time.perf_counter() - t0
         tokens = out[0, len(ids):].tolist()
@@ -184,6 +197,51 @@ class HFPromptLookup(HFGenerate):
         return s
 
 
+class HFAssisted(HFGenerate):
+    """`generate(assistant_model=draft)`: HF's speculative decoding with a separate draft model, here
+    an exit of the attached heads exported as a standard checkpoint (export/draft.py; `draft_exit=L`,
+    norm_lm where no bundle is attached) or any draft folder (`draft=PATH`). The draft proposes
+    `draft_len` tokens a round (HF's constant schedule, no confidence cut), as self-spec does, so the
+    two acceptance rates compare: they should match, since the draft computes the exit's logits."""
+
+    def __init__(self, spec: RunSpec, model):
+        super().__init__(spec, model)
+        opts = spec.strategy_opts
+        unknown = sorted(set(opts) - {"draft_exit", "draft", "draft_len"})
+        if unknown or ("draft" in opts) == ("draft_exit" in opts):
+            raise ValueError(f"hf-assisted takes draft_exit=L (an exit, exported) or draft=FOLDER, and draft_len; "
+                             f"got {opts}")
+        k = opts.get("draft_len", 4)
+        if not isinstance(k, int) or k <= 0:
+            raise ValueError(f"hf-assisted needs draft_len >= 1, got {k!r}")
+        if "draft" in opts:
+            folder = Path(opts["draft"]).expanduser()
+        else:
+            layer = int(opts["draft_exit"])
+            self.tmp = tempfile.TemporaryDirectory(prefix="exitspec-hf-draft-")
+            folder = export_draft(model, exit_bundle(model, [layer], contextual=True), layer,
+                                  Path(self.tmp.name) / "draft")
+        self.draft = AutoModelForCausalLM.from_pretrained(folder, dtype=model.lm.dtype).to(model.lm.device).eval()
+        # The draft is ours (loaded here), so its generation config may carry the round settings.
+        self.draft.generation_config.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+                                            assistant_confidence_threshold=0.0)
+        self.draft_layers = next(m for name, m in self.draft.named_modules()
+                                 if name.endswith(("layers", ".h")) and isinstance(m, torch.nn.ModuleList))
+
+    def call_kwargs(self) -> dict:
+        return {"assistant_model": self.draft}
+
+    def run(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Sample:
+        with _LayerCounter(self.draft_layers) as draft_calls:
+            s = super().run(ids, max_new_tokens, temperature, seed)
+        # Each draft forward proposes one token (the first of a round also re-reads what was accepted).
+        s.drafted = draft_calls.first_calls
+        s.layers_computed = (s.layers_computed or 0.0) + draft_calls.layer_tokens
+        s.accept_lengths = spread_accepts(max(0, len(s.tokens) - s.target_calls), s.target_calls)
+        s.accept_lengths_exact = False
+        return s
+
+
 class EconomizeEarlyExit(Contender):
     """economize's `early_exit` drafter (frozen layers 1..l, the model's own norm + head)."""
 
@@ -238,6 +296,7 @@ PEER_CLASSES: dict[str, type[Contender]] = {
     "hf-early-exit": HFEarlyExit,
     "hf-prompt-lookup": HFPromptLookup,
     "economize-early-exit": EconomizeEarlyExit,
+    "hf-assisted": HFAssisted,
     "llama.cpp": LlamaCppServer,
 }
 
