@@ -207,3 +207,24 @@ def test_interleaved_timing_gives_the_same_results_and_audit(tmp_path, tiny_run)
     seq = {r["label"]: r for r in SavedResults(tiny_run[0]).prompts if r["label"] in rows}
     inter = {r["label"]: r for r in SavedResults(tmp_path).prompts}
     assert all(inter[k]["tokens"] == seq[k]["tokens"] for k in seq)  # last prompt of each label: same tokens
+
+
+def test_self_spec_rows_carry_the_cost_models_prediction_beside_the_measurement(tmp_path):
+    """bench/prediction.py: the cycle's parts timed alone + the row's E[accepted] -> a predicted speedup,
+    next to the measured decode-phase speedup, in results.csv and the report."""
+    m = tiny_loaded("gpt2")
+    cfg = BenchConfig(num_prompts=2, max_new_tokens=16, repeats=1, warmup=0, quality=False,
+                      runs=[{"name": "self-spec", "exit_layer": 5, "draft_len": 3}])
+    outcome = BenchRunner(cfg, m, tiny_prompts(), tmp_path, progress=False).run()
+    row = next(r for r in outcome.rows if r["name"] == "self-spec")
+    assert row["cycle_ms"] > row["vanilla_step_ms"] > 0 and row["cost_context"] > 0
+    # Leviathan's formula over the timed parts, at the row's own E[accepted]
+    assert row["predicted_speedup"] == pytest.approx(
+        row["vanilla_step_ms"] * (row["mean_accepted"] + 1) / row["cycle_ms"])
+    assert row["measured_decode_speedup"] > 0
+    gap = abs(row["measured_decode_speedup"] / row["predicted_speedup"] - 1)
+    assert (row["prediction_note"] is not None) == (gap > 0.10)
+    finish(tmp_path)
+    assert "## Cost model: predicted vs measured" in (tmp_path / "report.md").read_text()
+    vanilla = next(r for r in outcome.rows if r["name"] == "vanilla")
+    assert vanilla.get("predicted_speedup") is None

@@ -93,6 +93,19 @@ def render(res: SavedResults, figures: list[str]) -> str:
             f"{_f(r.get('layers_per_token'), '.1f')} | {_f(r.get('overlap'))} | {_f(r.get('tv'))} | "
             f"{_f(r.get('peak_mem_mib'), '.0f')} | {_audit_cell(r)} | {_ci(r, 'agreement', '.3f')} | "
             f"{_ci(r, 'perplexity', '.2f')} |")
+    predicted = [r for r in ok if r.get("predicted_speedup") is not None]
+    if predicted:
+        lines += ["", "## Cost model: predicted vs measured", "",
+                  "Predicted: the parts of one self-spec cycle timed alone on a warm cache at the run's typical "
+                  "context, with the row's measured E[acc] (Leviathan et al.: vanilla step x (E[acc] + 1) / cycle). "
+                  "Measured: decode-phase tokens/s (after the first step) over the vanilla loop's, same runtime and "
+                  "temperature. A gap over 10% names which side moved.", "",
+                  "| configuration | cycle ms | vanilla step ms | E[acc] | predicted | measured (decode) | note |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for r in predicted:
+            lines.append(f"| {r['label']} | {_f(r.get('cycle_ms'), '.2f')} | {_f(r.get('vanilla_step_ms'), '.2f')} | "
+                         f"{_f(r.get('mean_accepted'))} | {_f(r['predicted_speedup'])}x | "
+                         f"{_f(r.get('measured_decode_speedup'))}x | {r.get('prediction_note') or 'within 10%'} |")
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += ["", "Configurations that did not run:", ""]

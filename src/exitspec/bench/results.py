@@ -27,6 +27,8 @@ COLUMNS = [
     # speculation and depth
     "mean_accepted", "gamma_mean", "acceptance_rate", "mean_accept_length", "target_calls_per_token",
     "layers_per_token", "exit_hist", "draft_reading", "top1_agreement", "overlap", "tv", "overlap_temperature",
+    # the cost model (bench/prediction.py, self-spec rows)
+    "predicted_speedup", "measured_decode_speedup", "cycle_ms", "vanilla_step_ms", "cost_context", "prediction_note",
     # quality and audit
     "lossless_claim", "lossless_ok", "lossless_mismatches", "agreement", "agreement_lo", "agreement_hi",
     "perplexity", "perplexity_lo", "perplexity_hi",

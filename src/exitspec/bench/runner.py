@@ -30,6 +30,7 @@ from exitspec.bench.config import BenchConfig, RunSpec, save_config
 from exitspec.bench.contenders import Contender, ExitspecContender, PeerUnavailable, Sample
 from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
 from exitspec.bench.peers import make_peer
+from exitspec.bench.prediction import decode_tokens_per_s, self_spec_prediction
 from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
 from exitspec.bench.results import ResultsWriter
 from exitspec.decoding.api import encode_prompt
@@ -76,6 +77,8 @@ class BenchRunner:
         self.sweep_layers = [x for x in (cfg.quality_layers or range(1, L)) if 0 < x < L]
         self.models = {"dense": model}  # RunSpec.runtime -> loaded model (others loaded when first needed)
         self.vanilla_tokens: dict[str, list[list[int]]] = {}  # RunSpec.runtime -> exitspec vanilla, greedy
+        # runtime, temperature -> the vanilla loop's decode-phase tokens/s (bench/prediction.py)
+        self.vanilla_decode: dict[tuple[str, float], float | None] = {}
         self.ref_tokens: list[list[int]] | None = None  # exitspec vanilla at the reference temperature
         self.pending: list[tuple[RunSpec, dict, list[dict]]] = []  # baseline rows waiting for both baselines
         self.baseline: dict[float, dict] = {}  # temperature -> {"label", "tps", "by_category"}
@@ -243,6 +246,13 @@ class BenchRunner:
         settings = self._settings(spec, contender)
         row = settings | self._aggregate(spec, per_prompt, samples) | self._draft_quality(spec, settings["exit_layer"])
         row["peak_mem_mib"], row["mem_source"] = mem.peak_mib, mem.source
+        if spec.name == "vanilla":
+            self.vanilla_decode[(rt, spec.temperature)] = decode_tokens_per_s(per_prompt)
+        strategy = contender.factory() if isinstance(contender, ExitspecContender) else None
+        if spec.name == "self-spec" and hasattr(strategy, "drafter"):  # the cost model's prediction, beside
+            context = round(sum(len(x) for x in self.ids) / len(self.ids) + cfg.max_new_tokens / 2)
+            row |= self_spec_prediction(strategy, row, per_prompt, self.vanilla_decode.get((rt, spec.temperature)),
+                                        context)
         # The lossless audit: greedy outputs of every lossless-claiming contender against vanilla's.
         row["lossless_claim"] = not lossy
         row["weights"], row["kv_cache"] = spec.weights, spec.kv_cache or "model dtype"
