@@ -82,6 +82,10 @@ def test_heads_no_standard_layer_expresses_are_refused(tmp_path, capsys):
     assert main(["export-draft", "--model", str(folder), "--heads", str(tmp_path / "lh"), "--exit-layer", "2",
                  "--out", str(tmp_path / "o2")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "o2").config.num_hidden_layers == 2
+    # A reduced draft vocabulary would need an LM-head bias, which Llama's head lacks: refused, nothing written.
+    assert main(["export-draft", "--model", str(folder), "--heads", str(tmp_path / "lh"), "--exit-layer", "2",
+                 "--out", str(tmp_path / "o3"), "--draft-vocab", "32"]) == 2
+    assert "has none; export the full head" in capsys.readouterr().err and not (tmp_path / "o3").exists()
 
 
 def test_an_exported_exit_drafts_in_hf_as_the_exit_does_in_self_spec(tmp_path):

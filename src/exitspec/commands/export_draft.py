@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from exitspec.commands.common import add_model_args, load_from_args
-from exitspec.export.draft import EXPORTABLE, export_draft
+from exitspec.export.draft import EXPORTABLE, check_draft_vocab, export_draft
 from exitspec.export.engines import llama_cpp_command, vllm_command
 from exitspec.export.gguf import GGUF_TYPES, check_gguf, export_gguf
 
@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--exit-layer", type=int, required=True, help="the exit to export (a layer of the bundle)")
     p.add_argument("--out", required=True, help="folder for the draft model (config, safetensors, tokenizer)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="a reduced draft vocabulary (N most frequent tokens); exported only where the architecture's "
+                        "LM head has a bias to push the other rows down, else refused")
     p.add_argument("--gguf", choices=tuple(GGUF_TYPES), default=None,
                    help="also write the draft as <out>/draft-<type>.gguf for llama.cpp (Llama / Mistral / Qwen2 "
                         "models with a byte-level BPE tokenizer)")
@@ -31,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.heads:
         raise ValueError(f"--heads is required: a bundle whose exit is of an exportable kind ({', '.join(EXPORTABLE)})")
     model = load_from_args(args)
+    check_draft_vocab(model, args.draft_vocab)  # refused before anything is written
     if args.gguf:
         check_gguf(model)  # an unsupported model is refused before anything is written
     out = export_draft(model, model.heads, args.exit_layer, Path(args.out))

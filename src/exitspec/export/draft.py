@@ -65,6 +65,21 @@ def draft_state(model: LoadedModel, bundle: HeadBundle, layer: int) -> tuple[dic
     return cfg, state
 
 
+def check_draft_vocab(model: LoadedModel, draft_vocab) -> None:
+    """A reduced draft vocabulary (decoding's `draft_vocab`) exports exactly only as the full head with
+    every other row pushed down by a large negative bias; an architecture whose LM head has no bias
+    (Llama, Qwen2, Mistral, GPT-NeoX, GPT-2: all of them in transformers) cannot express that, and
+    zeroed rows would still win wherever every kept logit is negative. So it is refused there."""
+    if draft_vocab is None:
+        return
+    head = model.model.get_output_embeddings()
+    if getattr(head, "bias", None) is None:
+        raise ExportError(f"a reduced draft vocabulary needs a bias on the LM head to push the other rows down, "
+                          f"and {type(model.model).__name__}'s LM head has none; export the full head (drop "
+                          "--draft-vocab): engines draft over the whole vocabulary at the cost of the full LM head")
+    raise ExportError("exporting a reduced draft vocabulary is not implemented for LM heads with a bias yet")
+
+
 def export_draft(model: LoadedModel, bundle: HeadBundle, layer: int, out: str | Path) -> Path:
     """Write exit `layer` of `bundle` as a draft model folder at `out` (atomically). An existing `out`
     is replaced only where it is a model folder (an earlier export), never another folder."""
