@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-heads": ("exitspec.commands.eval_heads", "per-exit KL, perplexity, agreement and coverage"),
     "export-draft": ("exitspec.commands.export_draft", "write a trained exit as a standard draft model folder"),
     "bench": ("exitspec.commands.bench", "benchmark strategies and peers: results.csv, plots, report"),
+    "lm-eval": ("exitspec.commands.lm_eval", "task accuracy of a decoding mode through lm-evaluation-harness"),
     "serve": ("exitspec.commands.serve", "OpenAI-compatible HTTP server"),
 }
 
