@@ -228,3 +228,21 @@ def test_self_spec_rows_carry_the_cost_models_prediction_beside_the_measurement(
     assert "## Cost model: predicted vs measured" in (tmp_path / "report.md").read_text()
     vanilla = next(r for r in outcome.rows if r["name"] == "vanilla")
     assert vanilla.get("predicted_speedup") is None
+
+
+def test_cascade_rows_carry_cascadeexits_routing_table(tmp_path):
+    """Teacher-forced routing of the run's own cascade outputs (bench/routing.py) reproduces the exits
+    the decode took: per layer, the same token counts as the run's exit histogram."""
+    from exitspec.heads.bundle import HeadBundle
+
+    m = tiny_loaded("gpt2")
+    m.heads = HeadBundle.create(m.lm, [2, 4], "norm_lm")
+    cfg = BenchConfig(num_prompts=3, max_new_tokens=16, repeats=1, warmup=0, quality=False,
+                      runs=[{"name": "cascade", "exit_layers": "2,4", "threshold": 0.2, "score": "max_prob"}])
+    outcome = BenchRunner(cfg, m, tiny_prompts(), tmp_path, progress=False).run()
+    row = next(r for r in outcome.rows if r["name"] == "cascade")
+    assert {k: v["tokens"] for k, v in row["routing"].items()} == row["exit_hist"]
+    assert len(row["routing"]) > 1 and all(0 <= v["top1_agreement"] <= 1 for v in row["routing"].values())
+    assert row["routing"][str(m.lm.num_layers)]["top1_agreement"] == 1.0  # the full model agrees with itself
+    finish(tmp_path)
+    assert "## Cascade routing" in (tmp_path / "report.md").read_text()

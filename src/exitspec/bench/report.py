@@ -106,6 +106,20 @@ def render(res: SavedResults, figures: list[str]) -> str:
             lines.append(f"| {r['label']} | {_f(r.get('cycle_ms'), '.2f')} | {_f(r.get('vanilla_step_ms'), '.2f')} | "
                          f"{_f(r.get('mean_accepted'))} | {_f(r['predicted_speedup'])}x | "
                          f"{_f(r.get('measured_decode_speedup'))}x | {r.get('prediction_note') or 'within 10%'} |")
+    routed = [r for r in ok if r.get("routing")]
+    if routed:
+        lines += ["", "## Cascade routing", "",
+                  "Tokens each exit emitted (teacher-forced routing of the run's own outputs, exact for cascade), "
+                  "how often that exit's top-1 is the full model's, and the full model's perplexity of them "
+                  "(the model's layer count = the full model).", "",
+                  "| configuration | layer | tokens | share | top-1 agreement | perplexity |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in routed:
+            table = r["routing"]
+            total = sum(v["tokens"] for v in table.values()) or 1
+            for layer, v in table.items():
+                lines.append(f"| {r['label']} | {layer} | {v['tokens']} | {v['tokens'] / total:.2f} | "
+                             f"{v['top1_agreement']:.3f} | {v['perplexity']:.2f} |")
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += ["", "Configurations that did not run:", ""]

@@ -26,7 +26,8 @@ COLUMNS = [
     "ttft_s", "peak_mem_mib", "mem_source",
     # speculation and depth
     "mean_accepted", "gamma_mean", "acceptance_rate", "mean_accept_length", "target_calls_per_token",
-    "layers_per_token", "exit_hist", "draft_reading", "top1_agreement", "overlap", "tv", "overlap_temperature",
+    "layers_per_token", "exit_hist", "routing", "draft_reading", "top1_agreement", "overlap", "tv",
+    "overlap_temperature",
     # the cost model (bench/prediction.py, self-spec rows)
     "predicted_speedup", "measured_decode_speedup", "cycle_ms", "vanilla_step_ms", "cost_context", "prediction_note",
     # quality and audit

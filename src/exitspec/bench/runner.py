@@ -33,7 +33,9 @@ from exitspec.bench.peers import make_peer
 from exitspec.bench.prediction import decode_tokens_per_s, self_spec_prediction
 from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
 from exitspec.bench.results import ResultsWriter
+from exitspec.bench.routing import routing_table
 from exitspec.decoding.api import encode_prompt
+from exitspec.decoding.strategies.cascade import Cascade
 from exitspec.loading import attach_heads, load
 from exitspec.prompts import Prompt
 
@@ -249,6 +251,9 @@ class BenchRunner:
         if spec.name == "vanilla":
             self.vanilla_decode[(rt, spec.temperature)] = decode_tokens_per_s(per_prompt)
         strategy = contender.factory() if isinstance(contender, ExitspecContender) else None
+        if isinstance(strategy, Cascade):  # CascadeExit's routing table: tokens, agreement, perplexity per exit
+            row["routing"] = routing_table(contender.model, strategy,
+                                           [(ids, s.tokens) for ids, s in zip(self.ids, samples, strict=True)])
         if spec.name == "self-spec" and hasattr(strategy, "drafter"):  # the cost model's prediction, beside
             context = round(sum(len(x) for x in self.ids) / len(self.ids) + cfg.max_new_tokens / 2)
             row |= self_spec_prediction(strategy, row, per_prompt, self.vanilla_decode.get((rt, spec.temperature)),

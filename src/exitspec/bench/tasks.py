@@ -10,10 +10,8 @@ judged as it decodes, not as the full model:
 - `loglikelihood` (multiple choice): the log-probability of the continuation under the distribution
   the mode would emit each token from. For the lossless strategies (vanilla, self-spec, lookup, dssd)
   that is the full model's. For cascade it is the distribution of the shallowest confident exit at
-  each position, else the full model's (`routed_logprobs`), with the cascade's own gates and
-  pre-check (exits.CheckedExit). Teacher forcing is exact for cascade: its deferred recomputation
-  fills every exited token's upper layers, so each position's exit states are the full model's
-  (decoding/deferred.py). Modes whose states depend on earlier decisions (mlp-skip; cascade with
+  each position, else the full model's (bench/routing.py: teacher-forced routing, exact for
+  cascade). Modes whose states depend on earlier decisions (mlp-skip; cascade with
   state_propagation) are refused for loglikelihood with that reason; their generation tasks run.
 
 `TaskScorer` holds the logic and needs no lm_eval; `register()` wraps it as lm_eval's `LM` subclass
@@ -25,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from exitspec.bench.routing import route
 from exitspec.decoding.api import generate, make_strategy
 from exitspec.decoding.strategies.cascade import Cascade
-from exitspec.runtime.sequences import teacher_pass
 
 EXTRA_HINT = "pip install 'exitspec[eval]' (lm-evaluation-harness)"
 # Strategies whose emitted distribution is the full model's (lossless) or routed exactly (cascade).
@@ -64,31 +62,14 @@ class TaskScorer:
         return ctx, whole[len(ctx):]
 
     # --- the mode's distributions ------------------------------------------------------------------
-    @torch.inference_mode()
     def routed_logprobs(self, ids: list[int], start: int) -> torch.Tensor:
         """(len(ids) - start, V) log-probabilities the mode emits tokens ids[start:] from."""
-        lm = self.model.lm
         strategy = make_strategy(self.strategy, self.model, **self.options)
-        exits = []
-        if isinstance(strategy, Cascade):
-            if strategy.propagate:
-                raise ValueError("cascade with state_propagation writes approximate upper-layer states, so "
-                                 "teacher forcing cannot reproduce it: score loglikelihood tasks without it")
-            exits = strategy.exits
-        elif self.strategy not in FULL_MODEL:
+        if not isinstance(strategy, Cascade) and self.strategy not in FULL_MODEL:
             raise ValueError(f"loglikelihood through {self.strategy!r} is not defined: its states depend on its "
                              f"earlier decisions; use generation tasks for it, or one of {', '.join(FULL_MODEL)}, "
                              "cascade")
-        rows = slice(start - 1, len(ids) - 1)  # position t predicts token t + 1
-        tp = teacher_pass(lm, torch.tensor([ids]), [e.layer for e in exits], logits_from=start - 1)
-        logits = tp.logits[0, :-1].float()  # (N, V): the full model's, where no exit is confident
-        decided = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        for ex in exits:  # shallowest first, as the cascade decides
-            ok, exit_logits = ex.confident(tp.hidden[ex.layer][0, rows], ~decided)
-            if exit_logits is not None:
-                logits[ok] = exit_logits[ok].float()
-                decided |= ok
-        return torch.log_softmax(logits, -1)
+        return torch.log_softmax(route(self.model, strategy, ids, start).logits, -1)
 
     # --- what lm-eval asks ---------------------------------------------------------------------------
     def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
