@@ -77,3 +77,14 @@ def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
     pairs = [(math.log(2.0) * 4, 4), (math.log(2.0) * 6, 6)]
     stat = lambda ps: metrics.perplexity(sum(a for a, _ in ps), sum(b for _, b in ps))
     assert metrics.bootstrap_ci(pairs, n_boot=50, stat=stat)[0] == pytest.approx(2.0)
+
+
+def test_final_numbers_and_answer_agreement_follow_gsm8ks_convention():
+    from exitspec.bench.metrics import answer_agreement, final_number
+
+    assert final_number("so 3 + 4 = 7.\n#### 1,234") == "1234"
+    assert final_number("It costs $18.0 in total") == "18" and final_number("-5 degrees") == "-5"
+    assert final_number("no digits here") is None
+    assert answer_agreement("The answer is 42", "... so #### 42") is True
+    assert answer_agreement("The answer is 41", "#### 42") is False
+    assert answer_agreement("42", "I cannot tell") is None  # nothing to agree with

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -82,6 +83,26 @@ def token_agreement(tokens: Sequence[int], reference: Sequence[int]) -> float:
     if not reference:
         return float("nan")
     return sum(a == b for a, b in zip(tokens, reference, strict=False)) / len(reference)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The last number in a text (GSM8K's answer convention: the final number is the answer), commas
+    and a trailing ".0" dropped; None when there is none."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    n = found[-1].replace(",", "")
+    return n[:-2] if n.endswith(".0") else n
+
+
+def answer_agreement(text: str, reference: str) -> bool | None:
+    """Whether two answers end in the same number (a lossy mode's GSM8K answer vs vanilla's); None
+    when the reference has no number to agree with."""
+    ref = final_number(reference)
+    return None if ref is None else final_number(text) == ref
 
 
 def first_mismatch(tokens: Sequence[int], reference: Sequence[int]) -> int | None:

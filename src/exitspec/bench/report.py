@@ -80,10 +80,11 @@ def render(res: SavedResults, figures: list[str]) -> str:
         "rate = E[acc] / gamma (gamma = mean drafts per verification); calls/tok = full-model calls per token; "
         "overlap = sum min(p, q) of the draft exit vs the full model at the row's temperature (T=1 for greedy), "
         "TV = 1 - overlap; agreement and perplexity with 95% bootstrap intervals across prompts. "
-        "HF peers' E[acc] comes from counted forward calls (exact mean, no histogram).", "",
+        "HF peers' E[acc] comes from counted forward calls (exact mean, no histogram). "
+        "answers = share of math (GSM8K) prompts whose final number is vanilla's.", "",
         "| configuration | tok/s | speedup | TTFT s | E[acc] | tau | rate | calls/tok | layers/tok | overlap | TV "
-        "| peak MiB | lossless | agreement | perplexity |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "| peak MiB | lossless | agreement | answers | perplexity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|",
     ]
     for r in ok:
         lines.append(
@@ -92,7 +93,7 @@ def render(res: SavedResults, figures: list[str]) -> str:
             f"{_f(r.get('acceptance_rate'))} | {_f(r.get('target_calls_per_token'))} | "
             f"{_f(r.get('layers_per_token'), '.1f')} | {_f(r.get('overlap'))} | {_f(r.get('tv'))} | "
             f"{_f(r.get('peak_mem_mib'), '.0f')} | {_audit_cell(r)} | {_ci(r, 'agreement', '.3f')} | "
-            f"{_ci(r, 'perplexity', '.2f')} |")
+            f"{_f(r.get('answer_agreement'))} | {_ci(r, 'perplexity', '.2f')} |")
     predicted = [r for r in ok if r.get("predicted_speedup") is not None]
     if predicted:
         lines += ["", "## Cost model: predicted vs measured", "",

@@ -32,6 +32,7 @@ COLUMNS = [
     "predicted_speedup", "measured_decode_speedup", "cycle_ms", "vanilla_step_ms", "cost_context", "prediction_note",
     # quality and audit
     "lossless_claim", "lossless_ok", "lossless_mismatches", "agreement", "agreement_lo", "agreement_hi",
+    "answer_agreement", "answer_prompts",
     "perplexity", "perplexity_lo", "perplexity_hi",
     "status",
 ]

@@ -242,6 +242,9 @@ class BenchRunner:
             if ref is not None:
                 rec["first_mismatch"] = metrics.first_mismatch(s.tokens, ref[i])
                 rec["agreement"] = metrics.token_agreement(s.tokens, ref[i])
+                if p.category in ANSWER_CATEGORIES:  # the final number, as GSM8K scores it
+                    rec["answer_agreement"] = metrics.answer_agreement(
+                        rec["text"], self.model.tokenizer.decode(ref[i], skip_special_tokens=True))
             if cfg.quality and (lossy or spec.name == "vanilla"):
                 rec["nll"], rec["nll_tokens"] = text_nll(self.model, self.ids[i], s.tokens)
             per_prompt.append(rec)
@@ -335,6 +338,9 @@ class BenchRunner:
             row["mean_accepted"], row["mean_accept_length"] = acc["mean_accepted"], acc["mean_accept_length"]
             if drafted:
                 row["gamma_mean"], row["acceptance_rate"] = acc["gamma_mean"], acc["acceptance_rate"]
+        answers = [r["answer_agreement"] for r in per_prompt if r.get("answer_agreement") is not None]
+        if answers:  # lossy modes on math prompts: is the final answer still vanilla's?
+            row["answer_agreement"], row["answer_prompts"] = sum(answers) / len(answers), len(answers)
         if "agreement" in per_prompt[0]:
             row["agreement"], row["agreement_lo"], row["agreement_hi"] = metrics.bootstrap_ci(
                 [r["agreement"] for r in per_prompt], cfg.bootstrap, seed=cfg.seed)
@@ -430,6 +436,10 @@ def _category_tps(per_prompt: list[dict]) -> dict[str, float]:
         groups[r["category"] or "-"].append(r)
     return {c: metrics.throughput([r["new_tokens"] for r in rs], [r["time_s"] for r in rs])
             for c, rs in groups.items()}
+
+
+# Prompt categories whose answers end in a number to compare (GSM8K: "#### 42").
+ANSWER_CATEGORIES = ("gsm8k",)
 
 
 def failure(err: Exception) -> str:
