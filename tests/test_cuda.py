@@ -51,6 +51,21 @@ def test_lossless_strategies_stay_lossless_on_the_gpu(family, dtype):
     assert greedy(m, PROMPTS, strategy="lookup", draft_len=4).token_ids == ref
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_block_head_drafts_losslessly_on_the_gpu(dtype):
+    """A block head (its own fp32 layer, its keys / values beside the bf16 cache) on the device."""
+    from exitspec.heads.bundle import HeadBundle
+
+    m = on_gpu("llama", dtype)
+    m.lm.row_invariant = True
+    L = m.lm.num_layers
+    m.heads = HeadBundle.create(m.lm, [2, L - 1], "block", init="copy")
+    ref = greedy(m, PROMPTS).token_ids
+    assert greedy(m, PROMPTS, strategy="self-spec", exit_layer=2, draft_len=3).token_ids == ref
+    out = greedy(m, PROMPTS, strategy="self-spec", exit_layer=L - 1, draft_len=3)
+    assert out.token_ids == ref and out.stats.accepted > 0.8 * out.stats.drafted
+
+
 def test_load_runs_bf16_on_the_gpu_by_default(tmp_path):
     m = exitspec.load(str(save_tiny_model(tmp_path / "tiny")), device="cuda")
     assert m.lm.dtype == torch.bfloat16 and m.lm.device.type == "cuda"
