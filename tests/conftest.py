@@ -8,6 +8,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -123,12 +125,20 @@ def tiny_model(family: str, *, layers: int = 6, seed: int = 0) -> torch.nn.Modul
     elif family == "gpt2":
         cfg = GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=512, **common)
         model = GPT2LMHeadModel(cfg)
+    elif family == "gemma3":
+        # Every third layer global, the others windowed (8 positions: shorter than most test runs).
+        types = ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(layers)]
+        cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               query_pre_attn_scalar=16, max_position_embeddings=512, sliding_window=8,
+                               layer_types=types, tie_word_embeddings=True, **common)
+        model = Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(family)
     return model.eval().requires_grad_(False)
 
 
-FAMILIES = ["llama", "qwen2", "gpt_neox", "gpt2"]
+FAMILIES = ["llama", "qwen2", "gpt_neox", "gpt2", "gemma3"]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -21,7 +21,7 @@ def _positions(B, start, T):
 def test_one_set_of_dimensions_read_from_each_family(family):
     lm = LayeredModel(tiny_model(family))
     # every tiny family: 6 layers, C = 64, 4 query heads; GQA (2 KV heads) where the family has it
-    kv = 2 if family in ("llama", "qwen2") else 4
+    kv = 2 if family in ("llama", "qwen2", "gemma3") else 4
     assert lm.dims == ModelDims(num_layers=6, hidden_size=64, vocab_size=VOCAB, num_heads=4, num_kv_heads=kv,
                                 head_dim=16, max_positions=512)
     assert lm.adapter.dims is lm.dims

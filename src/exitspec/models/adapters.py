@@ -4,168 +4,36 @@ Each adapter reads HF's own submodules (projections, norms, activations, rotary 
 does only the glue HF does inside its forward: split heads, rotate, write the cache, attend, add
 the residual. No HF file is copied, nothing is patched, the config is never touched.
 
-Supported: the Llama family (llama, qwen2, mistral; SmolLM2 is llama), GPT-NeoX (Pythia), GPT-2.
+Supported: the Llama family (llama, qwen2, mistral; SmolLM2 is llama), GPT-NeoX (Pythia), GPT-2, and
+Gemma 3 (models/gemma3.py). The interface they implement is models/interface.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from exitspec import kernels
-from exitspec.models.dims import ModelDims, dim
+from exitspec.models.dims import ModelDims
+from exitspec.models.gemma3 import Gemma3Adapter
 from exitspec.models.int4 import Int4Groups, Int4Linear
-from exitspec.models.ops import Linear, attention, fuse_linears, fused_bias, outside_inference_mode
+from exitspec.models.interface import (  # the interface lives apart so that family modules (gemma3) can subclass it
+    Adapter,
+    Modules,
+    StepContext,
+    UnsupportedArchitectureError,
+    rotate_half,
+    sliding_window,
+    write_kv,
+)
+from exitspec.models.ops import Linear, attention, outside_inference_mode
 
-
-class UnsupportedArchitectureError(ValueError):
-    pass
-
-
-@dataclass
-class StepContext:
-    """Everything the layers of one forward call share, computed once per call."""
-
-    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
-    rows: torch.Tensor | None  # (B, 1) row index for scattered cache writes; None = contiguous slice
-    start: int  # first position when all rows share positions (contiguous fast path)
-    attend_len: int  # L: slots 0..L-1 are attended (max position + 1)
-    mask: torch.Tensor | None  # (B, 1, T, L) bool, True = may attend; None = attend everything
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) each (B, T, rot_dim)
-    windowed_mask: dict[int, torch.Tensor | None]  # sliding-window masks by window size
-    # (cos, sin) each (B, 1, T, rot), broadcast over heads: unsqueezed once per call, not per layer.
-    rope_heads: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-
-    def rope_by_head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rope_heads is None:
-            cos, sin = self.rope
-            self.rope_heads = (cos.unsqueeze(1), sin.unsqueeze(1))
-        return self.rope_heads
-
-
-def _write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write k, v (B, Hkv, T, D) at the tokens' positions; return the attended cache views."""
-    T = k.shape[2]
-    if ctx.rows is None:
-        cache_k[:, :, ctx.start: ctx.start + T] = k
-        cache_v[:, :, ctx.start: ctx.start + T] = v
-    else:
-        # Advanced indices (B,1) and (B,T) around a slice put the indexed dims first: (B, T, Hkv, D).
-        cache_k[ctx.rows, :, ctx.positions] = k.transpose(1, 2)
-        cache_v[ctx.rows, :, ctx.positions] = v.transpose(1, 2)
-    return cache_k[:, :, : ctx.attend_len], cache_v[:, :, : ctx.attend_len]
-
-
-class Adapter:
-    """Interface of an architecture adapter. Shapes: B batch, T new tokens, C hidden size."""
-
-    family: str = ""
-    model_types: tuple[str, ...] = ()
-
-    def __init__(self, model: nn.Module, int4: dict[nn.Linear, Int4Groups] | None = None, fuse: bool = True):
-        self.model = model
-        self.config = model.config
-        # 1: plain kernels; ops.MIN_ROWS: row-invariant mode (set by LayeredModel, see ops.linear).
-        self.min_rows = 1
-        # Projections whose checkpoint weights are 4-bit groups (models/int4.py); empty = all dense.
-        self.int4 = int4 or {}
-        # May a fused kernel stack replace the per-layer path where one exists (False: tests compare them)?
-        self.fuse = fuse
-
-    def projection(self, mods: list[nn.Linear]) -> Linear | Int4Linear:
-        """One projection, or several sharing an input fused into one (q|k|v, gate|up), run as
-        4-bit groups where the checkpoint stores them so, else dense (prepacked where that helps)."""
-        if all(m in self.int4 for m in mods):
-            return Int4Linear(Int4Groups.cat([self.int4[m] for m in mods]), fused_bias(mods))
-        w, b = fuse_linears(mods) if len(mods) > 1 else (mods[0].weight, mods[0].bias)
-        return Linear(w, b)
-
-    # --- sizes: one ModelDims, built by each family's __init__ ----------------------------------
-    dims: ModelDims
-    num_layers = dim("num_layers")
-    hidden_size = dim("hidden_size")
-    vocab_size = dim("vocab_size")
-    num_heads = dim("num_heads")
-    num_kv_heads = dim("num_kv_heads")
-    head_dim = dim("head_dim")
-    max_positions = dim("max_positions")
-
-    # --- pieces -------------------------------------------------------------------------------
-    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (B,T) -> (B,T,C)
-        raise NotImplementedError
-
-    def rope(self, h: torch.Tensor, positions: torch.Tensor):  # -> (cos, sin) or None
-        return None
-
-    def layer(self, i: int, h: torch.Tensor, cache_kv, ctx: StepContext, skip_mlp: bool = False):
-        raise NotImplementedError
-
-    def block(self, blk: nn.Module, h: torch.Tensor, cache_kv, ctx: StepContext) -> torch.Tensor:
-        """A decoder layer module of this architecture that is not one of the model's own (an exit
-        head's trainable copy, heads/block.py) over h (B, T, C), against `cache_kv` (that layer's own
-        keys / values) and a masked `ctx`: the same math as `layer`, read from the module's own
-        parameters each call (no fused or packed copies), so autograd reaches them."""
-        raise NotImplementedError
-
-    # Names, inside a decoder layer, of the projections that write into the residual stream; zeroed,
-    # the layer is the identity (a new layer that starts as a no-op, heads/block.py).
-    residual_outputs: tuple[str, ...] = ()
-
-    # A fused kernel stack runs layers start..stop in one call (LlamaAdapter over q4 weights); it masks
-    # by position itself, so the step context then carries no mask.
-    fused: bool = False
-
-    def take_stack_times(self) -> dict[str, float] | None:
-        """ms the fused stack spent since the last call, by part ("products", "attention", "glue"); None
-        where no fused stack runs."""
-        return None
-
-    def run(self, h: torch.Tensor, cache, ctx: StepContext, start: int, stop: int,
-            skip_mlp: set[int] | frozenset[int]) -> torch.Tensor:
-        """Layers start..stop-1 over h (B, T, C); the cache's lengths are the caller's to mark."""
-        for i in range(start, stop):
-            h = self.layer(i, h, cache.layer(i), ctx, skip_mlp=i in skip_mlp)
-        return h
-
-    def window(self, i: int) -> int | None:
-        """Sliding-window size of layer i, or None for full attention."""
-        return None
-
-    @property
-    def final_norm(self) -> nn.Module:
-        raise NotImplementedError
-
-    def norm(self, h: torch.Tensor) -> torch.Tensor:
-        """The final norm applied to h (B, T, C)."""
-        return self.final_norm(h)
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.model.get_output_embeddings()
-
-    def mlp_params(self, i: int) -> int:
-        raise NotImplementedError
-
-
-def sliding_window(config, attn: nn.Module) -> int | None:
-    """The sliding window HF applies in this attention layer (keys at positions > p - window for a
-    query at p), or None for full attention. HF keeps it in different places by family: Qwen2's
-    attention module holds it per layer (from config.layer_types), while Mistral's has no such
-    attribute and every layer reads config.sliding_window when it runs (transformers 5);
-    reading only the attribute silently dropped Mistral's window."""
-    window = getattr(attn, "sliding_window", None)
-    if window is not None:
-        return int(window)
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        layer = attn.layer_idx
-        return int(config.sliding_window) if types[layer] == "sliding_attention" and config.sliding_window else None
-    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
-    return int(window) if window else None
+# Re-exported: the runtime and the tests import these from here.
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "Adapter", "StepContext", "UnsupportedArchitectureError",
+           "adapter_for", "sliding_window"]
 
 
 @dataclass
@@ -184,16 +52,6 @@ class _LlamaPlan:
     norm_shape: tuple[int]
     scaling: float
     window: int | None
-
-
-class _Modules:
-    """Projections by module, called like a plan's fused Linear: [m1(x) | m2(x) | ...] (B, T, sum out)."""
-
-    def __init__(self, mods: list[nn.Linear]):
-        self.mods = mods
-
-    def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
-        return torch.cat([m(x) for m in self.mods], -1) if len(self.mods) > 1 else self.mods[0](x)
 
 
 class LlamaAdapter(Adapter):
@@ -290,8 +148,8 @@ class LlamaAdapter(Adapter):
         at, mlp = blk.self_attn, blk.mlp
         ln1, ln2 = blk.input_layernorm, blk.post_attention_layernorm
         act = F.silu if getattr(self.config, "hidden_act", None) == "silu" else mlp.act_fn
-        plan = _LlamaPlan(qkv=_Modules([at.q_proj, at.k_proj, at.v_proj]), o=_Modules([at.o_proj]),
-                          gate_up=_Modules([mlp.gate_proj, mlp.up_proj]), down=_Modules([mlp.down_proj]), act=act,
+        plan = _LlamaPlan(qkv=Modules([at.q_proj, at.k_proj, at.v_proj]), o=Modules([at.o_proj]),
+                          gate_up=Modules([mlp.gate_proj, mlp.up_proj]), down=Modules([mlp.down_proj]), act=act,
                           ln1=ln1.weight, eps1=ln1.variance_epsilon, ln2=ln2.weight, eps2=ln2.variance_epsilon,
                           norm_shape=(self.hidden_size,), scaling=at.scaling, window=sliding_window(self.config, at))
         return self._layer(plan, h, cache_kv, ctx)
@@ -304,10 +162,10 @@ class LlamaAdapter(Adapter):
         # Rotate q and k heads in one pass (elementwise, so bit-identical to rotating them apart).
         qk = qkv[:, :, : H + Hkv].transpose(1, 2)  # (B, H+Hkv, T, D)
         cos, sin = ctx.rope_by_head()
-        qk = qk * cos + _rotate_half(qk) * sin
+        qk = qk * cos + rotate_half(qk) * sin
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
-        kk, vv = _write_kv(*cache_kv, k, v, ctx)
+        kk, vv = write_kv(*cache_kv, k, v, ctx)
         mask = ctx.windowed_mask.get(p.window, ctx.mask) if p.window is not None else ctx.mask
         o = attention(q, kk, vv, mask, p.scaling, self.min_rows)  # (B, H, T, D)
         h = h + p.o(o.transpose(1, 2).reshape(B, T, H * D), self.min_rows)
@@ -385,7 +243,7 @@ class GPTNeoXAdapter(Adapter):
         q, k, v = qkv.chunk(3, dim=-1)
         cos, sin = ctx.rope
         q, k = _rotate(q, k, cos, sin)
-        kk, vv = _write_kv(*cache_kv, k, v, ctx)
+        kk, vv = write_kv(*cache_kv, k, v, ctx)
         o = attention(q, kk, vv, ctx.mask, at.scaling).transpose(1, 2).reshape(B, T, -1)
         attn_out = proj["dense"](o)
         if skip_mlp:
@@ -442,7 +300,7 @@ class GPT2Adapter(Adapter):
         x = blk.ln_1(h)
         q, k, v = self._conv1d(x, at.c_attn).split(C, dim=-1)
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        kk, vv = _write_kv(*cache_kv, k, v, ctx)
+        kk, vv = write_kv(*cache_kv, k, v, ctx)
         o = attention(q, kk, vv, ctx.mask, at.scaling).transpose(1, 2).reshape(B, T, C)
         h = h + self._conv1d(o, at.c_proj)
         if skip_mlp:
@@ -467,20 +325,15 @@ def _rotate(q, k, cos, sin):
     sin = sin.unsqueeze(1)
     rot = cos.shape[-1]
     if rot == q.shape[-1]:
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     q_r, q_p = q[..., :rot], q[..., rot:]
     k_r, k_p = k[..., :rot], k[..., rot:]
-    q_r = q_r * cos + _rotate_half(q_r) * sin
-    k_r = k_r * cos + _rotate_half(k_r) * sin
+    q_r = q_r * cos + rotate_half(q_r) * sin
+    k_r = k_r * cos + rotate_half(k_r) * sin
     return torch.cat([q_r, q_p], dim=-1), torch.cat([k_r, k_p], dim=-1)
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, GPTNeoXAdapter, GPT2Adapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, GPTNeoXAdapter, GPT2Adapter, Gemma3Adapter)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

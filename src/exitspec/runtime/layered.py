@@ -197,7 +197,9 @@ class LayeredModel:
     def head(self, h_normed: torch.Tensor) -> torch.Tensor:
         # ops.Linear rather than the module: same math, but row-count invariant and prepacked where
         # that is faster (see models/ops.py).
-        return self._head(h_normed, self.adapter.min_rows)
+        logits = self._head(h_normed, self.adapter.min_rows)
+        cap = self.adapter.logit_softcap  # HF's order of operations: divide, tanh, multiply
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, T, C) -> (B, T, V)."""
