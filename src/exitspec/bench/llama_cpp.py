@@ -38,7 +38,7 @@ from pathlib import Path
 
 from exitspec.bench.config import RunSpec
 from exitspec.bench.contenders import Contender, PeerUnavailable, Sample, spread_accepts
-from exitspec.loading import DEFAULT_MODEL, default_gguf_path
+from exitspec.loading import embedded_gguf_path
 
 ENV = "EXITSPEC_LLAMA_SERVER"
 SPEC_TYPES = ("none", "draft-simple", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
@@ -64,8 +64,9 @@ def find_server(explicit: str | None = None) -> Path:
 def model_gguf(model) -> Path:
     """The GGUF file the model was loaded from (llama.cpp reads nothing else)."""
     source = getattr(model, "source", "")
-    if source == DEFAULT_MODEL:
-        return default_gguf_path()
+    embedded = embedded_gguf_path(str(source))  # "default", "gemma3-270m"
+    if embedded is not None:
+        return embedded
     if str(source).endswith(".gguf") and Path(source).is_file():
         return Path(source)
     raise PeerUnavailable(f"llama.cpp reads GGUF files and {source!r} is not one; benchmark the model's GGUF "

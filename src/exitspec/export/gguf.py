@@ -39,7 +39,7 @@ import torch
 
 from exitspec.export.draft import ExportError, draft_state
 from exitspec.heads.bundle import HeadBundle
-from exitspec.loading import DEFAULT_MODEL, LoadedModel, default_gguf_path
+from exitspec.loading import LoadedModel, embedded_gguf_path
 
 GGUF_TYPES = {"Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
               "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16)}
@@ -214,7 +214,7 @@ def _tokenizer_spec(tok) -> dict:
 def _pre_tokenizer(model: LoadedModel, spec: dict) -> str:
     """llama.cpp's name for the split before BPE: the source GGUF's own where the model came from one
     (exact), else recognised from the tokenizer JSON, else "default"."""
-    source = default_gguf_path() if model.source == DEFAULT_MODEL else Path(str(model.source))
+    source = embedded_gguf_path(str(model.source)) or Path(str(model.source))
     if source.suffix == ".gguf" and source.is_file():
         field = gguf.GGUFReader(source).fields.get("tokenizer.ggml.pre")
         if field is not None:
