@@ -397,9 +397,10 @@ def test_cli_refuses_bad_settings_before_any_work_and_never_overwrites_a_run(tmp
     common = ["train", "--config", str(cfg), "--out", str(tmp_path / "bundle"), "--no-progress"]
     for override, message in (("layers=[99]", "outside 1..5"), ("kind=weird", "unknown head kind 'weird'"),
                               ("kind=norm_lm", "no trainable parameters"), ("head_options={colour=1}", "bad options"),
-                              ("teacher=psychic", "teacher must be"), ("device=tpu", "unknown device")):
+                              ("teacher=psychic", "teacher must be"), ("device=tpu", "unknown device"),
+                              ("kind=lm_head head_options={}", "must train over the whole vocabulary")):
         work = tmp_path / f"w-{override.split('=')[0]}"
-        assert main([*common, "--work", str(work), override]) == 2, override
+        assert main([*common, "--work", str(work), *override.split()]) == 2, override
         assert message in capsys.readouterr().err, override
         assert not work.exists(), override  # refused before generating a single answer
     work = tmp_path / "w"

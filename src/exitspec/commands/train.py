@@ -81,9 +81,11 @@ def sweep_runs(args: argparse.Namespace) -> list[tuple[str, TrainConfig, Path, P
         # Both cost l layers a token at exit l: the block head reads layer l-1's input through its own layer l-1.
         option_b = ['kind="block"', 'head_options={init="copy", tune_head=true}',
                     f"layers=[{','.join(str(x - 1) for x in base.layers)}]"]
-        return [("head-only", config(['kind="lm_head"', "head_options={}", *shared]), out / "head-only",
+        # Both tune the LM head, so both score the whole vocabulary (check_config says why).
+        full_vocab = ["kd_vocab=0", *shared]
+        return [("head-only", config(['kind="lm_head"', "head_options={}", *full_vocab]), out / "head-only",
                  work / "head-only"),
-                ("ft-last-block", config([*option_b, *shared]), out / "ft-last-block", work / "ft-last-block")]
+                ("ft-last-block", config([*option_b, *full_vocab]), out / "ft-last-block", work / "ft-last-block")]
     if not args.sweep:
         return [("heads", base, out, work)]
     key, sep, values = args.sweep.partition("=")

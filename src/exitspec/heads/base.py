@@ -37,6 +37,11 @@ class ExitHead(nn.Module):
     def lm(self) -> LayeredModel:
         return self._base[0]
 
+    @classmethod
+    def tunes_lm_head(cls, **options) -> bool:
+        """Whether heads of this kind with these options train their own copy of the LM head."""
+        return False
+
     @property
     def layers_run(self) -> int:
         """Decoder layers a token passes through to reach this exit's logits (its cost in layers)."""

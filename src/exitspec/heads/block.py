@@ -52,6 +52,10 @@ class BlockHead(ExitHead):
                         p.zero_()
         self.weight, self.bias = tuned_lm_head(lm) if self.tune_head else (None, None)
 
+    @classmethod
+    def tunes_lm_head(cls, init: str = "new", tune_head: bool = False) -> bool:
+        return bool(tune_head)
+
     @property
     def layers_run(self) -> int:
         return self.layer + 1

@@ -120,6 +120,10 @@ class LMHeadCopy(ExitHead):
 
     kind = "lm_head"
 
+    @classmethod
+    def tunes_lm_head(cls, **options) -> bool:
+        return True
+
     def __init__(self, lm: LayeredModel, layer: int):
         super().__init__(lm, layer)
         self.weight, self.bias = tuned_lm_head(lm)  # (V, C), (V,) or None

@@ -107,7 +107,13 @@ def check_config(cfg: TrainConfig, model) -> None:
                          "in that range (layers=[...])")
     if cfg.kind == "norm_lm":
         raise ValueError("head kind 'norm_lm' has no trainable parameters; pick linear, swiglu or lm_head")
-    check_head(cfg.kind, lm, cfg.layers[0], **cfg.head_options)
+    kind = check_head(cfg.kind, lm, cfg.layers[0], **cfg.head_options)
+    if cfg.kd_vocab > 0 and kind.tunes_lm_head(**cfg.head_options):
+        # KD over a token subset renormalises over it, so it never constrains how the tuned rows sit
+        # against the rows outside it; those stay as they were and win at decode time (measured on
+        # the default model: half of an lm_head exit's argmaxes fell on never-trained rows).
+        raise ValueError(f"head kind {cfg.kind!r} tunes its LM head, which must train over the whole vocabulary: "
+                         "set kd_vocab = 0 (kd_topk may stay)")
 
 
 def check_work_folder(work: Path, resume: bool, restart: bool) -> None:
