@@ -1,12 +1,18 @@
-"""Load test of `exitspec serve`: N concurrent streaming clients on loopback (not run in CI).
+"""Load test of `exitspec serve`, and of llama.cpp's `llama-server` under the same load (not run in CI).
 
-    PYTHONPATH=src python benchmarks/load_test.py --clients 32 --max-tokens 32 --out benchmarks/load_test.md
+    PYTHONPATH=src python benchmarks/load_test.py --out benchmarks/load_test.md
+    PYTHONPATH=src python benchmarks/load_test.py --llama-server ~/llama.cpp/build/bin/llama-server --out ...
 
-Starts the server (`--model default` unless --base-url names a running one), sends one warm-up
-request alone (the single-client baseline), then has every client send `--rounds` streaming chat
-requests back to back, all clients at once. Reports requests completed, errors, total completion
-tokens/s over the burst's wall time, p50/p95 latency and time to first token, the batch sizes the
-scheduler formed, and whether /health still answers afterwards.
+For each server (exitspec: `exitspec serve` on the fastest path by default - int4 weights, the shipped
+heads, lookup; llama.cpp: `llama-server -np N` on the same GGUF, continuous batching, when a binary
+is found: --llama-server, $EXITSPEC_LLAMA_SERVER or PATH; how to build one from the llama-cpp-python
+source distribution: README, "llama.cpp as a peer") it runs two loads, one after the other, with the
+official `openai` client streaming greedy chat completions: 1 client (`--single-rounds` requests back
+to back) and `--clients` clients x `--rounds` requests at once. Reported per load: requests, errors,
+aggregate completion tokens/s over the load's wall time, time to first token p50 / p95, latency p50,
+and the scheduler's batch sizes. Then exitspec's in-process loop (`exitspec.generate`, same weights,
+strategy, thread count and prompts) gives the speed one stream through the server is compared with.
+Run it on a quiet machine: nothing else may share the cores.
 """
 
 from __future__ import annotations
@@ -45,21 +51,25 @@ class Run:
 
 async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> Outcome:
     t0 = time.perf_counter()
-    ttft, tokens, batch = None, 0, 0
+    ttft, tokens, batch, chunks = None, 0, 0, 0
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
             stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content and ttft is None:
-                ttft = time.perf_counter() - t0
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
             if chunk.choices and chunk.choices[0].finish_reason:
                 batch = (chunk.model_extra or {}).get("exitspec", {}).get("batch_size", 0)
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
     except Exception as err:  # every failure counts as an error; the run goes on
         return Outcome(ok=False, latency_s=time.perf_counter() - t0, error=f"{type(err).__name__}: {err}")
-    return Outcome(ok=True, latency_s=time.perf_counter() - t0, ttft_s=ttft, tokens=tokens, batch_size=batch)
+    # A server that sends no usage (older llama-server builds): one content chunk per token.
+    return Outcome(ok=True, latency_s=time.perf_counter() - t0, ttft_s=ttft, tokens=tokens or chunks,
+                   batch_size=batch)
 
 
 async def burst(base: str, model: str, prompts: list[str], clients: int, rounds: int, max_tokens: int) -> Run:
@@ -81,98 +91,174 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
-def report(args, machine: str, warm: Outcome, run: Run, health: dict | None) -> str:
+def summary(name: str, load: str, run: Run) -> dict:
     ok = [o for o in run.outcomes if o.ok]
-    errors = [o for o in run.outcomes if not o.ok]
     tokens = sum(o.tokens for o in ok)
-    lat = [o.latency_s for o in ok]
     ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
-    batches = sorted({o.batch_size for o in ok})
+    return {"server": name, "load": load, "requests": len(run.outcomes), "errors": len(run.outcomes) - len(ok),
+            "tokens": tokens, "wall_s": run.wall_s, "tokens_per_s": tokens / run.wall_s if run.wall_s else 0.0,
+            "ttft_p50": pct(ttft, .5), "ttft_p95": pct(ttft, .95), "latency_p50": pct([o.latency_s for o in ok], .5),
+            "batches": sorted({o.batch_size for o in ok if o.batch_size}),
+            "error_text": sorted({o.error for o in run.outcomes if not o.ok})}
+
+
+def report(args, machine: str, rows: list[dict], in_process: float | None, llama: str, health: dict | None) -> str:
     cmd = "PYTHONPATH=src python benchmarks/load_test.py " + " ".join(sys.argv[1:])
     lines = [
-        "# exitspec serve: load test",
+        "# exitspec serve under load" + (" vs llama.cpp's llama-server" if any(r["server"] != "exitspec"
+                                                                            for r in rows) else ""),
         "",
         f"Command: `{cmd}`",
         "",
         f"Machine: {machine}",
         "",
-        f"Load average (1/5/15 min) at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
-        "(the CPU is shared with other jobs)",
+        f"Load average (1/5/15 min) at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}",
         "",
-        f"Server: `exitspec serve --model {args.model} --strategy {args.strategy} --max-batch {args.max_batch} "
-        f"--threads {args.threads}` "
-        "on 127.0.0.1; clients: the official `openai` client (AsyncOpenAI), streaming chat completions, "
-        f"greedy, max_tokens={args.max_tokens}; prompts: held-out public prompts (exitspec.prompts.mixed_prompts, "
-        f"user turns cut to {args.max_chars} characters).",
+        f"exitspec: `exitspec serve --model {args.model} {' '.join(args.serve_args)} --max-batch {args.max_batch} "
+        f"--threads {args.threads}`. llama.cpp: {llama}. Clients: the official `openai` client (AsyncOpenAI), "
+        f"streaming chat completions, greedy, max_tokens={args.max_tokens}; prompts: held-out public prompts "
+        f"(exitspec.prompts.mixed_prompts, user turns cut to {args.max_chars} characters).",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| clients x rounds | {args.clients} x {args.rounds} = {len(run.outcomes)} requests |",
-        f"| requests completed | {len(ok)} |",
-        f"| errors | {len(errors)} |",
-        f"| burst wall time | {run.wall_s:.1f} s |",
-        f"| completion tokens | {tokens} |",
-        f"| total tokens/s (completion tokens / burst wall time) | {tokens / run.wall_s:.1f} |",
-        f"| latency p50 / p95 / max | {pct(lat, .5):.2f} / {pct(lat, .95):.2f} / {max(lat, default=0):.2f} s |",
-        f"| time to first token p50 / p95 | {pct(ttft, .5):.2f} / {pct(ttft, .95):.2f} s |",
-        f"| batch sizes formed by the scheduler | {', '.join(map(str, batches))} |",
-        f"| single client alone (warm-up request) | {warm.tokens} tokens in {warm.latency_s:.2f} s = "
-        f"{warm.tokens / warm.latency_s:.1f} tokens/s, first token {warm.ttft_s or 0:.2f} s |",
-        f"| /health afterwards | {health if health else 'NO ANSWER'} |",
+        "| server | load | requests | errors | tokens/s (aggregate) | TTFT p50 / p95 | latency p50 | batch sizes |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
+    for r in rows:
+        lines.append(f"| {r['server']} | {r['load']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} s | {r['latency_p50']:.2f} s | "
+                     f"{', '.join(map(str, r['batches'])) or '-'} |")
+    single = next((r for r in rows if r["server"] == "exitspec" and r["load"].startswith("1 client")), None)
+    if in_process and single:
+        lines += ["", f"exitspec's in-process loop on the same prompts, weights, strategy and threads: "
+                      f"{in_process:.1f} tokens/s; one stream through the server: {single['tokens_per_s']:.1f} "
+                      f"({single['tokens_per_s'] / in_process:.0%} of it)."]
+    lines += ["", f"/health after the runs: {health if health else 'NO ANSWER'}"]
+    errors = sorted({e for r in rows for e in r["error_text"]})
     if errors:
-        lines += ["", "Errors:", *sorted({f"- {e.error}" for e in errors})]
+        lines += ["", "Errors:", *[f"- {e}" for e in errors]]
     return "\n".join(lines) + "\n"
+
+
+def run_loads(name: str, base: str, prompts: list[str], args) -> list[dict]:
+    model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+    asyncio.run(burst(base, model, prompts, 1, 1, 4))  # warm-up, not counted
+    one = asyncio.run(burst(base, model, prompts, 1, args.single_rounds, args.max_tokens))
+    many = asyncio.run(burst(base, model, prompts, args.clients, args.rounds, args.max_tokens))
+    return [summary(name, f"1 client x {args.single_rounds}", one),
+            summary(name, f"{args.clients} clients x {args.rounds}", many)]
+
+
+def start_llama_server(binary: Path, gguf: Path, args):
+    """llama-server on a free port with -np = the client count (its continuous batching slots)."""
+    import subprocess
+    import tempfile
+
+    from helpers_server import free_port
+
+    port = free_port()
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed with the process
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
+           "-np", str(args.clients), "-c", str(args.clients * (args.max_tokens + 1024)), "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"llama-server exited: {log.read()[-2000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base, " ".join([Path(cmd[0]).name, *cmd[1:]])
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama-server did not answer /health within 300 s")
+
+
+def in_process_speed(args, prompts: list[str]) -> float:
+    """Tokens/s of exitspec.generate, one prompt at a time, as the server's single stream runs them."""
+    import torch
+
+    import exitspec
+    from exitspec.commands import fast_path
+
+    torch.set_num_threads(args.threads)
+    ns = argparse.Namespace(model=args.model, dtype=None, device="cpu", weights=args.weights, kv_cache=None,
+                            heads=args.heads, threads=args.threads)
+    m, _ = fast_path.load_fastest(ns)
+    strategy = fast_path.resolve_strategy(args.strategy, m)
+    exitspec.generate(m, prompts[0], max_new_tokens=4, strategy=strategy)  # warm-up
+    tokens = seconds = 0.0
+    for i in range(args.single_rounds):
+        r = exitspec.generate(m, prompts[i % len(prompts)], max_new_tokens=args.max_tokens, strategy=strategy)
+        tokens += r.stats.new_tokens
+        seconds += r.stats.total_s
+    return tokens / seconds if seconds else 0.0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base-url", default=None, help="a running server; default: start one on a free port")
     p.add_argument("--model", default="default")
-    p.add_argument("--strategy", default="vanilla")
+    p.add_argument("--weights", default="auto")
+    p.add_argument("--heads", default="auto")
+    p.add_argument("--strategy", default="auto")
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1,
-                   help="server torch threads (1: robust on a CPU shared with other jobs)")
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=1, help="requests per client, back to back")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="server torch threads (default: all)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2, help="requests per client, back to back")
+    p.add_argument("--single-rounds", type=int, default=8, help="requests of the 1-client load")
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-chars", type=int, default=600, help="cut prompts to this many characters")
+    p.add_argument("--llama-server", default=None, help="llama-server binary (default: $EXITSPEC_LLAMA_SERVER, "
+                   "PATH); skipped with the reason when none is found")
     p.add_argument("--out", default=None, help="write the markdown report here")
     args = p.parse_args()
+    args.serve_args = ["--weights", args.weights, "--heads", args.heads, "--strategy", args.strategy]
 
+    from exitspec.bench.contenders import PeerUnavailable
+    from exitspec.bench.llama_cpp import find_server
     from exitspec.bench.machine import describe_machine, machine_line
+    from exitspec.loading import DEFAULT_MODEL, default_gguf_path
     from exitspec.prompts import mixed_prompts
+    from helpers_server import ServerProcess
 
     prompts = [pr.text for pr in mixed_prompts("heldout", 16, max_chars=args.max_chars)]
-    server = None
-    if args.base_url is None:
-        from helpers_server import ServerProcess
-
-        server = ServerProcess("--model", args.model, "--strategy", args.strategy, "--max-batch",
-                               str(args.max_batch), threads=args.threads, startup_s=600)
-        base = server.base
-    else:
-        base = args.base_url.rstrip("/")
+    rows: list[dict] = []
+    server = ServerProcess("--model", args.model, *args.serve_args, "--max-batch", str(args.max_batch),
+                           threads=args.threads, startup_s=600)
     try:
-        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-        warm = asyncio.run(burst(base, model, prompts, 1, 1, args.max_tokens)).outcomes[0]
-        run = asyncio.run(burst(base, model, prompts, args.clients, args.rounds, args.max_tokens))
+        rows += run_loads("exitspec", server.base, prompts, args)
         try:
-            health = httpx.get(base + "/health", timeout=10).json()
+            health = httpx.get(server.base + "/health", timeout=10).json()
         except httpx.HTTPError:
             health = None
     finally:
-        if server is not None:
-            log = server.stop()
-            if "Traceback" in log:
-                print(log, file=sys.stderr)
+        log = server.stop()
+        if "Traceback" in log:
+            print(log, file=sys.stderr)
+    llama = "not run"
+    try:
+        binary = find_server(args.llama_server)
+        gguf = default_gguf_path() if args.model == DEFAULT_MODEL else Path(args.model)
+        if gguf.suffix != ".gguf":
+            raise PeerUnavailable(f"llama.cpp reads GGUF files and {args.model!r} is not one")
+        proc, base, llama = start_llama_server(binary, gguf, args)
+        llama = f"`{llama}`"
+        try:
+            rows += run_loads("llama.cpp", base, prompts, args)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    except PeerUnavailable as err:
+        llama = f"not run ({err})"
+    in_process = in_process_speed(args, prompts)
     machine = describe_machine()
-    machine["threads"] = args.threads if server is not None else "?"  # the server's, not this client's
-    text = report(args, machine_line(machine), warm, run, health)
+    machine["threads"] = args.threads
+    text = report(args, machine_line(machine), rows, in_process, llama, health)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-    return 0 if health and all(o.ok for o in run.outcomes) else 1
+    return 0 if health and not any(r["errors"] for r in rows) else 1
 
 
 if __name__ == "__main__":

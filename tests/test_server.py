@@ -35,7 +35,7 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    srv = ServerProcess("--model", str(tiny_dir), "--max-batch", "8")
+    srv = ServerProcess("--model", str(tiny_dir), "--max-batch", "8", "--max-body-bytes", "65536")
     yield srv
     out = srv.stop()
     assert "Traceback" not in out, out
@@ -173,6 +173,19 @@ BAD_REQUESTS = [
     (_chat(exitspec={"strategy": 3}), 400, "invalid_value", "exitspec.strategy"),
     (_chat(exitspec={"strategy": "vanilla", "options": {"x": 1}, "extra": 1}), 400, "invalid_value", "exitspec"),
     (_chat(frobnicate=1), 400, "unknown_parameter", "frobnicate"),
+    # issue 21's list: never a 500 for input, always the field named
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800 x"}]}', 400, "invalid_value",
+     "messages[0].content"),
+    (b"[" * 30_000 + b"]" * 30_000, 400, "invalid_json", None),  # 30,000 levels, under the body cap
+    (_chat(seed=2**64, temperature=0.7), 400, "invalid_value", "seed"),
+    (_chat(messages=[{"role": "user", "content": "x" * 600}], max_tokens=4), 400, "context_length_exceeded",
+     "messages"),
+    (_chat(exitspec={"strategy": "vanilla", "options": {"draft_len": 2}}), 400, "invalid_strategy", "exitspec"),
+    (_chat(exitspec={"strategy": "lookup", "options": {"draft_len": 2.7}}), 400, "invalid_strategy", "exitspec"),
+    (_chat(exitspec={"strategy": "self-spec", "options": {"exit_layer": 8.5}}), 400, "invalid_strategy", "exitspec"),
+    (_chat(exitspec={"strategy": "self-spec", "options": {"exit_layer": True}}), 400, "invalid_strategy",
+     "exitspec"),
+    (_chat(exitspec={"strategy": "self-spec"}), 400, "invalid_strategy", "exitspec"),
 ]
 
 
@@ -186,6 +199,25 @@ def test_bad_chat_requests_get_openai_errors(server, body, status, code, param):
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert (err["code"], err["param"]) == (code, param), err
     assert err["type"] == "invalid_request_error"
+
+
+def test_bad_request_messages_name_what_to_change(server):
+    post = lambda body, **kw: httpx.post(server.base + "/v1/chat/completions", json=_chat(**body), **kw).json()
+    assert post({"n": 2})["error"]["message"] == ("n=2 (several choices per request) is not supported by the "
+                                                  "exitspec server; send n=1, or one request per choice")
+    assert "seed" in post({"seed": 2**64, "temperature": 0.7})["error"]["message"]
+    for opts in ({"exit_layer": 8.5}, {"exit_layer": True}, {"exit_layer": [1, 2]}, {"draft_len": 2.7}):
+        msg = post({"exitspec": {"strategy": "self-spec", "options": opts}})["error"]["message"]
+        assert "must be an integer" in msg and repr(next(iter(opts.values()))) in msg, msg
+    assert "no option(s) ['draft_len']" in post({"exitspec": {"strategy": "vanilla", "options": {"draft_len": 2}}}
+                                                )["error"]["message"]
+    assert "--heads" in post({"exitspec": {"strategy": "self-spec"}})["error"]["message"]
+    big = httpx.post(server.base + "/v1/chat/completions", content=b" " * 70_000,
+                     headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and "65536 bytes" in big.json()["error"]["message"]
+    assert httpx.post(server.base + "/v1/completions", json={"model": "tiny", "prompt": [1, 10_000]}
+                      ).json()["error"]["code"] == "invalid_value"
+    assert httpx.get(server.base + "/health").json()["status"] == "ok"
 
 
 def test_bad_completion_requests_and_routes(server, client):
@@ -228,26 +260,104 @@ def test_concurrent_requests_share_a_batch_and_match_solo_decoding(server, clien
     assert max(r.model_extra["exitspec"]["batch_size"] for r in results.values()) > 1
 
 
-def test_disconnect_mid_stream_frees_the_worker(server, client, tiny):
-    before = httpx.get(server.base + "/health").json()["batches"]
+def _metric(server, name: str) -> float:
+    """One sample of GET /metrics ('name{labels}' as printed), 0 when absent."""
+    for line in httpx.get(server.base + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_disconnect_mid_stream_frees_the_row_at_once(server, client, tiny):
+    cancelled = _metric(server, 'exitspec_requests_total{status="cancelled"}')
+    before = httpx.get(server.base + "/health").json()["cancelled"]
     with httpx.stream("POST", server.base + "/v1/completions",
-                      json={"model": "tiny", "prompt": "go", "max_tokens": 400, "temperature": 0,
+                      json={"model": "tiny", "prompt": "~~~", "max_tokens": 400, "temperature": 0,
                             "stream": True}) as r:
         got = 0
         for line in r.iter_lines():
             got += line.startswith("data: ")
             if got >= 3:
                 break  # hang up after a few tokens
-    # The lone row is cancelled, so the decode stops long before 400 tokens.
+    # The row leaves the batch at the next step, long before its EOS.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         h = httpx.get(server.base + "/health").json()
-        if h["running"] == 0 and h["batches"] > before:
+        if h["running"] == 0 and h["cancelled"] > before:
             break
-        time.sleep(0.2)
-    assert h["running"] == 0 and h["batches"] == before + 1, h
+        time.sleep(0.05)
+    assert h["running"] == 0 and h["cancelled"] == before + 1, h
+    assert _metric(server, "exitspec_running_rows") == 0
+    assert _metric(server, 'exitspec_requests_total{status="cancelled"}') == cancelled + 1
     r = client.completions.create(model="tiny", prompt="next", max_tokens=4, temperature=0)
     assert r.choices[0].text == exitspec.generate(tiny, "next", chat=False, max_new_tokens=4).text
+
+
+def test_a_request_arriving_mid_decode_gets_its_first_token_before_the_first_finishes(server, client, tiny):
+    long_prompt = "~~~"  # the tiny model writes 213 tokens before its EOS
+    events: dict[str, list[float]] = {"long": [], "short": []}
+    texts = {"long": "", "short": ""}
+
+    def run(name: str, prompt: str, n: int) -> None:
+        for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                               stream=True):
+            events[name].append(time.monotonic())
+            texts[name] += chunk.choices[0].text
+
+    first = threading.Thread(target=run, args=("long", long_prompt, 300))
+    first.start()
+    while not events["long"]:
+        time.sleep(0.01)
+    run("short", "hi", 6)
+    first.join()
+    assert events["short"][0] < events["long"][-1] and events["short"][-1] < events["long"][-1]
+    assert texts["short"] == exitspec.generate(tiny, "hi", chat=False, max_new_tokens=6).text
+    assert texts["long"] == exitspec.generate(tiny, long_prompt, chat=False, max_new_tokens=300).text
+
+
+def test_mixed_temperatures_and_strategies_in_one_batch_give_their_solo_answers(server, client, tiny):
+    asks = [dict(prompt="red", temperature=0), dict(prompt="green apples", temperature=1.3, seed=4),
+            dict(prompt="abc abc abc", temperature=0, exitspec={"strategy": "lookup", "options": {"draft_len": 3}}),
+            dict(prompt="blue", temperature=0.8, top_p=0.9, seed=11,
+                 exitspec={"strategy": "lookup", "options": {"draft_len": 3}})]
+    results: dict[int, object] = {}
+
+    def ask(i: int) -> None:
+        kw = dict(asks[i])
+        ext = kw.pop("exitspec", None)
+        results[i] = client.completions.create(model="tiny", max_tokens=MAX + i, extra_body={"exitspec": ext}
+                                               if ext else None, **kw)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, kw in enumerate(asks):
+        kw = dict(kw)
+        ext = kw.pop("exitspec", None) or {}
+        ref = exitspec.generate(tiny, kw.pop("prompt"), chat=False, max_new_tokens=MAX + i,
+                                strategy=ext.get("strategy", "vanilla"), **ext.get("options", {}), **kw)
+        assert results[i].choices[0].text == ref.text, asks[i]
+    assert max(r.model_extra["exitspec"]["batch_size"] for r in results.values()) > 1
+
+
+def test_metrics_in_prometheus_text_format(server, client):
+    assert httpx.post(server.base + "/v1/completions", json={"model": "tiny", "prompt": ""}).status_code == 400
+    client.completions.create(model="tiny", prompt="abc abc abc", max_tokens=6, temperature=0,
+                              extra_body={"exitspec": {"strategy": "lookup"}})
+    r = httpx.get(server.base + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("exitspec_requests_total", "exitspec_prompt_tokens_total", "exitspec_generation_tokens_total",
+                 "exitspec_queue_length", "exitspec_running_rows", "exitspec_batch_size_bucket",
+                 "exitspec_time_to_first_token_seconds_bucket", "exitspec_inter_token_latency_seconds_bucket",
+                 "exitspec_accepted_drafts_per_verification_bucket"):
+        assert f"\n{name}" in text, name
+    assert _metric(server, 'exitspec_requests_total{status="200"}') >= 1
+    assert _metric(server, 'exitspec_requests_total{status="400"}') >= 1
+    assert _metric(server, "exitspec_accepted_drafts_per_verification_count") >= 1
+    assert _metric(server, "exitspec_generation_tokens_total") >= 6
 
 
 def test_unknown_default_strategy_stops_the_server_with_a_clear_error(tiny_dir):
@@ -258,16 +368,24 @@ def test_unknown_default_strategy_stops_the_server_with_a_clear_error(tiny_dir):
 
 
 @pytest.mark.slow
-def test_default_model_server_matches_generate(default_model):
+def test_default_model_server_runs_the_fastest_path_and_matches_generate(default_model):
+    """`exitspec serve` with no flags: int4 weights where the kernels run, the shipped heads, lookup
+    (lossless: the int4 vanilla loop's answer token for token)."""
+    from exitspec import kernels
+
     srv = ServerProcess("--model", "default")
     try:
+        h = httpx.get(srv.base + "/health").json()
+        fast = kernels.unavailable_reason() is None
+        assert h["weights"] == ("int4" if fast else "dense") and h["heads"] and h["strategy"] == "lookup", h
         with openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
             name = c.models.list().data[0].id
             assert name == default_model.name
             msgs = [{"role": "user", "content": "What is the capital of France?"}]
             r = c.chat.completions.create(model=name, messages=msgs, max_tokens=16, temperature=0)
             with one_torch_thread():  # the server is busy on the other core
-                ref = exitspec.generate(default_model, msgs, max_new_tokens=16)
+                m = exitspec.load("default", weights="int4") if fast else default_model
+                ref = exitspec.generate(m, msgs, max_new_tokens=16)
             assert r.choices[0].message.content == ref.text
             assert r.usage.completion_tokens == len(ref.token_ids[0])
             streamed = c.chat.completions.create(model=name, messages=msgs, max_tokens=16, temperature=0,

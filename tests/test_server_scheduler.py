@@ -1,15 +1,17 @@
-"""The server's scheduler in process: which waiting requests share a batch, and in what order."""
+"""The server's scheduler in process: requests join the running batch at the next step, leave it at
+once, wait (or are refused) beyond the limits, and each gets exactly its solo answer."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 import exitspec
 from conftest import tiny_loaded
 from exitspec.server.protocol import APIError
-from exitspec.server.scheduler import DecodeSettings, Delta, Finished, Job, Scheduler
+from exitspec.server.scheduler import DecodeSettings, Delta, Failed, Finished, Job, Scheduler
 
 GREEDY = DecodeSettings(strategy="vanilla", options_json="{}", temperature=0.0, top_p=1.0, seed=None, stop=())
 
@@ -19,69 +21,123 @@ def tiny():
     return tiny_loaded("llama", layers=2)
 
 
-def job(loop, settings=GREEDY, prompt_len=5, max_tokens=8) -> Job:
-    return Job(prompt_ids=list(range(1, prompt_len + 1)), max_tokens=max_tokens, settings=settings,
+def job(loop, settings=GREEDY, prompt_len=5, max_tokens=8, first=1) -> Job:
+    return Job(prompt_ids=list(range(first, first + prompt_len)), max_tokens=max_tokens, settings=settings,
                extra_positions=0, loop=loop)
 
 
-def test_batches_take_compatible_jobs_oldest_first(tiny):
-    loop = asyncio.new_event_loop()
-    s = Scheduler(tiny, max_batch=3, max_queue=10)
-    hot = DecodeSettings("vanilla", "{}", 0.7, 1.0, None, ())
-    seeded = DecodeSettings("vanilla", "{}", 0.7, 1.0, 3, ())
-    jobs = [job(loop), job(loop, hot), job(loop), job(loop, seeded), job(loop, seeded), job(loop), job(loop),
-            job(loop, hot)]
-    jobs[2].cancelled.set()  # a client that left while waiting is dropped, not decoded
-    for j in jobs:
-        s.submit(j)
-    first = s._take_batch()
-    assert first == [jobs[0], jobs[5], jobs[6]]  # greedy jobs, up to max_batch, skipping the cancelled one
-    assert s._take_batch() == [jobs[1], jobs[7]]  # then the oldest remaining (sampled, unseeded) group
-    assert s._take_batch() == [jobs[3]]  # seeded sampling decodes alone: its output must not depend on others
-    assert s._take_batch() == [jobs[4]]
-    assert s.waiting == 0
-    loop.close()
+async def collect(j: Job) -> tuple[str, Finished | Failed, list[float]]:
+    """All of a job's text, its last message, and when each message arrived."""
+    texts, times = [], []
+    while True:
+        msg = await j.queue.get()
+        times.append(time.perf_counter())
+        if isinstance(msg, Delta):
+            texts.append(msg.text)
+        else:
+            return "".join(texts), msg, times
 
 
-def test_batch_respects_the_context_and_the_queue_limit(tiny):
-    loop = asyncio.new_event_loop()
-    ctx = tiny.lm.max_positions
-    s = Scheduler(tiny, max_batch=8, max_queue=3)
-    # Each fits alone, but a long prompt plus a long completion would not fit one batch's cache.
-    a, b, c = job(loop, prompt_len=ctx - 20, max_tokens=10), job(loop, prompt_len=5, max_tokens=ctx - 50), job(loop)
-    for j in (a, b, c):
-        s.submit(j)
-    with pytest.raises(APIError) as err:
-        s.submit(job(loop))
-    assert err.value.status == 503 and err.value.code == "server_overloaded"
-    assert s._take_batch() == [a, c]
-    assert s._take_batch() == [b]
-    loop.close()
+def solo(tiny, j: Job) -> str:
+    s = j.settings
+    return exitspec.generate(tiny, None, prompt_ids=[j.prompt_ids], max_new_tokens=j.max_tokens,
+                             strategy=s.strategy, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                             stop=list(s.stop), **s.options).text
 
 
-def test_worker_cuts_rows_to_their_own_max_tokens(tiny):
-    """Rows of one batch with different max_tokens each get exactly their solo greedy answer."""
+def test_a_request_arriving_mid_decode_joins_the_running_batch(tiny):
+    """B arrives while A decodes: B's first token comes before A ends, and B ends first; both
+    equal their solo answers (the stop string holds text back, B's max_tokens is smaller)."""
 
     async def main():
         loop = asyncio.get_running_loop()
+        s = Scheduler(tiny, max_batch=4, prefill_tokens=4)
+        stop = DecodeSettings("vanilla", "{}", 0.0, 1.0, None, ("\x7f",))
+        a, b = job(loop, stop, prompt_len=3, max_tokens=200), job(loop, stop, prompt_len=11, max_tokens=9, first=20)
+        s.submit(a)
+        s.start()
+        first = await a.queue.get()
+        assert isinstance(first, Delta)
+        s.submit(b)
+        (ta, fa, times_a), (tb, fb, times_b) = await asyncio.gather(collect(a), collect(b))
+        s.close()
+        return a, b, first.text + ta, fa, times_a, tb, fb, times_b
+
+    a, b, ta, fa, times_a, tb, fb, times_b = asyncio.run(main())
+    assert times_b[0] < times_a[-1] and times_b[-1] < times_a[-1]
+    assert ta == fa.text == solo(tiny, a) and tb == fb.text == solo(tiny, b)
+    assert fa.completion_tokens == 200 and fb.completion_tokens == 9
+    assert fb.stats["batch_size"] == 2 and fa.stats["batch_size"] == 2
+
+
+def test_a_cancelled_request_leaves_at_once(tiny):
+    async def main():
+        loop = asyncio.get_running_loop()
         s = Scheduler(tiny, max_batch=4)
-        stop = DecodeSettings("vanilla", "{}", 0.0, 1.0, None, ("\x7f",))  # a stop string holds text back
-        jobs = [job(loop, stop, prompt_len=3, max_tokens=4), job(loop, stop, prompt_len=7, max_tokens=9)]
+        a, b = job(loop, max_tokens=400), job(loop, max_tokens=60, first=30)
+        s.submit(a)
+        s.submit(b)
+        s.start()
+        assert isinstance(await a.queue.get(), Delta)
+        deadline = time.monotonic() + 10
+        while s.running != 2 and time.monotonic() < deadline:  # counted after each round of steps
+            await asyncio.sleep(0.001)
+        assert s.running == 2
+        a.cancelled.set()
+        while s.running != 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        running_after = s.running
+        text, fin, _ = await collect(b)
+        s.close()
+        return running_after, s.cancelled, b, text, fin
+
+    running_after, cancelled, b, text, fin = asyncio.run(main())
+    assert running_after == 1 and cancelled == 1  # A's row left while B kept decoding
+    assert text == fin.text == solo(tiny, b)
+
+
+def test_mixed_settings_and_strategies_each_give_their_solo_answer(tiny):
+    """Greedy vanilla, greedy lookup, seeded sampling and seeded nucleus sampling at once (two engines
+    stepped in turn; rows with their own settings): each answer equals its solo decode."""
+    settings = [GREEDY, DecodeSettings("lookup", '{"draft_len": 2}', 0.0, 1.0, None, ()),
+                DecodeSettings("vanilla", "{}", 1.0, 1.0, 7, ()), DecodeSettings("vanilla", "{}", 0.8, 0.9, 3, ()),
+                DecodeSettings("lookup", '{"draft_len": 2}', 1.2, 1.0, 5, ())]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = Scheduler(tiny, max_batch=8)
+        jobs = [job(loop, st, prompt_len=4 + i, max_tokens=10 + 3 * i, first=i + 1) for i, st in enumerate(settings)]
         for j in jobs:
             s.submit(j)
         s.start()
-        out = []
-        for j in jobs:
-            deltas = []
-            while not isinstance(msg := await j.queue.get(), Finished):
-                assert isinstance(msg, Delta)
-                deltas.append(msg.text)
-            out.append(("".join(deltas), msg))
+        out = await asyncio.gather(*(collect(j) for j in jobs))
         s.close()
         return jobs, out
 
     jobs, out = asyncio.run(main())
-    for j, (streamed, fin) in zip(jobs, out, strict=True):
-        ref = exitspec.generate(tiny, None, prompt_ids=[j.prompt_ids], max_new_tokens=j.max_tokens)
-        assert streamed == fin.text == ref.text
-        assert fin.completion_tokens == len(ref.token_ids[0]) and fin.stats["batch_size"] == 2
+    for j, (text, fin, _) in zip(jobs, out, strict=True):
+        assert isinstance(fin, Finished) and text == fin.text == solo(tiny, j), j.settings
+    assert max(fin.stats["batch_size"] for _, fin, _ in out) >= 2
+
+
+def test_the_queue_limit_refuses_with_retry_after_and_shutdown_fails_what_is_left(tiny):
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = Scheduler(tiny, max_batch=1, max_queue=2)
+        jobs = [job(loop), job(loop)]
+        for j in jobs:
+            s.submit(j)
+        with pytest.raises(APIError) as err:
+            s.submit(job(loop))
+        assert err.value.status == 503 and err.value.code == "server_overloaded"
+        assert int(err.value.headers["Retry-After"]) >= 1 and "--max-queue 2" in err.value.message
+        s.start()
+        s.close()  # before the worker took them, or while it decodes them: each job hears back
+        msgs = [await asyncio.wait_for(collect(j), 10) for j in jobs]
+        with pytest.raises(APIError) as err:
+            s.submit(job(loop))
+        assert err.value.code == "shutting_down"
+        return msgs
+
+    for _, last, _ in asyncio.run(main()):
+        assert isinstance(last, Finished) or (isinstance(last, Failed) and last.error.status == 503)

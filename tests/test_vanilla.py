@@ -96,6 +96,8 @@ def test_max_new_tokens_is_respected():
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
     (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=2.5), r"temperature must be in \[0, 2\]"),  # the server's range too
+    (dict(temperature=0.7, seed=2**64), r"seed must be an integer in \[-2\^63, 2\^64\)"),
     (dict(temperature=1.0, top_p=0.0), "top_p"),
     (dict(temperature=1.0, top_k=-1), "top_k"),
     (dict(max_new_tokens=600), "exceeds the model's context of 512"),

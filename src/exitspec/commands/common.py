@@ -10,23 +10,30 @@ import torch
 from exitspec.loading import attach_heads, load
 
 
-def add_model_args(p: argparse.ArgumentParser, heads: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, heads: bool = True, fast: bool = False) -> None:
+    """`fast`: the command defaults to the fastest path (commands/fast_path.py): --weights auto and,
+    with heads, --heads auto."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct), an HF folder, a .gguf file, or a hub id")
     g.add_argument("--dtype", default=None, help="float32 (default for dense weights), bfloat16 or float16")
-    g.add_argument("--weights", default="dense", choices=("dense", "int4"),
-                   help="dense (default) or int4: keep a Q4 GGUF's 4-bit weights (the default model's) and run "
-                        "them with exitspec's CPU kernels (AVX-512 BF16 or AVX2; inputs of the products rounded "
-                        "to bf16 / int8, fp32 elsewhere); ~5-10x faster decode steps than dense fp32 on CPU")
+    g.add_argument("--weights", default="auto" if fast else "dense",
+                   choices=("auto", "dense", "int4") if fast else ("dense", "int4"),
+                   help=("auto (default): int4 where the checkpoint holds Q4 groups and exitspec's kernels run, "
+                         "else dense; " if fast else "dense (default) or ")
+                   + "int4: keep a Q4 GGUF's 4-bit weights (the default model's) and run "
+                     "them with exitspec's CPU kernels (AVX-512 BF16 or AVX2; inputs of the products rounded "
+                     "to bf16 / int8, fp32 elsewhere); ~5-10x faster decode steps than dense fp32 on CPU")
     g.add_argument("--kv-cache", default=None, choices=("float32", "float16"),
                    help="KV cache element type (default: the model's dtype); float16 needs --weights int4 on a "
                         "Llama-family model: half the cache memory, faster steps over long contexts")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     if heads:
-        g.add_argument("--heads", default=None,
-                       help="exit-head bundle folder; 'default' = the bundle shipped for the default model")
+        g.add_argument("--heads", default="auto" if fast else None,
+                       help="exit-head bundle folder; 'default' = the bundle shipped for the default model"
+                            + ("; auto (default): that bundle for the default model, none otherwise; none = no "
+                               "heads" if fast else ""))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,8 @@
-"""`exitspec generate`: stream a completion to the terminal, then print speed and strategy stats."""
+"""`exitspec generate`: stream a completion to the terminal, then print speed and strategy stats.
+
+With no flags it runs the fastest path (commands/fast_path.py: int4 weights where they run, the
+default model's shipped heads, lookup); the first stderr line says what runs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import argparse
 import json
 import sys
 
-from exitspec.commands.common import add_model_args, add_sampling_args, load_from_args, sampling_kwargs
+from exitspec.commands.common import add_model_args, add_sampling_args, sampling_kwargs
+from exitspec.commands.fast_path import describe, load_fastest, resolve_strategy
 from exitspec.decoding.api import stream
 from exitspec.decoding.events import DoneEvent, TokenEvent
 
@@ -15,12 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (sent as one user chat message unless --raw)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--system", default=None, help="system message for the chat template")
-    p.add_argument("--strategy", default="vanilla",
-                   help="vanilla, self-spec, dssd, cascade, mlp-skip (these four use --heads) or lookup")
+    p.add_argument("--strategy", default="auto",
+                   help="vanilla, self-spec, dssd, cascade, mlp-skip (these four use --heads) or lookup; auto "
+                        "(default): lookup with heads attached, else vanilla (both lossless)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, e.g. --option exit_layer=12 --option draft_len=4 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the final stats as JSON")
-    add_model_args(p)
+    add_model_args(p, fast=True)
     add_sampling_args(p)
 
 
@@ -38,12 +44,14 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_from_args(args)
+    model, notes = load_fastest(args)
+    strategy = resolve_strategy(args.strategy, model)
+    print(f"[exitspec] {describe(model, strategy, notes)}", file=sys.stderr, flush=True)
     prompt = args.prompt
     if args.system and not args.raw:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]
     done = None
-    for ev in stream(model, prompt, strategy=args.strategy, chat=not args.raw,
+    for ev in stream(model, prompt, strategy=strategy, chat=not args.raw,
                               **sampling_kwargs(args), **parse_options(args.option)):
         if isinstance(ev, TokenEvent) and ev.text:
             sys.stdout.write(ev.text)

@@ -12,12 +12,15 @@ and chat=True), a list of chat messages, or a batch (list) of either.
 from __future__ import annotations
 
 import importlib
+import inspect
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from exitspec.decoding.driver import GenerateConfig, GenerationError, decode
 from exitspec.decoding.events import DoneEvent, Event, GenerationStats
+from exitspec.decoding.exits import StrategyOptionError
 from exitspec.decoding.sampling import SamplingParams
 from exitspec.decoding.strategies.vanilla import Vanilla
 from exitspec.decoding.strategy import Strategy
@@ -25,7 +28,15 @@ from exitspec.decoding.strategy import Strategy
 Prompt = str | Sequence[dict]
 
 # name -> factory(model, **options) -> Strategy. Strategy modules register themselves here.
-STRATEGIES: dict[str, Callable[..., Strategy]] = {"vanilla": lambda model, **_: Vanilla()}
+def _make_vanilla(model) -> Strategy:
+    return Vanilla()
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {"vanilla": _make_vanilla}
+
+
+class NoHeadsWarning(UserWarning):
+    """A strategy that drafts or exits from heads runs with none attached (untrained logit-lens heads)."""
 
 
 def register_strategy(name: str, factory: Callable[..., Strategy]) -> None:
@@ -38,7 +49,50 @@ def make_strategy(name: str | Strategy, model, **options) -> Strategy:
     _load_builtin_strategies()
     if name not in STRATEGIES:
         raise GenerationError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](model, **(recommended_options(model, name, options) | options))
+    factory = STRATEGIES[name]
+    check_options(name, factory, options)
+    strategy = factory(model, **(recommended_options(model, name, options) | options))
+    if strategy.needs_heads and getattr(model, "heads", None) is None:
+        warnings.warn(no_heads_message(name), NoHeadsWarning, stacklevel=2)
+    return strategy
+
+
+def no_heads_message(name: str) -> str:
+    return (f"strategy {name!r} reads exit heads and none are attached, so it runs untrained logit-lens heads "
+            "(norm_lm), whose drafts are rarely accepted: slower than vanilla. Attach trained heads: --heads "
+            "default (the bundle shipped for the default model) or a folder from `exitspec train`; in Python "
+            "exitspec.load(..., heads=...) / exitspec.attach_heads")
+
+
+# The one rule every strategy's options follow, read from its factory's signature: an unknown name
+# is refused, and an option annotated as an integer, a boolean or a string takes exactly that (8.5,
+# true or [1, 2] is not an integer; nothing is rounded). Unannotated options (exit layer lists,
+# thresholds, draft vocabularies) are checked by the factory itself.
+_KINDS = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float)}
+
+
+def check_options(name: str, factory: Callable[..., Strategy], options: dict) -> None:
+    params = list(inspect.signature(factory).parameters.values())[1:]  # after `model`
+    named = {p.name: p for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    unknown = sorted(set(options) - set(named))
+    if unknown:
+        takes = f"it takes {', '.join(named)}" if named else "it takes no options"
+        raise StrategyOptionError(f"{name} has no option(s) {unknown}; {takes}")
+    for key, value in options.items():
+        ann = named[key].annotation
+        if not isinstance(ann, str):
+            ann = getattr(ann, "__name__", "") if isinstance(ann, type) else ""
+        kinds = [k.strip() for k in ann.split("|")] if ann else []
+        if not kinds or any(k not in _KINDS and k != "None" for k in kinds):
+            continue  # unannotated or structured: the factory checks it
+        if value is None and "None" in kinds:
+            continue
+        ok = any(isinstance(value, _KINDS[k]) and (k == "bool" or not isinstance(value, bool))
+                 for k in kinds if k != "None")
+        if not ok:
+            want = " or ".join({"int": "an integer", "bool": "true or false", "str": "a string",
+                                "float": "a number"}[k] for k in kinds if k != "None")
+            raise StrategyOptionError(f"{name} option {key} must be {want}, got {value!r}")
 
 
 def recommended_options(model, name: str, options: dict) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from exitspec.decoding.sampling import SamplingParams, probs, sample_from
+from exitspec.decoding.sampling import RowSampling, Sampling, probs, sample_from
 from exitspec.heads.base import ExitHead
 from exitspec.models.int4 import Q8Linear
 from exitspec.models.ops import Linear, outside_inference_mode
@@ -63,14 +63,15 @@ class DraftHead:
         out = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
         return out.index_copy_(-1, self.vocab, logits)
 
-    def choose(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+    def choose(self, logits: torch.Tensor, params: Sampling, generator: torch.Generator | None,
                vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft tokens (B,) and their full-vocabulary distribution q (B, V) (None when greedy)."""
+        """Draft tokens (B,) and their full-vocabulary distribution q (B, V) (None when greedy).
+        `params` may be each row's settings (RowSampling, which then also carries the generators)."""
         if params.greedy:
             idx = logits.argmax(-1)
             return (idx if self.vocab is None else self.vocab[idx]), None
         q = probs(logits, params)  # (B, N)
-        tok = sample_from(q, generator)
+        tok = sample_from(q, params if isinstance(params, RowSampling) else generator)
         if self.vocab is None:
             return tok, q
         full = q.new_zeros(q.shape[0], vocab_size)

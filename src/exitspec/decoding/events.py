@@ -12,18 +12,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TokenEvent:
-    row: int  # index of the prompt in the batch
+    row: int  # the row's id: the prompt's index in generate()'s batch, Engine.add()'s return value
     token_ids: list[int]  # tokens accepted this step (several per step for speculative strategies)
     text: str  # new text since the last event of this row (may be "" while a character is incomplete)
     exit_layers: list[int]  # per token: the layer whose output chose it (num_layers = full model)
-
-
-@dataclass
-class FinishEvent:
-    row: int
-    reason: str  # "eos", "stop" (a stop string), or "length"
-    token_ids: list[int]  # every generated token of this row
-    text: str  # the full generated text (stop string removed)
 
 
 @dataclass
@@ -35,6 +27,16 @@ class RowStats:
     layers_computed: float = 0.0  # sum over emitted tokens of decoder layers run for them
     exit_layers: Counter = field(default_factory=Counter)
     accept_lengths: list[int] = field(default_factory=list)  # accepted drafts per verification
+    batch_peak: int = 0  # most rows decoded together in one step while this row ran
+
+
+@dataclass
+class FinishEvent:
+    row: int
+    reason: str  # "eos", "stop" (a stop string), "length", or "cancelled" (Engine.cancel)
+    token_ids: list[int]  # every generated token of this row
+    text: str  # the full generated text (stop string removed)
+    stats: RowStats | None = None  # this row's statistics
 
 
 @dataclass

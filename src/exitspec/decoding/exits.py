@@ -68,10 +68,11 @@ def as_layers(value) -> list[int]:
         value = [v for v in value.replace(" ", "").split(",") if v]
     if not isinstance(value, (list, tuple)):
         value = [value]
-    try:
-        return sorted({int(v) for v in value})
-    except (TypeError, ValueError):
-        raise StrategyOptionError(f"exit layers must be integers, got {value!r}") from None
+    # Integers or their digits only: 8.5 is not rounded to 8, and true is not layer 1.
+    if not value or not all((isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.isdigit())
+                            for v in value):
+        raise StrategyOptionError(f"exit layers must be integers, got {value!r}")
+    return sorted({int(v) for v in value})
 
 
 @dataclass

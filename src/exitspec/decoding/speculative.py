@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exitspec.decoding.sampling import SamplingParams, probs, sample_from
+from exitspec.decoding.sampling import RowSampling, Sampling, probs, sample_from, uniform_draws
 
 
 @dataclass
@@ -33,8 +33,8 @@ def verify(
     target_logits: torch.Tensor,  # (B, K+1, V): logits after the pending token and after each draft
     drafts: torch.Tensor,  # (B, K) long
     draft_probs: torch.Tensor | None,  # (B, K, V) q of each draft (None when greedy)
-    params: SamplingParams,
-    generator: torch.Generator | None,
+    params: Sampling,  # one setting, or each row's (RowSampling, which carries the generators)
+    generator: torch.Generator | None = None,
     limit: torch.Tensor | None = None,  # (B,) drafts really proposed per row (rest are padding)
 ) -> Verdict:
     B, K = drafts.shape
@@ -49,14 +49,14 @@ def verify(
         return Verdict(accepted=n, next_token=target.gather(1, n[:, None])[:, 0])
     p = probs(target_logits, params)  # (B, K+1, V), the same warping as plain sampling
     assert draft_probs is not None, "sampling verification needs the draft distributions"
-    return rejection_step(p, draft_probs, drafts, generator, limit)
+    return rejection_step(p, draft_probs, drafts, params if isinstance(params, RowSampling) else generator, limit)
 
 
 def rejection_step(
     p: torch.Tensor,  # (B, K+1, V) target distributions
     q: torch.Tensor,  # (B, K, V) draft distributions
     drafts: torch.Tensor,  # (B, K) long, drafts[b, i] ~ q[b, i]
-    generator: torch.Generator | None,
+    generator: torch.Generator | RowSampling | None,  # RowSampling: each row draws from its own
     limit: torch.Tensor,  # (B,)
 ) -> Verdict:
     """Speculative rejection sampling, every position and row at once."""
@@ -64,7 +64,7 @@ def rejection_step(
     idx = drafts[..., None]
     p_x = p[:, :K].gather(-1, idx)[..., 0]  # (B, K) target probability of each draft
     q_x = q.gather(-1, idx)[..., 0]  # (B, K) draft probability (> 0: the draft was drawn from q)
-    u = torch.rand(B, K, generator=generator, device=p.device)
+    u = uniform_draws((B, K), generator, p.device, limit)
     # u < p/q  <=>  u * q < p, which avoids dividing by a q that padding rows may hold as 0.
     ok = u * q_x < p_x
     n = _accepted_prefix(ok, limit)

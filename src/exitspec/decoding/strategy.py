@@ -4,8 +4,9 @@ Invariant shared by every strategy (it is what makes them composable and lossles
 for each active row, the KV cache of *every* layer holds positions 0 .. len(seq)-2, and the last
 token of `seq` is *pending*: chosen but not yet run through the model. A step runs the pending
 token (plus whatever it drafts), and returns one or more new tokens per row; the last one returned
-becomes the new pending token. The driver appends tokens, applies stop rules, streams text, and
-drops finished rows.
+becomes the new pending token. The engine (engine.py) appends tokens, applies stop rules, streams
+text, drops finished rows (`select_rows`) and, between steps, appends newly prefilled rows at the
+end of the batch (`add_rows`): rows come and go while the batch runs (continuous batching).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exitspec.decoding.sampling import SamplingParams
+from exitspec.decoding.sampling import RowSampling
 from exitspec.runtime.kv_cache import KVCache
 from exitspec.runtime.layered import LayeredModel
 
@@ -25,8 +26,7 @@ class DecodeState:
     lm: LayeredModel
     cache: KVCache
     seqs: list[list[int]]  # active rows: prompt + generated tokens; the last one is pending
-    params: SamplingParams
-    generator: torch.Generator | None
+    sampling: RowSampling  # each active row's settings and generator (sampling.py)
     heads: object | None = None  # an exit-head bundle, for strategies that use one
 
     @property
@@ -58,6 +58,11 @@ class StepOutput:
 class Strategy(ABC):
     name: str = ""
     lossless: bool = False  # greedy output equals vanilla's token for token
+    # Rows may join a running batch (add_rows). False for a strategy whose state cannot take a new
+    # row mid-run (cascade's deferred tokens share one depth across rows): its batches then run to
+    # their end before new rows start.
+    joinable: bool = True
+    needs_heads: bool = False  # drafts or exits from exit heads (make_strategy warns when none are attached)
 
     def extra_positions(self) -> int:
         """Cache slots needed beyond prompt + max_new_tokens (e.g. draft length)."""
@@ -80,6 +85,10 @@ class Strategy(ABC):
 
     def select_rows(self, keep: list[int]) -> None:
         """Rows not in `keep` finished; drop any per-row state the strategy holds."""
+
+    def add_rows(self, state: DecodeState, n: int) -> None:
+        """The last n rows of `state` joined the running batch (prefilled, their last token pending);
+        set up any per-row state the strategy holds for them (prepare() did it for the first rows)."""
 
     def describe(self) -> dict:
         return {"strategy": self.name}

@@ -112,12 +112,48 @@ class KVCache:
         rows = torch.arange(h.shape[0], device=h.device)[:, None]
         self.hidden[rows, positions] = h
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (e.g. drop finished sequences)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+    def reorder(self, rows: torch.Tensor, max_len: int | None = None) -> None:
+        """Keep only the given batch rows (e.g. drop finished sequences); `max_len` also shortens
+        every row to that many positions (when the rows left need no more: less memory)."""
+        if max_len is not None and max_len < self.max_len:
+            n = aligned(max_len)
+            self.k, self.v = self.k[:, :, :, :n], self.v[:, :, :, :n]
+            if self.hidden is not None:
+                self.hidden = self.hidden[:, :max_len]
+            self.max_len = max_len
+        # Indexing copies: the kept rows come out contiguous (the fused kernels need that).
+        self.k = self.k[:, rows].contiguous()
+        self.v = self.v[:, rows].contiguous()
         self.lengths = self.lengths[:, rows.cpu()]
         if self.hidden is not None:
-            self.hidden = self.hidden[rows]
+            self.hidden = self.hidden[rows].contiguous()
         if self.head_cache is not None:
-            self.head_cache.reorder(rows)
+            self.head_cache.reorder(rows, max_len)
+
+    def append(self, other: KVCache) -> None:
+        """Add `other`'s rows after this cache's (continuous batching: newly prefilled rows join a
+        running batch). Both must keep the same layers; the longer position count wins and the
+        shorter cache's rows get zero slots past their end (never attended: kv_cache's rule above)."""
+        if (other.num_layers, other.k.shape[2], other.k.shape[4], other.hidden_layer) != (
+                self.num_layers, self.k.shape[2], self.k.shape[4], self.hidden_layer) or \
+                (other.head_cache is None) != (self.head_cache is None):
+            raise ValueError("only a cache of the same layout can be appended")
+        n = max(self.max_len, other.max_len)
+        slots = aligned(n)
+        self.k = torch.cat([_pad(self.k, 3, slots), _pad(other.k, 3, slots)], 1)  # (n_layer, B1+B2, Hkv, L, D)
+        self.v = torch.cat([_pad(self.v, 3, slots), _pad(other.v, 3, slots)], 1)
+        self.lengths = torch.cat([self.lengths, other.lengths], 1)
+        if self.hidden is not None:
+            self.hidden = torch.cat([_pad(self.hidden, 1, n), _pad(other.hidden, 1, n)], 0)  # (B1+B2, L, C)
+        if self.head_cache is not None:
+            self.head_cache.append(other.head_cache)
+        self.max_len = n
+
+
+def _pad(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """t with dimension `dim` zero-padded at its end to n entries."""
+    if t.shape[dim] == n:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)

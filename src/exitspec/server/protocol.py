@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from exitspec.decoding.sampling import MAX_TEMPERATURE, SEED_MAX, SEED_MIN
+
 # Fields accepted and deliberately ignored: they do not change what is generated.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
@@ -31,9 +33,10 @@ class APIError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -66,9 +69,30 @@ def parse_json(raw: bytes) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise bad(f"the request body is not valid JSON ({err}); send a JSON object", code="invalid_json") from None
+    except RecursionError:  # the parser recurses per nesting level
+        raise bad("the request body nests JSON too deeply; send a flat JSON object", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", code="invalid_json")
+    _check_strings(body)
     return body
+
+
+def _check_strings(body: dict) -> None:
+    """Refuse text that is not Unicode: JSON's "\\ud800" escape decodes to a lone surrogate, which no
+    tokenizer can encode. Walked without recursion (the body may nest as deep as the parser allowed)."""
+    todo: list[tuple[str, Any]] = [(k, v) for k, v in body.items()]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(f"'{path}' holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                          "text; send valid UTF-16 pairs or the characters themselves", path) from None
+        elif isinstance(v, dict):
+            todo += [(f"{path}.{k}", x) for k, x in v.items()]
+        elif isinstance(v, list):
+            todo += [(f"{path}[{i}]", x) for i, x in enumerate(v)]
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -115,8 +139,9 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
-def _unsupported(param: str, what: str) -> APIError:
-    return bad(f"{what} is not supported by the exitspec server; remove '{param}'", param, code="unsupported")
+def _unsupported(param: str, what: str, fix: str | None = None) -> APIError:
+    return bad(f"{what} is not supported by the exitspec server; {fix or f'remove {param!r}'}", param,
+               code="unsupported")
 
 
 def _refuse_unsupported(body: dict, allowed: set[str]) -> None:
@@ -125,7 +150,7 @@ def _refuse_unsupported(body: dict, allowed: set[str]) -> None:
             raise bad(f"unrecognized request argument supplied: '{name}'", name, code="unknown_parameter")
     n = _int(body, "n")
     if n is not None and n != 1:
-        raise _unsupported("n", f"n={n} (several choices per request); send n=1 or separate requests")
+        raise _unsupported("n", f"n={n} (several choices per request)", "send n=1, or one request per choice")
     best_of = _int(body, "best_of")
     if best_of is not None and best_of != 1:
         raise _unsupported("best_of", f"best_of={best_of}")
@@ -188,10 +213,12 @@ def _common(body: dict, kind: str, prompt: Any, max_names: tuple[str, ...]) -> C
     if stream not in (None, True, False):
         raise bad("'stream' must be a boolean", "stream")
     seed = _int(body, "seed")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise bad(f"'seed' must be an integer in [-2^63, 2^64), got {seed}", "seed")
     strategy, options = _extension(body)
     return CompletionRequest(
         kind=kind, model=model, prompt=prompt, max_tokens=_max_tokens(body, max_names),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=_number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=seed, stop=_stop(body), stream=bool(stream),
         include_usage=_stream_options(body, bool(stream)), strategy=strategy, options=options,

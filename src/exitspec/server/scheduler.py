@@ -1,50 +1,47 @@
-"""The decode scheduler: one worker thread runs every decode; compatible waiting requests share a batch.
+"""The decode scheduler: one worker thread steps the decode engines; requests join and leave at every step.
 
 Why one thread: torch already uses every core for one forward pass, so two decodes in parallel
 would only fight for them; and the event loop must never run torch (a 100 ms step would stall
 every other connection). The HTTP handlers `submit()` a `Job` and read its results from an
 asyncio queue that the worker fills with `loop.call_soon_threadsafe`.
 
-Batching: when the worker is free it takes the oldest waiting job and every other waiting job that
-can share its decode - same strategy, options, temperature, top_p and stop strings (the driver
-applies one setting to the whole batch) - up to `max_batch` rows and the model's context. Jobs that
-cannot join wait for the next round, oldest first, so nothing starves. A batch is fixed once it
-starts (the driver cannot add rows to a running decode), so a request arriving mid-decode waits
-for the current batch to finish.
+Continuous batching: each (strategy, options) pair has one `Engine` (decoding/engine.py), whose
+running batch a new request joins at its next step (its prompt prefilled in chunks between
+steps) and which a finished or cancelled request leaves at once. Rows of one engine keep their own
+temperature, top_p, seed, stop strings and max_tokens. Requests for different strategies run in
+different engines, stepped in turn, so each still gets what it gets alone. Jobs wait here, oldest
+first, while `max_batch` rows (over every engine) are taken; beyond `max_queue` waiting, submit()
+refuses with 503 and a Retry-After.
 
-Sampled requests with a `seed` never share a batch: a batch draws from one generator, so a seeded
-request's output would depend on who else happened to be waiting.
-
-Per-row max_tokens may differ inside a batch: the driver runs to the largest, and a row with a
-smaller limit is cut here (its text re-decoded from its first `max_tokens` tokens, stop strings
-re-applied). Cancellation: the driver has no way to drop one row of a running batch, so a cancelled
-row (client gone) keeps decoding and its output is ignored; once every row of a batch is finished
-or cancelled, the decode stops at the next step.
+Cancellation (a client gone): the worker checks every live job before each round of steps and
+cancels its row, which then leaves its engine before that engine's next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from exitspec.decoding.api import stream
-from exitspec.decoding.driver import GenerationError, eos_ids_for
-from exitspec.decoding.events import FinishEvent, TokenEvent
+from exitspec.decoding.api import make_strategy
+from exitspec.decoding.config import GenerateConfig, GenerationError
+from exitspec.decoding.engine import Engine
+from exitspec.decoding.events import FinishEvent, RowStats, TokenEvent
+from exitspec.decoding.sampling import SamplingParams
+from exitspec.server.metrics import Metrics
 from exitspec.server.protocol import APIError
 
 log = logging.getLogger("exitspec.server")
-_unique = itertools.count()
+IDLE_ENGINES = 4  # engines (strategy + options) kept without rows; older idle ones are dropped
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """What every row of one batched decode must share."""
+    """How one request decodes: the engine it joins (strategy, options) and its own row settings."""
 
     strategy: str
     options_json: str  # the strategy options, as canonical JSON (hashable, comparable)
@@ -57,10 +54,9 @@ class DecodeSettings:
     def options(self) -> dict:
         return json.loads(self.options_json)
 
-    def batch_key(self) -> tuple:
-        if self.temperature > 0 and self.seed is not None:
-            return (self, next(_unique))  # seeded sampling decodes alone (see module docstring)
-        return (self,)
+    @property
+    def engine_key(self) -> tuple[str, str]:
+        return self.strategy, self.options_json
 
 
 @dataclass
@@ -92,9 +88,6 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
 
-    def __post_init__(self):
-        self.key = self.settings.batch_key()
-
     def put(self, msg: Delta | Finished | Failed) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, msg)
@@ -102,170 +95,221 @@ class Job:
             self.cancelled.set()  # the event loop is gone (server shutting down)
 
 
-class _Row:
-    """One job's view of a batched decode: cuts its own max_tokens, ignores output once over."""
+class _Live:
+    """A job with a row in an engine: what it has been sent, and its timings."""
 
-    def __init__(self, job: Job, tokenizer, eos: set[int], driver_limit: int, strategy: str, batch: int):
-        self.job, self.tokenizer, self.eos = job, tokenizer, eos
-        self.driver_limit = driver_limit
-        self.ids: list[int] = []
-        self.sent = ""  # text already sent to the client
-        self.steps = 0
-        self.accepted = 0  # tokens beyond the first of each step: accepted drafts for speculative strategies
-        self.exits: Counter = Counter()
-        self.finished = False
+    def __init__(self, job: Job, engine: Engine, row: int):
+        self.job, self.engine, self.row = job, engine, row
+        self.started = time.perf_counter()
         self.first_token_at: float | None = None
-        self.stats = {"strategy": strategy, "batch_size": batch}
-
-    @property
-    def over(self) -> bool:
-        return self.finished or self.job.cancelled.is_set()
-
-    def on_tokens(self, ev: TokenEvent, started: float) -> None:
-        if self.over:
-            return
-        self.first_token_at = self.first_token_at or time.perf_counter()
-        self.steps += 1
-        self.accepted += max(len(ev.token_ids) - 1, 0)
-        self.ids.extend(ev.token_ids)
-        self.exits.update(ev.exit_layers)
-        limit = self.job.max_tokens
-        if len(self.ids) >= limit and limit < self.driver_limit:
-            self._cut(started)  # the driver would go on: this row's own limit is smaller
-        elif ev.text:
-            self.sent += ev.text
-            self.job.put(Delta(ev.text))
-
-    def on_finish(self, ev: FinishEvent, started: float) -> None:
-        if not self.over:
-            self._finish(ev.reason, ev.text, started)
-
-    def _cut(self, started: float) -> None:
-        ids = self.ids[: self.job.max_tokens]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in self.job.settings.stop) if i >= 0]
-        if hits:
-            reason, text = "stop", text[: min(hits)]
-        else:
-            reason = "eos" if ids[-1] in self.eos else "length"
-        self.ids = ids
-        self._finish(reason, text, started)
-
-    def _finish(self, reason: str, text: str, started: float) -> None:
-        self.finished = True
-        rest = text[len(self.sent):] if text.startswith(self.sent) else ""
-        if rest:
-            self.job.put(Delta(rest))
-        now = time.perf_counter()
-        n = len(self.ids)
-        self.stats.update(
-            completion_tokens=n, steps=self.steps,
-            tokens_per_step=round(n / self.steps, 3) if self.steps else 0.0,
-            accepted_drafts=self.accepted,
-            exit_histogram={str(k): v for k, v in sorted(self.exits.items())},
-            queue_s=round(started - self.job.submitted_at, 4),
-            time_to_first_token_s=round((self.first_token_at or now) - self.job.submitted_at, 4),
-            decode_s=round(now - started, 4),
-            tokens_per_s=round(n / (now - started), 2) if now > started else 0.0,
-        )
-        self.job.put(Finished("length" if reason == "length" else "stop", text, n, self.stats))
+        self.last_token_at: float | None = None
+        self.cancel_sent = False
 
 
 class Scheduler:
-    def __init__(self, model, *, max_batch: int = 32, max_queue: int = 256):
+    def __init__(self, model, *, max_batch: int = 32, max_queue: int = 256, prefill_tokens: int | None = 256,
+                 metrics: Metrics | None = None):
         self.model = model
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.max_positions = model.lm.max_positions
-        self.eos = set(eos_ids_for(model.model, model.tokenizer))
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.metrics = metrics
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self.running = 0  # rows in the batch being decoded
-        self.completed = 0  # batches decoded
+        self._engines: OrderedDict[tuple[str, str], Engine] = OrderedDict()
+        self._live: dict[tuple[int, int], _Live] = {}  # (id(engine), row) -> job
+        self._engine_waiting = self._running = 0
+        self.completed = 0  # requests that finished (eos, stop, length)
+        self.cancelled = 0  # requests whose client left before they finished
         self._thread = threading.Thread(target=self._work, name="exitspec-decode", daemon=True)
 
+    # --- the handlers' side -------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop: waiting and running requests get a 503 (their streams end with it), the worker exits."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Requests not yet decoding: queued here or waiting in an engine for their prefill."""
+        return len(self._waiting) + self._engine_waiting
+
+    @property
+    def running(self) -> int:
+        """Rows in an engine's running batch or prefill (as of the worker's last round)."""
+        return self._running
+
+    def _count(self) -> None:
+        """Refresh the counts other threads read (they must not walk the engines while the worker
+        changes them)."""
+        engines = self._engines.values()
+        self._engine_waiting = sum(len(e.waiting) for e in engines)
+        self._running = sum(len(e.rows) + (len(e.prefill.rows) if e.prefill else 0) for e in engines)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one batch of the default length, at least 1."""
+        return max(1, min(60, len(self._waiting) // max(self.max_batch, 1) + 1))
 
     def submit(self, job: Job) -> None:
         with self._cond:
+            if self._closed:
+                raise APIError(503, "the server is shutting down; retry on another instance or later",
+                               type="server_error", code="shutting_down", headers={"Retry-After": "5"})
             if len(self._waiting) >= self.max_queue:
-                raise APIError(503, f"the server is busy ({len(self._waiting)} requests waiting); retry later",
-                               type="server_error", code="server_overloaded")
+                raise APIError(503, f"the server is busy ({len(self._waiting)} requests waiting, the limit is "
+                               f"--max-queue {self.max_queue}); retry later", type="server_error",
+                               code="server_overloaded", headers={"Retry-After": str(self.retry_after())})
             self._waiting.append(job)
             self._cond.notify()
 
-    def _fits(self, batch: list[Job]) -> bool:
-        longest = max(len(j.prompt_ids) for j in batch)
-        most = max(j.max_tokens for j in batch)
-        return longest + most + batch[0].extra_positions + 1 <= self.max_positions
-
-    def _take_batch(self) -> list[Job]:
-        """The oldest live job and the waiting jobs that can share its decode (lock held)."""
-        batch: list[Job] = []
-        for job in list(self._waiting):
-            if job.cancelled.is_set():
-                self._waiting.remove(job)
-            elif not batch or (job.key == batch[0].key and len(batch) < self.max_batch
-                               and self._fits([*batch, job])):
-                batch.append(job)
-                self._waiting.remove(job)
-        return batch
-
+    # --- the worker ---------------------------------------------------------------------------------
     def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                batch = self._take_batch()
-                self.running = len(batch)
-            if batch:
-                try:
-                    self._decode(batch)
-                finally:
-                    self.running = 0
-                    self.completed += 1
-
-    def _decode(self, batch: list[Job]) -> None:
-        s = batch[0].settings
-        limit = max(j.max_tokens for j in batch)
-        rows = [_Row(j, self.model.tokenizer, self.eos, limit, s.strategy, len(batch)) for j in batch]
-        started = time.perf_counter()
-        events = stream(self.model, None, prompt_ids=[j.prompt_ids for j in batch], strategy=s.strategy,
-                        max_new_tokens=limit, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-                        stop=list(s.stop), **s.options)
         try:
-            for ev in events:
-                if isinstance(ev, TokenEvent):
-                    rows[ev.row].on_tokens(ev, started)
-                elif isinstance(ev, FinishEvent):
-                    rows[ev.row].on_finish(ev, started)
-                if all(r.over for r in rows):
-                    break  # every client has its answer or is gone: stop decoding now
-        except GenerationError as err:  # settings the strategy refuses (validated options can still clash)
-            self._fail(rows, APIError(400, str(err), param="exitspec", code="generation_error"))
-        except Exception as err:  # a bug must fail these requests, not the server
-            log.exception("decode failed")
-            self._fail(rows, APIError(500, f"decoding failed: {type(err).__name__}: {err}", type="server_error",
-                                      code="decode_failed"))
+            while True:
+                with self._cond:
+                    while not self._closed and not self._waiting and not any(e.busy for e in self._engines.values()):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    jobs = self._take()
+                for job in jobs:
+                    self._place(job)
+                self._cancel_gone()
+                for key, engine in list(self._engines.items()):
+                    if engine.busy:
+                        self._step(key, engine)
+                self._drop_idle_engines()
+                self._count()
         finally:
-            events.close()
-        log.info("batch of %d decoded in %.2f s", len(batch), time.perf_counter() - started)
+            self._shutdown()
 
-    @staticmethod
-    def _fail(rows: list[_Row], error: APIError) -> None:
-        for r in rows:
-            if not r.over:
-                r.finished = True
-                r.job.put(Failed(error))
+    def _take(self) -> list[Job]:
+        """Waiting jobs that fit under max_batch rows, oldest first; cancelled ones dropped (lock held)."""
+        room = self.max_batch - sum(e.size for e in self._engines.values())
+        out: list[Job] = []
+        while self._waiting and len(out) < room:
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                self.cancelled += 1
+                continue
+            out.append(job)
+        return out
+
+    def _engine(self, s: DecodeSettings) -> Engine:
+        key = s.engine_key
+        engine = self._engines.get(key)
+        if engine is None:
+            strategy = make_strategy(s.strategy, self.model, **s.options)
+            engine = Engine(self.model.lm, self.model.tokenizer, strategy, heads=self.model.heads,
+                            max_rows=self.max_batch, prefill_tokens=self.prefill_tokens)
+            self._engines[key] = engine
+        self._engines.move_to_end(key)
+        return engine
+
+    def _place(self, job: Job) -> None:
+        s = job.settings
+        try:
+            engine = self._engine(s)
+            sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+            row = engine.add(job.prompt_ids, GenerateConfig(max_new_tokens=job.max_tokens, sampling=sampling,
+                                                            stop=list(s.stop)))
+        except (GenerationError, ValueError, TypeError) as err:  # validated already; a clash still says why
+            self._fail_job(job, APIError(400, str(err), param="exitspec", code="generation_error"))
+            return
+        self._live[(id(engine), row)] = _Live(job, engine, row)
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+
+    def _cancel_gone(self) -> None:
+        for live in self._live.values():
+            if live.job.cancelled.is_set() and not live.cancel_sent:
+                live.engine.cancel(live.row)
+                live.cancel_sent = True
+
+    def _step(self, key: tuple[str, str], engine: Engine) -> None:
+        try:
+            events = engine.step()
+        except Exception as err:  # a bug must fail this engine's requests, not the server
+            log.exception("decode failed")
+            error = APIError(500, f"decoding failed: {type(err).__name__}: {err}", type="server_error",
+                             code="decode_failed")
+            for k in [k for k, live in self._live.items() if live.engine is engine]:
+                self._fail_job(self._live.pop(k).job, error)
+            del self._engines[key]  # its cache and strategy state are suspect: start afresh
+            return
+        if self.metrics and any(isinstance(ev, TokenEvent) for ev in events):  # a decode step ran
+            self.metrics.batch_size.observe(engine.last_batch)
+        now = time.perf_counter()
+        for ev in events:
+            live = self._live.get((id(engine), ev.row))
+            if live is None:
+                continue
+            if isinstance(ev, TokenEvent):
+                self._on_tokens(live, ev, now)
+            elif isinstance(ev, FinishEvent):
+                del self._live[(id(engine), ev.row)]
+                self._on_finish(live, ev, now)
+
+    def _on_tokens(self, live: _Live, ev: TokenEvent, now: float) -> None:
+        m = self.metrics
+        if m:
+            m.generation_tokens.inc(len(ev.token_ids))
+            if live.last_token_at is None:
+                m.ttft.observe(now - live.job.submitted_at)
+            elif ev.token_ids:
+                gap = (now - live.last_token_at) / len(ev.token_ids)
+                for _ in ev.token_ids:
+                    m.inter_token.observe(gap)
+        live.first_token_at = live.first_token_at or now
+        live.last_token_at = now
+        if ev.text and not live.job.cancelled.is_set():
+            live.job.put(Delta(ev.text))
+
+    def _on_finish(self, live: _Live, ev: FinishEvent, now: float) -> None:
+        rs = ev.stats or RowStats()
+        if self.metrics:
+            for n in rs.accept_lengths:
+                self.metrics.accepted_drafts.observe(n)
+        if ev.reason == "cancelled":
+            self.cancelled += 1
+            return
+        self.completed += 1
+        job, n = live.job, len(ev.token_ids)
+        stats = {
+            "strategy": job.settings.strategy, "batch_size": rs.batch_peak, "completion_tokens": n,
+            "steps": rs.steps, "tokens_per_step": round(n / rs.steps, 3) if rs.steps else 0.0,
+            "accepted_drafts": rs.accepted,
+            "exit_histogram": {str(k): v for k, v in sorted(rs.exit_layers.items())},
+            "queue_s": round(live.started - job.submitted_at, 4),
+            "time_to_first_token_s": round((live.first_token_at or now) - job.submitted_at, 4),
+            "decode_s": round(now - live.started, 4),
+            "tokens_per_s": round(n / (now - live.started), 2) if now > live.started else 0.0,
+        }
+        job.put(Finished("length" if ev.reason == "length" else "stop", ev.text, n, stats))
+
+    def _fail_job(self, job: Job, error: APIError) -> None:
+        job.put(Failed(error))
+
+    def _drop_idle_engines(self) -> None:
+        idle = [k for k, e in self._engines.items() if not e.busy]
+        for k in idle[: max(0, len(idle) - IDLE_ENGINES)]:
+            del self._engines[k]
+
+    def _shutdown(self) -> None:
+        """The worker's last act: every request still here gets a 503 instead of hanging."""
+        error = APIError(503, "the server is shutting down; the request was not completed", type="server_error",
+                         code="shutting_down")
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            self._fail_job(job, error)
+        for live in self._live.values():
+            self._fail_job(live.job, error)
+        self._live.clear()
+        self._engines.clear()
+        self._count()

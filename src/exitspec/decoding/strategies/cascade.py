@@ -45,6 +45,8 @@ from exitspec.heads.base import ExitHead
 class Cascade(Strategy):
     name = "cascade"
     lossless = False
+    needs_heads = True
+    joinable = False  # the deferred stack's entries share one depth across rows (deferred.py)
 
     def __init__(self, heads: list[ExitHead], gates: dict[int, Gate], state_propagation: bool = False,
                  max_deferred: int = 16, precheck: torch.Tensor | None = None):
@@ -83,14 +85,14 @@ class Cascade(Strategy):
             ok, logits = ex.confident(h, ~decided)
             if logits is None:  # no row passed the pre-check
                 continue
-            tok = torch.where(ok, sample(logits, state.params, state.generator), tok)
+            tok = torch.where(ok, sample(logits, state.sampling), tok)
             layer_of = torch.where(ok.cpu(), ex.layer, layer_of)
             decided |= ok
             if bool(decided.all()):
                 break
         if not bool(decided.all()):
             h = stack.advance(L)
-            tok = torch.where(decided, tok, sample(lm.logits(h[:, None])[:, 0], state.params, state.generator))
+            tok = torch.where(decided, tok, sample(lm.logits(h[:, None])[:, 0], state.sampling))
         elif self.propagate:
             self._propagate(lm, state, stack.last)
         stack.drop_complete()

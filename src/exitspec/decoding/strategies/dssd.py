@@ -33,6 +33,7 @@ from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
 class DSSD(Strategy):
     name = "dssd"
     lossless = True
+    needs_heads = True
 
     def __init__(self, drafters: list[DraftHead], gates: dict[int, Gate], draft_len: int = 4,
                  min_draft: int = 1, max_draft: int = 8, adaptive: bool = True):
@@ -54,8 +55,11 @@ class DSSD(Strategy):
     def select_rows(self, keep: list[int]) -> None:
         self.gamma = self.gamma[keep]
 
+    def add_rows(self, state: DecodeState, n: int) -> None:
+        self.gamma = torch.cat([self.gamma, torch.full((n,), self.start_gamma, dtype=torch.long)])
+
     def step(self, state: DecodeState) -> StepOutput:
-        lm, cache, params = state.lm, state.cache, state.params
+        lm, cache, params = state.lm, state.cache, state.sampling
         L, V = lm.num_layers, lm.vocab_size
         x, p0 = state.pending()  # (B, 1)
         B, dev = x.shape[0], x.device
@@ -85,7 +89,7 @@ class DSSD(Strategy):
                     if not bool(ok.any()):
                         continue
                 logits = dh.logits(h)  # (B, N)
-                t, qd = dh.choose(logits, params, state.generator, V)
+                t, qd = dh.choose(logits, params, None, V)
                 if gate.needs_logits:
                     ok = gate.passes(logits, h) & ~decided
                 # Rows no exit is sure about still get a (never proposed) filler token to keep shapes.
@@ -111,7 +115,7 @@ class DSSD(Strategy):
         target = lm.logits(torch.stack([e.h for e in stack.entries], 1))  # (B, k+1, V)
         d = torch.stack(drafts, 1) if k else torch.zeros(B, 0, dtype=torch.long, device=dev)
         qd = torch.stack(qs, 1) if k and not params.greedy else (None if params.greedy else target.new_zeros(B, 0, V))
-        v = verify(target, d, qd, params, state.generator, limit=limit.to(dev))
+        v = verify(target, d, qd, params, limit=limit.to(dev))
         n = v.accepted.cpu()
         cache.rollback(p0[:, 0].cpu() + n + 1)
         if self.adaptive:

@@ -203,8 +203,11 @@ class Lookup(Strategy):
     def select_rows(self, keep: list[int]) -> None:
         self.indexes = [self.indexes[i] for i in keep]
 
+    def add_rows(self, state: DecodeState, n: int) -> None:
+        self.indexes += [NgramIndex(self.min_ngram, self.max_ngram) for _ in range(n)]
+
     def step(self, state: DecodeState) -> StepOutput:
-        lm, cache, params = state.lm, state.cache, state.params
+        lm, cache, params = state.lm, state.cache, state.sampling
         L, V = lm.num_layers, lm.vocab_size
         x, p0 = state.pending()  # (B, 1)
         B, dev = x.shape[0], x.device
@@ -225,7 +228,7 @@ class Lookup(Strategy):
         q = None
         if not params.greedy:  # the copied token was "drawn" with probability 1
             q = torch.zeros(B, K, V, device=dev).scatter_(-1, d[..., None], 1.0)  # (B, K, V)
-        v = verify(target, d, q, params, state.generator, limit=limit.to(dev))
+        v = verify(target, d, q, params, limit=limit.to(dev))
         n = v.accepted.cpu()
         cache.rollback(p0[:, 0].cpu() + n + 1)  # drop rejected drafts and padding in every layer
         tokens = [d[b, :int(n[b])].tolist() + [int(v.next_token[b])] for b in range(B)]

@@ -54,6 +54,7 @@ class MLPSkip(Strategy):
         if probe == "head" and start_layer < head.layer:
             raise StrategyOptionError(f"start_layer ({start_layer}) must be >= the probe's exit_layer ({head.layer})")
         self.start, self.probe, self.threshold = start_layer, probe, threshold
+        self.needs_heads = probe == "head"
         self.exit = CheckedExit(head, gate, precheck) if probe == "head" else None
         self.share = attention_share(lm)
 
@@ -80,7 +81,7 @@ class MLPSkip(Strategy):
                     break
             skip = range(m, L)
             h = lm.run_layers(h, pos, cache, m, L, ctx=ctx, skip_mlp=set(skip))
-        tok = sample(lm.logits(h[:, -1]), state.params, state.generator).tolist()
+        tok = sample(lm.logits(h[:, -1]), state.sampling).tolist()
         work = L - len(skip) * (1 - self.share)
         return StepOutput(tokens=[[t] for t in tok], exit_layers=[[L] for _ in tok],
                           layers_computed=[work] * len(tok), extra={"mlp_skipped": len(skip)})

@@ -32,6 +32,7 @@ from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
 class SelfSpec(Strategy):
     name = "self-spec"
     lossless = True
+    needs_heads = True
 
     def __init__(self, drafter: DraftHead, num_layers: int, draft_len: int = 4):
         if not isinstance(draft_len, int) or not 1 <= draft_len <= 64:
@@ -51,7 +52,7 @@ class SelfSpec(Strategy):
         return torch.float32 if self.drafter.head.contextual else None
 
     def step(self, state: DecodeState) -> StepOutput:
-        lm, cache, params = state.lm, state.cache, state.params
+        lm, cache, params = state.lm, state.cache, state.sampling
         L, E, K = lm.num_layers, self.layer, self.gamma  # E: the exit layer
         x, p0 = state.pending()  # (B, 1) each
         B = x.shape[0]
@@ -65,7 +66,7 @@ class SelfSpec(Strategy):
                 break
             logits = self.drafter.logits(h, pos, cache)[:, -1] if self.drafter.head.contextual else \
                 self.drafter.logits(h[:, -1])
-            tok, q = self.drafter.choose(logits, params, state.generator, lm.vocab_size)
+            tok, q = self.drafter.choose(logits, params, None, lm.vocab_size)
             drafts.append(tok)
             qs.append(q)
             x = tok[:, None]
@@ -75,7 +76,7 @@ class SelfSpec(Strategy):
         h = lm.run_layers(cache.hidden[rows, vpos], vpos, cache, E, L)  # (B, K+1, C)
         d = torch.stack(drafts, 1)  # (B, K)
         q = torch.stack(qs, 1) if not params.greedy else None  # (B, K, V)
-        v = verify(lm.logits(h), d, q, params, state.generator)
+        v = verify(lm.logits(h), d, q, params)
         # --- roll back the rejected drafts in every layer (per-row lengths) -------------------
         n = v.accepted.cpu()
         cache.rollback(p0[:, 0].cpu() + n + 1)

@@ -15,7 +15,7 @@ class Vanilla(Strategy):
         ids, pos = state.pending()  # (B, 1)
         h = lm.run_layers(lm.embed(ids, pos), pos, state.cache, 0, lm.num_layers)
         logits = lm.logits(h[:, -1])  # (B, V)
-        nxt = sample(logits, state.params, state.generator).tolist()
+        nxt = sample(logits, state.sampling).tolist()
         L = lm.num_layers
         return StepOutput(tokens=[[t] for t in nxt], exit_layers=[[L] for _ in nxt],
                           layers_computed=[float(L)] * len(nxt))
