@@ -112,15 +112,19 @@ def plot_layer_sweep(rows: list[dict], path: Path, title: str = "") -> None:
     rate_metrics = [("agreement", "C0"), ("accuracy", "C1"), ("coverage", "C2")]
     full = next((r for r in rows if r["bundle"] == "full"), None)
     names = [n for n in dict.fromkeys(r["bundle"] for r in rows) if n != "full"]
+    trained = [n for n in names if n != "norm_lm"]
     for ax, (metric, ylabel, log) in zip(axes, panels, strict=True):
         for name in names:
             sub = sorted((r for r in rows if r["bundle"] == name), key=lambda r: r["layers_run"])
-            style = "--" if name == "norm_lm" else "-"
+            # One line style and marker per bundle (colours tell the metrics apart in the rate panel).
+            i = trained.index(name) if name in trained else -1
+            style, marker = ("--", "x") if i < 0 else (("-", "-.", ":")[i % 3], "osD^v"[i % 5])
             xs = [r["layers_run"] for r in sub]
-            for m, color in ([(metric, "C0")] if metric else rate_metrics):
+            for m, color in ([(metric, f"C{max(i, 0) + 3 * (i < 0)}")] if metric else rate_metrics):
                 pts = [(x, r[m]) for x, r in zip(xs, sub, strict=True) if r[m] is not None]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=color, label=f"{m} ({name})")
+                    ax.plot(*zip(*pts, strict=True), style, marker=marker, ms=4, color=color,
+                            label=f"{m} ({name})")
         if metric == "ppl" and full:
             ax.axhline(full["ppl"], color="k", lw=0.8, ls=":", label="full model")
         if log:
