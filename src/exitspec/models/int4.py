@@ -6,6 +6,8 @@ tied LM head is Q8_0. transformers dequantizes all of it to dense fp32 on load, 
 reads 540 MB of weights that hold ~4.5 bits of information each. This module recovers (q, d, m)
 *exactly* from the dense weights (every recovered group is checked to dequantize back to the very
 same fp32 values, else the model is refused with a message) and runs the products from the codes.
+A K-quant GGUF's blocks (Q4_K, Q5_0, Q6_K, ...) cannot be recovered this way: models/kquants.py
+reads them from the file.
 
 Two backends, chosen when the runtime is built:
   * exitspec's own kernels (kernels/csrc, built on first use; an AVX512-BF16 build and an AVX2 + FMA
@@ -52,6 +54,7 @@ from torch import nn
 from exitspec import kernels
 
 GROUP = 32  # weights per quantization group along the input dimension (GGUF Q4_0 / Q4_1 blocks)
+_Q8_ROWS = 4096  # rows of a weight recover_q8 checks at a time
 BLOCK = 16  # the kernels take output sizes that are multiples of this
 
 
@@ -99,18 +102,27 @@ def recover_q8(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, 
     """(q int8, scale) with scale * q == weight bit for bit in fp32 and fp16-exact scales (a GGUF Q8_0
     tensor de-quantized by transformers), or None.
 
-    Q8_0 sets scale = max|w| / 127 per group, so the group's largest magnitude has |q| = 127."""
-    w = weight.detach().to(torch.float32)
+    Q8_0 sets scale = max|w| / 127 per group, so the group's largest magnitude has |q| = 127.
+    Checked in chunks of rows, each with the first candidate scale that reproduces it: a tied
+    embedding of 262k rows (Gemma 3) is 671 MB, and whole-tensor temporaries took ~9 s and 2 GB."""
+    w = weight.detach()
     out, n_in = w.shape
     if n_in % group:
         return None
-    b = w.reshape(out, n_in // group, group)
-    amax = b.abs().amax(-1)
-    for scale in (amax / 127, (amax / 127).half().float()):
-        q = torch.round(b / torch.where(scale == 0, 1.0, scale)[..., None]).clamp_(-127, 127)
-        if fp16_exact(scale) and torch.equal(q * scale[..., None], b):
-            return q.to(torch.int8).reshape(out, n_in), scale
-    return None
+    q = torch.empty(out, n_in, dtype=torch.int8)
+    scales = torch.empty(out, n_in // group)
+    for r0 in range(0, out, _Q8_ROWS):
+        b = w[r0: r0 + _Q8_ROWS].to(torch.float32).reshape(-1, n_in // group, group)
+        amax = b.abs().amax(-1)
+        for scale in (amax / 127, (amax / 127).half().float()):
+            qc = torch.round(b / torch.where(scale == 0, 1.0, scale)[..., None]).clamp_(-127, 127)
+            if fp16_exact(scale) and torch.equal(qc * scale[..., None], b):
+                q[r0: r0 + _Q8_ROWS] = qc.reshape(-1, n_in)
+                scales[r0: r0 + _Q8_ROWS] = scale
+                break
+        else:
+            return None
+    return q, scales
 
 
 def int4_table(model: nn.Module, group: int = GROUP) -> dict[nn.Linear, Int4Groups]:

@@ -330,12 +330,15 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const t
   return out;
 }
 
+// The K-quant products' bindings (kquant_ops.cpp).
+void bind_kquants(pybind11::module_& m);
+
 }  // namespace exitspec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace exitspec;
   namespace py = pybind11;
-  m.doc() = "exitspec CPU kernels: q4/q8 few-row products, decode attention, fused Llama stack";
+  m.doc() = "exitspec CPU kernels: q4/q8 and GGML K-quant few-row products, decode attention, fused Llama stack";
   m.attr("ISA") = kIsa;
   m.attr("NUMERICS") = kNumerics;
   // Both builds (avx2, avx512bf16) bind C++ types of the same names. Without module_local, pybind11
@@ -363,4 +366,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>());
   m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
   m.def("attention_supports", &attention_supports);
+  bind_kquants(m);
 }
