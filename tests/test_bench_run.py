@@ -223,7 +223,7 @@ def test_self_spec_rows_carry_the_cost_models_prediction_beside_the_measurement(
         row["vanilla_step_ms"] * (row["mean_accepted"] + 1) / row["cycle_ms"])
     assert row["measured_decode_speedup"] > 0
     gap = abs(row["measured_decode_speedup"] / row["predicted_speedup"] - 1)
-    assert (row["prediction_note"] is not None) == (gap > 0.10)
+    assert (row.get("prediction_note") is not None) == (gap > 0.10)
     finish(tmp_path)
     assert "## Cost model: predicted vs measured" in (tmp_path / "report.md").read_text()
     vanilla = next(r for r in outcome.rows if r["name"] == "vanilla")
