@@ -5,8 +5,8 @@ prompts and budget as every other contender (run name `llama.cpp`):
 
     --run 'llama.cpp'                                   # plain decoding
     --run 'llama.cpp spec=ngram-simple'                 # one of its n-gram speculative modes
-    --run 'llama.cpp spec=draft-simple draft_exit=8'    # the attached heads' exit 8, exported as a
-                                                        # draft GGUF (export/), drafting for it
+    --run 'llama.cpp spec=draft-simple draft_exit=8'    # the attached heads' exit 8 (norm_lm without
+                                                        # heads), exported as a draft GGUF (export/)
     --run 'llama.cpp spec=draft-simple draft=PATH.gguf' # any draft model
 
 Why the server: one long-lived process per run (the model is loaded once, as exitspec's is), and
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from exitspec.bench.config import RunSpec
 from exitspec.bench.contenders import Contender, PeerUnavailable, Sample, spread_accepts
+from exitspec.decoding.exits import exit_bundle
 from exitspec.loading import embedded_gguf_path
 
 ENV = "EXITSPEC_LLAMA_SERVER"
@@ -118,10 +119,10 @@ class LlamaCppServer(Contender):
                              "attached heads, exported as its draft model)")
         from exitspec.export.gguf import export_gguf  # optional: only a draft_exit run exports
 
-        if self.model.heads is None:
-            raise ValueError("llama.cpp draft_exit needs exit heads: attach a bundle (--heads)")
-        out = self.workdir / f"draft-{opts['draft_exit']}.gguf"
-        return export_gguf(self.model, self.model.heads, int(opts["draft_exit"]), out,
+        layer = int(opts["draft_exit"])
+        out = self.workdir / f"draft-{layer}.gguf"
+        # The attached bundle's exit, or the logit lens (norm_lm) where none is attached, as hf-assisted.
+        return export_gguf(self.model, exit_bundle(self.model, [layer], contextual=True), layer, out,
                            str(opts.get("draft_type", "Q8_0")))
 
     def _wait_ready(self) -> None:
