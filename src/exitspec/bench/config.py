@@ -196,12 +196,13 @@ def parse_run(text: str) -> dict:
         if "=" not in item:
             raise BenchConfigError(f"--run option {item!r} must look like key=value or key=v1,v2")
         key, raw = item.split("=", 1)
-        values = [[_scalar(x) for x in v.split("+")] if "+" in v else _scalar(v) for v in raw.split(",") if v]
+        values = [[parse_scalar(x) for x in v.split("+")] if "+" in v else parse_scalar(v) for v in raw.split(",") if v]
         run[key] = values if len(values) > 1 else values[0]
     return run
 
 
-def _scalar(s: str):
+def parse_scalar(s: str):
+    """A "key=value" option's value: an int, a float, true / false, else the string itself."""
     for cast in (int, float):
         try:
             return cast(s)

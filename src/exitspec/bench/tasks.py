@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from exitspec.bench.config import parse_scalar
 from exitspec.bench.routing import route
 from exitspec.decoding.api import generate, make_strategy
 from exitspec.decoding.strategies.cascade import Cascade
@@ -37,7 +38,9 @@ class TaskScorer:
 
     def __init__(self, model, strategy: str = "vanilla", chat: bool = False, **options):
         self.model, self.strategy, self.chat, self.options = model, strategy, bool(chat), options
-        make_strategy(strategy, model, **options)  # bad options fail here, before any task runs
+        # Built once: bad options fail here, before any task runs, and every log-likelihood reuses it
+        # (routing reads only its exits and gates; generation builds a fresh one, which may keep state).
+        self.routing_strategy = make_strategy(strategy, model, **options)
 
     # --- tokens ------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -64,7 +67,7 @@ class TaskScorer:
     # --- the mode's distributions ------------------------------------------------------------------
     def routed_logprobs(self, ids: list[int], start: int) -> torch.Tensor:
         """(len(ids) - start, V) log-probabilities the mode emits tokens ids[start:] from."""
-        strategy = make_strategy(self.strategy, self.model, **self.options)
+        strategy = self.routing_strategy
         if not isinstance(strategy, Cascade) and self.strategy not in FULL_MODEL:
             raise ValueError(f"loglikelihood through {self.strategy!r} is not defined: its states depend on its "
                              f"earlier decisions; use generation tasks for it, or one of {', '.join(FULL_MODEL)}, "
@@ -92,16 +95,9 @@ class TaskScorer:
         return out.texts[0]
 
 
-def _value(v: str):
+def _value(v):
     """A model_args value from lm-eval's "k=v" string: numbers and booleans as such."""
-    if not isinstance(v, str):
-        return v
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
+    return parse_scalar(v) if isinstance(v, str) else v
 
 
 def register() -> type:
