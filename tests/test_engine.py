@@ -173,3 +173,28 @@ def test_rows_join_and_leave_on_the_fused_int4_stack_with_an_fp16_cache(kernel_i
         done = run(engine)
         for r, (text, n) in rows.items():
             assert done[r].token_ids == solo(m, text, n, name, options), (name, text)
+
+
+@pytest.mark.parametrize("name,options", LOSSLESS[:2], ids=[s for s, _ in LOSSLESS[:2]])
+def test_a_burst_streams_group_by_group_and_each_row_gets_its_solo_output(model, name, options):
+    """Four requests arrive at once with a prefill chunk that holds one prompt: the first row's
+    first token comes before the last row's prompt is in (it does not wait for the whole burst's
+    prefill), the burst runs as one batch in the end, and every row equals its solo greedy decode."""
+    texts = ["abc abc abc", "hello there friend", "one two one two", "xyz xy x"]
+    prompts = [ids(model, t) for t in texts]
+    engine = Engine(model.lm, model.tokenizer, make_strategy(name, model, **options), heads=model.heads,
+                    max_rows=4, prefill_tokens=max(len(p) for p in prompts))
+    rows = [engine.add(p, config(12)) for p in prompts]
+    first_token_step: dict[int, int] = {}
+    tokens: dict[int, list[int]] = {r: [] for r in rows}
+    step = 0
+    while engine.busy:
+        step += 1
+        for ev in engine.step():
+            if isinstance(ev, TokenEvent) and ev.token_ids:
+                first_token_step.setdefault(ev.row, step)
+                tokens[ev.row] += ev.token_ids
+    assert first_token_step[rows[0]] < first_token_step[rows[-1]]
+    assert max(first_token_step.values()) <= len(rows)  # one group per step: none waits for the others to end
+    for r, text in zip(rows, texts, strict=True):
+        assert tokens[r] == solo(model, text, 12, name, options)

@@ -13,7 +13,7 @@ from exitspec.decoding.api import make_strategy
 from exitspec.decoding.datastore import NgramStore
 from exitspec.decoding.exits import StrategyOptionError
 from exitspec.decoding.sampling import SamplingParams, probs
-from exitspec.decoding.strategies.lookup import NgramIndex
+from exitspec.decoding.strategies.lookup import Lookup, NgramIndex
 from exitspec.heads.bundle import BundleError, HeadBundle
 from helpers_strategies import PROMPTS, greedy
 
@@ -223,3 +223,18 @@ def test_datastore_command_replaces_the_corpus_and_keeps_the_heads(tmp_path):
     assert new.config.exit_layers == [2, 4]
     # Without --heads the command says what it needs.
     assert main(["datastore", "--model", str(folder), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_batch_cuts_greedy_drafts_where_its_positions_cost_more_than_they_bring():
+    """fit_batch: where every position costs as much as a row (compute-bound), 8 greedy rows verify
+    no drafts; where positions are free (memory-bound) they keep all; sampled rows keep theirs, and
+    the greedy rows are cut no shorter than them (padding would cost the positions anyway)."""
+    lookup = Lookup(draft_len=3)
+    props, sources = [[5, 6, 7]] * 8, ["context"] * 8
+    linear = {n: float(n) for n in (1, 2, 4, 8, 16, 32)}
+    flat = {n: 1.0 for n in (1, 2, 4, 8, 16, 32)}
+    assert lookup.fit_batch(linear, props, sources, [True] * 8) == [[]] * 8
+    assert lookup.fit_batch(flat, props, sources, [True] * 8) == props
+    mixed = [[5, 6, 7]] * 7 + [[9]]
+    cut = lookup.fit_batch(linear, mixed, sources, [True] * 7 + [False])
+    assert cut == [[5]] * 7 + [[9]]

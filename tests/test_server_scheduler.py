@@ -10,6 +10,8 @@ import pytest
 
 import exitspec
 from conftest import tiny_loaded
+from exitspec.decoding.api import make_strategy
+from exitspec.decoding.config import GenerationError
 from exitspec.server.protocol import APIError
 from exitspec.server.scheduler import DecodeSettings, Delta, Failed, Finished, Job, Scheduler
 
@@ -141,3 +143,31 @@ def test_the_queue_limit_refuses_with_retry_after_and_shutdown_fails_what_is_lef
 
     for _, last, _ in asyncio.run(main()):
         assert isinstance(last, Finished) or (isinstance(last, Failed) and last.error.status == 503)
+
+
+def test_torch_work_runs_on_the_worker_thread_and_the_worker_can_be_the_callers(tiny):
+    """`call()` runs work between steps on the worker (its result or its exception comes back); the
+    worker loop can run in the thread that loaded the model (`run()`, as `exitspec serve` does), and
+    close() ends it and refuses later calls with a 503."""
+    import threading
+
+    s = Scheduler(tiny, max_batch=2)
+    caller = threading.current_thread()
+    done: list[str] = []
+
+    def client() -> None:
+        try:
+            assert s.call(threading.current_thread).result(timeout=30) is caller
+            with pytest.raises(GenerationError, match="unknown strategy"):
+                s.call(lambda: make_strategy("no such strategy", tiny)).result(timeout=30)
+            done.append("ok")
+        finally:
+            s.close()
+
+    t = threading.Thread(target=client)
+    t.start()
+    s.run()  # returns once the client thread closed the scheduler
+    t.join()
+    assert done == ["ok"]
+    with pytest.raises(APIError, match="shutting down"):
+        s.call(lambda: None).result(timeout=1)

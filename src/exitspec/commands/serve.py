@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import warnings
 
 import uvicorn  # the serve extra; `exitspec serve` says which package is missing
@@ -89,11 +91,39 @@ def run(args: argparse.Namespace) -> int:
     if strategy.needs_heads and model.heads is None and not args.allow_untrained_heads:
         raise ValueError(no_heads_message(args.strategy).replace("Attach trained heads:", "Start the server with")
                          + " (or pass --allow-untrained-heads)")
-    app = create_app(model, config)
+    strategy.warm_up(model.lm, args.max_batch)  # e.g. lookup's batch cost table: measured before requests come
+    app = create_app(model, config, worker_thread=False)
     name = config.served_name or model.name
     print(f"exitspec serve: {name} on http://{args.host}:{args.port}/v1 - "
           f"{describe(model, str(strategy.describe()), notes)}; continuous batching up to {args.max_batch} rows",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    return serve_beside(server, app.state.server.scheduler)
+
+
+def serve_beside(server: uvicorn.Server, scheduler) -> int:
+    """uvicorn on a thread of its own, the decode worker on this one: the thread that loaded the model
+    runs all torch work (server/scheduler.py says why that is a third of the speed on 2 cores).
+
+    uvicorn installs no signal handlers off the main thread, so SIGINT / SIGTERM are caught here and
+    start its graceful shutdown (a second one forces it); its lifespan's end closes the scheduler,
+    which ends `scheduler.run()`."""
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # a failed start (port taken) or the end of a shutdown: stop the decode worker too
+            scheduler.close()
+
+    def stop(signum, frame) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    thread = threading.Thread(target=http, name="exitspec-http")
+    thread.start()
+    scheduler.run()
+    thread.join()
+    return 0 if server.started else 1

@@ -4,7 +4,8 @@ Rows come and go while the batch runs. `add()` queues a tokenised prompt with it
 (max_new_tokens, temperature / top_p / seed, stop strings, EOS rule); every `step()` then
 
   1. drops cancelled rows at once (their cache rows are freed, the strategy forgets them);
-  2. admits waiting rows into a prefill group when the batch has room (`max_rows`);
+  2. admits waiting rows into a prefill group when the batch has room (`max_rows`), as many as
+     one prefill chunk holds, so that a burst of requests starts streaming group by group;
   3. runs one chunk of that group's prefill (`prefill_tokens` positions over the group, so a long
      prompt does not stall the running rows for more than a chunk), and when the group's prompts
      are all in its own cache, appends the group to the running batch (KVCache.append);
@@ -173,7 +174,19 @@ class Engine:
         room = self.max_rows - len(self.rows)
         if room <= 0:
             return
-        group = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        # A group takes the waiting rows whose prompts fit one prefill chunk (at least one row): a
+        # burst of requests then streams out group by group, each joining the running batch as soon
+        # as its prompts are in, instead of every row of the burst waiting for the whole burst's
+        # prefill (time to first token: the first rows' own prefill, not everyone's). A strategy
+        # whose rows cannot join a running batch takes every waiting row at once.
+        group, budget = [], self.prefill_tokens if self.strategy.joinable else None
+        while self.waiting and len(group) < room:
+            if group and budget is not None and budget < len(self.waiting[0].prompt):
+                break
+            row = self.waiting.popleft()
+            group.append(row)
+            if budget is not None:
+                budget -= len(row.prompt)
         s = self.strategy
         cache = self.lm.new_cache(len(group), max(r.need for r in group), hidden_layer=s.keep_hidden_layer(),
                                   head_cache=s.head_cache_dtype())

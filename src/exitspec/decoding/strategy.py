@@ -80,6 +80,10 @@ class Strategy(ABC):
     def prepare(self, state: DecodeState) -> None:
         """Called once after prefill, before the first step."""
 
+    def warm_up(self, lm, max_rows: int) -> None:
+        """Measure now what the strategy would otherwise measure in its first step of up to
+        `max_rows` rows (a server calls it before it takes requests, so no request waits for it)."""
+
     @abstractmethod
     def step(self, state: DecodeState) -> StepOutput: ...
 

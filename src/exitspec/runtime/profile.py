@@ -108,6 +108,7 @@ def step_costs(lm: LayeredModel, context: int = 256, ks=(1, 2, 4, 8), repeats: i
 
 # Curves measured by row_costs, kept while their runtime lives.
 _ROW_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_POSITION_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def row_costs(lm: LayeredModel, max_rows: int) -> list[float]:
@@ -119,8 +120,32 @@ def row_costs(lm: LayeredModel, max_rows: int) -> list[float]:
     return known[:max_rows]
 
 
+def position_costs(lm: LayeredModel, max_positions: int) -> dict[int, float]:
+    """Cost of a step over n positions (all rows together) in 1-position steps, measured at
+    n = 1, 2, 4, ... up to max_positions on first use for this runtime and kept: what a speculative
+    strategy weighs when a batch of rows verifies drafts in one step (past a few positions the
+    products are compute-bound and every drafted position costs as much as a row of its own)."""
+    known = _POSITION_COSTS.get(lm, {})
+    if not known or max(known) < max_positions:
+        points = sorted({1 << i for i in range(max_positions.bit_length())} | {max_positions})
+        _POSITION_COSTS[lm] = known = dict(zip(points, row_cost_curve(lm, max_positions, points=points),
+                                               strict=True))
+    return known
+
+
+def interpolate_cost(costs: dict[int, float], n: int) -> float:
+    """A position_costs table read at n positions, linear between the measured points."""
+    points = sorted(costs)
+    lo = max((p for p in points if p <= n), default=points[0])
+    hi = min((p for p in points if p >= n), default=points[-1])
+    if hi == lo:
+        return costs[lo] * (n / lo if n > lo else 1.0)  # past the table: linear in positions
+    return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
+
+
 @torch.inference_mode()
-def row_cost_curve(lm: LayeredModel, max_rows: int, context: int = 256, repeats: int = 12) -> list[float]:
+def row_cost_curve(lm: LayeredModel, max_rows: int, context: int = 256, repeats: int = 12,
+                   points: list[int] | None = None) -> list[float]:
     """[1.0, cost of a 2-row step / a 1-row step, ..., up to max_rows], measured now.
 
     What a speculative strategy needs to size its drafts: verifying k drafts costs one (k+1)-row
@@ -130,9 +155,10 @@ def row_cost_curve(lm: LayeredModel, max_rows: int, context: int = 256, repeats:
     count once per round) so that a drift of the machine's speed hits all alike, and the fastest of
     `repeats` rounds kept: on a shared machine a step is only ever slowed down by others, so the
     minimum is the stable reading (medians of a few rounds moved the 8-row cost widely). A
-    cumulative maximum keeps noise from making more rows look cheaper than fewer."""
+    cumulative maximum keeps noise from making more rows look cheaper than fewer. `points`: measure
+    only these row counts (ascending, starting at 1) and return their costs in that order."""
     cache, ids, pos = warm_cache(lm, context, max_rows)
-    times: dict[int, list[float]] = {k: [] for k in range(1, max_rows + 1)}
+    times: dict[int, list[float]] = {k: [] for k in (points or range(1, max_rows + 1))}
     for rnd in range(repeats + 1):
         for k in times:
             x, p = ids[:, context:context + k], pos[:, context:context + k]

@@ -73,7 +73,9 @@ class Server:
             if len(self._strategies) >= 256:  # clients can send any number of option sets: keep the memo bounded
                 self._strategies.clear()
             try:
-                strat = await asyncio.to_thread(make_strategy, name, self.model, **json.loads(options_json))
+                options = json.loads(options_json)
+                strat = await asyncio.wrap_future(self.scheduler.call(
+                    lambda: make_strategy(name, self.model, **options)))  # torch work: on the worker thread
                 if strat.needs_heads and self.model.heads is None and not self.config.allow_untrained_heads:
                     raise GenerationError(no_heads_message(name).replace("Attach trained heads:", "Start the "
                                                                          "server with trained heads:"))
@@ -266,13 +268,17 @@ async def _complete(server: Server, request: Request, parse) -> Response:
             job.cancelled.set()  # finished, failed or abandoned: the worker drops this row at its next step
 
 
-def create_app(model, config: ServerConfig | None = None) -> FastAPI:
-    """The app over an `exitspec.load()`ed model; the decode thread runs while the app does."""
+def create_app(model, config: ServerConfig | None = None, *, worker_thread: bool = True) -> FastAPI:
+    """The app over an `exitspec.load()`ed model; the decode worker runs while the app does: on a
+    thread the app starts, or (worker_thread=False) in whichever thread calls
+    `app.state.server.scheduler.run()` - `exitspec serve` runs it on the thread that loaded the model
+    (scheduler.py says why)."""
     server = Server(model, config or ServerConfig())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.scheduler.start()
+        if worker_thread:
+            server.scheduler.start()
         yield
         # uvicorn has let running streams finish (up to its graceful-shutdown timeout); whatever is
         # left gets a 503 from the scheduler, and the tokenising thread stops.

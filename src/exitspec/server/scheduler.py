@@ -5,6 +5,14 @@ would only fight for them; and the event loop must never run torch (a 100 ms ste
 every other connection). The HTTP handlers `submit()` a `Job` and read its results from an
 asyncio queue that the worker fills with `loop.call_soon_threadsafe`.
 
+Why the worker should be the thread that loaded the model, and the only one that runs torch
+(`exitspec serve` runs it on the main thread, uvicorn beside it; other torch work such as
+building a strategy to validate a request goes through `call()`): OpenMP keeps one pool of
+worker threads per thread that starts parallel work, and once libgomp manages more threads than
+there are cores it stops spinning between parallel regions and puts its workers to sleep, so every
+one of the hundreds of kernel calls per token pays a futex wake-up. On 2 cores that cost a third of
+the decode speed (benchmarks/load_test.md measures one stream against the in-process loop).
+
 Continuous batching: each (strategy, options) pair has one `Engine` (decoding/engine.py), whose
 running batch a new request joins at its next step (its prompt prefilled in chunks between
 steps) and which a finished or cancelled request leaves at once. Rows of one engine keep their own
@@ -25,6 +33,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from exitspec.decoding.api import make_strategy
@@ -113,6 +123,7 @@ class Scheduler:
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.metrics = metrics
         self._waiting: deque[Job] = deque()
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # torch work for the worker
         self._cond = threading.Condition()
         self._closed = False
         self._engines: OrderedDict[tuple[str, str], Engine] = OrderedDict()
@@ -124,7 +135,20 @@ class Scheduler:
 
     # --- the handlers' side -------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the worker on a thread of its own (the app's lifespan does, unless told it runs elsewhere)."""
         self._thread.start()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn on the worker thread between two rounds of steps (torch work stays on one thread)."""
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                future.set_exception(APIError(503, "the server is shutting down", type="server_error",
+                                              code="shutting_down", headers={"Retry-After": "5"}))
+                return future
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop: waiting and running requests get a 503 (their streams end with it), the worker exits."""
@@ -168,15 +192,27 @@ class Scheduler:
             self._cond.notify()
 
     # --- the worker ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        """The worker loop, in the calling thread, until close()."""
+        self._work()
+
     def _work(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not any(e.busy for e in self._engines.values()):
+                    while (not self._closed and not self._waiting and not self._calls
+                           and not any(e.busy for e in self._engines.values())):
                         self._cond.wait()
                     if self._closed:
                         break
                     jobs = self._take()
+                    calls, self._calls = list(self._calls), deque()
+                for fn, future in calls:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except Exception as err:  # the caller gets it; the worker goes on
+                            future.set_exception(err)
                 for job in jobs:
                     self._place(job)
                 self._cancel_gone()
@@ -306,6 +342,9 @@ class Scheduler:
                          code="shutting_down")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
+            calls, self._calls = list(self._calls), deque()
+        for _, future in calls:
+            future.cancel()
         for job in waiting:
             self._fail_job(job, error)
         for live in self._live.values():

@@ -44,7 +44,9 @@ from exitspec.decoding.exits import StrategyOptionError
 from exitspec.decoding.speculative import verify
 from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
 from exitspec.heads.bundle import BundleError
-from exitspec.runtime.profile import row_costs
+from exitspec.runtime.profile import interpolate_cost, position_costs, row_costs
+
+BATCH_POSITIONS = 128  # positions the batch cost table is measured up to (32 rows x 4); linear beyond
 
 
 class NgramIndex:
@@ -216,6 +218,9 @@ class Lookup(Strategy):
             out, src = self.propose(ix, seq)
             props.append(out)
             sources.append(src)
+        if B > 1:
+            props = self.fit_batch(position_costs(lm, BATCH_POSITIONS), props, sources,
+                                   [p.greedy for p in params.params])
         K = max(len(p) for p in props)
         limit = torch.tensor([len(p) for p in props], dtype=torch.long)  # (B,) drafts per row
         # Shorter proposals are padded by repeating a token; `limit` makes the verifier ignore the padding.
@@ -239,6 +244,39 @@ class Lookup(Strategy):
         self.spent += self.costs[min(K, len(self.costs) - 1)]
         return StepOutput(tokens=tokens, exit_layers=[[L] * len(t) for t in tokens],
                           layers_computed=[float((K + 1) * L)] * B, drafted=limit.tolist(), accepted=n.tolist())
+
+    def warm_up(self, lm, max_rows: int) -> None:
+        if max_rows > 1:
+            position_costs(lm, BATCH_POSITIONS)  # kept per runtime: the batched steps read it
+
+    def fit_batch(self, costs: dict[int, float], props: list[list[int]], sources: list[str],
+                  greedy: list[bool]) -> list[list[int]]:
+        """Cut the greedy rows' drafts to the length K that makes the most tokens per unit of time
+        for the whole batch.
+
+        Why: a step verifies B x (K+1) positions (shorter proposals are padded to the longest). One
+        row's 4 positions cost barely more than 1, but many rows' positions together are
+        compute-bound: each drafted position then costs as much as a row of its own, more than a
+        draft brings at lookup's acceptance, so under load plain steps give more throughput (the
+        same reason vLLM turns speculation off past a batch size). K maximises the sum over rows of
+        (1 + expected accepted drafts) / cost(B x (K+1)): the expected accepted drafts from each
+        source's running survival rates (AcceptanceTracker), the cost from the runtime's measured
+        position-cost table (`costs`, runtime/profile.position_costs). Sampled rows keep their
+        drafts, and K never goes below their longest: a seeded sampled row's draws depend on what
+        was drafted, and it must give exactly its solo output whoever shares the batch (engine.py)."""
+        longest = max(len(p) for p in props)
+        floor = max((len(p) for p, g in zip(props, greedy, strict=True) if not g), default=0)
+        if longest <= floor:
+            return props
+        B = len(props)
+        surv = {src: self.tracker.survival(src) for src in set(sources)}
+        best_k, best = longest, -1.0
+        for k in range(floor, longest + 1):
+            tokens = sum(1.0 + sum(surv[src][:min(k, len(p))]) for p, src in zip(props, sources, strict=True))
+            rate = tokens / interpolate_cost(costs, B * (k + 1))
+            if rate > best:
+                best_k, best = k, rate
+        return [p[:best_k] if g else p for p, g in zip(props, greedy, strict=True)]
 
     def describe(self) -> dict:
         return {"strategy": self.name, "draft_len": self.gamma, "max_ngram": self.max_ngram,
