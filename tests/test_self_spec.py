@@ -147,7 +147,13 @@ def test_bundle_recommended_settings_fill_in_only_without_an_exit_layer():
 
 
 def test_cycle_costs_and_the_speedups_they_imply():
-    from exitspec.decoding.spec_costs import break_even_accepted, exit_costs, expected_speedup, iid_accepted
+    from exitspec.decoding.spec_costs import (
+        break_even_accepted,
+        candidate_exits,
+        exit_costs,
+        expected_speedup,
+        iid_accepted,
+    )
 
     m = tiny_loaded("llama")
     m.heads = HeadBundle.create(m.lm, [2, 4])
@@ -160,17 +166,25 @@ def test_cycle_costs_and_the_speedups_they_imply():
                                               + r["verify_ms"])
         assert r["ceiling_speedup"] == pytest.approx(expected_speedup(r, 3))
         assert expected_speedup(r, break_even_accepted(r)) == pytest.approx(1.0)
+        p = r["break_even_agreement"]  # the per-draft agreement whose iid E[accepted] is the break-even one
+        assert (p is None and break_even_accepted(r) > 3) or iid_accepted(p, 3) == pytest.approx(
+            max(0.0, break_even_accepted(r)), abs=1e-9)
     assert rows[0]["heldout_agreement"] == 0.5 and rows[1]["heldout_agreement"] is None
     assert rows[0]["predicted_speedup"] == pytest.approx(expected_speedup(rows[0], 0.5 + 0.25 + 0.125))
     assert rows[1]["predicted_speedup"] is None and iid_accepted(1.0, 4) == 4
-    m.heads = None
-    with pytest.raises(ValueError, match="attach a bundle"):
-        exit_costs(m, gamma=2)
+    m.heads = None  # no heads: the logit lens at candidate exits, so any model shows where early exit could pay
+    bare = exit_costs(m, gamma=2, repeats=2, context=16)
+    assert [r["exit_layer"] for r in bare] == candidate_exits(m.lm.num_layers)
+    assert all(r["heldout_agreement"] is None and r["predicted_speedup"] is None for r in bare)
+    with pytest.raises(ValueError, match="attach --heads"):
+        exit_costs(m, gamma=2, draft_vocab=64)
+    assert candidate_exits(30) == [5, 10, 15, 20, 25] and candidate_exits(4) == [1, 2, 3]
 
 
 def test_info_prints_step_and_self_spec_costs(tmp_path, capsys):
     from conftest import save_tiny_model
     from exitspec.cli import main
+    from exitspec.decoding.spec_costs import candidate_exits
 
     folder = save_tiny_model(tmp_path / "model")
     HeadBundle.create(exitspec.load(str(folder)).lm, [2, 4], "norm_lm").save(tmp_path / "heads")
@@ -181,8 +195,14 @@ def test_info_prints_step_and_self_spec_costs(tmp_path, capsys):
     steps = out.split("decode step after 16 cached tokens (ms, fastest of 20 interleaved rounds):\n")[1].splitlines()
     assert steps[0].split()[:6] == ["k", "step", "embed", "layers", "attn", "mlp"]
     assert [line.split()[0] for line in steps[1:5]] == ["1", "2", "4", "8"]
-    table = out.split("break-even agreement predicted\n")[1].splitlines()
+    table = out.split("break-even  needs agreement predicted\n")[1].splitlines()
     assert [line.split()[0] for line in table] == ["2", "4"]
+    assert main(["info", "--model", str(folder), "--context", "16", "--threads", "1"]) == 0  # no heads
+    out = capsys.readouterr().out
+    assert "no heads attached: candidate exits" in out
+    table = out.split("break-even  needs agreement predicted\n")[1].splitlines()
+    layers = exitspec.load(str(folder)).lm.num_layers
+    assert [line.split()[0] for line in table] == [str(x) for x in candidate_exits(layers)]
 
 
 def test_info_refuses_impossible_draft_settings(tmp_path, capsys):

@@ -43,13 +43,14 @@ def run(args: argparse.Namespace) -> int:
     info = describe(model)
     if not args.no_profile:
         info["step_costs"] = step_costs(model.lm, context=args.context)
-        if model.heads is not None:
-            rec = model.heads.config.recommended.get("self-spec", {})
-            gamma = rec.get("draft_len", 2) if args.draft_len is None else args.draft_len
-            vocab = rec.get("draft_vocab") if args.draft_vocab is None else args.draft_vocab
-            if gamma < 1 or (vocab is not None and vocab < 0):
-                raise ValueError(f"--draft-len must be >= 1 (got {gamma}) and --draft-vocab >= 0 (got {vocab})")
-            info["self_spec_costs"] = exit_costs(model, gamma, vocab or None, context=args.context)
+        rec = model.heads.config.recommended.get("self-spec", {}) if model.heads is not None else {}
+        gamma = rec.get("draft_len", 2) if args.draft_len is None else args.draft_len
+        vocab = rec.get("draft_vocab") if args.draft_vocab is None else args.draft_vocab
+        if gamma < 1 or (vocab is not None and vocab < 0):
+            raise ValueError(f"--draft-len must be >= 1 (got {gamma}) and --draft-vocab >= 0 (got {vocab})")
+        # With no heads attached: the same costs at candidate exits, so a user sees where early exit
+        # could pay (the break-even agreement) before training anything.
+        info["self_spec_costs"] = exit_costs(model, gamma, vocab or None, context=args.context)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -79,22 +80,25 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{r['k']:>3} {r['stack_products_ms']:9.2f} {r['stack_attention_ms']:10.2f} "
                       f"{r['stack_glue_ms']:7.2f}")
     if spec:
-        _print_spec_costs(spec)
+        _print_spec_costs(spec, trained=heads is not None)
     return 0
 
 
-def _print_spec_costs(rows: list[dict]) -> None:
+def _print_spec_costs(rows: list[dict], trained: bool = True) -> None:
     r0 = rows[0]
     vocab = f"{r0['draft_vocab']}-token draft head" if r0["draft_vocab"] else "full-vocabulary draft head"
-    print(f"\nself-spec cycle per exit, {r0['draft_len']} drafts, {vocab} (median ms; vanilla step "
+    heads = "" if trained else " (no heads attached: candidate exits, costed with the logit lens)"
+    print(f"\nself-spec cycle per exit{heads}, {r0['draft_len']} drafts, {vocab} (median ms; vanilla step "
           f"{r0['vanilla_step_ms']:.2f} ms)\n  ceiling: speedup if every draft is accepted; break-even: E[accepted] "
-          "that only matches vanilla;\n  predicted: speedup from the bundle's held-out agreement, drafts taken "
-          "as independent")
+          "and per-draft agreement that only match vanilla (a head must beat it);\n  predicted: speedup from "
+          "the bundle's held-out agreement, drafts taken as independent")
     print(f"{'exit':>4} {'draft':>7} {'/step':>6} {'verify':>7} {'cycle':>7} {'ceiling':>8} {'break-even':>10} "
-          f"{'agreement':>9} {'predicted':>9}")
+          f"{'needs':>6} {'agreement':>9} {'predicted':>9}")
     for r in rows:
         agree = f"{100 * r['heldout_agreement']:8.1f}%" if r["heldout_agreement"] is not None else f"{'-':>9}"
         pred = f"{r['predicted_speedup']:8.2f}x" if r["predicted_speedup"] is not None else f"{'-':>9}"
+        need = r["break_even_agreement"]
+        need = f"{100 * need:5.0f}%" if need is not None else f"{'never':>6}"
         print(f"{r['exit_layer']:>4} {r['draft_step_ms']:7.2f} {r['draft_step_ms'] / r['vanilla_step_ms']:6.2f} "
               f"{r['verify_ms']:7.2f} {r['cycle_ms']:7.2f} {r['ceiling_speedup']:7.2f}x "
-              f"{r['break_even_accepted']:10.2f} {agree} {pred}")
+              f"{r['break_even_accepted']:10.2f} {need} {agree} {pred}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
+from exitspec.heads.bundle import HeadBundle
 from exitspec.runtime.layered import LayeredModel
 from exitspec.runtime.profile import full_step, median_ms, warm_cache
 
@@ -71,6 +72,27 @@ def iid_accepted(agreement: float, gamma: int) -> float:
     return sum(agreement ** i for i in range(1, gamma + 1))
 
 
+def break_even_agreement(costs: dict, gamma: int) -> float | None:
+    """Per-draft agreement at which self-spec only matches vanilla (drafts taken as independent):
+    the p in [0, 1] with iid_accepted(p, gamma) = break_even_accepted; None where even p = 1 loses.
+    What an exit's heads must reach on held-out text before training them is worth it."""
+    need = break_even_accepted(costs)
+    if need <= 0:
+        return 0.0
+    if iid_accepted(1.0, gamma) < need:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # iid_accepted rises with p: bisection to ~1e-12
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if iid_accepted(mid, gamma) < need else (lo, mid)
+    return hi
+
+
+def candidate_exits(num_layers: int) -> list[int]:
+    """Exits to cost on a model without heads: every sixth of the depth, first to last but one."""
+    return sorted({max(1, round(num_layers * i / 6)) for i in range(1, 6)})
+
+
 def heldout_agreement(bundle, layer: int) -> float | None:
     """The trained exit's held-out top-1 agreement with the full model, when training measured it."""
     row = bundle.config.training.get("heldout_eval", {}).get("trained", {}).get(str(layer), {})
@@ -80,17 +102,24 @@ def heldout_agreement(bundle, layer: int) -> float | None:
 def exit_costs(model, gamma: int, draft_vocab: int | None = None, context: int = 256,
                repeats: int = 20) -> list[dict]:
     """`cycle_costs` at every exit of the attached bundle, with the ceiling (all drafts accepted),
-    the break-even E[accepted], and, where the bundle records held-out agreement, the speedup that
-    agreement predicts (drafts taken as independent, so a rough guide, not a measurement)."""
+    the break-even E[accepted] and per-draft agreement, and, where the bundle records held-out
+    agreement, the speedup that agreement predicts (drafts taken as independent, so a rough guide,
+    not a measurement). Without a bundle: the same at candidate_exits, costed with the logit lens
+    (a trained swiglu or linear head costs about as much), so any model shows where early exit could
+    pay before a head is trained."""
     bundle = model.heads
     if bundle is None:
-        raise ValueError("exit costs need exit heads: attach a bundle (--heads)")
+        if draft_vocab:
+            raise ValueError("a reduced draft vocabulary is ranked from a head bundle's corpus: attach --heads, "
+                             "or cost the full vocabulary")
+        bundle = HeadBundle.create(model.lm, candidate_exits(model.lm.num_layers), "norm_lm")
     vocab = draft_vocabulary(model, draft_vocab, bundle) if draft_vocab else None
     rows = []
     for layer in bundle.layers:
         c = cycle_costs(model.lm, DraftHead(bundle.head(layer), vocab), gamma, context, repeats)
         c["ceiling_speedup"] = expected_speedup(c, gamma)
         c["break_even_accepted"] = break_even_accepted(c)
+        c["break_even_agreement"] = break_even_agreement(c, gamma)
         agree = heldout_agreement(bundle, layer)
         c["heldout_agreement"] = agree
         c["predicted_speedup"] = None if agree is None else expected_speedup(c, iid_accepted(agree, gamma))
