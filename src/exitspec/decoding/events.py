@@ -27,6 +27,7 @@ class RowStats:
     layers_computed: float = 0.0  # sum over emitted tokens of decoder layers run for them
     exit_layers: Counter = field(default_factory=Counter)
     accept_lengths: list[int] = field(default_factory=list)  # accepted drafts per verification
+    draft_lengths: list[int] = field(default_factory=list)  # drafts verified per verification (the row's own)
     batch_peak: int = 0  # most rows decoded together in one step while this row ran
 
 
