@@ -9,31 +9,44 @@ import threading
 
 import torch
 
+# The vector extensions that decide which kernel build runs and how fast: a figure from an AVX-512
+# machine says nothing about an AVX2-only one, so every report names them (the model name alone,
+# "AMD EPYC", covers both kinds).
+VECTOR_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "BF16", "avx512_vnni": "VNNI", "amx_tile": "AMX"}
+
 
 def describe_machine() -> dict:
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):  # after the first core's model name: enough
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
+    isa = [name for flag, name in VECTOR_FLAGS.items() if flag in flags]
+    if "AVX-512" in isa:
+        isa.remove("AVX2")  # implied
     mem_gib = None
     try:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "mem_gib": mem_gib,
+    return {"cpu": cpu, "isa": " ".join(isa) or "no AVX2", "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "mem_gib": mem_gib,
             "gpu": gpu, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def machine_line(m: dict | None = None) -> str:
     m = m or describe_machine()
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return (f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['mem_gib']} GiB{gpu}; "
+    isa = f" ({m['isa']})" if m.get("isa") else ""
+    return (f"{m['cpu']}{isa}, {m['cores']} cores ({m['threads']} torch threads), {m['mem_gib']} GiB{gpu}; "
             f"torch {m['torch']}, Python {m['python']}")
 
 
