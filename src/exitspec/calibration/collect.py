@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from exitspec.heads.confidence import learned_score, position_wise, score_features, scores
+from exitspec.runtime.heap import release_free_memory
 from exitspec.runtime.sequences import TokenSequence, scored_rows, teacher_forward
 
 
@@ -144,6 +145,8 @@ def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
                     "normed": position_wise(head).normed(h[None])[0].half() if keep_features else None,
                 }
                 per[name][layer].append({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in row.items()})
+        # This sequence's (N, V) tensors are freed; what it keeps would pin their pages (runtime/heap.py).
+        release_free_memory()
         if progress:
             print(f"  teacher forward {si + 1}/{len(sequences)} ({seq.n_scored} scored tokens)", flush=True)
     exits = {name: {layer: ExitTokens(**_cat(chunks)) for layer, chunks in by_layer.items()}
