@@ -153,10 +153,11 @@ def train_one(model, cfg: TrainConfig, out: Path, work: Path, args: argparse.Nam
     }
     if cfg.self_distill and (corpus := draft_corpus(examples)):  # the model's own answers: lookup's datastore
         bundle.set_draft_corpus(corpus, source=f"self-distilled answers to {len(corpus)} prompts of {cfg.data}")
+    bundle.save(out, dtype=getattr(torch, cfg.save_dtype))  # first: an evaluation that fails loses no training
     if args.eval_per_set and not (args.sweep or args.ft_last_block):
         bundle.config.training["heldout_eval"] = _evaluate(model, bundle, args.eval_per_set, work,
                                                            cfg.gen_max_new_tokens)
-    bundle.save(out, dtype=getattr(torch, cfg.save_dtype))
+        bundle.save(out, dtype=getattr(torch, cfg.save_dtype))
     (work / "history.json").write_text(json.dumps(result.history))
     print(f"saved {len(bundle.layers)} {cfg.kind} heads at layers {bundle.layers} to {out} "
           f"({result.steps} steps, {result.tokens_per_s:.0f} trained tokens/s, {result.wall_s:.0f} s training)")
