@@ -6,9 +6,10 @@ block raises its mmap threshold to that block's size (up to 32 MiB), so after th
 keeps from each pass (per-token statistics) are then allocated between the freed large ones and
 pin them: the heap cannot shrink, the next pass's blocks do not fit the holes, and the resident
 size grows by about one pass's working set per pass. A held-out evaluation of a few dozen
-sequences grew until the kernel's OOM killer ended it (benchmarks/README.md, "Memory"). malloc_trim(0)
-releases every free page of the heap, the ones between live blocks too, at the cost of a system
-call per pass; elsewhere (another libc, macOS) there is nothing to do.
+sequences grew until the kernel's OOM killer ended it (benchmarks/README.md, "Memory: a held-out
+evaluation that grew"). malloc_trim(0) releases every free page of the heap, the ones between live
+blocks too, at the cost of a system call per pass; elsewhere (another libc, macOS) there is
+nothing to do.
 """
 
 from __future__ import annotations
