@@ -230,6 +230,21 @@ def test_self_spec_rows_carry_the_cost_models_prediction_beside_the_measurement(
     assert vanilla.get("predicted_speedup") is None
 
 
+def test_lookup_rows_carry_the_cost_models_prediction(tmp_path):
+    """A lookup row: each verification's drafts priced by the row-cost curve (bench/prediction.py),
+    predicted next to measured in the results and the report."""
+    m = tiny_loaded("llama")
+    cfg = BenchConfig(num_prompts=2, max_new_tokens=24, repeats=1, warmup=0, quality=False,
+                      runs=[{"name": "lookup", "draft_len": 3}])
+    outcome = BenchRunner(cfg, m, tiny_prompts(), tmp_path, progress=False).run()
+    row = next(r for r in outcome.rows if r["name"] == "lookup")
+    assert row["predicted_speedup"] > 0 and 1.0 <= row["mean_verified_rows"] <= 4.0
+    gap = abs(row["measured_decode_speedup"] / row["predicted_speedup"] - 1)
+    assert (row.get("prediction_note") is not None) == (gap > 0.10)
+    finish(tmp_path)
+    assert "rows |" in (tmp_path / "report.md").read_text().split("## Cost model: predicted vs measured")[1]
+
+
 def test_cascade_rows_carry_cascadeexits_routing_table(tmp_path):
     """Teacher-forced routing of the run's own cascade outputs (bench/routing.py) reproduces the exits
     the decode took: per layer, the same token counts as the run's exit histogram."""

@@ -75,11 +75,11 @@ class CountingHead:
 
 def test_a_hidden_state_gate_never_runs_the_head_for_rows_that_stay():
     m = learned_model("hidden")
-    gate = gates_for(m.heads, [2], threshold=1.01, strategy="cascade")[2]  # no row ever passes
+    gate = gates_for(m.heads, [2], threshold=1.0, strategy="cascade")[2]  # no row ever passes
     counted = CountingHead(m.heads.head(2))
     ok, logits = CheckedExit(counted, gate).confident(torch.randn(4, m.lm.hidden_size))
     assert not bool(ok.any()) and logits is None and counted.calls == 0
-    scores_gate = gates_for(learned_model("scores+hidden").heads, [2], threshold=1.01, strategy="cascade")[2]
+    scores_gate = gates_for(learned_model("scores+hidden").heads, [2], threshold=1.0, strategy="cascade")[2]
     ok, _ = CheckedExit(counted, scores_gate).confident(torch.randn(4, m.lm.hidden_size))
     assert not bool(ok.any()) and counted.calls == 1  # a gate over the logits must compute them
 
@@ -90,9 +90,9 @@ def test_gated_strategies_run_on_learned_gates(inputs):
     ref = greedy(m, PROMPTS).token_ids
     # Never confident: every token goes to the top, so the lossy modes equal vanilla decoding.
     for strategy in ("cascade", "mlp-skip"):
-        toks, exits = tokens_and_exits(m, PROMPTS, strategy=strategy, threshold=1.01)
+        toks, exits = tokens_and_exits(m, PROMPTS, strategy=strategy, threshold=1.0)
         assert toks == ref, strategy
-    _, exits = tokens_and_exits(m, PROMPTS, strategy="cascade", threshold=1.01)
+    _, exits = tokens_and_exits(m, PROMPTS, strategy="cascade", threshold=1.0)
     assert {e for row in exits for e in row} == {m.lm.num_layers}
     # Always confident: every cascade token leaves at the first exit, every mlp-skip step skips.
     _, exits = tokens_and_exits(m, PROMPTS, strategy="cascade", threshold=0.0, max_deferred=64)

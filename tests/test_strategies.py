@@ -144,7 +144,7 @@ def test_mlp_skip_extremes(family):
     m = with_heads(family, thresholds={2: 1.1})
     ref = greedy(m, PROMPTS)
     assert greedy(m, PROMPTS, strategy="mlp-skip", exit_layer=2, start_layer=3).token_ids == ref.token_ids
-    cos = greedy(m, PROMPTS, strategy="mlp-skip", probe="cosine", start_layer=2, threshold=1.01)
+    cos = greedy(m, PROMPTS, strategy="mlp-skip", probe="cosine", start_layer=2, threshold=1.0)
     assert cos.token_ids == ref.token_ids
     # Always settled: every token runs layers 3.. without MLP; compare with a from-scratch pass.
     m.heads.config.thresholds["2"]["value"] = 0.0
@@ -185,5 +185,5 @@ def test_mlp_skip_precheck_only_skips_fewer_mlps():
 
 def test_mlp_skip_cosine_probe_skips_when_settled():
     m = tiny_loaded("llama")
-    out = greedy(m, PROMPTS, strategy="mlp-skip", probe="cosine", start_layer=2, threshold=-1.0)
+    out = greedy(m, PROMPTS, strategy="mlp-skip", probe="cosine", start_layer=2, threshold=0.0)
     assert out.stats.layers_per_token < m.lm.num_layers  # settled after layer 2: MLPs of 3.. skipped

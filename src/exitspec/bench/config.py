@@ -21,6 +21,10 @@ A run is described by a `BenchConfig`, read from a TOML file and/or command-line
 
 Every `[[run]]` expands to the cartesian product of its list-valued options. The config is saved as
 `config.json` next to the results, so every result file says exactly what produced it.
+
+`threshold_sweep = [0.5, 0.7, 0.9]` in `[bench]` runs every cascade and mlp-skip `[[run]]` that sets
+no `threshold` of its own at each of those thresholds (one grid axis more): the speed-vs-quality
+Pareto of the lossy modes in one run, drawn as `threshold_pareto` with vanilla as the reference.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from exitspec.prompts import Prompt, load_prompts, mixed_prompts
 PEERS = ("hf-generate", "hf-early-exit", "hf-prompt-lookup", "hf-assisted", "economize-early-exit", "llama.cpp")
 # The two vanilla decoders every run includes: speedups are against the faster of them.
 BASELINES = ("vanilla", "hf-generate")
+# The lossy modes whose gate threshold `threshold_sweep` sweeps.
+THRESHOLD_SWEPT = ("cascade", "mlp-skip")
 # Options that choose how the model runs, not what the strategy does (`exitspec.load(weights=,
 # kv_cache=)`): each combination runs on its own loaded copy, and lossless claims are audited against
 # exitspec's vanilla loop on the same copy.
@@ -133,6 +139,8 @@ class BenchConfig:
     quality: bool = True  # teacher-forced layer sweep + perplexity of lossy outputs
     quality_layers: list[int] | None = None  # None: every layer 1..L-1
     bootstrap: int = 1000
+    # Thresholds every cascade / mlp-skip run without its own `threshold` is swept over (None: no sweep).
+    threshold_sweep: list[float] | None = None
     runs: list[dict] = field(default_factory=list)  # [{"name": ..., option: value | [values]}]
 
     def validate(self) -> None:
@@ -149,11 +157,30 @@ class BenchConfig:
         for r in self.runs:
             if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
                 raise BenchConfigError(f"every [[run]] needs a name (a strategy or peer), got {r!r}")
+        if self.threshold_sweep is not None:
+            sweep = self.threshold_sweep
+            if not isinstance(sweep, list) or not sweep or not all(
+                    isinstance(t, int | float) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in sweep):
+                raise BenchConfigError(f"threshold_sweep must be a non-empty list of thresholds in [0, 1], got "
+                                       f"{sweep!r}; e.g. threshold_sweep = [0.5, 0.7, 0.9]")
+            if not any(r["name"] in THRESHOLD_SWEPT and "threshold" not in r for r in self.runs):
+                raise BenchConfigError("threshold_sweep sweeps the cascade and mlp-skip runs that set no threshold "
+                                       "of their own, and this config has none: add [[run]] name = \"cascade\" "
+                                       "(and/or \"mlp-skip\") without a threshold")
+
+    def swept_runs(self) -> list[dict]:
+        """The [[run]] entries with threshold_sweep applied (a `threshold` axis on the lossy modes)."""
+        runs = [dict(r) for r in self.runs]
+        if self.threshold_sweep is not None:
+            for r in runs:
+                if r["name"] in THRESHOLD_SWEPT and "threshold" not in r:
+                    r["threshold"] = [float(t) for t in self.threshold_sweep]
+        return runs
 
     def specs(self) -> list[RunSpec]:
         """The sweep: baselines first (speedups need them), then every run's grid, per temperature."""
         self.validate()
-        runs = [dict(r) for r in self.runs]
+        runs = self.swept_runs()
         for base in reversed(BASELINES):
             if not any(r["name"] == base and len(r) == 1 for r in runs):
                 runs.insert(0, {"name": base})

@@ -25,9 +25,11 @@ class Sample:
     target_calls: int | None = None  # full-model forward calls (verifications), prefill's included
     drafted: int | None = None  # draft tokens proposed
     accept_lengths: list[int] | None = None  # accepted drafts per verification
+    draft_lengths: list[int] | None = None  # drafts verified per verification (exitspec's own strategies)
     accept_lengths_exact: bool = True  # False: only their mean is known (HF peers), no histogram
     layers_computed: float | None = None  # decoder layers run, summed over tokens
     exit_hist: dict[int, int] = field(default_factory=dict)  # exit layer -> tokens
+    gates: dict | None = None  # the strategy's gate work in LM-head rows (its cost_counts(); bench/costs.py)
 
 
 class PeerUnavailable(ValueError):
@@ -79,14 +81,18 @@ class ExitspecContender(Contender):
 
     def run(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Sample:
         # A fresh strategy per prompt: strategies may keep per-generation state (adaptive drafts).
-        r = generate(self.model, None, prompt_ids=[ids], strategy=self.factory(), max_new_tokens=max_new_tokens,
+        strategy = self.factory()
+        r = generate(self.model, None, prompt_ids=[ids], strategy=strategy, max_new_tokens=max_new_tokens,
                      temperature=temperature, seed=seed, ignore_eos=True)
         st, row = r.stats, r.stats.rows[0]
         speculative = row.drafted > 0 or bool(row.accept_lengths)
+        counts = getattr(strategy, "cost_counts", None)
         return Sample(tokens=list(r.token_ids[0]), total_s=st.total_s, ttft_s=st.time_to_first_token_s,
                       target_calls=row.steps, drafted=row.drafted if speculative else None,
                       accept_lengths=list(row.accept_lengths) if speculative else None,
-                      layers_computed=row.layers_computed, exit_hist=dict(row.exit_layers))
+                      draft_lengths=list(row.draft_lengths) if speculative else None,
+                      layers_computed=row.layers_computed, exit_hist=dict(row.exit_layers),
+                      gates=counts() if counts else None)
 
     def describe(self) -> dict:
         return {**super().describe(), **self.strategy_description}

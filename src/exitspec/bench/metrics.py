@@ -70,6 +70,22 @@ def layers_per_token(layers: float | None, tokens: int) -> float | None:
     return layers / tokens if layers is not None and tokens else None
 
 
+def token_recovery_rate(tokens: Sequence[int], full_top: Sequence[int], exited: Sequence[bool]) -> tuple[int, int]:
+    """Token recovery rate (TRR) of a lossy mode, as (recovered, exited): of the tokens that exited
+    early (`exited`: cascade emitted them from an exit below the top, mlp-skip skipped their upper
+    MLPs), how many equal the full model's top-1 at the same position given the same prefix (the mode's
+    own output, teacher-forced: `full_top`). TRR = recovered / exited; the other tokens came from the
+    full model and are not counted. It is the lossy counterpart of the acceptance rate: the share of
+    cheap tokens that are the full model's. We found no published formula to follow (SEDAC's repository
+    gives none), so the definition is this one. Defined for greedy decoding (a sampled token is not the
+    full model's top-1 even when nothing exited)."""
+    if not len(tokens) == len(full_top) == len(exited):
+        raise ValueError(f"tokens ({len(tokens)}), full-model top-1 ({len(full_top)}) and exit flags "
+                         f"({len(exited)}) must match position for position")
+    out = [t == f for t, f, e in zip(tokens, full_top, exited, strict=True) if e]
+    return sum(out), len(out)
+
+
 def merge_histograms(hists: Iterable[dict]) -> dict[int, int]:
     total: Counter = Counter()
     for h in hists:

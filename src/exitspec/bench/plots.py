@@ -6,6 +6,7 @@ the run does not have (e.g. no speculative configuration) is skipped, not drawn 
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -142,6 +143,53 @@ def pareto(res: SavedResults, out: Path) -> str | None:
     return _save(fig, out, "pareto", tight=False)
 
 
+def threshold_pareto(res: SavedResults, out: Path) -> str | None:
+    """Speed vs quality of each lossy mode across its thresholds (bench config's threshold_sweep): x =
+    tokens/s over the fastest vanilla's, y = answer agreement with vanilla on GSM8K prompts where the
+    run has them (else token agreement), and the full model's perplexity of the outputs; one line per
+    mode and setting, points labelled by threshold; exitspec's vanilla loop is the reference point."""
+    ok = [r for r in _ok(res.rows) if r.get("speedup") is not None]
+    swept = [r for r in ok if r.get("threshold") is not None and not r.get("lossless_claim")]
+    if not swept:
+        return None
+    plt = _plt()
+    quality = "answer_agreement" if any(r.get("answer_agreement") is not None for r in ok) else "agreement"
+    qlabel = {"answer_agreement": "GSM8K answer agreement with vanilla",
+              "agreement": "token agreement with vanilla (greedy)"}[quality]
+    vanilla = [r for r in ok if r["name"] == "vanilla"]  # one reference point per runtime (dense, int4, ...)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for r in swept:  # one line per configuration but its threshold: the label without it
+        key = re.sub(r"threshold=[^,\]]*,?", "", r["label"]).replace(",]", "]").replace("[]", "")
+        lines[key].append(r)
+    for ax, key, ylabel in ((axes[0], quality, qlabel), (axes[1], "perplexity", "full-model perplexity of the output")):
+        for i, (name, rs) in enumerate(sorted(lines.items())):
+            pts = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r["threshold"])
+            if not pts:
+                continue
+            ax.plot([r["speedup"] for r in pts], [r[key] for r in pts], marker="^", ms=5, color=f"C{i % 10}",
+                    label=name)
+            for r in pts:
+                ax.annotate(f"{r['threshold']:g}", (r["speedup"], r[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        for r in (r for r in vanilla if r.get(key) is not None):
+            ax.scatter([r["speedup"]], [r[key]], marker="*", s=90, color="black", zorder=3,
+                       label=f"vanilla ({r.get('weights') or 'dense'})")
+        ax.axvline(1.0, color="gray", ls=":", lw=0.8)
+        ax.set_xlabel("tokens/s over the fastest vanilla")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    seen: dict = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(4, len(seen)), fontsize=7,
+               frameon=False)
+    axes[0].set_title("lossy modes at each threshold (labels); star: vanilla", fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(seen) - 1) // 4), 1, 1))
+    return _save(fig, out, "threshold_pareto", tight=False)
+
+
 def acceptance_histograms(res: SavedResults, out: Path, max_panels: int = 12) -> str | None:
     lens: dict[str, list[int]] = defaultdict(list)
     for rec in res.prompts:
@@ -188,7 +236,7 @@ def exit_distribution(res: SavedResults, out: Path, max_series: int = 10) -> str
     return _save(fig, out, "exit_distribution")
 
 
-FIGURES = (layer_sweep, acceptance_sweep, pareto, acceptance_histograms, exit_distribution)
+FIGURES = (layer_sweep, acceptance_sweep, pareto, threshold_pareto, acceptance_histograms, exit_distribution)
 
 
 def draw_all(out: str | Path) -> list[str]:

@@ -39,6 +39,14 @@ def _audit_cell(r: dict) -> str:
     return "–"
 
 
+def _trr(r: dict) -> str:
+    if r.get("trr") is None:
+        return "–"
+    total = r.get("new_tokens") or 0
+    share = f" ({r['trr_exited'] / total:.2f})" if total and r.get("trr_exited") is not None else ""
+    return f"{_f(r['trr'])}{share}"
+
+
 def _prompt_source(cfg: dict) -> str:
     if cfg.get("prompts") in (None, "", "heldout"):
         return "held-out mix of the shared prompt sets"
@@ -81,16 +89,19 @@ def render(res: SavedResults, figures: list[str]) -> str:
         "overlap = sum min(p, q) of the draft exit vs the full model at the row's temperature (T=1 for greedy), "
         "TV = 1 - overlap; agreement and perplexity with 95% bootstrap intervals across prompts. "
         "HF peers' E[acc] comes from counted forward calls (exact mean, no histogram). "
-        "answers = share of math (GSM8K) prompts whose final number is vanilla's.", "",
-        "| configuration | tok/s | speedup | TTFT s | E[acc] | tau | rate | calls/tok | layers/tok | overlap | TV "
-        "| peak MiB | lossless | agreement | answers | perplexity |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|",
+        "answers = share of math (GSM8K) prompts whose final number is vanilla's. "
+        "TRR (token recovery rate, lossy modes, greedy) = share of the tokens that exited early (cascade: below "
+        "the top; mlp-skip: upper MLPs skipped) that are the full model's top-1 on the same prefix; the share "
+        "of tokens that exited early is in brackets.", "",
+        "| configuration | tok/s | speedup | TTFT s | E[acc] | tau | rate | TRR | calls/tok | layers/tok | overlap "
+        "| TV | peak MiB | lossless | agreement | answers | perplexity |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---|",
     ]
     for r in ok:
         lines.append(
             f"| {r['label']} | {_f(r.get('tokens_per_s'), '.1f')} | {_f(r.get('speedup'))}x | "
             f"{_f(r.get('ttft_s'), '.3f')} | {_f(r.get('mean_accepted'))} | {_f(r.get('mean_accept_length'))} | "
-            f"{_f(r.get('acceptance_rate'))} | {_f(r.get('target_calls_per_token'))} | "
+            f"{_f(r.get('acceptance_rate'))} | {_trr(r)} | {_f(r.get('target_calls_per_token'))} | "
             f"{_f(r.get('layers_per_token'), '.1f')} | {_f(r.get('overlap'))} | {_f(r.get('tv'))} | "
             f"{_f(r.get('peak_mem_mib'), '.0f')} | {_audit_cell(r)} | {_ci(r, 'agreement', '.3f')} | "
             f"{_f(r.get('answer_agreement'))} | {_ci(r, 'perplexity', '.2f')} |")
@@ -98,13 +109,17 @@ def render(res: SavedResults, figures: list[str]) -> str:
     if predicted:
         lines += ["", "## Cost model: predicted vs measured", "",
                   "Predicted: the parts of one self-spec cycle timed alone on a warm cache at the run's typical "
-                  "context, with the row's measured E[acc] (Leviathan et al.: vanilla step x (E[acc] + 1) / cycle). "
+                  "context, with the row's measured E[acc] (Leviathan et al.: vanilla step x (E[acc] + 1) / cycle); "
+                  "for lookup (free drafts), each verification's K + 1 rows priced by the runtime's row-cost "
+                  "curve: sum(accepted + 1) / sum(cost(K + 1)), the mean rows verified in the cycle column. "
                   "Measured: decode-phase tokens/s (after the first step) over the vanilla loop's, same runtime and "
                   "temperature. A gap over 10% names which side moved.", "",
                   "| configuration | cycle ms | vanilla step ms | E[acc] | predicted | measured (decode) | note |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for r in predicted:
-            lines.append(f"| {r['label']} | {_f(r.get('cycle_ms'), '.2f')} | {_f(r.get('vanilla_step_ms'), '.2f')} | "
+            cycle = _f(r.get('cycle_ms'), '.2f') if r.get("cycle_ms") is not None else \
+                f"{_f(r.get('mean_verified_rows'), '.2f')} rows"
+            lines.append(f"| {r['label']} | {cycle} | {_f(r.get('vanilla_step_ms'), '.2f')} | "
                          f"{_f(r.get('mean_accepted'))} | {_f(r['predicted_speedup'])}x | "
                          f"{_f(r.get('measured_decode_speedup'))}x | {r.get('prediction_note') or 'within 10%'} |")
     routed = [r for r in ok if r.get("routing")]
@@ -121,6 +136,21 @@ def render(res: SavedResults, figures: list[str]) -> str:
             for layer, v in table.items():
                 lines.append(f"| {r['label']} | {layer} | {v['tokens']} | {v['tokens'] / total:.2f} | "
                              f"{v['top1_agreement']:.3f} | {v['perplexity']:.2f} |")
+    split = [r for r in ok if isinstance(r.get("cost_split"), dict)]
+    if split:
+        lines += ["", "## Where the work goes (layer-equivalents per token)", "",
+                  "From counts the strategies keep (layers run, exit histogram, the gates' LM-head rows), one "
+                  "decoder layer for one token = 1; an LM-head row costs the head's parameters over a layer's. "
+                  "path = layers run before the token was emitted; recomputed = run after it (cascade's deferred "
+                  "layers, batched, so cheaper than their count on a memory-bound CPU); skipped = never run; "
+                  "gates = exits' pre-check and LM heads; head = final LM head; adapt = per-request threshold "
+                  "adaptation; vs vanilla = total over vanilla's layers + head (a cost model, not a timing).", "",
+                  "| configuration | path | recomputed | skipped | gates | head | adapt | total | vs vanilla |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in split:
+            c = r["cost_split"]
+            cells = [_f(c.get(k)) for k in ("path", "recomputed", "skipped", "gates", "head", "adapt", "total")]
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {_f(c.get('vs_vanilla'))}x |")
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += ["", "Configurations that did not run:", ""]
@@ -144,6 +174,8 @@ def render(res: SavedResults, figures: list[str]) -> str:
         "layer_sweep": "Exit quality by layer: KL to the full model, perplexity, top-1 agreement.",
         "acceptance_sweep": "Acceptance by exit layer: E[accepted], acceptance rate, and draft/target TV.",
         "pareto": "Speedup vs quality, points labelled by exit layer (bars: 95% bootstrap intervals).",
+        "threshold_pareto": "Speed vs quality of the lossy modes at each threshold (the threshold sweep), "
+                            "vanilla as the reference point.",
         "acceptance_hist": "Accepted drafts per verification.",
         "exit_distribution": "Which layer chose each token.",
     }

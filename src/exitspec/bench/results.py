@@ -19,7 +19,8 @@ from pathlib import Path
 
 COLUMNS = [
     # settings
-    "label", "name", "weights", "kv_cache", "options", "exit_layer", "gamma", "temperature", "max_new_tokens",
+    "label", "name", "weights", "kv_cache", "options", "exit_layer", "gamma", "threshold", "temperature",
+    "max_new_tokens",
     "prompts", "repeats", "model", "heads", "machine",
     # speed
     "new_tokens", "tokens_per_s", "tokens_per_s_prompt_median", "baseline", "baseline_tokens_per_s", "speedup",
@@ -27,9 +28,10 @@ COLUMNS = [
     # speculation and depth
     "mean_accepted", "gamma_mean", "acceptance_rate", "mean_accept_length", "target_calls_per_token",
     "layers_per_token", "exit_hist", "routing", "draft_reading", "top1_agreement", "overlap", "tv",
-    "overlap_temperature",
+    "overlap_temperature", "trr", "trr_exited", "cost_split",
     # the cost model (bench/prediction.py, self-spec rows)
     "predicted_speedup", "measured_decode_speedup", "cycle_ms", "vanilla_step_ms", "cost_context", "prediction_note",
+    "mean_verified_rows",
     # quality and audit
     "lossless_claim", "lossless_ok", "lossless_mismatches", "agreement", "agreement_lo", "agreement_hi",
     "answer_agreement", "answer_prompts",

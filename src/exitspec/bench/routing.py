@@ -7,7 +7,14 @@ with the pre-check). One teacher pass over the text therefore gives, position by
 exit the cascade takes and the distribution it samples from (tested against its own greedy decode).
 Two uses: log-likelihoods of a lossy mode for task accuracy (bench/tasks.py), and CascadeExit's
 routing table in the benchmark report (tokens per exit, their top-1 agreement with the full model,
-the full model's perplexity of them).
+the full model's perplexity of them). A cascade that adapts its thresholds per request
+(decoding/adapt.py) is routed with the thresholds it adapts to on the text's prompt, as it decodes.
+
+mlp-skip's head probe is exact under teacher forcing too: it reads the state after `exit_layer`
+layers, and below `start_layer` (>= exit_layer) every layer runs in full for every token, so those
+states are the full model's whatever was skipped above. `early_exits` gives, per generated token,
+whether the mode exited early (cascade: an exit below the top; mlp-skip: its upper MLPs skipped) and
+the full model's top-1 there: what the token recovery rate (bench/metrics.py) counts.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from exitspec.bench.metrics import token_recovery_rate
 from exitspec.decoding.strategies.cascade import Cascade
+from exitspec.decoding.strategies.mlp_skip import MLPSkip
 from exitspec.runtime.sequences import teacher_pass
 
 
@@ -41,6 +50,7 @@ def route(model, strategy, ids: list[int], start: int) -> Routing:
         if strategy.propagate:
             raise ValueError("cascade with state_propagation writes approximate upper-layer states, so teacher "
                              "forcing cannot reproduce it: score loglikelihood tasks without it")
+        strategy.adapt_to(lm, [ids[:start]])  # the thresholds it decodes this prompt with
         exits = strategy.exits
     rows = slice(start - 1, len(ids) - 1)  # position t predicts token t + 1
     tp = teacher_pass(lm, torch.tensor([ids]), [e.layer for e in exits], logits_from=start - 1)
@@ -76,3 +86,37 @@ def routing_table(model, strategy, sequences: list[tuple[list[int], list[int]]])
             acc[2] += float(nll[sel].sum())
     return {str(layer): {"tokens": n, "top1_agreement": a / n, "perplexity": math.exp(min(s / n, 700.0))}
             for layer, (n, a, s) in sorted(by.items())}
+
+
+@torch.inference_mode()
+def early_exits(model, strategy, prompt: list[int], generated: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per generated token, teacher-forced: (exited early (n,) bool, the full model's top-1 (n,) long),
+    None for a mode whose early exits teacher forcing cannot reproduce (other strategies, cascade with
+    state propagation, mlp-skip's cosine probe: they read states that earlier skips changed)."""
+    lm = model.lm
+    ids, start = prompt + generated, len(prompt)
+    if isinstance(strategy, Cascade) and not strategy.propagate:
+        r = route(model, strategy, ids, start)
+        return r.layer < lm.num_layers, r.full.argmax(-1).cpu()
+    if isinstance(strategy, MLPSkip) and strategy.exit is not None:
+        strategy.adapt_to(lm, [prompt])
+        layer = strategy.exit.layer
+        tp = teacher_pass(lm, torch.tensor([ids]), [layer], logits_from=start - 1)
+        settled, _ = strategy.exit.confident(tp.hidden[layer][0, start - 1: len(ids) - 1])
+        return settled.cpu(), tp.logits[0, :-1].argmax(-1).cpu()
+    return None
+
+
+def token_recovery(model, strategy, sequences: list[tuple[list[int], list[int]]]) -> dict | None:
+    """Over (prompt, generated) pairs of a greedy run: tokens that exited early and how many of them are
+    the full model's top-1 (bench/metrics.token_recovery_rate); None where early_exits cannot tell."""
+    exited = recovered = total = 0
+    for prompt, gen in sequences:
+        if not gen:
+            continue
+        flags = early_exits(model, strategy, prompt, gen)
+        if flags is None:
+            return None
+        r, e = token_recovery_rate(gen, flags[1].tolist(), flags[0].tolist())
+        recovered, exited, total = recovered + r, exited + e, total + len(gen)
+    return {"trr": recovered / exited if exited else None, "exited": exited, "tokens": total}

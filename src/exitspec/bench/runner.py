@@ -28,14 +28,18 @@ from tqdm import tqdm
 from exitspec.bench import metrics
 from exitspec.bench.config import BenchConfig, RunSpec, save_config
 from exitspec.bench.contenders import Contender, ExitspecContender, PeerUnavailable, Sample
+from exitspec.bench.costs import cost_split
 from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
 from exitspec.bench.peers import make_peer
-from exitspec.bench.prediction import decode_tokens_per_s, self_spec_prediction
+from exitspec.bench.prediction import decode_tokens_per_s, lookup_prediction, self_spec_prediction
 from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
 from exitspec.bench.results import ResultsWriter
-from exitspec.bench.routing import routing_table
+from exitspec.bench.routing import routing_table, token_recovery
 from exitspec.decoding.api import encode_prompt
+from exitspec.decoding.exits import head_cost
 from exitspec.decoding.strategies.cascade import Cascade
+from exitspec.decoding.strategies.lookup import Lookup
+from exitspec.decoding.strategies.vanilla import Vanilla
 from exitspec.loading import attach_heads, load
 from exitspec.prompts import Prompt
 
@@ -234,6 +238,7 @@ class BenchRunner:
                    "time_s": s.total_s, "tokens_per_s": len(s.tokens) / s.total_s if s.total_s else None,
                    "ttft_s": s.ttft_s, "target_calls": s.target_calls, "drafted": s.drafted,
                    "accept_lengths": s.accept_lengths if s.accept_lengths_exact else None,
+                   "draft_lengths": s.draft_lengths,
                    "mean_accepted": (sum(s.accept_lengths) / len(s.accept_lengths)) if s.accept_lengths else None,
                    "accepted": sum(s.accept_lengths) if s.accept_lengths else None,
                    "verifications": len(s.accept_lengths) if s.accept_lengths else None,
@@ -254,13 +259,26 @@ class BenchRunner:
         if spec.name == "vanilla":
             self.vanilla_decode[(rt, spec.temperature)] = decode_tokens_per_s(per_prompt)
         strategy = contender.factory() if isinstance(contender, ExitspecContender) else None
+        pairs = [(ids, s.tokens) for ids, s in zip(self.ids, samples, strict=True)]
         if isinstance(strategy, Cascade):  # CascadeExit's routing table: tokens, agreement, perplexity per exit
-            row["routing"] = routing_table(contender.model, strategy,
-                                           [(ids, s.tokens) for ids, s in zip(self.ids, samples, strict=True)])
+            row["routing"] = routing_table(contender.model, strategy, pairs)
+        if lossy and greedy and strategy is not None:  # TRR: early-exited tokens that are the full model's
+            tr = token_recovery(contender.model, strategy, pairs)
+            if tr is not None:
+                row["trr"], row["trr_exited"] = tr["trr"], tr["exited"]
+        if isinstance(strategy, Vanilla) or all(s.gates is not None for s in samples):  # where the work goes
+            lm = contender.model.lm
+            gates = None if isinstance(strategy, Vanilla) else {
+                k: sum(s.gates.get(k, 0.0) for s in samples) for k in {k for s in samples for k in s.gates}}
+            row["cost_split"] = cost_split(lm.num_layers, head_cost(lm), row["new_tokens"],
+                                           sum(s.layers_computed or 0.0 for s in samples),
+                                           metrics.merge_histograms(s.exit_hist for s in samples), gates)
         if spec.name == "self-spec" and hasattr(strategy, "drafter"):  # the cost model's prediction, beside
             context = round(sum(len(x) for x in self.ids) / len(self.ids) + cfg.max_new_tokens / 2)
             row |= self_spec_prediction(strategy, row, per_prompt, self.vanilla_decode.get((rt, spec.temperature)),
                                         context)
+        elif isinstance(strategy, Lookup):  # drafts are free: the verification rows are the cost
+            row |= lookup_prediction(contender.model.lm, per_prompt, self.vanilla_decode.get((rt, spec.temperature)))
         # The lossless audit: greedy outputs of every lossless-claiming contender against vanilla's.
         row["lossless_claim"] = not lossy
         row["weights"], row["kv_cache"] = spec.weights, spec.kv_cache or "model dtype"
@@ -311,8 +329,10 @@ class BenchRunner:
                                                     if isinstance(v, int | float | str))))
         exit_layer = spec.exit_layer if spec.exit_layer is not None else described.exit_layer
         gamma = spec.gamma if spec.gamma is not None else described.gamma
+        threshold = spec.opts.get("threshold")  # a swept scalar (threshold_sweep); per-layer dicts stay in options
         return {"label": spec.label, "name": spec.name, "options": opts, "exit_layer": exit_layer,
-                "gamma": gamma, "temperature": spec.temperature, "max_new_tokens": self.cfg.max_new_tokens,
+                "gamma": gamma, "threshold": threshold if isinstance(threshold, int | float) else None,
+                "temperature": spec.temperature, "max_new_tokens": self.cfg.max_new_tokens,
                 "prompts": len(self.ids), "repeats": self.cfg.repeats, "model": self.model.name,
                 "heads": self.cfg.heads or "", "machine": machine_line(self.machine), "status": "ok"}
 

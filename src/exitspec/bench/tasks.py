@@ -8,7 +8,7 @@ judged as it decodes, not as the full model:
 - `generate_until` (GSM8K-style tasks): exitspec.generate with the strategy and its options, the
   task's stop strings and token budget.
 - `loglikelihood` (multiple choice): the log-probability of the continuation under the distribution
-  the mode would emit each token from. For the lossless strategies (vanilla, self-spec, lookup, dssd)
+  the mode would emit each token from. For the lossless strategies (vanilla, self-spec, lookup, hybrid, dssd)
   that is the full model's. For cascade it is the distribution of the shallowest confident exit at
   each position, else the full model's (bench/routing.py: teacher-forced routing, exact for
   cascade). Modes whose states depend on earlier decisions (mlp-skip; cascade with
@@ -30,7 +30,7 @@ from exitspec.decoding.strategies.cascade import Cascade
 
 EXTRA_HINT = "pip install 'exitspec[eval]' (lm-evaluation-harness)"
 # Strategies whose emitted distribution is the full model's (lossless) or routed exactly (cascade).
-FULL_MODEL = ("vanilla", "self-spec", "lookup", "dssd")
+FULL_MODEL = ("vanilla", "self-spec", "lookup", "hybrid", "dssd")
 
 
 class TaskScorer:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from exitspec.heads.confidence import ALL_SCORES, LOWER_IS_CONFIDENT, confident
+from exitspec.heads.confidence import ALL_SCORES, LOWER_IS_CONFIDENT, MIN_ACCEPTED, agreement_cut, confident
 
 
 @dataclass
@@ -40,16 +40,11 @@ def check_target(target: float) -> float:
     return target
 
 
-MIN_ACCEPTED = 10
-
-
 def select_threshold(values: torch.Tensor, agree: torch.Tensor, target: float, score: str,
                      min_accepted: int = MIN_ACCEPTED) -> ThresholdChoice:
-    """values (N,) of `score`, agree (N,) bool -> the maximal-coverage threshold reaching `target`.
-
-    Cuts accepting fewer than `min_accepted` tokens are not considered: "3 of 3 agreed" says little
-    (on SmolLM2's logit lens such a threshold held far below its target on new text); the exit then
-    never fires.
+    """values (N,) of `score`, agree (N,) bool -> the maximal-coverage threshold reaching `target`
+    (heads/confidence.agreement_cut). Cuts accepting fewer than `min_accepted` tokens are not
+    considered; when no cut reaches the target the exit never fires.
     """
     target = check_target(target)
     if score not in ALL_SCORES:
@@ -61,25 +56,15 @@ def select_threshold(values: torch.Tensor, agree: torch.Tensor, target: float, s
         raise ValueError(f"need matching non-empty scores and labels, got {n} scores and {agree.numel()} labels")
     if torch.isnan(values).any():
         raise ValueError(f"{score} scores contain NaN; the exit head produces invalid logits")
-    sign = -1.0 if score in LOWER_IS_CONFIDENT else 1.0
-    s = values.double() * sign  # higher = more confident
-    s_sorted, order = torch.sort(s, descending=True, stable=True)
-    cum = agree[order].double().cumsum(0)
-    k = torch.arange(1, n + 1, dtype=torch.float64)
-    agr = cum / k
-    boundary = torch.ones(n, dtype=torch.bool)
-    boundary[:-1] = s_sorted[:-1] > s_sorted[1:]  # cut after position i only between distinct scores
-    # A tiny tolerance so that e.g. exactly 19/20 passes a 0.95 target despite float rounding.
-    ok = boundary & (agr >= target - 1e-12) & (k >= min(min_accepted, n))
-    if not bool(ok.any()):
-        never = float(values.max() + 1.0) if sign > 0 else float(values.min() - 1.0)
+    cut = agreement_cut(values, agree, target, score, min_accepted)
+    if cut is None:
+        never = float(values.max() + 1.0) if score not in LOWER_IS_CONFIDENT else float(values.min() - 1.0)
         return ThresholdChoice(score, never, target, 0.0, None, n)
-    i = int(torch.nonzero(ok)[-1])
-    value = float(values[order[i]])  # the original (float32) score value, so comparisons are exact
-    accepted = confident(score, values, value)
+    value, accepted, agreement = cut
     # Sanity: the threshold accepts exactly the chosen prefix on this data.
-    assert int(accepted.sum()) == i + 1, (int(accepted.sum()), i + 1)
-    return ThresholdChoice(score, value, target, (i + 1) / n, float(agr[i]), n)
+    assert int(confident(score, values, value).sum()) == accepted, (int(confident(score, values, value).sum()),
+                                                                      accepted)
+    return ThresholdChoice(score, value, target, accepted / n, agreement, n)
 
 
 def coverage_at(values: torch.Tensor, agree: torch.Tensor, score: str, value: float) -> tuple[float, float | None]:

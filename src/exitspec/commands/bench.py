@@ -30,9 +30,9 @@ from exitspec.commands.common import add_model_args, set_threads
 from exitspec.loading import attach_heads, load
 
 # Which option the --exit-layers / --draft-lengths shortcuts set, per contender (for --run, name it).
-LAYER_OPTION = {"self-spec": "exit_layer", "dssd": "exit_layer", "hf-early-exit": "exit_layer",
+LAYER_OPTION = {"self-spec": "exit_layer", "dssd": "exit_layer", "hybrid": "exit_layer", "hf-early-exit": "exit_layer",
                 "economize-early-exit": "exit_layer"}
-DRAFT_OPTION = {"self-spec": "draft_len", "dssd": "draft_len", "economize-early-exit": "gamma",
+DRAFT_OPTION = {"self-spec": "draft_len", "dssd": "draft_len", "hybrid": "draft_len", "economize-early-exit": "gamma",
                 "hf-prompt-lookup": "num_tokens"}
 
 
@@ -54,11 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run", action="append", default=[], metavar="'NAME key=v1,v2 ...'",
                    help="a contender and its option grid (repeatable), e.g. 'self-spec exit_layer=8,12 gamma=4'")
     g.add_argument("--strategies", type=_list(str), default=None,
-                   help="comma-separated strategies/peers (vanilla, self-spec, dssd, cascade, mlp-skip, hf-generate, "
-                        "hf-early-exit, hf-prompt-lookup, economize-early-exit)")
+                   help="comma-separated strategies/peers (vanilla, self-spec, dssd, cascade, mlp-skip, lookup, hybrid,"
+                        " hf-generate, hf-early-exit, hf-prompt-lookup, economize-early-exit)")
     g.add_argument("--exit-layers", type=_list(int), default=None, help="exit layers for --strategies that take one")
     g.add_argument("--draft-lengths", type=_list(int), default=None, help="draft lengths for --strategies")
     g.add_argument("--temperatures", type=_list(float), default=None, help="e.g. 0,0.7 (default 0 = greedy)")
+    g.add_argument("--threshold-sweep", type=_list(float), default=None, metavar="T1,T2,...",
+                   help="run every cascade / mlp-skip run without a threshold at each of these (speed-vs-quality "
+                        "Pareto, plot threshold_pareto)")
     g.add_argument("--prompts", default=None, help="prompt file (MT-Bench/Spec-Bench/plain JSONL...) or 'heldout'")
     g.add_argument("--split", default=None, help="split of --prompts: heldout (default), train, all")
     g.add_argument("--data-dir", default=None, help="folder of the shared prompt sets (default: ../shared/data)")
@@ -79,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     cfg = load_toml(args.config) if args.config else BenchConfig()
     for key in ("prompts", "split", "data_dir", "num_prompts", "max_new_tokens", "repeats", "warmup", "seed",
-                "temperatures"):
+                "temperatures", "threshold_sweep"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     # Model options: the command line wins when it differs from its defaults.

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--strategy", default="auto",
-                   help="vanilla, self-spec, dssd, cascade, mlp-skip (these four use --heads) or lookup; auto "
+                   help="vanilla, self-spec, dssd, cascade, mlp-skip, hybrid (these five use --heads) or lookup; auto "
                         "(default): lookup with heads attached, else vanilla (both lossless)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, e.g. --option exit_layer=12 --option draft_len=4 (repeatable)")

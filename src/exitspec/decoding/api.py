@@ -106,7 +106,7 @@ def recommended_options(model, name: str, options: dict) -> dict:
 
 def _load_builtin_strategies() -> None:
     """Import the strategy modules that register themselves (kept lazy: vanilla needs none)."""
-    for name in ("self_spec", "dssd", "cascade", "mlp_skip", "lookup"):
+    for name in ("self_spec", "dssd", "cascade", "mlp_skip", "lookup", "hybrid"):
         mod = f"exitspec.decoding.strategies.{name}"
         try:
             importlib.import_module(mod)

@@ -138,9 +138,12 @@ class Engine:
             raise GenerationError("every prompt must have at least one token")
         need = self.need(len(prompt), config.max_new_tokens)
         if need > self.lm.max_positions:
+            extra = self.strategy.extra_positions()  # drafts are written past the last token before rollback
+            drafts = f" + {self.strategy.name}'s {extra} draft positions" if extra else ""
             raise GenerationError(
-                f"prompt ({len(prompt)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the model's "
-                f"context of {self.lm.max_positions} positions; shorten the prompt or lower max_new_tokens"
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({config.max_new_tokens}){drafts} exceeds the "
+                f"model's context of {self.lm.max_positions} positions; shorten the prompt or lower max_new_tokens"
+                + (" or the draft length" if extra else "")
             )
         if generator is None and not config.sampling.greedy:
             generator = config.sampling.generator(self.lm.device)
@@ -279,6 +282,7 @@ class Engine:
                 rs.drafted += out.drafted[j]
                 rs.accepted += out.accepted[j]
                 rs.accept_lengths.append(out.accepted[j])
+                rs.draft_lengths.append(out.drafted[j])
             new, layers, reason = [], [], ""
             for tok, layer in zip(out.tokens[j], out.exit_layers[j], strict=True):
                 new.append(tok)

@@ -15,7 +15,14 @@ import torch
 from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
 from exitspec.heads.base import ExitHead
 from exitspec.heads.bundle import BundleError, HeadBundle
-from exitspec.heads.confidence import ALL_SCORES, ConfidenceEstimator, confident, estimator_score, scores
+from exitspec.heads.confidence import (
+    ALL_SCORES,
+    LOWER_IS_CONFIDENT,
+    ConfidenceEstimator,
+    confident,
+    estimator_score,
+    scores,
+)
 from exitspec.runtime.layered import LayeredModel
 
 
@@ -91,12 +98,22 @@ class Gate:
         LM head runs, so rows that do not exit never pay for it."""
         return self.estimator is None or self.estimator.reads_logits
 
-    def passes(self, logits: torch.Tensor | None, h: torch.Tensor | None = None) -> torch.Tensor:
-        """logits (..., V) of the exit (None where not needs_logits), h (..., C) its hidden state
-        (needed by learned gates) -> (...) bool."""
+    def values(self, logits: torch.Tensor | None, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The gate's score: logits (..., V) of the exit (None where not needs_logits), h (..., C) its
+        hidden state (needed by learned gates) -> (...) float."""
         if self.score == "learned":
-            return confident(self.score, estimator_score(self.estimator, self.head, h, logits), self.value)
-        return confident(self.score, scores(logits)[self.score], self.value)
+            return estimator_score(self.estimator, self.head, h, logits)
+        return scores(logits)[self.score]
+
+    def passes(self, logits: torch.Tensor | None, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The same inputs as values() -> (...) bool: the score passes the threshold. For the scores in
+        [0, 1] a threshold of 1.0 (or a calibrated "never" above it) passes nothing, not even a score of
+        exactly 1: an fp32 softmax or sigmoid rounds to 1 on very peaked outputs, and thresholds above 1
+        are refused (check_threshold), so 1.0 is how an option says "never exit"."""
+        v = self.values(logits, h)
+        if self.score not in LOWER_IS_CONFIDENT and self.value >= 1.0:
+            return torch.zeros_like(v, dtype=torch.bool)
+        return confident(self.score, v, self.value)
 
 
 @dataclass
@@ -118,6 +135,25 @@ def gated_exits(model, strategy: str, exit_layers=None, exit_layer=None, thresho
     return GatedExits(layers, bundle, gates_for(bundle, layers, threshold, score, strategy=strategy))
 
 
+def check_threshold(score: str, value, strategy: str = "") -> float:
+    """A threshold given as an option -> float, refused outside its score's range: [0, 1] for the
+    probabilities (max_prob, margin, learned; 1.0 never exits, see Gate.passes, 0.0 always exits),
+    >= 0 nats for entropy (lower passes). A calibrated bundle's own "never" value (beyond every
+    observed score) is not an option and is not checked here."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise StrategyOptionError(f"{strategy}: threshold must be a number, got {value!r}") from None
+    if score in LOWER_IS_CONFIDENT:
+        if not 0.0 <= v < float("inf"):
+            raise StrategyOptionError(f"{strategy}: an {score} threshold is in nats and must be >= 0 (lower exits "
+                                      f"less; 0 never exits), got {value!r}")
+    elif not 0.0 <= v <= 1.0:
+        raise StrategyOptionError(f"{strategy}: a {score} threshold must lie in [0, 1] (1.0 = never exit, 0.0 = "
+                                  f"always exit), got {value!r}; e.g. threshold=0.9")
+    return v
+
+
 def _learned(bundle: HeadBundle, layer: int, strategy: str) -> dict:
     """The Gate fields of exit `layer`'s learned estimator; a clear error where it has none."""
     if str(layer) not in bundle.estimators:
@@ -137,7 +173,9 @@ def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str 
         name = score or cal.get("score", "max_prob")
         if name not in ALL_SCORES:
             raise StrategyOptionError(f"score {name!r} is not one of {', '.join(ALL_SCORES)}")
-        if value is None:
+        if value is not None:
+            value = check_threshold(name, value, strategy)
+        else:
             if "value" not in cal:
                 raise StrategyOptionError(
                     f"{strategy} needs a calibrated confidence threshold for the exit at layer {layer}; "
@@ -167,6 +205,9 @@ class CheckedExit:
     def __init__(self, head, gate: Gate, precheck: torch.Tensor | None = None):
         self.head, self.gate, self.layer = head, gate, head.layer
         self.precheck = DraftHead(head, precheck) if precheck is not None else None
+        # Rows this exit ran its pre-check subset and its full LM head for (the bench's cost split).
+        self.precheck_rows = 0
+        self.head_rows = 0
 
     @property
     def precheck_size(self) -> int | None:
@@ -181,13 +222,21 @@ class CheckedExit:
             rows = rows & self.gate.passes(None, h)  # from the hidden state alone: no head yet
             if not bool(rows.any()):
                 return rows, None
+            self.head_rows += h.shape[0]
             return rows, self.head(h[:, None])[:, 0]
         if self.precheck is not None:
+            self.precheck_rows += h.shape[0]
             rows = rows & self.gate.passes(self.precheck.logits(h), h)  # (B, N) logits: cheap
             if not bool(rows.any()):
                 return rows, None
+        self.head_rows += h.shape[0]
         logits = self.head(h[:, None])[:, 0]  # (B, V)
         return self.gate.passes(logits, h) & rows, logits
+
+    @property
+    def precheck_share(self) -> float:
+        """What one pre-check row costs in full LM-head rows (N / V)."""
+        return 0.0 if self.precheck is None else self.precheck_size / self.head.lm.vocab_size
 
 
 def precheck_vocabulary(model, precheck_vocab, bundle: HeadBundle, strategy: str) -> torch.Tensor | None:
@@ -201,6 +250,22 @@ def precheck_vocabulary(model, precheck_vocab, bundle: HeadBundle, strategy: str
     if not 0 < precheck_vocab <= model.lm.vocab_size // 2:
         return None
     return draft_vocabulary(model, precheck_vocab, bundle)
+
+
+def gate_counts(exits: list[CheckedExit]) -> dict[str, float]:
+    """The gates' work so far, in full LM-head rows: pre-check rows (weighted by N / V) and full-head
+    rows over all `exits` (what the bench's cost split reads)."""
+    return {"precheck_heads": sum(e.precheck_rows * e.precheck_share for e in exits),
+            "exit_heads": float(sum(e.head_rows for e in exits))}
+
+
+def head_cost(lm: LayeredModel) -> float:
+    """The LM head's parameters in decoder layers' (a decode step reads every weight it uses once,
+    so on a memory-bound CPU this is roughly what one head row costs in layer-equivalents). A count of
+    parameters, not bytes: with weights="int4" the head's 8-bit codes weigh about twice a 4-bit
+    layer's per parameter, so there a head row costs more than this says."""
+    blk = lm.adapter.layers[0]
+    return lm.lm_head.weight.numel() / sum(p.numel() for p in blk.parameters())
 
 
 def attention_share(lm: LayeredModel) -> float:

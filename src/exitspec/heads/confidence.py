@@ -52,6 +52,40 @@ def confident(score_name: str, value: torch.Tensor, threshold: float) -> torch.T
     return value >= threshold
 
 
+# Cuts that accept fewer tokens than this are not considered: "3 of 3 agreed" says little (on
+# SmolLM2's logit lens such a threshold held far below its target on new text).
+MIN_ACCEPTED = 10
+
+
+def agreement_cut(values: torch.Tensor, agree: torch.Tensor, target: float, score: str,
+                  min_accepted: int = MIN_ACCEPTED) -> tuple[float, int, float] | None:
+    """The most permissive threshold of `score` whose accepted tokens agree with the full model at
+    >= target: values (N,) scores, agree (N,) bool -> (threshold, tokens accepted, their agreement),
+    or None when no cut reaches the target.
+
+    Sort tokens most confident first; accepting the top k gives agreement cumsum(agree)[k] / k. The
+    largest k reaching the target wins, among cuts between *distinct* scores (a threshold cannot split
+    ties) that accept at least min(min_accepted, N) tokens; the threshold is the k-th score itself,
+    so `confident(score, values, threshold)` accepts exactly those k tokens. Calibration
+    (calibration/thresholds.py) and each request's own re-calibration (decoding/adapt.py) share it."""
+    values = values.detach().flatten().cpu()
+    agree = agree.detach().flatten().cpu().bool()
+    n = values.numel()
+    sign = -1.0 if score in LOWER_IS_CONFIDENT else 1.0
+    s_sorted, order = torch.sort(values.double() * sign, descending=True, stable=True)  # higher = more confident
+    cum = agree[order].double().cumsum(0)
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    agr = cum / k
+    boundary = torch.ones(n, dtype=torch.bool)
+    boundary[:-1] = s_sorted[:-1] > s_sorted[1:]  # cut after position i only between distinct scores
+    # A tiny tolerance so that e.g. exactly 19/20 passes a 0.95 target despite float rounding.
+    ok = boundary & (agr >= target - 1e-12) & (k >= min(min_accepted, n))
+    if not bool(ok.any()):
+        return None
+    i = int(torch.nonzero(ok)[-1])
+    return float(values[order[i]]), i + 1, float(agr[i])  # the original (float32) score: comparisons stay exact
+
+
 def score_features(h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """(B, T, C) hidden, (B, T, V) logits -> (B, T, len(SCORE_FEATURES)) float32 features."""
     logp = torch.log_softmax(logits.float(), dim=-1)

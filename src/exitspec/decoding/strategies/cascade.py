@@ -21,12 +21,17 @@ Each exit's gate is first tried over the 4096 most frequent tokens (`precheck_vo
 exits.CheckedExit): the many tokens that are confident nowhere then skip the full LM head at every
 exit. It can only send tokens deeper; on the default model (int4) it made cascade both faster and
 better, lowering the perplexity of its outputs (benchmarks/README.md, 'Design measurements').
+
+`adapt` (SEDAC's run-time adaptation, decoding/adapt.py): at the start of each request every exit's
+threshold is re-calibrated on the request's own prompt and moved towards that estimate by `adapt`
+(0 = off: the calibrated thresholds, exactly as without the option).
 """
 
 from __future__ import annotations
 
 import torch
 
+from exitspec.decoding.adapt import Adaptation, adaptation_option, adaptation_targets, adapted_gates
 from exitspec.decoding.api import register_strategy
 from exitspec.decoding.deferred import DeferredStack
 from exitspec.decoding.exits import (
@@ -34,6 +39,7 @@ from exitspec.decoding.exits import (
     Gate,
     StrategyOptionError,
     attention_share,
+    gate_counts,
     gated_exits,
     precheck_vocabulary,
 )
@@ -49,16 +55,34 @@ class Cascade(Strategy):
     joinable = False  # the deferred stack's entries share one depth across rows (deferred.py)
 
     def __init__(self, heads: list[ExitHead], gates: dict[int, Gate], state_propagation: bool = False,
-                 max_deferred: int = 16, precheck: torch.Tensor | None = None):
+                 max_deferred: int = 16, precheck: torch.Tensor | None = None,
+                 adaptation: Adaptation | None = None, targets: dict[int, float] | None = None):
         if not isinstance(max_deferred, int) or max_deferred < 1:
             raise StrategyOptionError(f"max_deferred must be a positive integer, got {max_deferred!r}")
         self.exits = [CheckedExit(h, gates[h.layer], precheck) for h in sorted(heads, key=lambda h: h.layer)]
         self.propagate = state_propagation
         self.max_deferred = max_deferred
         self.stack: DeferredStack | None = None
+        self.adaptation, self.targets = adaptation, targets or {}
+        self.base_gates = dict(gates)  # the calibrated gates each request's adaptation starts from
+        self.adapt_work: dict[str, float] = {}  # the adaptation passes' work so far (adapt.adapted_gates)
 
     def prepare(self, state: DecodeState) -> None:
         self.stack = DeferredStack(state.lm, state.cache)
+        self.adapt_to(state.lm, state.seqs)
+
+    def adapt_to(self, lm, prompts: list[list[int]]) -> None:
+        """Re-calibrate every exit's threshold on `prompts` (decoding/adapt.py); nothing when adapt is off."""
+        if self.adaptation is None:
+            return
+        gates, work = adapted_gates(lm, self.exits, self.base_gates, self.targets, prompts, self.adaptation)
+        for ex in self.exits:
+            ex.gate = gates[ex.layer]
+        self.adapt_work = {k: self.adapt_work.get(k, 0.0) + v for k, v in work.items()}
+
+    def cost_counts(self) -> dict[str, float]:
+        """The gates' work so far in LM-head rows, and the adaptation passes' (bench/costs.py)."""
+        return gate_counts(self.exits) | {f"adapt_{k}": v for k, v in self.adapt_work.items()}
 
     def select_rows(self, keep: list[int]) -> None:
         self.stack.select_rows(keep)
@@ -115,20 +139,27 @@ class Cascade(Strategy):
         return {"strategy": self.name, "exit_layers": [e.layer for e in self.exits],
                 "thresholds": {e.layer: (e.gate.score, e.gate.value) for e in self.exits},
                 "state_propagation": self.propagate, "max_deferred": self.max_deferred,
-                "precheck_vocab": self.exits[0].precheck_size}
+                "precheck_vocab": self.exits[0].precheck_size,
+                **({"adapt": self.adaptation.to_dict()} if self.adaptation else {})}
 
 
 def make_cascade(model, exit_layers=None, exit_layer=None, threshold=None, score: str | None = None,
                  state_propagation: bool = False, max_deferred: int = 16, precheck_vocab: int | list[int] = 4096,
+                 adapt: float = 0.0, adapt_window: int | None = None, adapt_target: float | None = None,
                  **unknown) -> Cascade:
-    """precheck_vocab: the frequent-token pre-check's size or token ids (exits.CheckedExit); 0 = off."""
+    """precheck_vocab: the frequent-token pre-check's size or token ids (exits.CheckedExit); 0 = off.
+    adapt, adapt_window, adapt_target: per-request threshold adaptation (decoding/adapt.py); adapt=0 = off."""
     if unknown:
         raise StrategyOptionError(f"cascade has no option(s) {sorted(unknown)}; it takes exit_layers, threshold, "
-                                  "score, state_propagation, max_deferred, precheck_vocab")
+                                  "score, state_propagation, max_deferred, precheck_vocab, adapt, adapt_window, "
+                                  "adapt_target")
+    adaptation = adaptation_option("cascade", adapt, adapt_window, adapt_target)
     ex = gated_exits(model, "cascade", exit_layers, exit_layer, threshold, score)
+    targets = adaptation_targets(ex.bundle, ex.layers, adaptation, "cascade") if adaptation else None
     return Cascade([ex.bundle.head(layer) for layer in ex.layers], ex.gates,
                    state_propagation=bool(state_propagation), max_deferred=max_deferred,
-                   precheck=precheck_vocabulary(model, precheck_vocab, ex.bundle, "cascade"))
+                   precheck=precheck_vocabulary(model, precheck_vocab, ex.bundle, "cascade"),
+                   adaptation=adaptation, targets=targets)
 
 
 register_strategy("cascade", make_cascade)

@@ -16,6 +16,10 @@ upper layers. Lossy by design. Two probes:
 In a batch a layer's MLP is skipped only if every row is settled: skipping is a per-call decision
 (`run_layers(skip_mlp=...)`), and running an MLP for a settled row is merely the exact computation.
 The token always comes from the full final norm + LM head.
+
+`adapt` (head probe only; SEDAC's run-time adaptation, decoding/adapt.py): at the start of each
+request the probe's threshold is re-calibrated on the request's own prompt and moved towards that
+estimate by `adapt` (0 = off: the calibrated threshold, exactly as without the option).
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exitspec.decoding.adapt import Adaptation, adaptation_option, adaptation_targets, adapted_gates
 from exitspec.decoding.api import register_strategy
 from exitspec.decoding.exits import (
     CheckedExit,
     Gate,
     StrategyOptionError,
     attention_share,
+    check_threshold,
     default_exit_layers,
     exit_bundle,
+    gate_counts,
     gates_for,
     precheck_vocabulary,
 )
@@ -45,7 +52,8 @@ class MLPSkip(Strategy):
     lossless = False
 
     def __init__(self, lm: LayeredModel, start_layer: int, probe: str, threshold: float,
-                 head: ExitHead | None = None, gate: Gate | None = None, precheck: torch.Tensor | None = None):
+                 head: ExitHead | None = None, gate: Gate | None = None, precheck: torch.Tensor | None = None,
+                 adaptation: Adaptation | None = None, target: float | None = None):
         L = lm.num_layers
         if probe not in ("head", "cosine"):
             raise StrategyOptionError(f"probe must be 'head' or 'cosine', got {probe!r}")
@@ -55,8 +63,34 @@ class MLPSkip(Strategy):
             raise StrategyOptionError(f"start_layer ({start_layer}) must be >= the probe's exit_layer ({head.layer})")
         self.start, self.probe, self.threshold = start_layer, probe, threshold
         self.needs_heads = probe == "head"
+        if adaptation is not None and probe != "head":
+            raise StrategyOptionError("mlp-skip adapts the head probe's threshold; the cosine probe has no calibration "
+                                      "to adapt: use probe=head, or drop adapt")
         self.exit = CheckedExit(head, gate, precheck) if probe == "head" else None
         self.share = attention_share(lm)
+        self.adaptation, self.target, self.base_gate = adaptation, target, gate
+        # The threshold adapts to the prompts a batch starts with (prepare); a row joining later would
+        # decode with another request's threshold, so an adapting batch runs to its end first.
+        self.joinable = adaptation is None
+        self.adapt_work: dict[str, float] = {}  # the adaptation passes' work so far (adapt.adapted_gates)
+
+    def prepare(self, state: DecodeState) -> None:
+        self.adapt_to(state.lm, state.seqs)
+
+    def adapt_to(self, lm, prompts: list[list[int]]) -> None:
+        """Re-calibrate the probe's threshold on `prompts` (decoding/adapt.py); nothing when adapt is off."""
+        if self.adaptation is None:
+            return
+        layer = self.exit.layer
+        gates, work = adapted_gates(lm, [self.exit], {layer: self.base_gate}, {layer: self.target}, prompts,
+                                    self.adaptation)
+        self.exit.gate = gates[layer]
+        self.adapt_work = {k: self.adapt_work.get(k, 0.0) + v for k, v in work.items()}
+
+    def cost_counts(self) -> dict[str, float]:
+        """The probe's work so far in LM-head rows (none for the cosine probe), and the adaptation
+        passes' (bench/costs.py)."""
+        return gate_counts([self.exit] if self.exit else []) | {f"adapt_{k}": v for k, v in self.adapt_work.items()}
 
     def step(self, state: DecodeState) -> StepOutput:
         lm, cache = state.lm, state.cache
@@ -75,7 +109,8 @@ class MLPSkip(Strategy):
             m = self.start
             while m < L:
                 out = lm.run_layers(h, pos, cache, m, m + 1, ctx=ctx)
-                settled = bool((F.cosine_similarity(out, h, dim=-1) >= self.threshold).all())
+                # 1.0 never settles (a cosine of nearly equal states can round to exactly 1).
+                settled = self.threshold < 1.0 and bool((F.cosine_similarity(out, h, dim=-1) >= self.threshold).all())
                 h, m = out, m + 1
                 if settled:
                     break
@@ -90,26 +125,35 @@ class MLPSkip(Strategy):
         return {"strategy": self.name, "probe": self.probe, "start_layer": self.start,
                 "exit_layer": self.exit.layer if self.exit else None,
                 "threshold": (self.exit.gate.score, self.exit.gate.value) if self.exit else self.threshold,
-                "precheck_vocab": self.exit.precheck_size if self.exit else None}
+                "precheck_vocab": self.exit.precheck_size if self.exit else None,
+                **({"adapt": self.adaptation.to_dict()} if self.adaptation else {})}
 
 
 def make_mlp_skip(model, probe: str = "head", exit_layer: int | None = None, start_layer: int | None = None,
                   threshold=None, score: str | None = None, precheck_vocab: int | list[int] = 4096,
+                  adapt: float = 0.0, adapt_window: int | None = None, adapt_target: float | None = None,
                   **unknown) -> MLPSkip:
-    """precheck_vocab: the head probe's frequent-token pre-check, size or ids (exits.CheckedExit); 0 = off."""
+    """precheck_vocab: the head probe's frequent-token pre-check, size or ids (exits.CheckedExit); 0 = off.
+    adapt, adapt_window, adapt_target: per-request adaptation of the head probe's threshold
+    (decoding/adapt.py); adapt=0 = off."""
     if unknown:
         raise StrategyOptionError(f"mlp-skip has no option(s) {sorted(unknown)}; it takes probe, exit_layer, "
-                                  "start_layer, threshold, score, precheck_vocab")
+                                  "start_layer, threshold, score, precheck_vocab, adapt, adapt_window, adapt_target")
+    adaptation = adaptation_option("mlp-skip", adapt, adapt_window, adapt_target)
     lm = model.lm
     if probe == "cosine":
         start = start_layer if start_layer is not None else lm.num_layers // 2
-        return MLPSkip(lm, start, "cosine", 0.99 if threshold is None else float(threshold))
+        # A cosine similarity threshold, in [0, 1] like the probabilities (1.0: never settle).
+        value = 0.99 if threshold is None else check_threshold("cosine", threshold, "mlp-skip")
+        return MLPSkip(lm, start, "cosine", value, adaptation=adaptation)
     layer = int(exit_layer) if exit_layer is not None else default_exit_layers(model, "mlp-skip")[0]
     bundle = exit_bundle(model, [layer])
     gate = gates_for(bundle, [layer], threshold, score, strategy="mlp-skip")[layer]
     start = start_layer if start_layer is not None else layer
+    target = adaptation_targets(bundle, [layer], adaptation, "mlp-skip")[layer] if adaptation else None
     return MLPSkip(lm, start, probe, gate.value, head=bundle.head(layer), gate=gate,
-                   precheck=precheck_vocabulary(model, precheck_vocab, bundle, "mlp-skip"))
+                   precheck=precheck_vocabulary(model, precheck_vocab, bundle, "mlp-skip"),
+                   adaptation=adaptation, target=target)
 
 
 register_strategy("mlp-skip", make_mlp_skip)
