@@ -75,33 +75,3 @@ def test_demo_main_job_runs_every_recommended_strategy(capsys):
     assert sorted(rows) == ["cascade", "dssd", "lookup", "mlp-skip", "self-spec", "vanilla"]
     # The lossless strategies must reproduce vanilla on all three prompts.
     assert all("3/3 identical" in rows[s] for s in ("lookup", "self-spec", "dssd"))
-
-
-@pytest.mark.slow
-def test_evaluating_heads_keeps_memory_flat_over_sequences(default_model):
-    """calibration.collect over several sequences of the real vocabulary: the resident size stays
-    flat (runtime/heap.py). Without releasing the heap's free pages after each sequence it grew by
-    about a sequence's working set (every exit's (N, V) logits) per sequence, until the OOM killer
-    ended a training run's held-out comparison."""
-    import psutil
-
-    from exitspec.bench.machine import PeakMemory
-    from exitspec.calibration.collect import collect
-    from exitspec.heads.bundle import HeadBundle
-    from exitspec.runtime.sequences import TokenSequence
-
-    lm = default_model.lm
-    layers = [4, 8, 12, 16, 20, 24]
-    bundles = {"a": HeadBundle.create(lm, layers, "swiglu"), "norm_lm": HeadBundle.create(lm, layers, "norm_lm")}
-    g = torch.Generator().manual_seed(0)
-    # (length, prompt length) of held-out answers that grew it: up to 128 scored tokens, so each
-    # (N, V) fp32 block stays under glibc's 32 MiB ceiling of the mmap threshold and, once that has
-    # risen, comes from the heap
-    shapes = [(187, 59), (136, 86), (167, 81), (242, 114), (293, 165), (197, 69), (173, 45), (237, 109)]
-    seqs = [TokenSequence(torch.randint(0, lm.vocab_size, (n,), generator=g).tolist(), start=s) for n, s in shapes]
-    before = psutil.Process().memory_info().rss / 2**20
-    with PeakMemory() as peak:
-        collected = collect(lm, bundles, seqs)
-    assert collected.exits["a"][4].n == sum(s.n_scored for s in seqs)
-    grown = peak.peak_mib - before
-    assert grown < 1500, f"resident size grew by {grown:.0f} MiB over {len(seqs)} sequences"

@@ -240,9 +240,10 @@ def test_a_gguf_that_does_not_match_the_model_or_the_kernels_is_refused_by_name(
     # The load's wiring: the same refusals as NoInt4WeightsError, naming what to use instead.
     with pytest.raises(NoInt4WeightsError, match=r"Q2_K \(6 tensors\), block types exitspec's kernels do not read"):
         loading._gguf_blocks(model, str(tmp_path / "q2.gguf"), ValueError("not 4-bit groups"))
-    llama = tiny_model("llama")
-    with pytest.raises(NoInt4WeightsError, match=r"K-quant blocks on gemma3_text only, and llama on Q4_0 / Q4_1"):
-        loading._gguf_blocks(llama, str(path), ValueError("not 4-bit groups"))
+    neox = tiny_model("gpt_neox")  # no family runs its projections from K-quant blocks (Llama's: test_kquant_heads.py)
+    with pytest.raises(NoInt4WeightsError, match=r"K-quant blocks on gemma3_text, llama, qwen2, mistral only, and "
+                                                 r"gpt_neox on Q4_0 / Q4_1"):
+        loading._gguf_blocks(neox, str(path), ValueError("not 4-bit groups"))
     with pytest.raises(NoInt4WeightsError, match="not 4-bit groups"):  # not a GGUF source: the runtime's reason
         loading._gguf_blocks(model, str(tmp_path), ValueError("not 4-bit groups"))
     monkeypatch.setitem(build._state, "", (None, "switched off by the test"))

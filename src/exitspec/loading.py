@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from exitspec.atomic import atomic_dir
 from exitspec.heads.bundle import CONFIG_FILE, BundleError, HeadBundle, shipped_bundle_path
-from exitspec.models.adapters import SUPPORTED_MODEL_TYPES
+from exitspec.models.adapters import SUPPORTED_MODEL_TYPES, LlamaAdapter
 from exitspec.models.gemma3 import Gemma3Adapter
 from exitspec.models.gguf_file import GGUFFormatError, read_summary
 from exitspec.models.int4 import int4_table
@@ -57,10 +57,11 @@ EMBEDDED_MODELS = {DEFAULT_MODEL: DEFAULT_NAME, GEMMA3_MODEL: GEMMA3_NAME}
 # GGUF architecture names (llama.cpp's) whose HF model type differs from them.
 _GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
 # Block types exitspec's int4 mode reads: 4-bit groups recovered from any family's dense weights
-# (models/int4.py), and a K-quant GGUF's blocks read from the file where the family's adapter runs
-# them (models/kquants.py; Gemma 3). Others are named when weights="int4" is asked.
+# (models/int4.py), and a K-quant GGUF's blocks read from the file for the families whose projections
+# it finds there by llama.cpp's names (models/kquants.py; Gemma 3 and the Llama family). Others are
+# named when weights="int4" is asked.
 INT4_BLOCK_TYPES = ("Q4_0", "Q4_1")
-KQUANT_MODEL_TYPES = Gemma3Adapter.model_types
+KQUANT_MODEL_TYPES = Gemma3Adapter.model_types + LlamaAdapter.model_types
 WEIGHT_MODES = ("dense", "int4")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -274,8 +275,9 @@ def _int4_refusal(source: str, err: ValueError) -> str:
     other = Counter({t: n for t, n in types.items() if t not in INT4_BLOCK_TYPES + KQUANT_BLOCK_TYPES})
     if not other:
         return str(err)
-    return (f"weights='int4' runs GGUF {' / '.join(INT4_BLOCK_TYPES)} blocks from their codes (and on Gemma 3 "
-            f"{' / '.join(KQUANT_BLOCK_TYPES)}); {gguf.name} stores decoder projections as {stored_as(other)}, "
+    return (f"weights='int4' runs GGUF {' / '.join(INT4_BLOCK_TYPES)} blocks from their codes (and on "
+            f"{', '.join(KQUANT_MODEL_TYPES)} {' / '.join(KQUANT_BLOCK_TYPES)}); {gguf.name} stores decoder "
+            f"projections as {stored_as(other)}, "
             "block types exitspec's kernels do not read yet. Use weights='dense' (de-quantised weights, the same "
             "model)")
 
@@ -296,7 +298,7 @@ def _gguf_blocks(model: torch.nn.Module, source: str, err: ValueError) -> dict:
             raise NoInt4WeightsError(str(err)) from err
         raise NoInt4WeightsError(
             f"{gguf.name} stores decoder projections as {stored}; weights='int4' runs K-quant blocks on "
-            f"{', '.join(KQUANT_MODEL_TYPES)} only, and {model_type} on Q4_0 / Q4_1 groups (its fused stack). "
+            f"{', '.join(KQUANT_MODEL_TYPES)} only, and {model_type} on Q4_0 / Q4_1 groups. "
             "Use weights='dense' (de-quantised weights, the same model) or a Q4_0 / Q4_1 GGUF") from err
     try:
         return kquant_table(model, gguf)
@@ -320,10 +322,11 @@ def load(
     hub id (downloaded by transformers as usual; nothing in exitspec's tests needs the network).
     `dtype`: float32 (default for dense weights), bfloat16 or float16.
     `weights`: "dense" (every weight a plain tensor of `dtype`), or "int4": keep the 4-bit groups a
-    Q4_0/Q4_1 GGUF stores (the default model is one), or on Gemma 3 the Q4_K / Q5_0 / Q6_K / Q8_0
-    blocks of a K-quant GGUF (the embedded gemma3-270m; models/kquants.py), and run the decoder
-    projections and a Q8_0 LM head from them with exitspec's CPU kernels (products' inputs rounded
-    to bf16 on AVX-512 BF16, to int8 per group of 32 on AVX2; everything else fp32), or (4-bit groups
+    Q4_0/Q4_1 GGUF stores (the default model is one), or on Gemma 3 and Llama-family models the Q4_K /
+    Q5_0 / Q6_K / Q8_0 blocks of a K-quant GGUF (the embedded gemma3-270m; models/kquants.py), and run
+    the decoder projections and a Q8_0 or K-quant LM head from them with exitspec's CPU kernels
+    (products' inputs rounded to bf16 on AVX-512 BF16, to int8 per group of 32 on AVX2; everything else
+    fp32; a Llama stack of K-quant blocks runs per projection, not as the fused stack), or (4-bit groups
     only) torch's int4 kernel and a prepacked bf16 head where those cannot run: decode steps several
     times faster than dense fp32 on CPU (see models/int4.py; figures in benchmarks/README.md). The HF
     model itself stays fp32.

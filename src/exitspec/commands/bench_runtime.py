@@ -6,8 +6,9 @@ of one forward step over k = 1, 2, 4, 8 new tokens with a warm cache. With `--we
 4-bit loop's speed and its fidelity to the dense model (greedy divergence, teacher-forced top-1
 agreement, KL and perplexity); adding `--kv-cache float16` runs the 4-bit loop a second time over an
 fp16 KV cache, with the same figures, and times a step of both at 256 / 1024 / 2048 cached tokens.
-`--weights auto` (the default) is int4 where the checkpoint holds Q4 groups and the kernels run
-(commands/fast_path.py), else dense.
+`--weights auto` (the default) is int4 where the checkpoint's projections are stored in blocks the
+kernels read (Q4_0 / Q4_1 groups, or K-quant blocks on Gemma 3 and Llama-family models) and the
+kernels run (commands/fast_path.py), else dense.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from exitspec.bench.loop_speed import measure, report
 from exitspec.commands.common import add_model_args, load_from_args
-from exitspec.commands.fast_path import may_hold_q4
+from exitspec.commands.fast_path import may_hold_blocks
 from exitspec.decoding.api import encode_prompt
 from exitspec.loading import load
 from exitspec.prompts import load_prompts, mixed_prompts
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     # With --weights int4, --kv-cache float16 adds a second int4 runtime over an fp16 cache (the dense
     # model keeps its own; asked for with dense weights, the load says why it cannot).
     if args.weights == "auto":
-        why = may_hold_q4(args)
+        why = may_hold_blocks(args)
         args.weights = "int4" if why is None else "dense"
         print(f"[exitspec] --weights auto: {args.weights}" + (f" ({why})" if why else ""), file=sys.stderr)
     dense_args = argparse.Namespace(**{**vars(args), "weights": "dense",

@@ -15,15 +15,18 @@ def add_model_args(p: argparse.ArgumentParser, heads: bool = True, fast: bool = 
     with heads, --heads auto."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct), an HF folder, a .gguf file, or a hub id")
+                   help="'default' (embedded SmolLM2-135M-Instruct), 'gemma3-270m' (embedded Gemma 3 270M base "
+                        "model, plain-text prompts), an HF folder, a .gguf file, or a hub id")
     g.add_argument("--dtype", default=None, help="float32 (default for dense weights), bfloat16 or float16")
     g.add_argument("--weights", default="auto" if fast else "dense",
                    choices=("auto", "dense", "int4") if fast else ("dense", "int4"),
-                   help=("auto (default): int4 where the checkpoint holds Q4 groups and exitspec's kernels run, "
-                         "else dense; " if fast else "dense (default) or ")
-                   + "int4: keep a Q4 GGUF's 4-bit weights (the default model's) and run "
-                     "them with exitspec's CPU kernels (AVX-512 BF16 or AVX2; inputs of the products rounded "
-                     "to bf16 / int8, fp32 elsewhere); ~5-10x faster decode steps than dense fp32 on CPU")
+                   help=("auto (default): int4 where the checkpoint's projections are stored in blocks "
+                         "exitspec's kernels read and the kernels run, else dense; " if fast else "dense (default) or ")
+                   + "int4: keep a GGUF's quantised weights (Q4_0 / Q4_1 groups, as the default model's; "
+                     "K-quant Q4_K / Q5_0 / Q6_K / Q8_0 blocks on Gemma 3 and Llama-family models, as "
+                     "gemma3-270m's) and run them with exitspec's CPU kernels (AVX-512 BF16 or AVX2; inputs of "
+                     "the products rounded to bf16 / int8, fp32 elsewhere); several times faster decode steps "
+                     "than dense fp32 on CPU")
     g.add_argument("--kv-cache", default=None, choices=("float32", "float16"),
                    help="KV cache element type (default: the model's dtype); float16 needs --weights int4 on a "
                         "Llama-family model: half the cache memory, faster steps over long contexts")

@@ -1,7 +1,9 @@
 """The fastest path by default, for `serve`, `generate` and `bench-runtime`: what `auto` resolves to.
 
-    --weights auto   int4 where the checkpoint holds Q4 groups (a Q4_0 / Q4_1 GGUF such as the default
-                     model) and exitspec's CPU kernels run on this machine; dense otherwise
+    --weights auto   int4 where the checkpoint is a GGUF whose projections are stored in blocks exitspec's
+                     CPU kernels read (Q4_0 / Q4_1 groups, as the default model's; on Gemma 3 and Llama-family
+                     models also the K-quant blocks Q4_K / Q5_0 / Q6_K / Q8_0, as gemma3-270m's) and the
+                     kernels run on this machine; dense otherwise, with the reason
     --heads auto     the bundle shipped for the default model when that model runs; none otherwise
     --strategy auto  lookup (lossless: token for token what vanilla gives on the same weights; drafts
                      from the context and the attached bundle's datastore) when heads are attached,
@@ -26,14 +28,15 @@ from exitspec.loading import EMBEDDED_MODELS, NoInt4WeightsError, attach_heads, 
 AUTO_STRATEGY = "lookup"
 
 
-def may_hold_q4(args: argparse.Namespace) -> str | None:
-    """None when an int4 load is worth trying, else why dense runs."""
+def may_hold_blocks(args: argparse.Namespace) -> str | None:
+    """None when an int4 load is worth trying (the load itself then checks the block types), else why
+    dense runs."""
     if resolve_device(args.device).type != "cpu":
         return "int4 runs on the CPU only"
     if args.dtype not in (None, "float32"):
         return f"--dtype {args.dtype} asked for"
     if str(args.model) not in EMBEDDED_MODELS and Path(str(args.model)).suffix != ".gguf":
-        return "the checkpoint is not a GGUF file, so it holds no Q4 groups"
+        return "the checkpoint is not a GGUF file, so it holds no quantised blocks"
     why = kernels.unavailable_reason()
     return f"exitspec's kernels do not run here ({why})" if why else None
 
@@ -46,7 +49,7 @@ def load_fastest(args: argparse.Namespace) -> tuple[object, list[str]]:
     notes: list[str] = []
     model = None
     if args.weights == "auto":
-        why = may_hold_q4(args)
+        why = may_hold_blocks(args)
         if why is None:
             try:
                 model = load(args.model, dtype=args.dtype, device=args.device, weights="int4", kv_cache=kv)

@@ -23,6 +23,7 @@ import torch
 from exitspec.decoding.sampling import RowSampling, Sampling, probs, sample_from
 from exitspec.heads.base import ExitHead
 from exitspec.models.int4 import Q8Linear
+from exitspec.models.kquants import GGUFBlocks, QuantLinear
 from exitspec.models.ops import Linear, outside_inference_mode
 from exitspec.paths import cache_dir
 from exitspec.prompts import mixed_prompts
@@ -40,8 +41,8 @@ class DraftHead:
             with outside_inference_mode():  # kept by the strategy, used in and out of inference mode
                 bias = head.head_bias()
                 rows = head.head_weight()[vocab].contiguous()
-                self.proj = _q8_rows(head, rows, bias[vocab].contiguous() if bias is not None else None) or Linear(
-                    rows, bias[vocab].contiguous() if bias is not None else None)
+                sub_bias = bias[vocab].contiguous() if bias is not None else None
+                self.proj = _quantised_rows(head, vocab, rows, sub_bias) or Linear(rows, sub_bias)
 
     def logits(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset). A
@@ -51,10 +52,18 @@ class DraftHead:
                 raise ValueError(f"the {self.head.kind} head at layer {self.layer} attends over earlier positions: "
                                  "pass the draft's positions and the decode cache")
             x = self.head.normed_at(h, positions, cache)
-            return self.head.project(x) if self.vocab is None else self.proj(x)
+            return self.head.project(x) if self.vocab is None else self._subset(x)
         if self.vocab is None:
             return self.head(h)
-        return self.proj(self.head.normed(h))
+        return self._subset(self.head.normed(h))
+
+    def _subset(self, x: torch.Tensor) -> torch.Tensor:
+        """The subset's rows of the head's logits: from the runtime's own LM head, softcapped as that
+        head's are (LayeredModel.head; a Gemma config may set final_logit_softcapping)."""
+        logits = self.proj(x)
+        lm = self.head.lm
+        cap = lm.adapter.logit_softcap if self.head.head_weight() is lm.lm_head.weight else None
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def to_full(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Subset logits (..., N) -> (..., V) with -inf outside the subset (for confidence scores)."""
@@ -78,19 +87,44 @@ class DraftHead:
         return self.vocab[tok], full.index_copy_(-1, self.vocab, q)
 
 
-def _q8_rows(head: ExitHead, rows: torch.Tensor, bias: torch.Tensor | None):
-    """In int4 mode, where the runtime's LM head is the checkpoint's Q8_0 codes and this head drafts
-    from those very rows (not a tuned copy), the same int8 kernel on the subset: ~4x fewer bytes
-    than fp32 rows (a 4096-token draft head: 2.4 instead of 9.4 MB per draft). None otherwise."""
+def _quantised_rows(head: ExitHead, vocab: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None):
+    """In int4 mode, where this head drafts from the runtime's own LM head (not a tuned copy) and that
+    head runs from the checkpoint's blocks, the same kernel on the subset's rows: the Q8_0 codes on the
+    int8 kernel (~4x fewer bytes than fp32 rows: a 4096-token draft head reads 2.4 instead of 9.4 MB
+    per draft on the default model), K-quant blocks (models/kquants.py) on the K-quant kernel, the
+    rows' stored blocks taken as they are. None otherwise (the caller keeps fp32 rows)."""
     lm = head.lm
-    if lm.weights != "int4" or not isinstance(lm._head, Q8Linear) or head.head_weight() is not lm.lm_head.weight:
+    if lm.weights != "int4" or head.head_weight() is not lm.lm_head.weight:
         return None
     n = rows.shape[0]
-    padded = torch.cat([rows, rows.new_zeros(-n % 16, rows.shape[1])])  # the kernel works in blocks of 16 rows
-    q8 = Q8Linear.from_weight(padded, None)
-    if q8 is None:
+    pad = -n % 16  # the kernels work in tiles of 16 rows: zero rows (zero blocks decode to 0) fill the last
+    if lm.head_blocks is not None:
+        b = lm.head_blocks
+        raw = b.raw[vocab.cpu()]  # (N, bytes per row): the subset's blocks as stored
+        proj = QuantLinear([GGUFBlocks(b.kind, b.type_id, torch.cat([raw, raw.new_zeros(pad, raw.shape[1])]),
+                                       b.in_features)])
+    elif isinstance(lm._head, Q8Linear):
+        proj = Q8Linear.from_weight(torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]), None)
+        if proj is None:
+            return None
+    else:
         return None
-    return lambda x: (q8(x)[..., :n] + bias) if bias is not None else q8(x)[..., :n]
+    return _Rows(proj, n, bias)
+
+
+class _Rows:
+    """A product over N rows packed padded to whole 16-row tiles: (..., C) -> (..., N), plus the bias."""
+
+    def __init__(self, proj, n: int, bias: torch.Tensor | None):
+        self.proj, self.n, self.bias = proj, n, bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.proj.nbytes  # the padding rows (< 16) are read too
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)[..., : self.n]
+        return y + self.bias if self.bias is not None else y
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from exitspec.models.interface import (  # the interface lives apart so that fam
     sliding_window,
     write_kv,
 )
+from exitspec.models.kquants import QuantLinear
 from exitspec.models.ops import Linear, attention, outside_inference_mode
 
 # Re-exported: the runtime and the tests import these from here.
@@ -40,10 +41,11 @@ __all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "Adapter", "StepContext", "Unsup
 class _LlamaPlan:
     """One Llama-family layer's tensors, gathered once (shapes for C hidden, I intermediate)."""
 
-    qkv: Linear  # (H*D + 2*Hkv*D, C) fused [q | k | v]; HF's q/k/v weights are views of it
-    o: Linear  # (C, H*D)
-    gate_up: Linear  # (2I, C) fused [gate | up]; HF's gate/up weights are views of it
-    down: Linear  # (C, I)
+    # Dense (Linear), 4-bit groups (Int4Linear) or a K-quant GGUF's blocks (QuantLinear), see Adapter.projection.
+    qkv: Linear | Int4Linear | QuantLinear  # (H*D + 2*Hkv*D, C) fused [q | k | v]; dense: HF's q/k/v are views of it
+    o: Linear | Int4Linear | QuantLinear  # (C, H*D)
+    gate_up: Linear | Int4Linear | QuantLinear  # (2I, C) fused [gate | up]; dense: HF's gate/up are views of it
+    down: Linear | Int4Linear | QuantLinear  # (C, I)
     act: object
     ln1: torch.Tensor
     eps1: float
@@ -78,7 +80,7 @@ class LlamaAdapter(Adapter):
     def _fused_stack(self):
         """The whole stack as one C++ object (kernels/csrc/llama.cpp) where every projection runs on
         exitspec's q4 kernel and the layer is the plain Llama one (SiLU MLP, full-width rotate-half
-        RoPE); None otherwise (the per-op path below then runs)."""
+        RoPE); None otherwise (the per-op path below then runs, K-quant blocks included)."""
         plans = self._plans
         if not plans or any(not isinstance(getattr(p, name), Int4Linear) or getattr(p, name).kernel is None
                             for p in plans for name in ("qkv", "o", "gate_up", "down")):

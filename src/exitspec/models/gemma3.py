@@ -19,9 +19,10 @@ Attention-logit softcapping (a Gemma 2 setting) and bidirectional attention (Gem
 models) are refused by name: SDPA cannot softcap, and a decoder that sees later tokens cannot decode.
 
 No fused C++ stack runs Gemma 3 (kernels/csrc/llama.cpp is the Llama layer); with weights="int4" the
-projections still run from the checkpoint's codes, one call per projection: on exitspec's q4 kernel
-for Q4_0/Q4_1 groups, on its K-quant kernels for the blocks of a K-quant GGUF (Gemma 3 270M's
-Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0; models/kquants.py), a fused q|k|v or gate|up mixing block types.
+projections still run from the checkpoint's codes, one call per projection (Adapter.projection): on
+exitspec's q4 kernel for Q4_0/Q4_1 groups, on its K-quant kernels for the blocks of a K-quant GGUF
+(Gemma 3 270M's Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0; models/kquants.py), a fused q|k|v or gate|up mixing
+block types.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from exitspec.models.interface import (
     sliding_window,
     write_kv,
 )
-from exitspec.models.kquants import GGUFBlocks, QuantLinear
-from exitspec.models.ops import Linear, attention, fused_bias, outside_inference_mode
+from exitspec.models.kquants import QuantLinear
+from exitspec.models.ops import Linear, attention, outside_inference_mode
 
 
 def gemma_rms(x: torch.Tensor, weight1: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,15 +116,6 @@ class Gemma3Adapter(Adapter):
         self.rope_kinds: tuple[str, ...] = tuple(sorted(set(c.layer_types)))
         self._plans = [self._plan(blk, self.projection) for blk in self.layers]
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (K, positions, D) cos, sin
-
-    def projection(self, mods):
-        """A K-quant GGUF's blocks (weights="int4", models/kquants.py) run on exitspec's K-quant
-        kernels, one call for a fused q|k|v or gate|up whatever block types its parts have; else as
-        every family (4-bit groups, or dense)."""
-        parts = [self.int4.get(m) for m in mods]
-        if all(isinstance(p, GGUFBlocks) for p in parts):
-            return QuantLinear(parts, fused_bias(mods))
-        return super().projection(mods)
 
     # --- pieces ---------------------------------------------------------------------------------
     def embed(self, ids, positions):

@@ -178,6 +178,13 @@ class Int4Linear:
         self.scale_zero = torch.stack([groups.scale, groups.low + 8 * groups.scale], -1).transpose(0, 1)
         self.scale_zero = self.scale_zero.contiguous().to(torch.bfloat16)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes and scales a call reads, as packed for the kernel that runs."""
+        if self.kernel is not None:
+            return self.kernel.nbytes
+        return self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * 2
+
     def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:  # (..., in) -> (..., out)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
@@ -214,6 +221,11 @@ class Q8Linear:
             return None
         q, scale = found
         return cls(ops.Q8Weight(q.contiguous(), scale.contiguous()), bias, ops)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of int8 codes and scales a call reads."""
+        return self.kernel.nbytes
 
     def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:  # (..., in) -> (..., out)
         lead = x.shape[:-1]

@@ -15,6 +15,7 @@ from torch import nn
 
 from exitspec.models.dims import ModelDims, dim
 from exitspec.models.int4 import Int4Groups, Int4Linear
+from exitspec.models.kquants import GGUFBlocks, QuantLinear
 from exitspec.models.ops import Linear, fuse_linears, fused_bias
 
 
@@ -65,21 +66,28 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, int4: dict[nn.Linear, Int4Groups] | None = None, fuse: bool = True):
+    def __init__(self, model: nn.Module, int4: dict[nn.Linear, Int4Groups | GGUFBlocks] | None = None,
+                 fuse: bool = True):
         self.model = model
         self.config = model.config
         # 1: plain kernels; ops.MIN_ROWS: row-invariant mode (set by LayeredModel, see ops.linear).
         self.min_rows = 1
-        # Projections whose checkpoint weights are 4-bit groups (models/int4.py); empty = all dense.
+        # Projections whose checkpoint weights are 4-bit groups (models/int4.py) or a K-quant GGUF's blocks
+        # (models/kquants.py); empty = all dense.
         self.int4 = int4 or {}
         # May a fused kernel stack replace the per-layer path where one exists (False: tests compare them)?
         self.fuse = fuse
 
-    def projection(self, mods: list[nn.Linear]) -> Linear | Int4Linear:
+    def projection(self, mods: list[nn.Linear]) -> Linear | Int4Linear | QuantLinear:
         """One projection, or several sharing an input fused into one (q|k|v, gate|up), run as
-        4-bit groups where the checkpoint stores them so, else dense (prepacked where that helps)."""
-        if all(m in self.int4 for m in mods):
-            return Int4Linear(Int4Groups.cat([self.int4[m] for m in mods]), fused_bias(mods))
+        4-bit groups where the checkpoint stores them so, from a K-quant GGUF's blocks on exitspec's
+        K-quant kernels (one call for a fused q|k|v or gate|up whatever block types its parts have),
+        else dense (prepacked where that helps)."""
+        parts = [self.int4.get(m) for m in mods]
+        if all(isinstance(p, GGUFBlocks) for p in parts):
+            return QuantLinear(parts, fused_bias(mods))
+        if all(isinstance(p, Int4Groups) for p in parts):
+            return Int4Linear(Int4Groups.cat(parts), fused_bias(mods))
         w, b = fuse_linears(mods) if len(mods) > 1 else (mods[0].weight, mods[0].bias)
         return Linear(w, b)
 

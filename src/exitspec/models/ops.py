@@ -128,6 +128,11 @@ class Linear:
             self._version = version
         return self._packed
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights a call reads (the packed copy is the same size)."""
+        return self.weight.numel() * self.weight.element_size()
+
     def __call__(self, x: torch.Tensor, min_rows: int = 1) -> torch.Tensor:  # (..., in) -> (..., out)
         """Output in x's dtype: an fp32 x meets a bf16 weight (int4 mode's LM head) as bf16."""
         if x.dtype != self.weight.dtype:

@@ -18,6 +18,7 @@ from exitspec import kernels
 from exitspec.models.adapters import Adapter, StepContext, adapter_for
 from exitspec.models.dims import dim
 from exitspec.models.int4 import Int4Groups, Q8Linear
+from exitspec.models.kquants import GGUFBlocks, QuantLinear
 from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available, outside_inference_mode
 from exitspec.runtime.kv_cache import KVCache, aligned
 
@@ -30,13 +31,16 @@ class LayeredModel:
 
     @outside_inference_mode()  # what it builds (fused weights, packed heads) outlives any decode loop
     def __init__(self, model: torch.nn.Module, *, row_invariant: bool | None = None,
-                 int4: dict[torch.nn.Linear, Int4Groups] | None = None, fuse: bool = True,
+                 int4: dict[torch.nn.Linear, Int4Groups | GGUFBlocks] | None = None, fuse: bool = True,
                  kv_dtype: torch.dtype | None = None):
-        """`int4`: the 4-bit groups of the projections (models/int4.py; `exitspec.load(...,
-        weights="int4")` builds it). Where exitspec's CPU kernels run (kernels/), a Llama-family
-        stack then runs as one fused C++ call per `run_layers` (`fuse=False` keeps the per-layer
-        path, for comparisons) and an LM head stored as GGUF Q8_0 runs from its int8 codes;
-        otherwise the projections use torch's int4 kernel and the LM head a prepacked bf16 copy.
+        """`int4`: the 4-bit groups of the projections (models/int4.py), or a K-quant GGUF's blocks
+        (models/kquants.py; the LM head's too where it is stored in K-quant blocks other than Q8_0);
+        `exitspec.load(..., weights="int4")` builds it. Where exitspec's CPU kernels run (kernels/), a
+        Llama-family stack of 4-bit groups then runs as one fused C++ call per `run_layers`
+        (`fuse=False` keeps the per-layer path, for comparisons), K-quant blocks one projection at a
+        time, and an LM head stored as GGUF Q8_0 runs from its int8 codes, one in other K-quant blocks
+        on the K-quant kernel; otherwise the projections use torch's int4 kernel and the LM head a
+        prepacked bf16 copy (`backend` says which runs).
 
         `row_invariant` (see the property) defaults to on with int4 weights: their products round
         their inputs to bf16, which turns the ~1e-7 row-count differences of fp32 attention into
@@ -58,7 +62,12 @@ class LayeredModel:
         self.lm_head = a.lm_head
         self.final_norm = a.final_norm
         head_w, head_b = self.lm_head.weight, getattr(self.lm_head, "bias", None)
-        self._head = Q8Linear.from_weight(head_w, head_b) if int4 else None
+        blocks = (int4 or {}).get(self.lm_head)
+        # The head's K-quant blocks, kept: a reduced draft vocabulary packs its rows from them
+        # (decoding/draft_vocab.py). None where the head is not stored so.
+        self.head_blocks: GGUFBlocks | None = blocks if isinstance(blocks, GGUFBlocks) else None
+        self._head = QuantLinear([blocks], head_b) if self.head_blocks is not None else \
+            Q8Linear.from_weight(head_w, head_b) if int4 else None
         if self._head is None:
             if int4 and onednn_packing_available(torch.bfloat16, head_w.device):
                 head_w = head_w.detach().to(torch.bfloat16)
@@ -70,23 +79,35 @@ class LayeredModel:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.kv_cache_dtypes())
             raise ValueError(
                 f"a {str(self.kv_dtype).removeprefix('torch.')} KV cache cannot run on this runtime (it runs: "
-                f"{names}); an fp16 cache needs weights='int4' on a Llama-family model with exitspec's CPU kernels"
+                f"{names}); an fp16 cache needs the fused stack: weights='int4' on a Llama-family model stored as "
+                "Q4_0 / Q4_1 groups (not K-quant blocks), with exitspec's CPU kernels"
             )
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
         self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
 
     @property
     def backend(self) -> str:
-        """Which kernels run the decoder projections and the LM head, in words."""
+        """Which kernels run the decoder projections and the LM head, in words: for K-quant blocks, each
+        block type with the projections stored in it."""
         if self.weights == "dense":
             return f"torch ({str(self.dtype).replace('torch.', '')} weights)"
         ops = kernels.load()
         isa = f", {ops.ISA} build: {ops.NUMERICS}" if ops is not None else ""
-        layers = ("exitspec fused C++ stack (q4)" if self.adapter.fused else
-                  "exitspec q4 kernel per projection" if any(
-                      getattr(m, "kernel", None) is not None for m in _projections(self.adapter)) else
-                  "torch's int4 kernel")
-        head = "exitspec q8 kernel" if isinstance(self._head, Q8Linear) else "prepacked bf16"
+        projs = list(_projections(self.adapter))
+        if self.adapter.fused:
+            layers = "exitspec fused C++ stack (q4)"
+        elif any(isinstance(m, QuantLinear) for _, m in projs):
+            layers = f"exitspec K-quant kernels per projection: {_kquant_types(projs)}"
+        elif any(getattr(m, "kernel", None) is not None for _, m in projs):
+            layers = "exitspec q4 kernel per projection"
+        else:
+            layers = "torch's int4 kernel"
+        if isinstance(self._head, QuantLinear):
+            head = f"exitspec K-quant kernel ({self._head.types[0]})"
+        elif isinstance(self._head, Q8Linear):
+            head = "exitspec q8 kernel"
+        else:  # not the file's Q8_0 or K-quant blocks, or no kernels: say so rather than look quantised
+            head = "prepacked bf16 copy of the de-quantised weights (no Q8_0 / K-quant head the kernels run)"
         why = kernels.unavailable_reason()
         return (f"layers: {layers}; LM head: {head}{isa}"
                 + (f" (exitspec kernels unavailable: {why})" if why else ""))
@@ -212,6 +233,22 @@ class LayeredModel:
         h = self.run_layers(h, positions, cache, 0, self.num_layers)
         return self.logits(h)
 
+    def layer_weight_bytes(self, start: int, stop: int) -> int:
+        """Bytes of projection weights one token reads through layers start..stop-1, as this runtime
+        holds them (a kernel's packed codes and scales, or dense tensors; norms and biases, a few KB,
+        not counted): what a draft pass of an exit at `stop` streams (decoding/draft_work.py)."""
+        total = 0
+        for i in range(start, stop):
+            projs = [m for _, m in _layer_projections(self.adapter, i)]
+            total += sum(m.nbytes for m in projs) if projs else sum(
+                p.numel() * p.element_size() for p in self.adapter.layers[i].parameters() if p.dim() == 2)
+        return total
+
+    @property
+    def head_weight_bytes(self) -> int:
+        """Bytes of LM-head weights one token's logits read, as the runtime runs the head."""
+        return self._head.nbytes
+
     def param_counts(self) -> dict[str, int]:
         """Parameters by part: embedding, layers, final norm, LM head (tied heads counted once)."""
         def count(m):
@@ -225,9 +262,34 @@ class LayeredModel:
                 "tied_embeddings": int(total < layers + norm + 2 * head)}
 
 
+def _layer_projections(adapter: Adapter, i: int):
+    """(name, projection object) of layer i's projections as the adapter built them; nothing for an
+    adapter that runs HF's modules directly (GPT-2)."""
+    if getattr(adapter, "_plans", None):
+        plan = adapter._plans[i]
+        yield from (("qkv", plan.qkv), ("o", plan.o), ("gate_up", plan.gate_up), ("down", plan.down))
+    elif getattr(adapter, "_proj", None):
+        yield from adapter._proj[i].items()
+
+
 def _projections(adapter: Adapter):
-    """The projection objects an adapter built (to report which kernel runs them)."""
-    for plan in getattr(adapter, "_plans", []):
-        yield from (plan.qkv, plan.o, plan.gate_up, plan.down)
-    for proj in getattr(adapter, "_proj", []):
-        yield from proj.values()
+    """(name, projection object) of every projection an adapter built (to report which kernel runs them)."""
+    for i in range(adapter.num_layers):
+        yield from _layer_projections(adapter, i)
+
+
+# The parts of a fused projection, in the order they are stacked (models/adapters.py, models/gemma3.py).
+_PARTS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+def _kquant_types(projs) -> str:
+    """"Q5_0 (81 tensors: q, k, v, gate, up), Q4_K (27: o, down), ...": each block type the K-quant
+    kernels run, with how many tensors and which projections are stored in it, most tensors first."""
+    found: dict[str, list[str]] = {}  # block type -> the part name of each tensor
+    for name, m in projs:
+        if isinstance(m, QuantLinear):
+            for part, kind in zip(_PARTS.get(name, (name,)), m.types, strict=True):
+                found.setdefault(kind, []).append(part)
+    ranked = sorted(found.items(), key=lambda kv: -len(kv[1]))
+    return ", ".join(f"{kind} ({len(parts)}{' tensors' if i == 0 else ''}: {', '.join(dict.fromkeys(parts))})"
+                     for i, (kind, parts) in enumerate(ranked))

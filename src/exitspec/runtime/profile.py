@@ -125,6 +125,7 @@ def position_costs(lm: LayeredModel, max_positions: int) -> dict[int, float]:
     n = 1, 2, 4, ... up to max_positions on first use for this runtime and kept: what a speculative
     strategy weighs when a batch of rows verifies drafts in one step (past a few positions the
     products are compute-bound and every drafted position costs as much as a row of its own)."""
+    max_positions = max(1, min(max_positions, lm.max_positions // 2))  # a short-context model: what fits
     known = _POSITION_COSTS.get(lm, {})
     if not known or max(known) < max_positions:
         points = sorted({1 << i for i in range(max_positions.bit_length())} | {max_positions})
@@ -157,6 +158,7 @@ def row_cost_curve(lm: LayeredModel, max_rows: int, context: int = 256, repeats:
     minimum is the stable reading (medians of a few rounds moved the 8-row cost widely). A
     cumulative maximum keeps noise from making more rows look cheaper than fewer. `points`: measure
     only these row counts (ascending, starting at 1) and return their costs in that order."""
+    context = max(1, min(context, lm.max_positions - max_rows - 1))  # the cache must fit the model's context
     cache, ids, pos = warm_cache(lm, context, max_rows)
     times: dict[int, list[float]] = {k: [] for k in (points or range(1, max_rows + 1))}
     for rnd in range(repeats + 1):
