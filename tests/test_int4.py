@@ -218,7 +218,7 @@ def test_default_model_int4_mode(default_model):
     texts = [(len(i), i + t) for i, t in zip(ids, greedy(default_model, prompts, n=24).token_ids, strict=True)]
     f32, f16 = fidelity(default_model, m, texts), fidelity(default_model, m16, texts)
     assert f16["kl_nats"] < max(2 * f32["kl_nats"], 0.01) and f16["top1_agreement"] >= 0.9
-    with pytest.raises(ModelLoadError, match="needs weights='int4'"):
+    with pytest.raises(ModelLoadError, match="fp16 cache needs the fused stack: weights='int4'"):
         exitspec.load("default", kv_cache="float16")
 
 

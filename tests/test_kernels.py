@@ -333,7 +333,7 @@ def test_fused_stack_keeps_an_fp16_cache(kernel_isa):
         assert torch.equal(c16.k[0], c32.k[0].half()) and torch.equal(c16.v[0], c32.v[0].half())
         a, b = fp32.forward(ids, pos, fp32.new_cache(2, 8)), fp16.forward(ids, pos, fp16.new_cache(2, 8))
     assert torch.isfinite(b).all() and float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.8
-    with pytest.raises(ValueError, match="needs weights='int4' on a Llama-family model"):
+    with pytest.raises(ValueError, match="needs the fused stack: weights='int4' on a Llama-family model"):
         LayeredModel(m.model, int4=int4_table(m.model), fuse=False, kv_dtype=torch.float16)
     with pytest.raises(ValueError, match="it runs: float32"):
         LayeredModel(tiny_model("llama"), kv_dtype=torch.float16)
