@@ -132,15 +132,21 @@ def pareto(res: SavedResults, out: Path) -> str | None:
         ax.set_xlabel("speedup vs fastest vanilla")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    axes[0].set_title("circles: lossless claim, triangles: lossy; l = exit layer", fontsize=8)
+    _legend_below(fig, axes, ncol=5)
+    return _save(fig, out, "pareto", tight=False)
+
+
+def _legend_below(fig, axes, ncol: int) -> None:
+    """One legend for all panels (each label once), in rows of `ncol` under them; the panels are laid
+    out above it."""
     seen: dict = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(lab, h)
-    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(5, len(seen)), fontsize=7,
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(ncol, len(seen)), fontsize=7,
                frameon=False)
-    axes[0].set_title("circles: lossless claim, triangles: lossy; l = exit layer", fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(seen) - 1) // 5), 1, 1))
-    return _save(fig, out, "pareto", tight=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(seen) - 1) // ncol), 1, 1))
 
 
 def threshold_pareto(res: SavedResults, out: Path) -> str | None:
@@ -179,14 +185,8 @@ def threshold_pareto(res: SavedResults, out: Path) -> str | None:
         ax.set_xlabel("tokens/s over the fastest vanilla")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    seen: dict = {}
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            seen.setdefault(lab, h)
-    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(4, len(seen)), fontsize=7,
-               frameon=False)
     axes[0].set_title("lossy modes at each threshold (labels); star: vanilla", fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(seen) - 1) // 4), 1, 1))
+    _legend_below(fig, axes, ncol=4)
     return _save(fig, out, "threshold_pareto", tight=False)
 
 
