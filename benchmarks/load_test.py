@@ -235,9 +235,13 @@ def main() -> int:
     p.add_argument("--max-chars", type=int, default=600, help="cut prompts to this many characters")
     p.add_argument("--llama-server", default=None, help="llama-server binary (default: $EXITSPEC_LLAMA_SERVER, "
                    "PATH); skipped with the reason when none is found")
+    p.add_argument("--stream-interval-ms", type=float, default=50.0,
+                   help="exitspec serve's --stream-interval-ms (its default: 50)")
+    p.add_argument("--no-llama", action="store_true", help="skip llama-server")
     p.add_argument("--out", default=None, help="write the markdown report here")
     args = p.parse_args()
-    args.serve_args = ["--weights", args.weights, "--heads", args.heads, "--strategy", args.strategy]
+    args.serve_args = ["--weights", args.weights, "--heads", args.heads, "--strategy", args.strategy,
+                       "--stream-interval-ms", f"{args.stream_interval_ms:g}"]
 
     from exitspec.bench.contenders import PeerUnavailable
     from exitspec.bench.llama_cpp import find_server
@@ -263,6 +267,8 @@ def main() -> int:
             print(log, file=sys.stderr)
     llama = "not run"
     try:
+        if args.no_llama:
+            raise PeerUnavailable("--no-llama")
         binary = find_server(args.llama_server)
         gguf = default_gguf_path() if args.model == DEFAULT_MODEL else Path(args.model)
         if gguf.suffix != ".gguf":

@@ -171,3 +171,46 @@ def test_torch_work_runs_on_the_worker_thread_and_the_worker_can_be_the_callers(
     assert done == ["ok"]
     with pytest.raises(APIError, match="shutting down"):
         s.call(lambda: None).result(timeout=1)
+
+
+def test_a_stream_interval_sends_fewer_larger_deltas_that_add_up_to_the_answer(tiny):
+    """With --stream-interval-ms the worker holds text back between hand-offs; the deltas still
+    join to the solo answer, the first one is not held back, and the rest come no more often than
+    the interval allows (plus the flush before the finish)."""
+
+    def run(interval_s: float):
+        async def main():
+            s = Scheduler(tiny, max_batch=2, stream_interval_s=interval_s)
+            j = job(asyncio.get_running_loop(), max_tokens=60)
+            s.submit(j)
+            s.start()
+            deltas = []
+            while not isinstance(msg := await j.queue.get(), (Finished, Failed)):
+                deltas.append(msg.text)
+            s.close()
+            return j, deltas, msg
+
+        return asyncio.run(main())
+
+    j, every_step, done = run(0.0)
+    assert "".join(every_step) == done.text == solo(tiny, j)
+    j, held, done = run(3600.0)  # nothing but the first step's text and the final flush
+    assert "".join(held) == done.text == solo(tiny, j)
+    assert len(held) == 2 < len(every_step)
+
+
+def test_text_queued_behind_a_delta_leaves_as_one_chunk_and_the_finish_stays_next():
+    """The event loop's side of coalescing: Deltas that queued up while it was busy join the one in
+    hand; the Finished behind them is handed back, not lost or merged."""
+    from exitspec.server.app import _queued_text
+
+    async def main():
+        j = job(asyncio.get_running_loop())
+        done = Finished("stop", "abc", 3, {})
+        for msg in (Delta("b"), Delta("c"), done, Delta("never")):
+            j.queue.put_nowait(msg)
+        first = _queued_text(j)
+        return first, j.queue.qsize(), done
+
+    (text, after), left, done = asyncio.run(main())
+    assert text == "bc" and after is done and left == 1

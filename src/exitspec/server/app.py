@@ -46,6 +46,10 @@ class ServerConfig:
     max_context: int | None = None  # most prompt + completion tokens per request; None: the model's context
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
     prefill_tokens: int | None = 256  # positions per prefill chunk between decode steps (None: whole prompts)
+    # A stream's new text is sent at most this often (0: after every step). 20 updates a second read
+    # as smoothly as a token each, and the chunks saved are CPU the decode threads get back
+    # (benchmarks/load_test.md: one stream through the server vs in process, with and without).
+    stream_interval_ms: float = 50.0
     allow_untrained_heads: bool = False  # serve head strategies with no heads attached (logit-lens heads)
 
 
@@ -58,7 +62,8 @@ class Server:
         self.created = int(time.time())
         self.metrics = Metrics(waiting=lambda: self.scheduler.waiting, running=lambda: self.scheduler.running)
         self.scheduler = Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue,
-                                   prefill_tokens=config.prefill_tokens, metrics=self.metrics)
+                                   prefill_tokens=config.prefill_tokens, metrics=self.metrics,
+                                   stream_interval_s=config.stream_interval_ms / 1000)
         # HF fast tokenizers are not safe to call from two threads at once; the decode thread uses
         # the model's tokenizer (detokenising), one tokenising thread this copy.
         self.encoder = copy.deepcopy(model.tokenizer)
@@ -136,12 +141,31 @@ class Server:
 
 async def _next(job: Job, request: Request) -> Delta | Finished | Failed | None:
     """The job's next message, or None when the client disconnected while we waited."""
+    if not job.queue.empty():
+        return job.queue.get_nowait()
     while True:
         try:
             return await asyncio.wait_for(job.queue.get(), timeout=KEEPALIVE_S)
         except TimeoutError:
             if await request.is_disconnected():
                 return None
+
+
+def _queued_text(job: Job) -> tuple[str, Finished | Failed | None]:
+    """The text of the Deltas already queued behind the one in hand, and the message that ended the
+    run of Deltas, if one is queued.
+
+    Why: each chunk costs JSON and a socket write here and a parse in the client, on the same cores
+    as the decode threads; a stream whose event loop fell behind catches up with one larger chunk
+    instead of falling further behind.
+    """
+    texts: list[str] = []
+    while not job.queue.empty():
+        msg = job.queue.get_nowait()
+        if not isinstance(msg, Delta):
+            return "".join(texts), msg
+        texts.append(msg.text)
+    return "".join(texts), None
 
 
 def _usage(job: Job, done: Finished) -> dict:
@@ -194,7 +218,11 @@ class _Responder:
                 yield _sse(self.chunk(role=True))
             while True:
                 if isinstance(msg, Delta):
-                    yield _sse(self.chunk(msg.text))
+                    more, after = _queued_text(self.job)
+                    yield _sse(self.chunk(msg.text + more))
+                    if after is not None:
+                        msg = after
+                        continue
                 elif isinstance(msg, Finished):
                     outcome = 200
                     yield _sse(self.chunk(reason=msg.reason, exitspec=msg.stats))
