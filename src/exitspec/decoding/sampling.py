@@ -163,7 +163,23 @@ def sample_from(p: torch.Tensor, generator: torch.Generator | RowSampling | None
                                 for b, (params, g) in enumerate(zip(generator.params, generator.generators,
                                                                     strict=True))])
     flat = p.reshape(-1, p.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(p.shape[:-1])
+    return torch.stack([_inverse_cdf(row, generator) for row in flat]).view(p.shape[:-1])
+
+
+def _inverse_cdf(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw from the probabilities p (V,): the token whose cumulative-probability interval holds
+    a uniform number.
+
+    Why not torch.multinomial: on a vocabulary of tens of thousands of tokens one draw costs a large
+    share of a decode step on a CPU, over ten times a cumulative sum and a binary search
+    (benchmarks/README.md, "Design measurements"). The sum is in float64 so that rounding cannot
+    move mass between tokens (a token of probability 0 has an empty interval and is never drawn),
+    and the draw is scaled to the sum, so an unnormalised p works too. One row at a time: torch's
+    cumsum is slow along the last dimension of a 2-D tensor.
+    """
+    c = p.double().cumsum(0)  # (V,)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=p.device) * c[-1]
+    return torch.searchsorted(c, u, right=True).clamp_(max=p.shape[0] - 1)[0]
 
 
 def uniform_draws(shape: tuple[int, ...], generator: torch.Generator | RowSampling | None,
