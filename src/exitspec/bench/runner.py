@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from exitspec.bench import metrics
+from exitspec.bench.aggregate import aggregate_row, category_rows, category_tps
 from exitspec.bench.config import BenchConfig, RunSpec, save_config
 from exitspec.bench.contenders import Contender, ExitspecContender, PeerUnavailable, Sample
 from exitspec.bench.costs import cost_split
@@ -254,7 +254,8 @@ class BenchRunner:
                 rec["nll"], rec["nll_tokens"] = text_nll(self.model, self.ids[i], s.tokens)
             per_prompt.append(rec)
         settings = self._settings(spec, contender)
-        row = settings | self._aggregate(spec, per_prompt, samples) | self._draft_quality(spec, settings["exit_layer"])
+        row = (settings | aggregate_row(per_prompt, samples, cfg.bootstrap, cfg.seed)
+               | self._draft_quality(spec, settings["exit_layer"]))
         row["peak_mem_mib"], row["mem_source"] = mem.peak_mib, mem.source
         if spec.name == "vanilla":
             self.vanilla_decode[(rt, spec.temperature)] = decode_tokens_per_s(per_prompt)
@@ -311,7 +312,8 @@ class BenchRunner:
         if base:
             row["baseline"], row["baseline_tokens_per_s"] = base["label"], base["tps"]
             row["speedup"] = metrics.speedup(row["tokens_per_s"], base["tps"])
-        self._write(row, per_prompt, self._categories(spec, per_prompt))
+        by_category = self.baseline.get(spec.temperature, {}).get("by_category", {})
+        self._write(row, per_prompt, category_rows(spec, per_prompt, by_category))
 
     def _flush_baselines(self) -> None:
         pending, self.pending = self.pending, []
@@ -336,41 +338,6 @@ class BenchRunner:
                 "prompts": len(self.ids), "repeats": self.cfg.repeats, "model": self.model.name,
                 "heads": self.cfg.heads or "", "machine": machine_line(self.machine), "status": "ok"}
 
-    def _aggregate(self, spec: RunSpec, per_prompt: list[dict], samples: list[Sample]) -> dict:
-        cfg = self.cfg
-        tokens = [len(s.tokens) for s in samples]
-        row = {"new_tokens": sum(tokens),
-               "tokens_per_s": metrics.throughput(tokens, [s.total_s for s in samples]),
-               "tokens_per_s_prompt_median": metrics.median([r["tokens_per_s"] for r in per_prompt]),
-               "ttft_s": metrics.median([s.ttft_s for s in samples if s.ttft_s is not None]) if any(
-                   s.ttft_s is not None for s in samples) else None,
-               "target_calls_per_token": metrics.calls_per_token(
-                   sum(s.target_calls for s in samples) if all(s.target_calls is not None for s in samples)
-                   else None, sum(tokens)),
-               "layers_per_token": metrics.layers_per_token(
-                   sum(s.layers_computed for s in samples) if all(s.layers_computed is not None for s in samples)
-                   else None, sum(tokens)),
-               "exit_hist": {str(k): v for k, v in metrics.merge_histograms(s.exit_hist for s in samples).items()}}
-        lens = [n for s in samples for n in (s.accept_lengths or [])]
-        if lens:
-            drafted = sum(s.drafted for s in samples) if all(s.drafted is not None for s in samples) else None
-            acc = metrics.acceptance(lens, drafted if drafted is not None else 0)
-            row["mean_accepted"], row["mean_accept_length"] = acc["mean_accepted"], acc["mean_accept_length"]
-            if drafted:
-                row["gamma_mean"], row["acceptance_rate"] = acc["gamma_mean"], acc["acceptance_rate"]
-        answers = [r["answer_agreement"] for r in per_prompt if r.get("answer_agreement") is not None]
-        if answers:  # lossy modes on math prompts: is the final answer still vanilla's?
-            row["answer_agreement"], row["answer_prompts"] = sum(answers) / len(answers), len(answers)
-        if "agreement" in per_prompt[0]:
-            row["agreement"], row["agreement_lo"], row["agreement_hi"] = metrics.bootstrap_ci(
-                [r["agreement"] for r in per_prompt], cfg.bootstrap, seed=cfg.seed)
-        if "nll" in per_prompt[0]:
-            pairs = [(r["nll"], r["nll_tokens"]) for r in per_prompt]
-            row["perplexity"], row["perplexity_lo"], row["perplexity_hi"] = metrics.bootstrap_ci(
-                pairs, cfg.bootstrap, seed=cfg.seed,
-                stat=lambda ps: metrics.perplexity(sum(a for a, _ in ps), sum(b for _, b in ps)))
-        return row
-
     def _draft_quality(self, spec: RunSpec, exit_layer: int | None) -> dict:
         """Overlap / TV / top-1 agreement of the draft exit vs the full model, from the layer sweep."""
         if exit_layer is None or not self.layer_rows:
@@ -394,33 +361,7 @@ class BenchRunner:
         if tps is None or math.isnan(tps) or (cur and cur["tps"] >= tps):
             return
         self.baseline[spec.temperature] = {"label": spec.label, "tps": tps,
-                                           "by_category": _category_tps(per_prompt)}
-
-    def _categories(self, spec: RunSpec, per_prompt: list[dict]) -> list[dict]:
-        base = self.baseline.get(spec.temperature, {}).get("by_category", {})
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for r in per_prompt:
-            groups[r["category"] or "-"].append(r)
-        out = []
-        for cat, recs in sorted(groups.items()):
-            tokens = sum(r["new_tokens"] for r in recs)
-            tps = metrics.throughput([r["new_tokens"] for r in recs], [r["time_s"] for r in recs])
-            agr = [r["agreement"] for r in recs if r.get("agreement") is not None]
-            ttft = [r["ttft_s"] for r in recs if r["ttft_s"] is not None]
-            row = {"label": spec.label, "name": spec.name, "exit_layer": spec.exit_layer, "gamma": spec.gamma,
-                   "temperature": spec.temperature, "category": cat, "prompts": len(recs), "tokens_per_s": tps,
-                   "speedup": metrics.speedup(tps, base.get(cat)), "ttft_s": metrics.median(ttft) if ttft else None,
-                   "target_calls_per_token": _sum_per(recs, "target_calls", tokens),
-                   "layers_per_token": _sum_per(recs, "layers_computed", tokens),
-                   "agreement": sum(agr) / len(agr) if agr else None}
-            if all(r["verifications"] for r in recs):
-                accepted = sum(r["accepted"] for r in recs)
-                row["mean_accepted"] = accepted / sum(r["verifications"] for r in recs)
-                row["mean_accept_length"] = row["mean_accepted"] + 1.0
-                if all(r["drafted"] for r in recs):
-                    row["acceptance_rate"] = accepted / sum(r["drafted"] for r in recs)
-            out.append(row)
-        return out
+                                           "by_category": category_tps(per_prompt)}
 
     def _layer_sweep(self, bar) -> None:
         sweeps = []
@@ -443,19 +384,6 @@ class BenchRunner:
             "entries": [{"label": a.label, "prompts": a.prompts, "ok": a.ok, "mismatches": a.mismatches}
                         for a in self.audit],
         })
-
-
-def _sum_per(recs: list[dict], key: str, tokens: int) -> float | None:
-    vals = [r[key] for r in recs]
-    return sum(vals) / tokens if tokens and all(v is not None for v in vals) else None
-
-
-def _category_tps(per_prompt: list[dict]) -> dict[str, float]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in per_prompt:
-        groups[r["category"] or "-"].append(r)
-    return {c: metrics.throughput([r["new_tokens"] for r in rs], [r["time_s"] for r in rs])
-            for c, rs in groups.items()}
 
 
 # Prompt categories whose answers end in a number to compare (GSM8K: "#### 42").
