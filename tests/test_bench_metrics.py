@@ -88,3 +88,22 @@ def test_final_numbers_and_answer_agreement_follow_gsm8ks_convention():
     assert answer_agreement("The answer is 42", "... so #### 42") is True
     assert answer_agreement("The answer is 41", "#### 42") is False
     assert answer_agreement("42", "I cannot tell") is None  # nothing to agree with
+
+
+def test_datastore_facts_count_the_corpus_and_index_and_time_real_proposals():
+    from conftest import tiny_loaded
+    from exitspec.bench.datastore_facts import describe, measure_datastore
+    from exitspec.heads.bundle import HeadBundle
+
+    m = tiny_loaded("llama", layers=2)
+    assert measure_datastore(m, [[1, 2, 3]]) is None  # no heads: nothing to report
+    m.heads = HeadBundle.create(m.lm, [1], "norm_lm")
+    corpus = [[5, 6, 7, 8, 9], [5, 6, 7, 1]]
+    m.heads.set_draft_corpus(corpus, source="test answers")
+    facts = measure_datastore(m, [[4, 5, 6, 7, 5, 6], [9, 9]])
+    assert facts["tokens"] == 9 and facts["sequences"] == 2 and facts["source"] == "test answers"
+    # 4-grams with a continuation: 5678 (-> 9) only; 3-grams 567 (one key, two continuations), 678;
+    # 2-grams 56, 67, 78.
+    assert facts["keys"] == {"4": 1, "3": 2, "2": 3}
+    assert facts["proposals_timed"] >= 2000 and 0 <= facts["hit_rate"] <= 1 and facts["lookup_us"] > 0
+    assert "9 tokens from test answers" in describe(facts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exitspec.bench.datastore_facts import describe as describe_datastore
 from exitspec.bench.plots import draw_all
 from exitspec.bench.results import SavedResults
 
@@ -75,6 +76,8 @@ def render(res: SavedResults, figures: list[str]) -> str:
               f"Prompts: {first.get('prompts', '?')} ({_prompt_source(cfg)}), "
               f"{first.get('max_new_tokens', '?')} new tokens each (EOS ignored), warm-up {cfg.get('warmup', '?')}, "
               f"median of {first.get('repeats', '?')} repeats per prompt. Heads: {cfg.get('heads') or 'none'}.", ""]
+    if res.datastore:
+        lines += [describe_datastore(res.datastore), ""]
     if cfg.get("command"):
         lines += ["Command:", "", f"    {cfg['command']}", ""]
     lines += [

@@ -152,6 +152,7 @@ class SavedResults:
         self.prompts = read_jsonl(self.out / "results.jsonl")
         self.audit = _read_json(self.out / "audit.json")
         self.config = _read_json(self.out / "config.json")
+        self.datastore = _read_json(self.out / "datastore.json")  # bench/datastore_facts.py, when lookup ran
 
 
 def _read_json(path: Path):

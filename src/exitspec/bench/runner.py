@@ -29,6 +29,7 @@ from exitspec.bench.aggregate import aggregate_row, category_rows, category_tps
 from exitspec.bench.config import BenchConfig, RunSpec, save_config
 from exitspec.bench.contenders import Contender, ExitspecContender, PeerUnavailable, Sample
 from exitspec.bench.costs import cost_split
+from exitspec.bench.datastore_facts import measure_datastore
 from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
 from exitspec.bench.peers import make_peer
 from exitspec.bench.prediction import decode_tokens_per_s, lookup_prediction, self_spec_prediction
@@ -99,6 +100,10 @@ class BenchRunner:
         bar = tqdm(total=units, desc="bench", unit="gen", disable=not self.progress, dynamic_ncols=True,
                    file=sys.stderr)
         self.writer.write_json("audit.json", {"status": "running"})
+        if any(s.name in DATASTORE_STRATEGIES for s in self.specs):
+            facts = measure_datastore(self.model, self.ids)
+            if facts:
+                self.writer.write_json("datastore.json", facts)
         try:
             timed = self._run_interleaved(bar) if self.cfg.interleave else {}
             for spec in self.specs:
@@ -385,6 +390,9 @@ class BenchRunner:
                         for a in self.audit],
         })
 
+
+# Strategies that draft from the attached bundle's datastore: the report says what it is and costs.
+DATASTORE_STRATEGIES = ("lookup", "hybrid", "tree")
 
 # Prompt categories whose answers end in a number to compare (GSM8K: "#### 42").
 ANSWER_CATEGORIES = ("gsm8k",)
