@@ -174,8 +174,9 @@ def test_block_heads_start_as_the_logit_lens_and_draft_losslessly():
 
 
 def test_int4_weights_run_per_projection_and_stay_lossless(kernel_isa):
-    """Q4_1 projections (exact 4-bit groups) run on exitspec's q4 kernel one projection at a time (no
-    fused stack runs a Gemma layer): near HF's forward on the same weights, and lossless."""
+    """Q4_1 projections (exact 4-bit groups) run on exitspec's q4 kernel one projection at a time (the
+    fused Gemma stack takes K-quant blocks only, test_gemma_stack.py): near HF's forward on the same
+    weights, and lossless."""
     model = tiny_gemma3()
     head = model.get_output_embeddings()
     with torch.no_grad():

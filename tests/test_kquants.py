@@ -202,7 +202,7 @@ def test_a_gemma3_runs_its_projections_from_the_gguf_blocks_and_stays_lossless(k
     plan0, plan1 = lm.adapter._plans[:2]
     assert isinstance(plan0.qkv, QuantLinear) and plan0.qkv.types == ("Q5_0", "Q5_0", "Q8_0")
     assert (plan1.gate_up.types, plan0.down.types, plan1.down.types) == (("Q5_0", "Q4_0"), ("Q6_K",), ("Q4_K",))
-    assert lm.weights == "int4" and not lm.adapter.fused
+    assert lm.weights == "int4" and lm.adapter.fused  # the fused Gemma 3 stack (test_gemma_stack.py)
     ids = (torch.arange(20)[None] * 7 + 3) % 95
     with torch.inference_mode():
         ref = model(ids).logits

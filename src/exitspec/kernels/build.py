@@ -36,8 +36,8 @@ ISAS = (
         "gemm_avx512.cpp", "kquant_avx512.cpp"),
     Isa("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), "gemm_avx2.cpp", "kquant_avx2.cpp"),
 )
-SOURCES = ("attention.cpp", "llama.cpp", "kquant_ops.cpp")
-HEADERS = ("vec.h", "gemm.h", "attention.h", "ggml_blocks.h", "kquant.h")
+SOURCES = ("attention.cpp", "llama.cpp", "kquant_ops.cpp", "gemma.cpp")
+HEADERS = ("vec.h", "gemm.h", "attention.h", "ggml_blocks.h", "kquant.h", "kquant_matrix.h", "stack.h")
 COMMON_CFLAGS = ("-O3", "-fopenmp")
 OFF = ("0", "off", "false", "no")
 

@@ -18,11 +18,16 @@ What sets a Gemma 3 layer apart from a Llama one, all read from HF's modules and
 Attention-logit softcapping (a Gemma 2 setting) and bidirectional attention (Gemma 3 embedding
 models) are refused by name: SDPA cannot softcap, and a decoder that sees later tokens cannot decode.
 
-No fused C++ stack runs Gemma 3 (kernels/csrc/llama.cpp is the Llama layer); with weights="int4" the
-projections still run from the checkpoint's codes, one call per projection (Adapter.projection): on
-exitspec's q4 kernel for Q4_0/Q4_1 groups, on its K-quant kernels for the blocks of a K-quant GGUF
-(Gemma 3 270M's Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0; models/kquants.py), a fused q|k|v or gate|up mixing
-block types.
+With weights="int4" on a K-quant GGUF (Gemma 3 270M's Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0; models/kquants.py)
+the whole stack runs as one C++ call (kernels/csrc/gemma.cpp, `GemmaStack`; both kernel builds): the
+projections on the K-quant kernels from the file's own blocks (a fused q|k|v or gate|up mixing block
+types), and the glue this module runs as ~40 torch ops a layer (the four sandwich norms, q/k norms,
+each kind's RoPE table, GELU-tanh, residuals) in C++ on the calling thread, attention on exitspec's
+kernel with each layer's window and query_pre_attn_scalar scaling. The per-op path below stays the
+reference the fused stack is tested against (`fuse=False`), and runs where the stack cannot: dense
+weights, Q4_0 / Q4_1 groups (one q4-kernel call per projection, Adapter.projection), no kernels.
+Where a Gemma 3 270M step goes, with and without the stack, against the machine's read bandwidth:
+benchmarks/gemma3/README.md.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exitspec import kernels
 from exitspec.models.dims import ModelDims
 from exitspec.models.int4 import Int4Linear
 from exitspec.models.interface import (
@@ -116,6 +122,44 @@ class Gemma3Adapter(Adapter):
         self.rope_kinds: tuple[str, ...] = tuple(sorted(set(c.layer_types)))
         self._plans = [self._plan(blk, self.projection) for blk in self.layers]
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (K, positions, D) cos, sin
+        self.stack = self._fused_stack() if fuse else None
+        self.fused = self.stack is not None
+
+    def _fused_stack(self):
+        """The whole stack as one C++ object (kernels/csrc/gemma.cpp) where every projection runs from a
+        K-quant GGUF's blocks (QuantLinear) and the layer is the released Gemma 3 one (gelu-tanh MLP,
+        no projection bias); None otherwise (the per-op path below then runs)."""
+        plans, c = self._plans, self.config
+        if not plans or any(not isinstance(getattr(p, name), QuantLinear) or getattr(p, name).bias is not None
+                            for p in plans for name in ("qkv", "o", "gate_up", "down")):
+            return None
+        ops = kernels.load()
+        if ops is None or getattr(c, "hidden_activation", None) != "gelu_pytorch_tanh" \
+                or not ops.attention_supports(self.head_dim) or len({p.eps for p in plans}) != 1 \
+                or len({p.scaling for p in plans}) != 1:
+            return None
+        p0 = plans[0]
+        stack = ops.GemmaStack(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+                               p0.gate_up.out_features // 2, p0.scaling)
+        for p in plans:
+            norms = [t.detach().float().contiguous() for t in (p.ln_in, p.ln_post_attn, p.ln_pre_ff, p.ln_post_ff,
+                                                             p.q_norm, p.k_norm)]
+            stack.add_layer(p.qkv.kernel, p.o.kernel, p.gate_up.kernel, p.down.kernel, *norms, p.eps,
+                            p.window or 0, p.rope)
+        return stack
+
+    def take_stack_times(self):
+        if self.stack is None:
+            return None
+        return dict(zip(("products", "attention", "glue"), self.stack.take_times(), strict=True))
+
+    def run(self, h, cache, ctx, start, stop, skip_mlp):
+        if self.stack is None:
+            return super().run(h, cache, ctx, start, stop, skip_mlp)
+        cos, sin = ctx.rope  # (K, B, T, D) each: one table per attention kind
+        skip = [i in skip_mlp for i in range(self.num_layers)] if skip_mlp else []
+        return self.stack.forward(h.contiguous(), cache.k, cache.v, ctx.positions.contiguous(), cos.contiguous(),
+                                  sin.contiguous(), start, stop, skip)
 
     # --- pieces ---------------------------------------------------------------------------------
     def embed(self, ids, positions):
