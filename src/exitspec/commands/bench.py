@@ -54,8 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run", action="append", default=[], metavar="'NAME key=v1,v2 ...'",
                    help="a contender and its option grid (repeatable), e.g. 'self-spec exit_layer=8,12 gamma=4'")
     g.add_argument("--strategies", type=_list(str), default=None,
-                   help="comma-separated strategies/peers (vanilla, self-spec, dssd, cascade, mlp-skip, lookup, hybrid,"
-                        " hf-generate, hf-early-exit, hf-prompt-lookup, economize-early-exit)")
+                   help="comma-separated strategies/peers (vanilla, self-spec, dssd, cascade, mlp-skip, lookup, tree,"
+                        " hybrid, hf-generate, hf-early-exit, hf-prompt-lookup, economize-early-exit)")
     g.add_argument("--exit-layers", type=_list(int), default=None, help="exit layers for --strategies that take one")
     g.add_argument("--draft-lengths", type=_list(int), default=None, help="draft lengths for --strategies")
     g.add_argument("--temperatures", type=_list(float), default=None, help="e.g. 0,0.7 (default 0 = greedy)")

@@ -60,8 +60,8 @@ def make_strategy(name: str | Strategy, model, **options) -> Strategy:
 def no_heads_message(name: str) -> str:
     return (f"strategy {name!r} reads exit heads and none are attached, so it runs untrained logit-lens heads "
             "(norm_lm), whose drafts are rarely accepted: slower than vanilla. Attach trained heads: --heads "
-            "default (the bundle shipped for the default model) or a folder from `exitspec train`; in Python "
-            "exitspec.load(..., heads=...) / exitspec.attach_heads")
+            "default (the bundle shipped for the loaded model, where one is) or a folder from `exitspec train`; in "
+            "Python exitspec.load(..., heads=...) / exitspec.attach_heads")
 
 
 # The one rule every strategy's options follow, read from its factory's signature: an unknown name
@@ -106,7 +106,7 @@ def recommended_options(model, name: str, options: dict) -> dict:
 
 def _load_builtin_strategies() -> None:
     """Import the strategy modules that register themselves (kept lazy: vanilla needs none)."""
-    for name in ("self_spec", "dssd", "cascade", "mlp_skip", "lookup", "hybrid"):
+    for name in ("self_spec", "dssd", "cascade", "mlp_skip", "lookup", "hybrid", "tree_lookup"):
         mod = f"exitspec.decoding.strategies.{name}"
         try:
             importlib.import_module(mod)

@@ -20,7 +20,7 @@ while base^n < 2^63 (4-grams of a vocabulary below 2^15.75 ~ 55k tokens), a wrap
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -97,6 +97,11 @@ class NgramStore:
     def propose(self, ctx: Sequence[int], k: int) -> tuple[list[int], int]:
         """Up to k tokens that most often followed ctx's longest suffix seen in the store, and that
         suffix's length ([], 0 if none)."""
+        return next(self.propose_each(ctx, k), ([], 0))
+
+    def propose_each(self, ctx: Sequence[int], k: int) -> Iterator[tuple[list[int], int]]:
+        """`propose`'s answer for every suffix length that matches, longest first: (tokens, n). A token
+        tree (decoding/strategies/tree_lookup.py) verifies the continuations of several at once."""
         for n in self.ns:
             if len(ctx) < n:
                 continue
@@ -107,5 +112,4 @@ class NgramStore:
                 start = int(self.starts[n][i])
                 out = self.stream[start:start + k]
                 end = np.flatnonzero(out < 0)
-                return out[: end[0] if len(end) else len(out)].tolist(), n
-        return [], 0
+                yield out[: end[0] if len(end) else len(out)].tolist(), n

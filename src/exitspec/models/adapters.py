@@ -61,6 +61,7 @@ class LlamaAdapter(Adapter):
 
     family = "llama"
     model_types = ("llama", "qwen2", "mistral")
+    fused_tree = True  # kernels/csrc/llama.cpp takes tree masks
 
     def __init__(self, model, int4=None, fuse=True):
         super().__init__(model, int4, fuse)
@@ -110,7 +111,7 @@ class LlamaAdapter(Adapter):
         cos, sin = ctx.rope
         skip = [i in skip_mlp for i in range(self.num_layers)] if skip_mlp else []
         return self.stack.forward(h.contiguous(), cache.k, cache.v, ctx.positions.contiguous(), cos.contiguous(),
-                                  sin.contiguous(), start, stop, skip)
+                                  sin.contiguous(), start, stop, skip, ctx.tree)
 
     def embed(self, ids, positions):
         return F.embedding(ids, self.base.embed_tokens.weight)  # what HF's nn.Embedding does, one call less

@@ -38,6 +38,11 @@ class StepContext:
     windowed_mask: dict[int, torch.Tensor | None]  # sliding-window masks by window size
     # (cos, sin) each (B, 1, T, rot), broadcast over heads: unsqueezed once per call, not per layer.
     rope_heads: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # A token tree (decoding/token_tree.py): (B, T) int64 visibility masks over the row's new tokens
+    # (bit i: token i), which write slots root + i rather than their positions (root + depth); the
+    # fused stack takes the masks, the per-layer path has them in `mask`. None: a plain causal call.
+    tree: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # (B, T) cache slots written, where they are not `positions`
 
     def rope_by_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope_heads is None:
@@ -48,15 +53,17 @@ class StepContext:
 
 def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write k, v (B, Hkv, T, D) at the tokens' positions; return the attended cache views."""
+    """Write k, v (B, Hkv, T, D) at the tokens' slots (their positions but in a token tree); return the
+    attended cache views."""
     T = k.shape[2]
     if ctx.rows is None:
         cache_k[:, :, ctx.start: ctx.start + T] = k
         cache_v[:, :, ctx.start: ctx.start + T] = v
     else:
+        slots = ctx.positions if ctx.slots is None else ctx.slots
         # Advanced indices (B,1) and (B,T) around a slice put the indexed dims first: (B, T, Hkv, D).
-        cache_k[ctx.rows, :, ctx.positions] = k.transpose(1, 2)
-        cache_v[ctx.rows, :, ctx.positions] = v.transpose(1, 2)
+        cache_k[ctx.rows, :, slots] = k.transpose(1, 2)
+        cache_v[ctx.rows, :, slots] = v.transpose(1, 2)
     return cache_k[:, :, : ctx.attend_len], cache_v[:, :, : ctx.attend_len]
 
 
@@ -127,9 +134,12 @@ class Adapter:
     # head (LayeredModel.head); None = none (every family but a Gemma config that sets it).
     logit_softcap: float | None = None
 
-    # A fused kernel stack runs layers start..stop in one call (LlamaAdapter over q4 weights); it masks
-    # by position itself, so the step context then carries no mask.
+    # A fused kernel stack runs layers start..stop in one call (LlamaAdapter over q4 weights, Gemma3Adapter
+    # over K-quant blocks); it masks by position itself, so the step context then carries no mask.
     fused: bool = False
+    # Whether that fused stack takes token-tree masks (StepContext.tree; the Llama stack does). The
+    # per-layer path always can: its masks are dense.
+    fused_tree: bool = False
 
     def take_stack_times(self) -> dict[str, float] | None:
         """ms the fused stack spent since the last call, by part ("products", "attention", "glue"); None

@@ -106,6 +106,27 @@ class KVCache:
         if self.head_cache is not None:  # the exit head's layer reads positions the model's layers roll back
             self.head_cache.rollback(lengths)
 
+    def keep_path(self, roots: list[int], paths: list[list[int]]) -> None:
+        """After a token tree's verification (decoding/token_tree.py): move each row's accepted path into
+        sequence order. Row b's tree token paths[b][k] (slot roots[b] + paths[b][k]) goes to slot
+        roots[b] + k in every layer, with its kept hidden state and its exit head's keys / values, so
+        the row reads as if the path had been decoded one token at a time. A path is increasing from
+        the root (paths[b][0] == 0; a parent precedes its children), so a token only moves down, and a
+        prefix already in place (a first branch accepted) moves nothing. Lengths are the caller's
+        (rollback to roots + len(path))."""
+        for b, (root, path) in enumerate(zip(roots, paths, strict=True)):
+            first = next((k for k, i in enumerate(path) if i != k), len(path))
+            if first == len(path):
+                continue
+            dst = torch.arange(root + first, root + len(path), device=self.k.device)
+            src = torch.tensor([root + i for i in path[first:]], device=self.k.device)
+            for t in (self.k, self.v):  # (n_layer, B, Hkv, L, D): index_select copies before index_copy_ writes
+                t[:, b].index_copy_(2, dst, t[:, b].index_select(2, src))
+            if self.hidden is not None:  # (B, L, C)
+                self.hidden[b].index_copy_(0, dst, self.hidden[b].index_select(0, src))
+        if self.head_cache is not None:
+            self.head_cache.keep_path(roots, paths)
+
     def keep_hidden(self, h: torch.Tensor, positions: torch.Tensor) -> None:
         """Store hidden states h (B, T, C) of `hidden_layer` at their positions (B, T)."""
         assert self.hidden is not None

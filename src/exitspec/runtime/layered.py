@@ -22,6 +22,11 @@ from exitspec.models.kquants import GGUFBlocks, QuantLinear
 from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available, outside_inference_mode
 from exitspec.runtime.kv_cache import KVCache, aligned
 
+# Most tokens of a token tree per row (decoding/token_tree.py): the fused attention kernel keeps a
+# query's visibility over the tree in one 64-bit mask (kernels/csrc/attention.h); the per-layer path
+# keeps the same limit, so that a strategy behaves alike on both.
+MAX_TREE_NODES = 64
+
 
 class LayeredModel:
     num_layers = dim("num_layers")
@@ -80,7 +85,7 @@ class LayeredModel:
             raise ValueError(
                 f"a {str(self.kv_dtype).removeprefix('torch.')} KV cache cannot run on this runtime (it runs: "
                 f"{names}); an fp16 cache needs the fused stack: weights='int4' on a Llama-family model stored as "
-                "Q4_0 / Q4_1 groups (not K-quant blocks), with exitspec's CPU kernels"
+                "Q4_0 / Q4_1 groups, or a Gemma 3 stored as K-quant blocks, with exitspec's CPU kernels"
             )
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
         self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
@@ -94,9 +99,10 @@ class LayeredModel:
         ops = kernels.load()
         isa = f", {ops.ISA} build: {ops.NUMERICS}" if ops is not None else ""
         projs = list(_projections(self.adapter))
+        kquant = any(isinstance(m, QuantLinear) for _, m in projs)
         if self.adapter.fused:
-            layers = "exitspec fused C++ stack (q4)"
-        elif any(isinstance(m, QuantLinear) for _, m in projs):
+            layers = f"exitspec fused C++ stack ({f'K-quant blocks: {_kquant_types(projs)}' if kquant else 'q4'})"
+        elif kquant:
             layers = f"exitspec K-quant kernels per projection: {_kquant_types(projs)}"
         elif any(getattr(m, "kernel", None) is not None for _, m in projs):
             layers = "exitspec q4 kernel per projection"
@@ -153,16 +159,36 @@ class LayeredModel:
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.adapter.embed(ids, positions)
 
-    def context(self, h: torch.Tensor, positions: torch.Tensor) -> StepContext:
-        """Shared per-call state: cache write pattern, causal mask, rotary tables."""
+    def context(self, h: torch.Tensor, positions: torch.Tensor, tree: torch.Tensor | None = None) -> StepContext:
+        """Shared per-call state: cache write pattern, causal mask, rotary tables. `tree`: (B, T) int64
+        masks when the new tokens are a token tree (decoding/token_tree.py): token t of row b writes slot
+        positions[b, 0] + t and sees the slots before the root and the tree tokens of its mask (bit i:
+        token i); its position (RoPE) is root + depth."""
+        if tree is not None and (tree.shape != positions.shape or positions.shape[1] > MAX_TREE_NODES):
+            raise ValueError(f"tree masks {tuple(tree.shape)} must match the positions {tuple(positions.shape)}, "
+                             f"with at most {MAX_TREE_NODES} tokens per row (the attention kernel's 64-bit masks); "
+                             "verify a smaller tree")
+        if tree is not None and not self.takes_trees:
+            raise ValueError("this runtime's fused stack takes no token-tree masks; verify chains (no tree), or "
+                             "load the model with fuse=False for the per-layer path")
         if self.adapter.fused:  # the fused kernels attend by position: no mask, no cache write pattern
             return StepContext(positions=positions, rows=None, start=0, attend_len=0, mask=None,
-                               rope=self.adapter.rope(h, positions), windowed_mask={})
-        return self.masked_context(h, positions)
+                               rope=self.adapter.rope(h, positions), windowed_mask={},
+                               tree=None if tree is None else tree.to(torch.long).contiguous())
+        return self.masked_context(h, positions, tree)
 
-    def masked_context(self, h: torch.Tensor, positions: torch.Tensor) -> StepContext:
+    @property
+    def takes_trees(self) -> bool:
+        """Can a forward verify a token tree (`context(tree=...)`)? The per-layer path always can; a fused
+        stack where it takes tree masks (the Llama family's)."""
+        return not self.adapter.fused or self.adapter.fused_tree
+
+    def masked_context(self, h: torch.Tensor, positions: torch.Tensor,
+                       tree: torch.Tensor | None = None) -> StepContext:
         """The per-layer path's context (cache write pattern, causal and window masks, rotary tables),
         also what a decoder layer outside the stack needs (adapter.block) when the stack is fused."""
+        if tree is not None:
+            return self._tree_context(h, positions, tree)
         B, T = positions.shape
         if B == 1:
             # Batch 1 (every decode step of a single sequence) always writes contiguous positions;
@@ -191,6 +217,32 @@ class LayeredModel:
         return StepContext(positions=positions, rows=rows, start=start, attend_len=attend_len,
                            mask=mask, rope=self.adapter.rope(h, positions), windowed_mask=windowed)
 
+    def _tree_context(self, h: torch.Tensor, positions: torch.Tensor, tree: torch.Tensor) -> StepContext:
+        """masked_context for a token tree: the dense mask that the fused kernel's tree masks stand for.
+        Token t of row b sits in slot root_b + t and sees slots < root_b plus the tree slots of its mask;
+        a sliding window compares positions, and a tree slot's position is its token's (root + depth).
+        Mathematically the attention of a plain decode of the same path; SDPA sums the ancestors in
+        other slots than that decode, so (unlike the fused kernel's) its low bits may differ from it."""
+        B, T = positions.shape
+        dev = positions.device
+        root = positions[:, :1]  # (B, 1): the root's position is its slot
+        slots = root + torch.arange(T, device=dev)  # (B, T)
+        attend_len = aligned(int(slots.max()) + 1)
+        j = torch.arange(attend_len, device=dev)
+        sees = ((tree.to(dev)[:, :, None] >> torch.arange(T, device=dev)) & 1) != 0  # (B, T, T): t sees token i
+        mask = (j[None, None, :] < root[:, :, None]).expand(B, T, attend_len).clone()  # (B, T, L): the prefix
+        mask.scatter_(2, slots[:, None, :].expand(B, T, T), sees)
+        key_pos = j.expand(B, attend_len).clone().scatter_(1, slots, positions)  # (B, L): each slot's position
+        windowed: dict[int, torch.Tensor | None] = {}
+        for w in self._windows:
+            if int(positions.max()) + 1 > w:
+                windowed[w] = ((key_pos[:, None, :] > positions[:, :, None] - w) & mask).unsqueeze(1)
+        same_root = bool((root == root[:1]).all())
+        return StepContext(positions=positions, rows=None if same_root else torch.arange(B, device=dev)[:, None],
+                           start=int(root[0, 0]), attend_len=attend_len, mask=mask.unsqueeze(1),
+                           rope=self.adapter.rope(h, positions), windowed_mask=windowed,
+                           tree=tree.to(torch.long).contiguous(), slots=slots)
+
     def run_layers(
         self,
         h: torch.Tensor,  # (B, T, C) hidden states entering layer `start`
@@ -206,7 +258,8 @@ class LayeredModel:
             raise ValueError(f"layer range {start}..{stop} outside 0..{self.num_layers}")
         if ctx is None:
             ctx = self.context(h, positions)
-        end = positions[:, -1] + 1
+        # A token tree fills slots root..root+T-1 (its positions stop at root + depth).
+        end = positions[:, -1] + 1 if ctx.tree is None else positions[:, 0] + positions.shape[1]
         cache.check_room(end)
         h = self.adapter.run(h, cache, ctx, start, stop, skip_mlp)
         cache.mark_filled(start, stop, end)

@@ -13,9 +13,21 @@
 // an fp32 cache holding the same rounded values. Why: every step reads each cached key and value once
 // per layer (46 KB per cached token in fp32 for the default model), which past a few hundred tokens
 // outgrows the caches and becomes the part of a step that grows with the context.
+//
+// Token trees (speculative decoding, decoding/token_tree.py): a call may verify several candidate
+// continuations at once, its new tokens being the nodes of a tree written to slots base..base+N-1 of
+// their row; a node sees the slots before the root and its ancestors' slots (a 64-bit mask per query
+// row, AttentionShape::tree). A node's ancestors do not sit in the slots that the same tokens hold when
+// the row is decoded one token at a time (base + depth), and which lane of which 16-slot block a weight
+// lands in decides how the softmax's sum is rounded; so a tree query's scores are moved to those
+// sequence slots for its softmax and its weights moved back for the weighted sum, which adds them in
+// slot order, i.e. depth order (to_sequence / to_tree below). Its result is then bit for bit what
+// decoding the path one token at a time gives: greedy tree verification stays token-for-token equal to
+// vanilla decoding, as linear verification is.
 #include "attention.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -38,7 +50,10 @@ namespace {
 struct Query {
   const float* q;
   float* out;
-  int64_t lo, hi;  // visible slots lo..hi (inclusive)
+  int64_t lo, hi;  // visible slots lo..hi (inclusive), in sequence order (a tree query: see to_sequence)
+  int64_t end;     // the last slot it reads: hi, or a tree query's last visible tree slot
+  int64_t base;    // a tree query: its root's slot
+  uint64_t mask;   // a tree query: the tree slots base + i it sees (bit i); 0 = a plain causal query
 };
 
 // The lanes a..b-1 of the 16 slots j0..j0+15 that fall inside lo..hi.
@@ -171,13 +186,38 @@ void values_pass(int n, const float* const* w, float* const* out, const float* i
   }
 }
 
+// A tree query's scores w (the group's row, slot a0 at w[0]) moved from its ancestors' slots base + i
+// (bit i of mask, ascending: a parent precedes its children) to the slots base + depth they hold in
+// the sequence. In place: the k-th ancestor sits at base + i with i >= k, and the later ancestors' slots
+// lie past base + k, so nothing is overwritten before it is read.
+inline void to_sequence(float* w, int64_t a0, int64_t base, uint64_t mask) {
+  int64_t k = 0;
+  for (uint64_t m = mask; m; m &= m - 1, ++k) {
+    const int64_t from = base + __builtin_ctzll(m) - a0, to = base + k - a0;
+    if (to >= 0) w[to] = w[from];  // to < 0: before the group's first block, outside a sliding window
+  }
+}
+
+// The reverse for the softmax weights: the weight of sequence slot base + k goes back to the k-th
+// ancestor's slot, and every other tree slot gets weight 0.
+inline void to_tree(float* w, int64_t a0, int64_t base, uint64_t mask) {
+  float kept[kMaxTreeNodes];
+  int n = 0;
+  for (uint64_t m = mask; m; m &= m - 1, ++n) kept[n] = base + n - a0 >= 0 ? w[base + n - a0] : 0.0f;
+  const int64_t top = base + 63 - __builtin_clzll(mask) - a0;
+  for (int64_t j = std::max<int64_t>(0, base - a0); j <= top; ++j) w[j] = 0.0f;
+  n = 0;
+  for (uint64_t m = mask; m; m &= m - 1, ++n)
+    if (base + __builtin_ctzll(m) - a0 >= 0) w[base + __builtin_ctzll(m) - a0] = kept[n];
+}
+
 // DV = head_dim / 16, a compile-time constant so that every accumulator stays in a register.
 template <int DV, typename KV>
 void attend_group(const Query* qs, int nq, const KV* kb, const KV* vb, float scale, int64_t cache_len,
                   std::vector<float>& buf) {
   constexpr int D = DV * 16;
-  int64_t lo = qs[0].lo, hi = qs[0].hi;
-  for (int i = 1; i < nq; ++i) lo = std::min(lo, qs[i].lo), hi = std::max(hi, qs[i].hi);
+  int64_t lo = qs[0].lo, hi = qs[0].end;
+  for (int i = 1; i < nq; ++i) lo = std::min(lo, qs[i].lo), hi = std::max(hi, qs[i].end);
   const int64_t a0 = lo & ~(int64_t)15, a1 = std::min(cache_len, (hi + 16) & ~(int64_t)15);  // aligned slots a0..a1-1
   const int64_t width = a1 - a0;
   buf.resize((size_t)nq * width);
@@ -198,6 +238,7 @@ void attend_group(const Query* qs, int nq, const KV* kb, const KV* vb, float sca
   float inv[64];
   for (int i = 0; i < nq; ++i) {
     float* w = &buf[(size_t)i * width];
+    if (qs[i].mask) to_sequence(w, a0, qs[i].base, qs[i].mask);
     V16 vmx = vset1(-INFINITY);
     for (int64_t j = 0; j < width; j += 16) {
       const Visible in(a0 + j, qs[i].lo, qs[i].hi);
@@ -212,6 +253,7 @@ void attend_group(const Query* qs, int nq, const KV* kb, const KV* vb, float sca
       total = vadd(total, e);
     }
     inv[i] = 1.0f / vsum(total);
+    if (qs[i].mask) to_tree(w, a0, qs[i].base, qs[i].mask);
   }
   // --- weighted values: up to kLiveV16 accumulators (queries x D/16) per pass over the value rows --
   // Whole rows per pass where two or more queries fit the registers (AVX-512: 4 queries at D = 64),
@@ -248,6 +290,30 @@ GroupFn<KV> group_fn(int D) {
 
 bool attention_supports(int head_dim) { return group_fn<float>(head_dim) != nullptr; }
 
+void check_tree(const int64_t* tree, const int64_t* pos, int64_t rows, int tokens, int64_t cache_len) {
+  TORCH_CHECK(tokens >= 1 && tokens <= kMaxTreeNodes, "a token tree has at most ", kMaxTreeNodes,
+              " nodes per row (one bit each in the attention kernel's 64-bit masks), got ", tokens,
+              "; verify fewer nodes");
+  TORCH_CHECK(rows % tokens == 0, "tree masks must be (batch, tokens)");
+  for (int64_t b0 = 0; b0 < rows; b0 += tokens) {
+    const int64_t base = pos[b0];
+    TORCH_CHECK(base >= 0 && base + tokens <= cache_len, "tree slots ", base, "..", base + tokens - 1,
+                " lie outside the KV cache (", cache_len, " slots)");
+    for (int t = 0; t < tokens; ++t) {
+      const uint64_t m = (uint64_t)tree[b0 + t], self = 1ull << t;
+      TORCH_CHECK((m & 1) && (m >> t) == 1, "tree node ", t, " must see the root (bit 0) and itself (bit ", t,
+                  ") and no later node (mask ", (int64_t)m, ")");
+      if (t > 0) {
+        const uint64_t up = m & ~self;  // its parent's ancestors and the parent, the highest of them
+        TORCH_CHECK(up == (uint64_t)tree[b0 + 63 - __builtin_clzll(up)], "tree node ", t,
+                    " must see exactly its parent's nodes and itself");
+      }
+      TORCH_CHECK(pos[b0 + t] == base + __builtin_popcountll(m) - 1, "tree node ", t,
+                  " must sit at position root + depth (", base + __builtin_popcountll(m) - 1, "), got ", pos[b0 + t]);
+    }
+  }
+}
+
 template <typename KV>
 void decode_attention(const float* q, const KV* kc, const KV* vc, const int64_t* pos, const AttentionShape& s,
                       float* out) {
@@ -266,8 +332,12 @@ void decode_attention(const float* q, const KV* kc, const KV* vc, const int64_t*
         for (int t = 0; t < nq; ++t) {
           const int r = b * T + t0 + t;
           const int64_t p = pos[r];
+          // A tree row (T <= 64, one pass): its root at pos[b * T], its mask over the T new tokens' slots.
+          const uint64_t mask = s.tree ? (uint64_t)s.tree[r] : 0;
+          const int64_t base = s.tree ? pos[b * T] : 0;
           qs[t] = Query{q + (size_t)r * s.q_stride + (size_t)h * D, out + ((size_t)r * H + h) * D,
-                        s.window > 0 ? std::max<int64_t>(0, p - s.window + 1) : 0, p};
+                        s.window > 0 ? std::max<int64_t>(0, p - s.window + 1) : 0, p,
+                        mask ? base + 63 - __builtin_clzll(mask) : p, base, mask};
         }
         fn(qs, nq, kc + head * D, vc + head * D, s.scale, L, buf);
       }

@@ -20,15 +20,11 @@
 
 #include "attention.h"
 #include "gemm.h"
+#include "stack.h"  // the glue shared with the Gemma 3 stack (gemma.cpp)
 #include "vec.h"
 
 namespace exitspec {
 namespace {
-
-void check_cpu_f32(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), what,
-              " must be a contiguous float32 CPU tensor");
-}
 
 // Scales and lows as the packers store them (fp16): refuse any value fp16 would change, since the
 // products would then not be the checkpoint's.
@@ -84,59 +80,17 @@ struct Q8Weight {
   }
 };
 
-void rms_norm_rows(const float* x, const float* w, float eps, int M, int C, float* y) {
-  for (int m = 0; m < M; ++m) {
-    const float* xr = x + (size_t)m * C;
-    float* yr = y + (size_t)m * C;
-    const V16 r = vset1(1.0f / std::sqrt(dot16n(xr, xr, C) / C + eps));
-    for (int c = 0; c < C; c += 16) vstore(yr + c, vmul(vload(w + c), vmul(vload(xr + c), r)));
-  }
+// Optional tree masks (B, T) int64 of a call whose new tokens are a token tree (attention.h): checked
+// against the positions, nullptr when there are none.
+const int64_t* tree_masks(const c10::optional<torch::Tensor>& tree, const int64_t* pos, int64_t B, int64_t T,
+                          int64_t slots) {
+  if (!tree || !tree->defined()) return nullptr;
+  TORCH_CHECK(tree->device().is_cpu() && tree->scalar_type() == torch::kInt64 && tree->is_contiguous() &&
+                  tree->dim() == 2 && tree->size(0) == B && tree->size(1) == T,
+              "tree masks must be (batch, new tokens) int64 on the CPU");
+  check_tree(tree->data_ptr<int64_t>(), pos, B * T, (int)T, slots);
+  return tree->data_ptr<int64_t>();
 }
-
-// HF's rotate-half RoPE of one head vector in place: x * cos + rotate_half(x) * sin.
-void rope_head(float* x, const float* cs, const float* sn, int D) {
-  const int half = D / 2;
-  float tmp[256];
-  std::memcpy(tmp, x, sizeof(float) * D);
-  for (int d = 0; d < half; ++d) x[d] = tmp[d] * cs[d] + (-tmp[d + half]) * sn[d];
-  for (int d = half; d < D; ++d) x[d] = tmp[d] * cs[d] + tmp[d - half] * sn[d];
-}
-
-// The KV cache of the fused stack: fp32, or fp16 (half the bytes that attention reads per cached token,
-// the cost that grows with the context; values rounded to nearest even as they are written, read back
-// to fp32 by the attention kernel). Both caches of a call have the same type: fp16_caches checks them
-// (for the stack and the single attention kernel alike) and says whether they hold fp16.
-bool fp16_caches(const torch::Tensor& k, const torch::Tensor& v) {
-  auto check = [](const torch::Tensor& t, const char* what) {
-    TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat16) &&
-                    t.is_contiguous(),
-                what, " must be a contiguous float32 or float16 CPU tensor");
-  };
-  check(k, "k cache");
-  check(v, "v cache");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v caches must have the same dtype");
-  return k.scalar_type() == torch::kFloat16;
-}
-
-// x (D floats, D a multiple of 16) into a cache slot.
-void write_slot(float* dst, const float* x, int D) { std::memcpy(dst, x, sizeof(float) * D); }
-void write_slot(Half* dst, const float* x, int D) {
-  for (int d = 0; d < D; d += 16) vstore(dst + d, vload(x + d));
-}
-
-// The parts take_times() splits a call's time into, and a stopwatch that charges each interval
-// since the previous mark to the part named at its end.
-enum Part { kProducts = 0, kAttention = 1, kGlue = 2 };
-struct Laps {
-  using Clock = std::chrono::steady_clock;
-  Clock::time_point last = Clock::now();
-  int64_t ns[3] = {0, 0, 0};
-  void mark(Part p) {
-    const Clock::time_point now = Clock::now();
-    ns[p] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
-    last = now;
-  }
-};
 
 struct LlamaLayer {
   Q4Weight qkv, o, gate_up, down;
@@ -178,20 +132,23 @@ class LlamaStack {
     return ms;
   }
 
-  // h (B, T, C) entering layer `start` -> hidden states leaving layer stop-1 (a new tensor).
+  // h (B, T, C) entering layer `start` -> hidden states leaving layer stop-1 (a new tensor). `tree`:
+  // (B, T) masks when the new tokens are a token tree (attention.h): token t then writes slot
+  // positions[b, 0] + t, not its position (root + depth).
   torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                         const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin,
-                        int64_t start, int64_t stop, const std::vector<bool>& skip_mlp) const {
+                        int64_t start, int64_t stop, const std::vector<bool>& skip_mlp,
+                        const c10::optional<torch::Tensor>& tree) const {
     if (fp16_caches(cache_k, cache_v))
-      return run<Half>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp);
-    return run<float>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp);
+      return run<Half>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp, tree);
+    return run<float>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp, tree);
   }
 
  private:
   template <typename KV>
   torch::Tensor run(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                     const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin, int64_t start,
-                    int64_t stop, const std::vector<bool>& skip_mlp) const {
+                    int64_t stop, const std::vector<bool>& skip_mlp, const c10::optional<torch::Tensor>& tree) const {
     check_cpu_f32(h, "h");
     check_cpu_f32(cos, "cos");
     check_cpu_f32(sin, "sin");
@@ -211,6 +168,7 @@ class LlamaStack {
     TORCH_CHECK(slots % 16 == 0, "cache slots must be a multiple of 16 (runtime/kv_cache.py SLOT_ALIGN)");
     const int64_t* pos = positions.data_ptr<int64_t>();
     for (int r = 0; r < M; ++r) TORCH_CHECK(pos[r] >= 0 && pos[r] < slots, "position outside the KV cache");
+    const int64_t* masks = M ? tree_masks(tree, pos, B, T, slots) : nullptr;
 
     torch::Tensor out = h.clone();
     if (M == 0) return out;  // no rows: nothing to run (and attention divides by T)
@@ -238,13 +196,14 @@ class LlamaStack {
         float* row = qkv.data() + (size_t)r * Nqkv;  // [q heads | k heads | v heads], each D
         for (int hh = 0; hh < H_ + Hkv_; ++hh) rope_head(row + hh * D_, cs + (size_t)r * D_, sn + (size_t)r * D_, D_);
         for (int kh = 0; kh < Hkv_; ++kh) {
-          const size_t slot = (((size_t)b * Hkv_ + kh) * slots + pos[r]) * D_;
+          const int64_t at = masks ? pos[b * T] + (r - b * T) : pos[r];  // a tree node: root slot + index
+          const size_t slot = (((size_t)b * Hkv_ + kh) * slots + at) * D_;
           write_slot(kc + slot, row + (H_ + kh) * D_, D_);
           write_slot(vc + slot, row + (H_ + Hkv_ + kh) * D_, D_);
         }
       }
       laps.mark(kGlue);
-      AttentionShape s{M, T, H_, Hkv_, D_, slots, scale_, L.window, Nqkv};
+      AttentionShape s{M, T, H_, Hkv_, D_, slots, scale_, L.window, Nqkv, masks};
       decode_attention<KV>(qkv.data(), kc, vc, pos, s, att.data());
       laps.mark(kAttention);
       prep.set(att.data(), M, H_ * D_);
@@ -304,9 +263,10 @@ torch::Tensor q8_linear(const torch::Tensor& x, const Q8Weight& w) {
   return y;
 }
 
-// q (rows, H, D), caches (B, Hkv, slots, D), pos (rows) -> (rows, H, D)
+// q (rows, H, D), caches (B, Hkv, slots, D), pos (rows), tree: (B, tokens) masks or None -> (rows, H, D)
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                        const torch::Tensor& pos, int64_t tokens, double scale, int64_t window) {
+                        const torch::Tensor& pos, int64_t tokens, double scale, int64_t window,
+                        const c10::optional<torch::Tensor>& tree) {
   check_cpu_f32(q, "q");
   const bool half = fp16_caches(kc, vc);
   TORCH_CHECK(tokens > 0 && q.dim() == 3 && kc.dim() == 4 && vc.sizes() == kc.sizes() && q.size(2) == kc.size(3) &&
@@ -320,8 +280,9 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const t
   const int64_t* p = pos.data_ptr<int64_t>();
   for (int64_t r = 0; r < pos.numel(); ++r) TORCH_CHECK(p[r] >= 0 && p[r] < kc.size(2), "position outside the cache");
   auto out = torch::empty_like(q);
+  const int64_t* masks = tree_masks(tree, p, kc.size(0), tokens, kc.size(2));
   AttentionShape s{(int)q.size(0), (int)tokens, (int)q.size(1), (int)kc.size(1), (int)q.size(2), kc.size(2),
-                   (float)scale, (int)window, q.size(1) * q.size(2)};
+                   (float)scale, (int)window, q.size(1) * q.size(2), masks};
   if (half)
     decode_attention(q.data_ptr<float>(), static_cast<const Half*>(kc.data_ptr()),
                      static_cast<const Half*>(vc.data_ptr()), p, s, out.data_ptr<float>());
@@ -332,13 +293,15 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& kc, const t
 
 // The K-quant products' bindings (kquant_ops.cpp).
 void bind_kquants(pybind11::module_& m);
+// The fused Gemma 3 stack's bindings (gemma.cpp).
+void bind_gemma(pybind11::module_& m);
 
 }  // namespace exitspec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace exitspec;
   namespace py = pybind11;
-  m.doc() = "exitspec CPU kernels: q4/q8 and GGML K-quant few-row products, decode attention, fused Llama stack";
+  m.doc() = "exitspec CPU kernels: q4/q8 and GGML K-quant few-row products, decode attention, fused Llama and Gemma 3 stacks";
   m.attr("ISA") = kIsa;
   m.attr("NUMERICS") = kNumerics;
   // Both builds (avx2, avx512bf16) bind C++ types of the same names. Without module_local, pybind11
@@ -361,10 +324,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &LlamaStack::add_layer)
       .def("num_layers", &LlamaStack::num_layers)
       .def("take_times", &LlamaStack::take_times)
-      .def("forward", &LlamaStack::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &LlamaStack::forward, py::arg("h"), py::arg("cache_k"), py::arg("cache_v"), py::arg("positions"),
+           py::arg("cos"), py::arg("sin"), py::arg("start"), py::arg("stop"), py::arg("skip_mlp"),
+           py::arg("tree") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>());
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>());
-  m.def("attention", &attention, py::call_guard<py::gil_scoped_release>());
+  m.def("attention", &attention, py::arg("q"), py::arg("kc"), py::arg("vc"), py::arg("pos"), py::arg("tokens"),
+        py::arg("scale"), py::arg("window"), py::arg("tree") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("attention_supports", &attention_supports);
   bind_kquants(m);
+  bind_gemma(m);
 }
