@@ -67,6 +67,18 @@ def test_shipped_default_config_parses():
     assert cfg.num_prompts >= 20 and cfg.max_new_tokens == 128 and cfg.temperatures == [0.0]
 
 
+def test_gemma3_config_runs_the_second_model_as_a_base_model_with_its_peers():
+    from pathlib import Path
+
+    cfg = load_toml(Path(__file__).resolve().parent.parent / "benchmarks" / "gemma3.toml")
+    assert (cfg.model, cfg.chat, cfg.heads) == ("gemma3-270m", False, "default") and cfg.num_prompts >= 20
+    specs = cfg.specs()
+    assert {"vanilla", "hf-generate", "lookup", "self-spec", "hybrid", "llama.cpp"} <= {s.name for s in specs}
+    assert any(s.name == "self-spec" and s.opts.get("draft_vocab") for s in specs)  # FR-Spec's reduced head
+    assert {s.opts.get("spec") for s in specs if s.name == "llama.cpp"} == {None, "ngram-simple", "ngram-map-k",
+                                                                           "ngram-cache"}
+
+
 def test_runtime_options_pick_the_model_copy_not_the_strategy():
     """weights= and kv_cache= choose which loaded copy a spec runs on (and whose vanilla loop audits
     it); they never reach the strategy, and plain vanilla on any runtime is a baseline candidate."""

@@ -50,15 +50,18 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for results.json")
     ap.add_argument("--exits", default="6,9,12,15", help="exit layers, comma-separated")
     ap.add_argument("--vocabs", default="0,8192,16384,32768", help="draft vocabulary sizes; 0 = the full head")
-    ap.add_argument("--draft-len", type=int, default=3)
+    ap.add_argument("--draft-len", default="3", help="drafts per verification, comma-separated")
     ap.add_argument("--num-prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--heads", default=None, help="an exit-head bundle folder (default: the logit lens)")
+    ap.add_argument("--heads", default=None,
+                    help="an exit-head bundle folder, or 'default' (the one shipped for Gemma 3 270M); default: the "
+                         "logit lens")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     exits = [int(x) for x in args.exits.split(",")]
     sizes = [int(x) for x in args.vocabs.split(",")]
+    gammas = [int(x) for x in args.draft_len.split(",")]
 
     model = exitspec.load("gemma3-270m", weights="int4", heads=args.heads)
     lm = model.lm
@@ -73,23 +76,24 @@ def main() -> int:
     coverage = {n: 1.0 if v is None else sum(t in v for t in made) / len(made) for n, v in sets.items()}
     rows = []
     for layer in exits:
-        bundle = exit_bundle(model, [layer], contextual=True)
-        for n, vocab in vocabs.items():
-            work = draft_work(DraftHead(bundle.head(layer), vocab))
-            out = exitspec.generate(model, prompts, strategy="self-spec", exit_layer=layer, draft_len=args.draft_len,
-                                    draft_vocab=n or None, **run)
-            s = out.stats
-            row = {"exit_layer": layer, "draft_vocab": n or lm.vocab_size, "lossless": out.token_ids == ref,
-                   "drafted": s.drafted, "accepted": s.accepted, "acceptance": s.acceptance_rate,
-                   "mean_accepted": s.mean_accepted, "tokens_per_step": s.tokens_per_step,
-                   "coverage": coverage[n], "work": work.to_dict(),
-                   "bytes_per_token": bytes_per_token(lm, work, args.draft_len, s.mean_accepted)}
-            rows.append(row)
-            print(f"[fr-spec] exit {layer} vocab {row['draft_vocab']}: acceptance {row['acceptance']:.3f} "
-                  f"({s.accepted}/{s.drafted}), draft {work.total_bytes / MB:.1f} MB "
-                  f"(head {work.lm_head_bytes / MB:.1f} MB), lossless {row['lossless']}", flush=True)
+        bundle = exit_bundle(model, [layer], contextual=True)  # the attached bundle's exit, else the logit lens
+        for gamma in gammas:
+            for n, vocab in vocabs.items():
+                work = draft_work(DraftHead(bundle.head(layer), vocab))
+                out = exitspec.generate(model, prompts, strategy="self-spec", exit_layer=layer, draft_len=gamma,
+                                        draft_vocab=n or None, **run)
+                s = out.stats
+                row = {"exit_layer": layer, "draft_len": gamma, "draft_vocab": n or lm.vocab_size,
+                       "lossless": out.token_ids == ref, "drafted": s.drafted, "accepted": s.accepted,
+                       "acceptance": s.acceptance_rate, "mean_accepted": s.mean_accepted,
+                       "tokens_per_step": s.tokens_per_step, "coverage": coverage[n], "work": work.to_dict(),
+                       "bytes_per_token": bytes_per_token(lm, work, gamma, s.mean_accepted)}
+                rows.append(row)
+                print(f"[fr-spec] exit {layer} drafts {gamma} vocab {row['draft_vocab']}: acceptance "
+                      f"{row['acceptance']:.3f} ({s.accepted}/{s.drafted}), draft {work.total_bytes / MB:.1f} MB "
+                      f"(head {work.lm_head_bytes / MB:.1f} MB), lossless {row['lossless']}", flush=True)
     result = {"model": model.name, "backend": lm.backend, "num_layers": lm.num_layers, "vocab_size": lm.vocab_size,
-              "hidden_size": lm.hidden_size, "draft_len": args.draft_len, "prompts": prompts,
+              "hidden_size": lm.hidden_size, "draft_len": gammas, "prompts": prompts,
               "max_new_tokens": args.max_new_tokens, "heads": args.heads or "logit lens (norm_lm)",
               "vanilla_bytes_per_token": vanilla_bytes,
               "layer_bytes_per_token": lm.layer_weight_bytes(0, lm.num_layers),
@@ -102,13 +106,14 @@ def main() -> int:
 
 def table(result: dict) -> str:
     """The results as a markdown table."""
-    lines = ["| exit | draft vocab | draft MB / token (layers + head) | head share | draft MFLOP | coverage | "
+    lines = ["| exit | drafts | draft vocab | draft MB / token (layers + head) | head share | draft MFLOP | coverage | "
              "acceptance | E[accepted] | modelled MB / emitted token (vanilla "
              f"{result['vanilla_bytes_per_token'] / MB:.1f}) | lossless |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in result["rows"]:
         w = r["work"]
-        lines.append(f"| {r['exit_layer']} | {r['draft_vocab']} | {w['total_bytes'] / MB:.1f} "
+        gamma = r.get("draft_len", result["draft_len"])  # results from before several draft lengths: one for all
+        lines.append(f"| {r['exit_layer']} | {gamma} | {r['draft_vocab']} | {w['total_bytes'] / MB:.1f} "
                      f"({w['layer_bytes'] / MB:.1f} + {w['lm_head_bytes'] / MB:.1f}) | {w['head_share']:.2f} | "
                      f"{w['total_flops'] / 1e6:.0f} | {r['coverage']:.3f} | {r['acceptance']:.3f} | "
                      f"{r['mean_accepted']:.2f} | {r['bytes_per_token'] / MB:.1f} | "

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from exitspec.atomic import atomic_dir
-from exitspec.heads.bundle import CONFIG_FILE, BundleError, HeadBundle, shipped_bundle_path
+from exitspec.heads.bundle import BundleError, HeadBundle, shipped_bundle_for, shipped_bundles
 from exitspec.models.adapters import SUPPORTED_MODEL_TYPES, LlamaAdapter
 from exitspec.models.gemma3 import Gemma3Adapter
 from exitspec.models.gguf_file import GGUFFormatError, read_summary
@@ -331,10 +331,12 @@ def load(
     times faster than dense fp32 on CPU (see models/int4.py; figures in benchmarks/README.md). The HF
     model itself stays fp32.
     `kv_cache`: the KV cache's element type, None = the model's dtype; "float16" with weights="int4"
-    on a Llama-family model (the fused C++ stack): half the cache's memory and of the bytes attention
-    reads per cached token (runtime/layered.py).
-    `heads`: an exit-head bundle folder, "default" (the bundle shipped for the default model) or a
-    HeadBundle, attached as `.heads` (see attach_heads).
+    on a Llama-family model of Q4_0 / Q4_1 groups or a Gemma 3 of K-quant blocks (the fused C++
+    stacks): half the cache's memory and of the bytes attention reads per cached token
+    (runtime/layered.py).
+    `heads`: an exit-head bundle folder, "default" (the bundle shipped for this model: both embedded
+    models have one), "auto" (that bundle where one is shipped, else none) or a HeadBundle, attached
+    as `.heads` (see attach_heads).
     """
     if weights not in WEIGHT_MODES:
         raise ModelLoadError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_MODES)}")
@@ -402,16 +404,30 @@ def load(
     return loaded
 
 
-def attach_heads(model: LoadedModel, heads: str | Path | HeadBundle) -> HeadBundle:
-    """Load a bundle for `model` ("default" = the one shipped for the default model, a folder, or a
-    HeadBundle already in memory) and attach it as `model.heads`; a bundle made for another base
-    model is refused (BundleError) and nothing is attached."""
+# `heads=` values that name the bundle shipped inside the package for the loaded model (not a folder).
+SHIPPED_HEADS = ("default", "auto")
+
+
+def attach_heads(model: LoadedModel, heads: str | Path | HeadBundle) -> HeadBundle | None:
+    """Load a bundle for `model` and attach it as `model.heads`: a folder, a HeadBundle already in memory,
+    "default" (the bundle shipped for this model: SmolLM2-135M-Instruct's or Gemma 3 270M's, refused
+    with the reason where none is shipped for it) or "auto" (that bundle where one is shipped for this
+    model, else nothing is attached and None is returned). A bundle made for another base model is
+    refused (BundleError) and nothing is attached."""
     if isinstance(heads, HeadBundle):
         bundle = heads
-    else:
-        path = shipped_bundle_path() if str(heads) == "default" else Path(heads)
-        if str(heads) == "default" and not (path / CONFIG_FILE).is_file():
-            raise BundleError("this build ships no default head bundle; train one with `exitspec train`")
+    elif str(heads) in SHIPPED_HEADS:
+        path = shipped_bundle_for(model.lm)
+        if path is None and str(heads) == "auto":
+            return None
+        if path is None:
+            shipped = ", ".join(cfg.get("base_model", folder.name) for folder, cfg in shipped_bundles().items())
+            raise BundleError(
+                f"no head bundle is shipped for {model.name} (this build ships heads for: {shipped or 'none'}; "
+                f"embedded models: {', '.join(f'--model {k}' for k in EMBEDDED_MODELS)}); train heads for "
+                "this model with `exitspec train` and pass their folder")
         bundle = HeadBundle.load(path, model.lm)
+    else:
+        bundle = HeadBundle.load(Path(heads), model.lm)
     model.heads = bundle
     return bundle

@@ -34,9 +34,10 @@ def add_model_args(p: argparse.ArgumentParser, heads: bool = True, fast: bool = 
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     if heads:
         g.add_argument("--heads", default="auto" if fast else None,
-                       help="exit-head bundle folder; 'default' = the bundle shipped for the default model"
-                            + ("; auto (default): that bundle for the default model, none otherwise; none = no "
-                               "heads" if fast else ""))
+                       help="exit-head bundle folder; 'default' = the bundle shipped for the loaded model (both "
+                            "embedded models have one)"
+                            + ("; auto (default): that bundle where one is shipped for the model, none otherwise; "
+                               "none = no heads" if fast else ""))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

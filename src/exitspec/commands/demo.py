@@ -1,8 +1,11 @@
-"""`exitspec demo`: the main job. Side-by-side greedy decoding on the embedded default model.
+"""`exitspec demo`: the main job. Side-by-side greedy decoding on an embedded model (`--model default`,
+the chat model SmolLM2-135M-Instruct, or `--model gemma3-270m`, the base model Gemma 3 270M).
 
-Runs HF `generate` and exitspec's vanilla loop, plus every faster strategy the shipped exit heads
-support, on a few built-in chat prompts; prints the first answer, then tokens/s, speedup against the
-fastest baseline of this same run, and whether each lossless strategy reproduced vanilla exactly.
+Runs HF `generate` and exitspec's vanilla loop, plus every faster strategy the exit heads shipped for
+the model support, on a few built-in prompts (chat prompts through the chat template; plain text for a
+base model without one, which continues text rather than answering); prints the first output, then
+tokens/s, speedup against the fastest baseline of this same run, and whether each lossless strategy
+reproduced vanilla exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ DEMO_PROMPTS = [
     "Explain in a few sentences why the sky is blue.",
     "Write a Python function that returns the n-th Fibonacci number.",
     "Give me three tips for staying focused while studying.",
+]
+# The same three tasks as text for a base model to continue (no chat template: chat=False).
+BASE_PROMPTS = [
+    "The sky looks blue on a clear day because",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Three tips for staying focused while studying:\n1.",
 ]
 
 
@@ -56,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if args.strategies:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     n = args.max_new_tokens
-    enc = [encode_prompt(model.tokenizer, p) for p in DEMO_PROMPTS]
+    chat = bool(getattr(model.tokenizer, "chat_template", None))
+    prompts = DEMO_PROMPTS if chat else BASE_PROMPTS
+    enc = [encode_prompt(model.tokenizer, p, chat=chat) for p in prompts]
     print(f"exitspec demo on {model.name} ({model.lm.num_layers} layers, {model.weights} weights; HF generate "
-          f"runs the dense fp32 model), greedy, {n} new tokens, {len(enc)} prompts\nmachine: {machine_line()}\n")
+          f"runs the dense fp32 model), greedy, {n} new tokens, {len(enc)} {'chat' if chat else 'plain-text'} "
+          f"prompts\nmachine: {machine_line()}\n")
     hf_generate_tps(model, enc[0], 4)  # warm-up
     tps: dict[str, list[float]] = {"HF generate": [hf_generate_tps(model, ids, n) for ids in enc]}
     outputs: dict[str, list[list[int]]] = {}
@@ -71,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         outputs[s] = [r.token_ids[0] for r in runs]
         tps[s] = [r.stats.tokens_per_s for r in runs]
         if s == "vanilla":
-            print(f"Q: {DEMO_PROMPTS[0]}\nA: {runs[0].text}\n")
+            print(f"Q: {prompts[0]}\nA: {runs[0].text}\n" if chat else
+                  f"Prompt: {prompts[0]!r}\nContinuation: {runs[0].text}\n")
     base = max(statistics.median(tps["HF generate"]), statistics.median(tps.get("vanilla", [0])))
     print(f"{'decoder':<14} {'tokens/s':>9} {'speedup':>8}  output vs vanilla")
     for name, vals in tps.items():

@@ -4,7 +4,8 @@
                      CPU kernels read (Q4_0 / Q4_1 groups, as the default model's; on Gemma 3 and Llama-family
                      models also the K-quant blocks Q4_K / Q5_0 / Q6_K / Q8_0, as gemma3-270m's) and the
                      kernels run on this machine; dense otherwise, with the reason
-    --heads auto     the bundle shipped for the default model when that model runs; none otherwise
+    --heads auto     the bundle shipped for the loaded model where there is one (default, gemma3-270m);
+                     none otherwise
     --strategy auto  lookup (lossless: token for token what vanilla gives on the same weights; drafts
                      from the context and the attached bundle's datastore) when heads are attached,
                      else vanilla
@@ -62,11 +63,10 @@ def load_fastest(args: argparse.Namespace) -> tuple[object, list[str]]:
                      weights="dense" if args.weights == "auto" else args.weights, kv_cache=kv)
     heads = getattr(args, "heads", None)
     if heads == "auto":
-        if str(args.model) == "default":
-            try:
-                attach_heads(model, "default")
-            except BundleError as err:
-                notes.append(f"no heads: {err}")
+        try:
+            attach_heads(model, "auto")  # the shipped bundle made for this model, if any
+        except BundleError as err:  # one is shipped for its architecture, but not for these weights
+            notes.append(f"no heads: {err}")
     elif heads and heads != "none":
         attach_heads(model, heads)
     return model, notes

@@ -1,7 +1,7 @@
 """`exitspec generate`: stream a completion to the terminal, then print speed and strategy stats.
 
-With no flags it runs the fastest path (commands/fast_path.py: int4 weights where they run, the
-default model's shipped heads, lookup); the first stderr line says what runs.
+With no flags it runs the fastest path (commands/fast_path.py: int4 weights where they run, the heads
+shipped for the loaded model, lookup); the first stderr line says what runs.
 """
 
 from __future__ import annotations

@@ -33,11 +33,16 @@ class BundleError(ValueError):
     """A bundle is missing, corrupt, or made for another base model."""
 
 
+def architecture(lm: LayeredModel) -> dict:
+    """The architecture part of a fingerprint: what decides whether a bundle's heads fit a model at all."""
+    return {"model_type": lm.model.config.model_type, "layers": lm.num_layers, "hidden_size": lm.hidden_size,
+            "vocab_size": lm.vocab_size, "kv_heads": lm.dims.num_kv_heads, "head_dim": lm.dims.head_dim}
+
+
 def fingerprint(lm: LayeredModel) -> dict:
     """Identity of a base model: its architecture and a hash of a few of its weight tensors."""
     a = lm.adapter
-    arch = {"model_type": lm.model.config.model_type, "layers": lm.num_layers, "hidden_size": lm.hidden_size,
-            "vocab_size": lm.vocab_size, "kv_heads": lm.dims.num_kv_heads, "head_dim": lm.dims.head_dim}
+    arch = architecture(lm)
     h = hashlib.sha256()
     probes = [lm.lm_head.weight[:64], next(a.layers[0].parameters()).flatten()[:4096],
               next(a.layers[-1].parameters()).flatten()[:4096]]
@@ -231,9 +236,37 @@ def _unpack_corpus(stored: torch.Tensor) -> torch.Tensor:
     return torch.where(u16 == _U16_SEP, -1, u16).to(torch.int32)
 
 
+# The bundles shipped inside the package, one folder per embedded model (see loading.EMBEDDED_MODELS).
+SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "assets" / "heads"
+
+
 def shipped_bundle_path() -> Path:
-    """The bundle shipped inside the package for the default model."""
-    return Path(__file__).resolve().parent.parent / "assets" / "heads" / "smollm2-135m-instruct"
+    """The bundle shipped inside the package for the default model (SmolLM2-135M-Instruct)."""
+    return SHIPPED_ROOT / "smollm2-135m-instruct"
+
+
+def shipped_bundles(root: Path = SHIPPED_ROOT) -> dict[Path, dict]:
+    """Every bundle under `root` (the package's own by default): folder -> its bundle.json, read as JSON
+    only (no weights loaded); folders without a readable bundle.json are skipped."""
+    out = {}
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            out[folder] = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def shipped_bundle_for(lm: LayeredModel, root: Path = SHIPPED_ROOT) -> Path | None:
+    """The shipped bundle made for this model, or None where none is.
+
+    Chosen by the architecture in each bundle.json's fingerprint, not by the name the model was loaded
+    under, so the default model loaded from its .gguf path still finds its heads. Only the architecture
+    picks: HeadBundle.load then checks the weights, so a fine-tune of an embedded model is refused with
+    the reason instead of silently given heads trained on other weights."""
+    arch = architecture(lm)
+    return next((folder for folder, cfg in shipped_bundles(root).items()
+                 if cfg.get("fingerprint", {}).get("arch") == arch), None)
 
 
 def __getattr__(name: str):
