@@ -5,7 +5,8 @@
     bundle.save(out_dir)   # atomic
 
 Each exit gets `bundle.config.thresholds[str(layer)] = {"score", "value", "target_agreement",
-"coverage", "agreement", "n_tokens", "candidates": {score: {...}}, "data": {...}}`. With score="auto"
+"coverage", "agreement", "n_tokens", "candidates": {score: {...}}, "data": {...}}`, to which
+`exitspec calibrate` adds "prompt_reference" (calibration/prompt_reference.py). With score="auto"
 every fixed score and (when features were collected) a learned estimator compete on coverage at the
 target agreement; the learned one is scored out-of-fold so it does not win by overfitting.
 """

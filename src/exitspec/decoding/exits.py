@@ -8,7 +8,7 @@ an option and say so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -91,6 +91,18 @@ class Gate:
     value: float
     estimator: ConfidenceEstimator | None = None  # score "learned": the exit's calibrated estimator
     head: ExitHead | None = None  # score "learned": the exit's head (its norm feeds the estimator)
+    # (B,) float32: each row's own threshold, where a batch's requests adapted theirs (decoding/adapt.py);
+    # None: `value` for every row. float32 like the scores, so a row kept at `value` passes exactly
+    # what `value` passes (a Python float is compared in the score's float32 too).
+    row_values: torch.Tensor | None = None
+
+    def with_rows(self, values: list[float]) -> Gate:
+        """This gate with one threshold per row of the batch."""
+        return replace(self, row_values=torch.tensor(values, dtype=torch.float32))
+
+    def select_rows(self, keep: list[int]) -> Gate:
+        """Only the rows at batch indices `keep` stay (finished rows left the batch)."""
+        return self if self.row_values is None else replace(self, row_values=self.row_values[keep])
 
     @property
     def needs_logits(self) -> bool:
@@ -106,11 +118,16 @@ class Gate:
         return scores(logits)[self.score]
 
     def passes(self, logits: torch.Tensor | None, h: torch.Tensor | None = None) -> torch.Tensor:
-        """The same inputs as values() -> (...) bool: the score passes the threshold. For the scores in
-        [0, 1] a threshold of 1.0 (or a calibrated "never" above it) passes nothing, not even a score of
-        exactly 1: an fp32 softmax or sigmoid rounds to 1 on very peaked outputs, and thresholds above 1
-        are refused (check_threshold), so 1.0 is how an option says "never exit"."""
+        """The same inputs as values() -> (...) bool: the score passes the threshold (row b of a batch
+        its own where row_values is set; a single row's threshold broadcasts over a text's positions).
+        For the scores in [0, 1] a threshold of 1.0 (or a calibrated "never" above it) passes nothing,
+        not even a score of exactly 1: an fp32 softmax or sigmoid rounds to 1 on very peaked outputs, and
+        thresholds above 1 are refused (check_threshold), so 1.0 is how an option says "never exit"."""
         v = self.values(logits, h)
+        if self.row_values is not None:  # row b of v (B, ...) against row b's threshold
+            thr = self.row_values.to(v.device).view(-1, *([1] * (v.dim() - 1)))
+            ok = confident(self.score, v, thr)
+            return ok if self.score in LOWER_IS_CONFIDENT else ok & (thr < 1.0)
         if self.score not in LOWER_IS_CONFIDENT and self.value >= 1.0:
             return torch.zeros_like(v, dtype=torch.bool)
         return confident(self.score, v, self.value)

@@ -8,7 +8,9 @@ tokens attend to its entries there. Two ways to fill them:
   skipped layers later, together with the next token that goes deeper (deferred.py). The entries
   are then exactly what the full model computes, so a later deep token sees an exact context; the
   skipped layers are batched into that token's pass (one call per segment, not one per token).
-  `max_deferred` bounds the backlog: once that many tokens wait, the next token runs to the top.
+  `max_deferred` bounds the backlog: once a row has emitted that many tokens in a row from exits,
+  its next token runs to the top (which runs every deferred token). Counted per row, from that row's
+  own tokens only, so that when it is forced does not depend on the other rows of its batch.
 - state propagation (`state_propagation=True`, CALM): feed the exit's hidden state to every
   skipped layer as if it were that layer's input and write the KV it yields. Cheaper bookkeeping,
   approximate entries. We run each skipped layer with skip_mlp on the exit state, which writes its
@@ -23,15 +25,26 @@ exit. It can only send tokens deeper; on the default model (int4) it made cascad
 better, lowering the perplexity of its outputs (benchmarks/README.md, 'Design measurements').
 
 `adapt` (SEDAC's run-time adaptation, decoding/adapt.py): at the start of each request every exit's
-threshold is re-calibrated on the request's own prompt and moved towards that estimate by `adapt`
-(0 = off: the calibrated thresholds, exactly as without the option).
+threshold is moved by how much harder or easier the request's own prompt reads than the calibration
+prompts did, with weight `adapt` (0 = off: the calibrated thresholds, exactly as without the option).
+Each row of a batch gets its own thresholds, so with deferred recomputation (exact upper-layer
+states) a row's tokens do not depend on the other rows of its batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
-from exitspec.decoding.adapt import Adaptation, adaptation_option, adaptation_targets, adapted_gates
+from exitspec.decoding.adapt import (
+    Adaptation,
+    Reference,
+    adaptation_option,
+    adaptation_references,
+    adaptation_targets,
+    adapted_thresholds,
+)
 from exitspec.decoding.api import register_strategy
 from exitspec.decoding.deferred import DeferredStack
 from exitspec.decoding.exits import (
@@ -56,7 +69,8 @@ class Cascade(Strategy):
 
     def __init__(self, heads: list[ExitHead], gates: dict[int, Gate], state_propagation: bool = False,
                  max_deferred: int = 16, precheck: torch.Tensor | None = None,
-                 adaptation: Adaptation | None = None, targets: dict[int, float] | None = None):
+                 adaptation: Adaptation | None = None, targets: dict[int, float] | None = None,
+                 references: dict[int, Reference | None] | None = None):
         if not isinstance(max_deferred, int) or max_deferred < 1:
             raise StrategyOptionError(f"max_deferred must be a positive integer, got {max_deferred!r}")
         self.exits = [CheckedExit(h, gates[h.layer], precheck) for h in sorted(heads, key=lambda h: h.layer)]
@@ -64,20 +78,25 @@ class Cascade(Strategy):
         self.max_deferred = max_deferred
         self.stack: DeferredStack | None = None
         self.adaptation, self.targets = adaptation, targets or {}
+        self.references = references or {}  # per exit, the bundle's prompt reference (None: the blend)
         self.base_gates = dict(gates)  # the calibrated gates each request's adaptation starts from
-        self.adapt_work: dict[str, float] = {}  # the adaptation passes' work so far (adapt.adapted_gates)
+        self.adapt_work: dict[str, float] = {}  # the adaptation passes' work so far (adapt.adapted_thresholds)
+        self.run: torch.Tensor | None = None  # (B,) long: each row's tokens emitted from exits since its last deep one
 
     def prepare(self, state: DecodeState) -> None:
         self.stack = DeferredStack(state.lm, state.cache)
+        self.run = torch.zeros(state.batch, dtype=torch.long)
         self.adapt_to(state.lm, state.seqs)
 
     def adapt_to(self, lm, prompts: list[list[int]]) -> None:
-        """Re-calibrate every exit's threshold on `prompts` (decoding/adapt.py); nothing when adapt is off."""
+        """Every exit's thresholds adapted to `prompts`, one per row (decoding/adapt.py); nothing when
+        adapt is off."""
         if self.adaptation is None:
             return
-        gates, work = adapted_gates(lm, self.exits, self.base_gates, self.targets, prompts, self.adaptation)
+        values, work = adapted_thresholds(lm, self.exits, self.base_gates, self.targets, self.references, prompts,
+                                          self.adaptation)
         for ex in self.exits:
-            ex.gate = gates[ex.layer]
+            ex.gate = self.base_gates[ex.layer].with_rows(values[ex.layer])
         self.adapt_work = {k: self.adapt_work.get(k, 0.0) + v for k, v in work.items()}
 
     def cost_counts(self) -> dict[str, float]:
@@ -86,6 +105,9 @@ class Cascade(Strategy):
 
     def select_rows(self, keep: list[int]) -> None:
         self.stack.select_rows(keep)
+        self.run = self.run[keep]
+        for ex in self.exits:  # each remaining row keeps its own adapted thresholds
+            ex.gate = ex.gate.select_rows(keep)
 
     def step(self, state: DecodeState) -> StepOutput:
         lm, stack = state.lm, self.stack
@@ -99,14 +121,15 @@ class Cascade(Strategy):
         tok = torch.zeros(B, dtype=torch.long, device=dev)
         layer_of = torch.full((B,), L, dtype=torch.long)
         decided = torch.zeros(B, dtype=torch.bool, device=dev)
-        # A full backlog forces this token to the top, which also runs every deferred token.
-        force = len(stack) - 1 >= self.max_deferred
+        # A row with a full backlog of its own goes to the top, which also runs every deferred token.
+        # Alone, a row's run is the stack's backlog; in a batch, other rows flush it sooner.
+        forced = (self.run >= self.max_deferred).to(dev)
         for j, ex in enumerate(self.exits):
-            if force:
+            if bool(forced.all()):
                 break
             if j > 0:
                 h = stack.advance(ex.layer)
-            ok, logits = ex.confident(h, ~decided)
+            ok, logits = ex.confident(h, ~decided & ~forced)
             if logits is None:  # no row passed the pre-check
                 continue
             tok = torch.where(ok, sample(logits, state.sampling), tok)
@@ -120,6 +143,8 @@ class Cascade(Strategy):
         elif self.propagate:
             self._propagate(lm, state, stack.last)
         stack.drop_complete()
+        if not self.propagate:  # (propagation completes every token at once: nothing is deferred)
+            self.run = torch.where(layer_of < L, self.run + 1, 0)
         work = float(first + stack.token_layers - before)
         toks = tok.tolist()
         return StepOutput(tokens=[[t] for t in toks], exit_layers=[[int(e)] for e in layer_of],
@@ -140,7 +165,9 @@ class Cascade(Strategy):
                 "thresholds": {e.layer: (e.gate.score, e.gate.value) for e in self.exits},
                 "state_propagation": self.propagate, "max_deferred": self.max_deferred,
                 "precheck_vocab": self.exits[0].precheck_size,
-                **({"adapt": self.adaptation.to_dict()} if self.adaptation else {})}
+                **({"adapt": self.adaptation.to_dict() | {"references": {
+                    k: None if r is None else asdict(r) for k, r in self.references.items()}}}
+                   if self.adaptation else {})}
 
 
 def make_cascade(model, exit_layers=None, exit_layer=None, threshold=None, score: str | None = None,
@@ -155,11 +182,14 @@ def make_cascade(model, exit_layers=None, exit_layer=None, threshold=None, score
                                   "adapt_target")
     adaptation = adaptation_option("cascade", adapt, adapt_window, adapt_target)
     ex = gated_exits(model, "cascade", exit_layers, exit_layer, threshold, score)
-    targets = adaptation_targets(ex.bundle, ex.layers, adaptation, "cascade") if adaptation else None
+    targets = refs = None
+    if adaptation:
+        targets = adaptation_targets(ex.bundle, ex.layers, adaptation, "cascade")
+        refs = adaptation_references(ex.bundle, ex.gates, targets, adaptation, "cascade")
     return Cascade([ex.bundle.head(layer) for layer in ex.layers], ex.gates,
                    state_propagation=bool(state_propagation), max_deferred=max_deferred,
                    precheck=precheck_vocabulary(model, precheck_vocab, ex.bundle, "cascade"),
-                   adaptation=adaptation, targets=targets)
+                   adaptation=adaptation, targets=targets, references=refs)
 
 
 register_strategy("cascade", make_cascade)

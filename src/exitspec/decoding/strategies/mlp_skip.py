@@ -18,16 +18,27 @@ In a batch a layer's MLP is skipped only if every row is settled: skipping is a 
 The token always comes from the full final norm + LM head.
 
 `adapt` (head probe only; SEDAC's run-time adaptation, decoding/adapt.py): at the start of each
-request the probe's threshold is re-calibrated on the request's own prompt and moved towards that
-estimate by `adapt` (0 = off: the calibrated threshold, exactly as without the option).
+request the probe's threshold is moved by how much harder or easier the request's own prompt reads
+than the calibration prompts did, with weight `adapt` (0 = off: the calibrated threshold, exactly as
+without the option). Each row keeps its own threshold (a row joining the batch adapts its own), so a
+row's settled-ness is its own; whether the batch skips still needs every row settled (above).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 
-from exitspec.decoding.adapt import Adaptation, adaptation_option, adaptation_targets, adapted_gates
+from exitspec.decoding.adapt import (
+    Adaptation,
+    Reference,
+    adaptation_option,
+    adaptation_references,
+    adaptation_targets,
+    adapted_thresholds,
+)
 from exitspec.decoding.api import register_strategy
 from exitspec.decoding.exits import (
     CheckedExit,
@@ -53,7 +64,8 @@ class MLPSkip(Strategy):
 
     def __init__(self, lm: LayeredModel, start_layer: int, probe: str, threshold: float,
                  head: ExitHead | None = None, gate: Gate | None = None, precheck: torch.Tensor | None = None,
-                 adaptation: Adaptation | None = None, target: float | None = None):
+                 adaptation: Adaptation | None = None, target: float | None = None,
+                 reference: Reference | None = None):
         L = lm.num_layers
         if probe not in ("head", "cosine"):
             raise StrategyOptionError(f"probe must be 'head' or 'cosine', got {probe!r}")
@@ -69,23 +81,36 @@ class MLPSkip(Strategy):
         self.exit = CheckedExit(head, gate, precheck) if probe == "head" else None
         self.share = attention_share(lm)
         self.adaptation, self.target, self.base_gate = adaptation, target, gate
-        # The threshold adapts to the prompts a batch starts with (prepare); a row joining later would
-        # decode with another request's threshold, so an adapting batch runs to its end first.
-        self.joinable = adaptation is None
-        self.adapt_work: dict[str, float] = {}  # the adaptation passes' work so far (adapt.adapted_gates)
+        self.reference = reference  # the bundle's prompt reference for the probe (None: the blend)
+        self.adapt_work: dict[str, float] = {}  # the adaptation passes' work so far (adapt.adapted_thresholds)
 
     def prepare(self, state: DecodeState) -> None:
         self.adapt_to(state.lm, state.seqs)
 
-    def adapt_to(self, lm, prompts: list[list[int]]) -> None:
-        """Re-calibrate the probe's threshold on `prompts` (decoding/adapt.py); nothing when adapt is off."""
+    def add_rows(self, state: DecodeState, n: int) -> None:
+        """Joining rows adapt their own thresholds; the running rows keep theirs."""
         if self.adaptation is None:
             return
+        kept = self.exit.gate.row_values
+        new = self._adapted(state.lm, state.seqs[-n:])
+        self.exit.gate = self.base_gate.with_rows([*kept.tolist(), *new])
+
+    def select_rows(self, keep: list[int]) -> None:
+        if self.exit is not None:
+            self.exit.gate = self.exit.gate.select_rows(keep)
+
+    def adapt_to(self, lm, prompts: list[list[int]]) -> None:
+        """The probe's threshold adapted to `prompts`, one per row (decoding/adapt.py); nothing when
+        adapt is off."""
+        if self.adaptation is not None:
+            self.exit.gate = self.base_gate.with_rows(self._adapted(lm, prompts))
+
+    def _adapted(self, lm, prompts: list[list[int]]) -> list[float]:
         layer = self.exit.layer
-        gates, work = adapted_gates(lm, [self.exit], {layer: self.base_gate}, {layer: self.target}, prompts,
-                                    self.adaptation)
-        self.exit.gate = gates[layer]
+        values, work = adapted_thresholds(lm, [self.exit], {layer: self.base_gate}, {layer: self.target},
+                                          {layer: self.reference}, prompts, self.adaptation)
         self.adapt_work = {k: self.adapt_work.get(k, 0.0) + v for k, v in work.items()}
+        return values[layer]
 
     def cost_counts(self) -> dict[str, float]:
         """The probe's work so far in LM-head rows (none for the cosine probe), and the adaptation
@@ -126,7 +151,8 @@ class MLPSkip(Strategy):
                 "exit_layer": self.exit.layer if self.exit else None,
                 "threshold": (self.exit.gate.score, self.exit.gate.value) if self.exit else self.threshold,
                 "precheck_vocab": self.exit.precheck_size if self.exit else None,
-                **({"adapt": self.adaptation.to_dict()} if self.adaptation else {})}
+                **({"adapt": self.adaptation.to_dict() | {"reference": self.reference and asdict(self.reference)}}
+                   if self.adaptation else {})}
 
 
 def make_mlp_skip(model, probe: str = "head", exit_layer: int | None = None, start_layer: int | None = None,
@@ -150,10 +176,13 @@ def make_mlp_skip(model, probe: str = "head", exit_layer: int | None = None, sta
     bundle = exit_bundle(model, [layer])
     gate = gates_for(bundle, [layer], threshold, score, strategy="mlp-skip")[layer]
     start = start_layer if start_layer is not None else layer
-    target = adaptation_targets(bundle, [layer], adaptation, "mlp-skip")[layer] if adaptation else None
+    target = ref = None
+    if adaptation:
+        target = adaptation_targets(bundle, [layer], adaptation, "mlp-skip")[layer]
+        ref = adaptation_references(bundle, {layer: gate}, {layer: target}, adaptation, "mlp-skip")[layer]
     return MLPSkip(lm, start, probe, gate.value, head=bundle.head(layer), gate=gate,
                    precheck=precheck_vocabulary(model, precheck_vocab, bundle, "mlp-skip"),
-                   adaptation=adaptation, target=target)
+                   adaptation=adaptation, target=target, reference=ref)
 
 
 register_strategy("mlp-skip", make_mlp_skip)
