@@ -100,11 +100,6 @@ class LlamaAdapter(Adapter):
                             p.window or 0)
         return stack
 
-    def take_stack_times(self):
-        if self.stack is None:
-            return None
-        return dict(zip(("products", "attention", "glue"), self.stack.take_times(), strict=True))
-
     def run(self, h, cache, ctx, start, stop, skip_mlp):
         if self.stack is None:
             return super().run(h, cache, ctx, start, stop, skip_mlp)

@@ -148,11 +148,6 @@ class Gemma3Adapter(Adapter):
                             p.window or 0, p.rope)
         return stack
 
-    def take_stack_times(self):
-        if self.stack is None:
-            return None
-        return dict(zip(("products", "attention", "glue"), self.stack.take_times(), strict=True))
-
     def run(self, h, cache, ctx, start, stop, skip_mlp):
         if self.stack is None:
             return super().run(h, cache, ctx, start, stop, skip_mlp)

@@ -141,10 +141,15 @@ class Adapter:
     # per-layer path always can: its masks are dense.
     fused_tree: bool = False
 
+    # The fused C++ stack where one runs (kernels/csrc/llama.cpp, gemma.cpp), else None.
+    stack = None
+
     def take_stack_times(self) -> dict[str, float] | None:
         """ms the fused stack spent since the last call, by part ("products", "attention", "glue"); None
         where no fused stack runs."""
-        return None
+        if self.stack is None:
+            return None
+        return dict(zip(("products", "attention", "glue"), self.stack.take_times(), strict=True))
 
     def run(self, h: torch.Tensor, cache, ctx: StepContext, start: int, stop: int,
             skip_mlp: set[int] | frozenset[int]) -> torch.Tensor:
