@@ -64,8 +64,11 @@ def test_greedy_equals_vanilla_batch_and_single(family, draft_len, max_ngram):
     one = greedy(m, PROMPTS[1], n=30, strategy="lookup", draft_len=draft_len, max_ngram=max_ngram)
     assert one.token_ids[0] == ref.token_ids[1]
     s = out.stats
-    assert 0 < s.accepted <= s.drafted <= s.steps * draft_len  # tiny random models loop: copies get accepted
+    # A batch's drafts are cut by the runtime's measured position costs (Lookup.fit_batch), which a
+    # loaded machine can make look dear: only a single row's count is independent of timing.
+    assert 0 <= s.accepted <= s.drafted <= s.steps * draft_len
     assert s.new_tokens == sum(len(t) for t in out.token_ids)
+    assert 0 < one.stats.accepted <= one.stats.drafted  # tiny random models loop: copies get accepted
 
 
 def _p_next(m, ids, params):
