@@ -120,11 +120,10 @@ class GemmaStack {
   torch::Tensor run(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                     const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin, int64_t start,
                     int64_t stop, const std::vector<bool>& skip_mlp) const {
-    const int64_t slots = check_stack_call(h, cache_k, cache_v, positions, num_layers(), C_, Hkv_, D_);
+    const int64_t slots =
+        check_stack_call(h, cache_k, cache_v, positions, start, stop, skip_mlp, num_layers(), C_, Hkv_, D_);
     check_cpu_f32(cos, "cos");
     check_cpu_f32(sin, "sin");
-    TORCH_CHECK(0 <= start && start <= stop && stop <= num_layers(), "layer range outside the stack");
-    TORCH_CHECK(skip_mlp.empty() || (int64_t)skip_mlp.size() >= stop, "skip_mlp must have an entry per layer");
     const int B = (int)h.size(0), T = (int)h.size(1), M = B * T;
     const int64_t kinds = cos.dim() == 4 ? cos.size(0) : 0;
     TORCH_CHECK(kinds > 0 && cos.numel() == kinds * M * D_ && sin.sizes() == cos.sizes(),

@@ -149,25 +149,13 @@ class LlamaStack {
   torch::Tensor run(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                     const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin, int64_t start,
                     int64_t stop, const std::vector<bool>& skip_mlp, const c10::optional<torch::Tensor>& tree) const {
-    check_cpu_f32(h, "h");
+    const int64_t slots =
+        check_stack_call(h, cache_k, cache_v, positions, start, stop, skip_mlp, num_layers(), C_, Hkv_, D_);
     check_cpu_f32(cos, "cos");
     check_cpu_f32(sin, "sin");
-    TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == torch::kInt64 && positions.is_contiguous() &&
-                    positions.dim() == 2,
-                "positions must be (B, T) int64 on the CPU");
-    TORCH_CHECK(0 <= start && start <= stop && stop <= num_layers(), "layer range outside the stack");
-    TORCH_CHECK(skip_mlp.empty() || (int64_t)skip_mlp.size() >= stop, "skip_mlp must have an entry per layer");
     const int B = (int)h.size(0), T = (int)h.size(1), M = B * T;
-    TORCH_CHECK(h.dim() == 3 && h.size(2) == C_, "h must be (B, T, hidden)");
-    TORCH_CHECK(cache_k.dim() == 5 && cache_k.size(0) == num_layers() && cache_k.size(1) == B &&
-                    cache_k.size(2) == Hkv_ && cache_k.size(4) == D_ && cache_v.sizes() == cache_k.sizes(),
-                "cache must be (layers, B, kv_heads, slots, head_dim)");
-    TORCH_CHECK(positions.size(0) == B && positions.size(1) == T, "positions must match h");
     TORCH_CHECK(cos.numel() == (int64_t)M * D_ && sin.numel() == (int64_t)M * D_, "cos/sin must be (B, T, head_dim)");
-    const int64_t slots = cache_k.size(3);
-    TORCH_CHECK(slots % 16 == 0, "cache slots must be a multiple of 16 (runtime/kv_cache.py SLOT_ALIGN)");
     const int64_t* pos = positions.data_ptr<int64_t>();
-    for (int r = 0; r < M; ++r) TORCH_CHECK(pos[r] >= 0 && pos[r] < slots, "position outside the KV cache");
     const int64_t* masks = M ? tree_masks(tree, pos, B, T, slots) : nullptr;
 
     torch::Tensor out = h.clone();

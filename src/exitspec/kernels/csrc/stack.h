@@ -76,10 +76,14 @@ struct Laps {
 };
 
 // The checks a stack's forward makes on its call (shapes of h, the caches and the positions; every
-// position inside the cache). Returns the cache's slots per (b, kv head).
+// position inside the cache; layers start..stop inside the stack, a skip_mlp entry for each). Returns
+// the cache's slots per (b, kv head).
 inline int64_t check_stack_call(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
-                                const torch::Tensor& positions, int64_t layers, int C, int Hkv, int D) {
+                                const torch::Tensor& positions, int64_t start, int64_t stop,
+                                const std::vector<bool>& skip_mlp, int64_t layers, int C, int Hkv, int D) {
   check_cpu_f32(h, "h");
+  TORCH_CHECK(0 <= start && start <= stop && stop <= layers, "layer range outside the stack");
+  TORCH_CHECK(skip_mlp.empty() || (int64_t)skip_mlp.size() >= stop, "skip_mlp must have an entry per layer");
   TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == torch::kInt64 && positions.is_contiguous() &&
                   positions.dim() == 2,
               "positions must be (B, T) int64 on the CPU");
