@@ -72,3 +72,19 @@ def write_mt_bench(path) -> None:
             for i, (cat, text) in enumerate([("writing", "Write a poem"), ("math", "What is 2+2?"),
                                               ("coding", "def add(a, b):"), ("writing", "Tell a story")])]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+
+def cascade_decoded_and_routed(m, opts: dict, new_tokens: int = 24):
+    """Greedy cascade output on a fixed prompt and its teacher-forced routing through the lm-eval
+    scorer: (scorer, prompt ids, generated ids, routed log-probabilities (len(gen), V)). Checks that
+    the run is a real test of routing: some tokens left at an exit, some at the top."""
+    import exitspec
+    from exitspec.bench.tasks import TaskScorer
+
+    scorer = TaskScorer(m, "cascade", **opts)
+    prompt = scorer.encode("once upon a time")
+    out = exitspec.generate(m, None, prompt_ids=[prompt], strategy="cascade", max_new_tokens=new_tokens,
+                            ignore_eos=True, **opts)
+    gen = out.token_ids[0]
+    assert len(set(out.stats.exit_histogram)) > 1  # some tokens left early, some did not
+    return scorer, prompt, gen, scorer.routed_logprobs(prompt + gen, len(prompt))

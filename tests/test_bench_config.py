@@ -90,3 +90,31 @@ def test_runtime_options_pick_the_model_copy_not_the_strategy():
     assert specs[0].is_baseline and not specs[1].is_baseline
     assert specs[1].strategy_opts == {"draft_len": 2} and specs[1].kv_cache == "float16"
     assert BenchConfig().specs()[0].runtime == "dense"
+
+
+def test_dense_baselines_off_keeps_only_the_configs_own_vanilla_runs():
+    runs = [{"name": "vanilla", "weights": "int4"}, {"name": "cascade", "weights": "int4"}]
+    labels = [s.label for s in BenchConfig(runs=runs, dense_baselines=False).specs()]
+    assert labels == ["vanilla[weights=int4]@T0", "cascade[weights=int4]@T0"]
+    assert {"vanilla@T0", "hf-generate@T0"} < {s.label for s in BenchConfig(runs=runs).specs()}
+    with pytest.raises(BenchConfigError, match="vanilla"):
+        BenchConfig(runs=runs[1:], dense_baselines=False).validate()
+
+
+def test_eval_split_is_the_held_out_records_calibration_never_takes(tmp_path):
+    import json
+
+    from exitspec.bench.config import load_bench_prompts
+    from exitspec.calibration.sequences import heldout_prompts
+
+    path = tmp_path / "gsm8k" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"question": f"question {i}?", "answer": str(i)}) + "\n" for i in range(50)))
+    cfg = BenchConfig(prompts=str(path), split="eval", num_prompts=100)
+    evaluated = {p.text for p in load_bench_prompts(cfg)}
+    calibrated = {p.text for p in heldout_prompts("calibrate", 100, path)}
+    heldout = {p.text for p in load_bench_prompts(BenchConfig(prompts=str(path), num_prompts=100))}
+    assert evaluated and calibrated and not evaluated & calibrated
+    assert evaluated | calibrated == heldout
+    with pytest.raises(BenchConfigError, match="eval"):
+        BenchConfig(split="evaluate").validate()

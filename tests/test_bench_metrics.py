@@ -107,3 +107,10 @@ def test_datastore_facts_count_the_corpus_and_index_and_time_real_proposals():
     assert facts["keys"] == {"4": 1, "3": 2, "2": 3}
     assert facts["proposals_timed"] >= 2000 and 0 <= facts["hit_rate"] <= 1 and facts["lookup_us"] > 0
     assert "9 tokens from test answers" in describe(facts)
+
+
+def test_answers_end_at_the_first_eos():
+    from exitspec.bench.metrics import until_eos
+
+    assert until_eos([5, 6, 2, 7, 2], {2}) == [5, 6]
+    assert until_eos([5, 6], {2}) == [5, 6] and until_eos([2], {2, 3}) == []

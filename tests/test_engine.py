@@ -149,9 +149,8 @@ def test_row_sampling_draws_each_row_as_alone():
     assert rs.uniform and rs.greedy
 
 
-def test_rows_join_and_leave_on_the_fused_int4_stack_with_an_fp16_cache(kernel_isa):
-    """The fused C++ stack runs every row of the cache it gets: joins (KVCache.append) and leaves
-    (reorder) must hand it contiguous caches, and each row still gets its solo output."""
+def fused_fp16_model():
+    """The tiny Llama on the fused int4 stack with an fp16 cache and norm_lm exits at layers 2 and 3."""
     from exitspec.heads.bundle import HeadBundle
     from exitspec.loading import LoadedModel
     from test_int4 import quantized_tiny
@@ -161,18 +160,33 @@ def test_rows_join_and_leave_on_the_fused_int4_stack_with_an_fp16_cache(kernel_i
                     kv_cache=torch.float16)
     assert m.lm.adapter.fused
     m.heads = HeadBundle.create(m.lm, [2, 3], "norm_lm")
+    return m
+
+
+def join_on_the_fused_stack(m, name: str, options: dict) -> Engine:
+    """One row decodes, two more join it (prefill chunks of 8) and all leave at their own lengths;
+    each row's tokens equal its solo output. Returns the engine (its strategy's counters)."""
+    engine = Engine(m.lm, m.tokenizer, make_strategy(name, m, **options), heads=m.heads, max_rows=3,
+                    prefill_tokens=8)
+    rows = {engine.add(ids(m, "hello there"), config(14)): ("hello there", 14)}
+    for _ in range(3):
+        engine.step()
+    rows[engine.add(ids(m, "a much longer prompt than the others"), config(6))] = (
+        "a much longer prompt than the others", 6)
+    rows[engine.add(ids(m, "x"), config(18))] = ("x", 18)
+    done = run(engine)
+    for r, (text, n) in rows.items():
+        assert done[r].token_ids == solo(m, text, n, name, options), (name, text)
+    return engine
+
+
+def test_rows_join_and_leave_on_the_fused_int4_stack_with_an_fp16_cache(kernel_isa):
+    """The fused C++ stack runs every row of the cache it gets: joins (KVCache.append) and leaves
+    (reorder) must hand it contiguous caches, and each row still gets its solo output (hybrid's run:
+    test_hybrid.py, which also counts its cycles)."""
+    m = fused_fp16_model()
     for name, options in LOSSLESS:
-        engine = Engine(m.lm, m.tokenizer, make_strategy(name, m, **options), heads=m.heads, max_rows=3,
-                        prefill_tokens=8)
-        rows = {engine.add(ids(m, "hello there"), config(14)): ("hello there", 14)}
-        for _ in range(3):
-            engine.step()
-        rows[engine.add(ids(m, "a much longer prompt than the others"), config(6))] = (
-            "a much longer prompt than the others", 6)
-        rows[engine.add(ids(m, "x"), config(18))] = ("x", 18)
-        done = run(engine)
-        for r, (text, n) in rows.items():
-            assert done[r].token_ids == solo(m, text, n, name, options), (name, text)
+        join_on_the_fused_stack(m, name, options)
 
 
 @pytest.mark.parametrize("name,options", LOSSLESS[:2], ids=[s for s, _ in LOSSLESS[:2]])

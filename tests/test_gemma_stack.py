@@ -7,7 +7,9 @@ It computes what the per-op path (models/gemma3.py, the same K-quant products) c
 and the whole stack against it, with and without a skipped MLP; rows are independent of the batch
 (bit for bit); an fp16 cache holds the fp32 run's keys and values rounded; vanilla greedy through it
 equals greedy through the per-op path and self-speculation on it is lossless token for token; bad
-shapes are refused by name.
+shapes are refused by name. Token trees (decoding/token_tree.py): a tree forward matches the per-op
+path's dense tree masks layer by layer (sliding-window layers included), gives every node the bits of
+decoding its path one token at a time, and greedy `tree` on the stack is vanilla token for token.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import pytest
 import torch
 
 from conftest import char_tokenizer
+from exitspec.decoding.api import make_strategy
+from exitspec.decoding.token_tree import pack_trees
 from exitspec.kernels import build
 from exitspec.loading import LoadedModel
 from exitspec.models.kquants import kquant_table
@@ -24,6 +28,7 @@ from helpers_strategies import greedy
 from test_gemma3 import LONG_PROMPTS, SEQ, WINDOW
 from test_kernels import assert_fused_close
 from test_kquants import gguf_gemma
+from test_token_tree import _tree_forward_and_paths, random_tree
 
 IDS = torch.tensor([[(7 * t + 3) % 95 for t in range(SEQ)], [(5 * t + 11) % 95 for t in range(SEQ)]])  # (2, SEQ)
 POS = torch.arange(SEQ).expand(2, SEQ)
@@ -107,6 +112,55 @@ def test_fused_gemma_greedy_equals_the_per_op_path_and_self_spec_is_lossless(ker
     assert greedy(per_op, LONG_PROMPTS, n=20).token_ids == ref
 
 
+def test_fused_gemma_tree_forward_matches_the_per_op_dense_tree_masks(tiny):
+    """Two rows of 9 prompt tokens, then a 12-node random tree each (as deep as the window): each
+    layer's tree forward on the stack against the per-op path's dense masks over the same cache, a
+    sliding-window layer and a global one, as test_fused_gemma_stack_matches_the_per_op_path bounds
+    them; a tree's windowed query sees the positions its path occupies, not its nodes' slots."""
+    fused, per_op, _, _, isa = tiny
+    root = 9
+    trees = [random_tree(12, 3), random_tree(12, 4)]  # tokens: the node indices
+    assert max(max(t.depths) for t in trees) >= WINDOW  # the deepest nodes' windows leave out their root
+    ids, pos, masks = pack_trees(trees, [root, root])
+
+    def prompt_cache(lm: LayeredModel):
+        cache = lm.new_cache(2, 32)
+        fused.forward(IDS[:, :root], POS[:, :root], cache)  # the same prompt keys for both paths
+        return cache
+
+    def tree_layers(lm: LayeredModel, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return lm.run_layers(h, pos, prompt_cache(lm), start, stop, ctx=lm.context(h, pos, tree=masks))
+
+    with torch.inference_mode():
+        h = fused.embed(ids, pos)
+        for layer in (0, 1):  # a sliding-window layer, then a global one
+            a, b = tree_layers(fused, h, layer, layer + 1), tree_layers(per_op, h, layer, layer + 1)
+            diff, scale = (a - b).abs(), float(b.abs().max())
+            assert float(diff.max()) < 1e-2 * scale, layer
+            if isa == "avx512bf16":
+                assert float((diff <= 1e-5 * scale).float().mean()) >= 0.8, layer
+            h = a
+
+
+def test_fused_gemma_stack_verifies_a_tree_with_plain_decodings_bits(tiny):
+    """Every node's logits are bit for bit those of decoding its path one token per call (the window
+    of 4 cuts into the 7- and 9-token prompts), and keep_path leaves the cache decoding would."""
+    fused, *_ = tiny
+    _tree_forward_and_paths(fused, exact=True)
+
+
+def test_fused_gemma_greedy_tree_lookup_is_vanilla_token_for_token(kernel_isa, tmp_path):
+    model = gguf_gemma(tmp_path / "tiny.gguf")
+    m = LoadedModel.from_hf(model, char_tokenizer(), name="tiny-gemma3-tree")
+    m.int4 = kquant_table(model, tmp_path / "tiny.gguf")
+    assert m.lm.adapter.fused and m.lm.takes_trees
+    ref = greedy(m, LONG_PROMPTS, n=40).token_ids
+    strat = make_strategy("tree", m, width=4, max_nodes=16, adaptive=False)
+    assert greedy(m, LONG_PROMPTS, n=40, strategy=strat).token_ids == ref
+    assert strat.cycles["tree"] > 0  # real trees went through the stack, not only chains
+    assert greedy(m, LONG_PROMPTS[-1], n=40, strategy="tree").token_ids[0] == ref[-1]  # adaptive sizing
+
+
 def test_fused_gemma_stack_refuses_bad_shapes_by_name(kernel_isa):
     ops = build.load_isa(kernel_isa)
     with pytest.raises(RuntimeError, match="unsupported Gemma 3 shape"):
@@ -128,3 +182,9 @@ def test_fused_gemma_stack_refuses_bad_shapes_by_name(kernel_isa):
         stack.forward(h, cache, cache, torch.zeros(1, 1, dtype=torch.long), cs, cs, 0, 1, [])
     with pytest.raises(RuntimeError, match="position outside the KV cache"):
         stack.forward(h, cache, cache, torch.full((1, 1), 16, dtype=torch.long), cs, cs, 0, 1, [])
+    cs2 = torch.ones(2, 1, 2, 16)
+    h2, p2 = torch.zeros(1, 2, 64), torch.tensor([[3, 4]])
+    with pytest.raises(RuntimeError, match="tree masks must be \\(batch, new tokens\\)"):
+        stack.forward(h2, cache, cache, p2, cs2, cs2, 0, 1, [], tree=torch.tensor([1, 3]))
+    with pytest.raises(RuntimeError, match="must see the root"):
+        stack.forward(h2, cache, cache, p2, cs2, cs2, 0, 1, [], tree=torch.tensor([[1, 2]]))

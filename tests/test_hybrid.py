@@ -17,7 +17,7 @@ from exitspec.decoding.sampling import SamplingParams, probs
 from exitspec.decoding.strategies.hybrid import HEAD, NONE, PROBE_EVERY, Hybrid, Plan, draft_cost_estimate
 from exitspec.heads.bundle import BundleError, HeadBundle
 from helpers_strategies import PROMPTS, greedy, with_heads
-from test_engine import config, ids, run, solo
+from test_engine import config, fused_fp16_model, ids, join_on_the_fused_stack, run, solo
 
 pytestmark = pytest.mark.filterwarnings("ignore::exitspec.decoding.api.NoHeadsWarning")  # logit-lens drafts
 
@@ -190,26 +190,10 @@ def test_rows_joining_mid_decode_get_their_solo_output(model):
 
 
 def test_on_the_fused_int4_stack_rows_join_and_stay_lossless(kernel_isa):
-    from exitspec.loading import LoadedModel
-    from test_int4 import quantized_tiny
-
-    q = quantized_tiny("llama")
-    m = LoadedModel(model=q.model, tokenizer=q.tokenizer, name=q.name, source=q.source, int4=q.int4,
-                    kv_cache=torch.float16)
-    assert m.lm.adapter.fused
-    m.heads = HeadBundle.create(m.lm, [3], "norm_lm")
-    engine = Engine(m.lm, m.tokenizer, make_strategy("hybrid", m, **OPTIONS), heads=m.heads, max_rows=3,
-                    prefill_tokens=8)
-    rows = {engine.add(ids(m, "hello there"), config(14)): ("hello there", 14)}
-    for _ in range(3):
-        engine.step()
-    rows[engine.add(ids(m, "a much longer prompt than the others"), config(6))] = (
-        "a much longer prompt than the others", 6)
-    rows[engine.add(ids(m, "x"), config(18))] = ("x", 18)
-    done = run(engine)
-    for r, (text, n) in rows.items():
-        assert done[r].token_ids == solo(m, text, n, "vanilla"), text
-    assert engine.strategy.cycles[HEAD] > 0 and engine.strategy.cycles["lookup"] + engine.strategy.cycles["mixed"] > 0
+    """test_engine's join loop (each row equal to its solo output) with hybrid, whose cycles drafted
+    from both sources."""
+    s = join_on_the_fused_stack(fused_fp16_model(), "hybrid", OPTIONS).strategy
+    assert s.cycles[HEAD] > 0 and s.cycles["lookup"] + s.cycles["mixed"] > 0
 
 
 @pytest.mark.parametrize("opts, match", [

@@ -23,7 +23,7 @@ from exitspec.loading import LoadedModel
 from exitspec.models.kquants import QuantLinear, kquant_table
 from helpers_strategies import PROMPTS, greedy
 from test_gemma3 import tiny_gemma3
-from test_kquants import GEMMA, NAMES, kind_of, quantize
+from test_kquants import GEMMA, kind_of, quantize, write_projections
 
 Q = GGMLQuantizationType
 HALF = list(range(0, VOCAB, 2))  # a 48-token draft vocabulary: three whole 16-row tiles
@@ -45,18 +45,16 @@ def write_gguf(path, model, arch: str, kinds, head: Q | None, permute: bool = Fa
     types, put the de-quantised values back into the model and write the blocks to `path`, q / k rows in
     llama.cpp's order where `permute`."""
     c = model.config
+
+    def stored(proj: str, raw: np.ndarray) -> np.ndarray:
+        if permute and proj in ("q_proj", "k_proj"):
+            heads = c.num_attention_heads if proj == "q_proj" else c.num_key_value_heads
+            return raw[llama_cpp_order(raw.shape[0], heads)]
+        return raw
+
     w = GGUFWriter(str(path), arch)
+    write_projections(w, model, kinds, stored)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            for proj, tensor in NAMES.items():
-                mod = getattr(layer.self_attn if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, proj)
-                kind = kinds(i, proj)
-                raw = quantize(mod.weight.numpy(), kind)
-                mod.weight.copy_(torch.from_numpy(quants.dequantize(raw, kind).reshape(mod.weight.shape)))
-                if permute and proj in ("q_proj", "k_proj"):
-                    heads = c.num_attention_heads if proj == "q_proj" else c.num_key_value_heads
-                    raw = raw[llama_cpp_order(raw.shape[0], heads)]
-                w.add_tensor(f"blk.{i}.{tensor}.weight", raw, raw_dtype=kind)
         if head is not None:  # tied: llama.cpp writes the head as the embedding, token_embd
             weight = model.get_output_embeddings().weight
             if head == Q.F16:

@@ -172,10 +172,10 @@ def kind_of(layer: int, proj: str) -> Q:
             "gate_proj": Q.Q5_0, "up_proj": (Q.Q5_0, Q.Q4_0)[layer % 2], "down_proj": (Q.Q6_K, Q.Q4_K)[layer % 2]}[proj]
 
 
-def gguf_gemma(path, kinds=kind_of, arch: str = "gemma3"):
-    """A tiny Gemma 3 whose projections are de-quantised blocks, and those blocks written to `path`."""
-    model = tiny_gemma3(**GEMMA)
-    w = GGUFWriter(str(path), arch)
+def write_projections(w: GGUFWriter, model, kinds, stored=None) -> None:
+    """Quantise each layer's projections of `model` to kinds(layer, proj) blocks, put the de-quantised
+    values back into the model (so that it is what the blocks say) and add the blocks to `w` under
+    llama.cpp's tensor names; `stored(proj, raw)`, where given, is the rows as the file stores them."""
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             for proj, tensor in NAMES.items():
@@ -183,7 +183,14 @@ def gguf_gemma(path, kinds=kind_of, arch: str = "gemma3"):
                 kind = kinds(i, proj)
                 raw = quantize(mod.weight.numpy(), kind)
                 mod.weight.copy_(torch.from_numpy(quants.dequantize(raw, kind).reshape(mod.weight.shape)))
-                w.add_tensor(f"blk.{i}.{tensor}.weight", raw, raw_dtype=kind)
+                w.add_tensor(f"blk.{i}.{tensor}.weight", raw if stored is None else stored(proj, raw), raw_dtype=kind)
+
+
+def gguf_gemma(path, kinds=kind_of, arch: str = "gemma3"):
+    """A tiny Gemma 3 whose projections are de-quantised blocks, and those blocks written to `path`."""
+    model = tiny_gemma3(**GEMMA)
+    w = GGUFWriter(str(path), arch)
+    write_projections(w, model, kinds)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

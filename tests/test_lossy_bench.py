@@ -114,3 +114,34 @@ def test_report_and_threshold_pareto_plot(lossy_run):
     report = (out / "report.md").read_text()
     assert "| TRR |" in report and "## Where the work goes (layer-equivalents per token)" in report
     assert "![threshold_pareto](threshold_pareto.png)" in report
+
+
+def test_gsm8k_answers_are_compared_up_to_eos_and_only_where_vanillas_answer_ended(tmp_path):
+    from exitspec.bench.results import read_jsonl
+    from exitspec.prompts import Prompt
+
+    m = tiny_loaded("gpt2")
+    m.heads = HeadBundle.create(m.lm, [2, 4], "norm_lm")
+    prompts = [Prompt("Tom has 3 apples and", "gsm8k", "a"), Prompt("A train leaves at 4 and", "gsm8k", "b")]
+    cfg = BenchConfig(num_prompts=2, max_new_tokens=12, repeats=1, warmup=0, bootstrap=20, quality=False,
+                      runs=[{"name": "cascade", "exit_layers": "2,4", "score": "max_prob", "threshold": 0.0}])
+
+    def run(eos: set[int], out):
+        runner = BenchRunner(cfg, m, prompts, out, progress=False)
+        runner.eos_ids = eos
+        runner.run()
+        return runner, {(r["label"], r["prompt_id"]): r for r in read_jsonl(out / "results.jsonl")}
+
+    first, _ = run(set(), tmp_path / "a")
+    vanilla = first.vanilla_tokens["dense"]
+    # An EOS only prompt a's vanilla answer holds: a's answer ends there, b's is cut off by the budget.
+    eos = {vanilla[0][5]} - set(vanilla[1])
+    assert eos, "pick a token of prompt a's answer that prompt b's lacks"
+    _, recs = run(eos, tmp_path / "b")
+    label = next(lab for lab, _ in recs if lab.startswith("cascade"))
+    a, b = recs[(label, "a")], recs[(label, "b")]
+    assert "answer_agreement" in a and "answer_agreement" not in b
+    decode = m.tokenizer.decode
+    expected = metrics.answer_agreement(decode(metrics.until_eos(a["tokens"], eos), skip_special_tokens=True),
+                                        decode(metrics.until_eos(vanilla[0], eos), skip_special_tokens=True))
+    assert a["answer_agreement"] == expected

@@ -13,6 +13,7 @@ from conftest import save_tiny_model, tiny_loaded
 from exitspec.bench.tasks import TaskScorer
 from exitspec.heads.bundle import HeadBundle
 from exitspec.runtime.sequences import teacher_pass
+from helpers_bench import cascade_decoded_and_routed
 
 CONTEXT, CONTINUATION = "the cat sat on", " the mat today"
 
@@ -52,18 +53,9 @@ def test_cascade_scores_with_the_exit_it_would_emit_from():
 def test_teacher_forced_cascade_is_exactly_what_it_decodes():
     """Greedy cascade output, re-scored by teacher forcing: every token is the argmax of the routed
     distribution at its position (deferred recomputation makes each position's states the full model's)."""
-    import exitspec
-
     m = tiny_loaded("gpt2")
     m.heads = HeadBundle.create(m.lm, [2, 4], "norm_lm")
-    opts = dict(exit_layers=[2, 4], threshold=0.2, score="max_prob")
-    scorer = TaskScorer(m, "cascade", **opts)
-    prompt = scorer.encode("once upon a time")
-    out = exitspec.generate(m, None, prompt_ids=[prompt], strategy="cascade", max_new_tokens=24, ignore_eos=True,
-                            **opts)
-    gen = out.token_ids[0]
-    assert len(set(out.stats.exit_histogram)) > 1  # some tokens left early, some did not
-    routed = scorer.routed_logprobs(prompt + gen, len(prompt))
+    _, _, gen, routed = cascade_decoded_and_routed(m, dict(exit_layers=[2, 4], threshold=0.2, score="max_prob"))
     assert routed.argmax(-1).tolist() == gen
 
 
@@ -114,3 +106,30 @@ def test_the_harness_scores_local_tasks_through_exitspec(tmp_path):
                                   tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(tasks)))
     assert 0.0 <= out["results"]["tiny_mc"]["acc,none"] <= 1.0
     assert "exact_match,none" in out["results"]["tiny_gen"]
+
+
+def test_gsm8k_script_lm_evals_vanilla_is_plain_generation_question_by_question(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (the eval extra)")
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_eval_gsm8k.py"
+    spec = importlib.util.spec_from_file_location("lm_eval_gsm8k", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    folder = save_tiny_model(tmp_path / "model", chat_template=(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"))
+    data = tmp_path / "gsm8k" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps({"question": f"Tom has {i} cats and {i + 2} dogs. How many?",
+                                        "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"}) + "\n"
+                            for i in range(6)))
+    out = tmp_path / "out"
+    rc = mod.main(["--model", str(folder), "--weights", "dense", "--heads", "none", "--questions", str(data),
+                   "--split", "all", "--limit", "3", "--max-gen-toks", "6", "--out", str(out)])
+    report = (out / "report.md").read_text()
+    assert rc == 0 and "identical text on 3/3" in report
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["vanilla"] for s in samples] == [s["direct_vanilla"] for s in samples]
+    assert [s["reference"] for s in samples] == ["2", "4", "6"]

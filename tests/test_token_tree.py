@@ -212,7 +212,7 @@ def test_greedy_tree_lookup_on_the_fused_stack_is_vanilla_token_for_token(kernel
     out = greedy(m, PROMPTS, n=40, strategy=strat)
     assert out.token_ids == ref.token_ids
     assert strat.cycles["tree"] > 0  # some cycles verified real trees, not chains
-    # A fused stack that takes no tree masks (Gemma 3's, so far): the strategy verifies chains only.
+    # A fused stack that took no tree masks would be refused them; the strategy then verifies chains only.
     m.lm.adapter.fused_tree = False
     with pytest.raises(ValueError, match="takes no token-tree masks"):
         h = m.lm.embed(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 1]]))

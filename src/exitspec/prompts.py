@@ -135,6 +135,11 @@ def to_prompt(rec, index: int, category: str) -> Prompt | None:
     return None
 
 
+# The held-out split's two parts, by record parity: calibration takes the even records, evaluation
+# (and the bench's split "eval") the odd ones, so thresholds are never judged on what chose them.
+PARTS = {"calibrate": 0, "eval": 1}
+
+
 def load_prompts(path: str | Path, *, split: str = "all", limit: int | None = None,
                  heldout_fraction: float = HELDOUT_FRACTION, max_chars: int | None = None) -> list[Prompt]:
     """Prompts of one file. split: "train" (first 80%), "heldout" (last 20%) or "all"."""

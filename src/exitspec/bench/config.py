@@ -25,6 +25,15 @@ Every `[[run]]` expands to the cartesian product of its list-valued options. The
 `threshold_sweep = [0.5, 0.7, 0.9]` in `[bench]` runs every cascade and mlp-skip `[[run]]` that sets
 no `threshold` of its own at each of those thresholds (one grid axis more): the speed-vs-quality
 Pareto of the lossy modes in one run, drawn as `threshold_pareto` with vanilla as the reference.
+
+`dense_baselines = false` leaves out the two dense fp32 baselines (exitspec's vanilla loop on the
+dense model and HF `generate`) that every run otherwise adds: a run of hundreds of prompts on int4
+weights would spend most of its time in them, and the int4 vanilla loop is the stronger baseline.
+Speedups are then against the fastest vanilla `[[run]]` the config has (it must have one).
+
+`split = "eval"` takes a prompt file's held-out records that `exitspec calibrate` never takes (the
+held-out split's odd records: calibration takes the even ones), so thresholds are judged on
+questions they were not fitted to.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from exitspec.prompts import Prompt, load_prompts, mixed_prompts
+from exitspec.prompts import PARTS, Prompt, load_prompts, mixed_prompts
 
 # Peers: the decoders a user would pick instead of exitspec (implemented in bench/peers.py).
 PEERS = ("hf-generate", "hf-early-exit", "hf-prompt-lookup", "hf-assisted", "economize-early-exit", "llama.cpp")
@@ -46,6 +55,9 @@ THRESHOLD_SWEPT = ("cascade", "mlp-skip")
 # kv_cache=)`): each combination runs on its own loaded copy, and lossless claims are audited against
 # exitspec's vanilla loop on the same copy.
 RUNTIME_OPTIONS = ("weights", "kv_cache")
+# Prompt-file splits: "eval" is the held-out split's odd records, which calibration never takes
+# (exitspec.prompts.PARTS).
+SPLITS = ("heldout", "eval", "train", "all")
 
 
 class BenchConfigError(ValueError):
@@ -119,7 +131,7 @@ class RunSpec:
 @dataclass
 class BenchConfig:
     prompts: str = "heldout"  # "heldout" = the shared held-out mix; else a prompt file (its held-out split)
-    split: str = "heldout"  # split of a prompt file: heldout, train or all
+    split: str = "heldout"  # split of a prompt file: heldout, eval (held-out, never calibrated on), train or all
     data_dir: str | None = None  # folder of the shared prompt sets (None: ../shared/data beside the checkout)
     num_prompts: int = 20
     max_new_tokens: int = 128
@@ -141,6 +153,7 @@ class BenchConfig:
     bootstrap: int = 1000
     # Thresholds every cascade / mlp-skip run without its own `threshold` is swept over (None: no sweep).
     threshold_sweep: list[float] | None = None
+    dense_baselines: bool = True  # add the dense vanilla loop and HF generate (False: the config's vanilla runs only)
     runs: list[dict] = field(default_factory=list)  # [{"name": ..., option: value | [values]}]
 
     def validate(self) -> None:
@@ -152,8 +165,11 @@ class BenchConfig:
             raise BenchConfigError("repeats must be >= 1 and warmup >= 0")
         if not self.temperatures or any(t < 0 for t in self.temperatures):
             raise BenchConfigError(f"temperatures must be a non-empty list of values >= 0, got {self.temperatures}")
-        if self.split not in ("heldout", "train", "all"):
-            raise BenchConfigError(f"split must be heldout, train or all, got {self.split!r}")
+        if self.split not in SPLITS:
+            raise BenchConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not self.dense_baselines and not any(r.get("name") == "vanilla" for r in self.runs):
+            raise BenchConfigError("dense_baselines = false needs a vanilla [[run]] of its own to measure speedups "
+                                   "against, e.g. [[run]] name = \"vanilla\" weights = \"int4\"")
         for r in self.runs:
             if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
                 raise BenchConfigError(f"every [[run]] needs a name (a strategy or peer), got {r!r}")
@@ -181,7 +197,7 @@ class BenchConfig:
         """The sweep: baselines first (speedups need them), then every run's grid, per temperature."""
         self.validate()
         runs = self.swept_runs()
-        for base in reversed(BASELINES):
+        for base in reversed(BASELINES if self.dense_baselines else ()):
             if not any(r["name"] == base and len(r) == 1 for r in runs):
                 runs.insert(0, {"name": base})
         specs: list[RunSpec] = []
@@ -273,6 +289,10 @@ def load_bench_prompts(cfg: BenchConfig) -> list[Prompt]:
     if cfg.prompts in ("heldout", "", None):
         prompts = mixed_prompts("heldout", per_set=(cfg.num_prompts + 4) // 5, data_dir=cfg.data_dir)
         prompts = prompts[: cfg.num_prompts]
+    elif cfg.split == "eval":
+        # The same length filter as calibration's (calibration/sequences.py), so the parities line up.
+        heldout = load_prompts(cfg.prompts, split="heldout", max_chars=1500)
+        prompts = heldout[PARTS["eval"]::2][: cfg.num_prompts]
     else:
         prompts = load_prompts(cfg.prompts, split=cfg.split, limit=cfg.num_prompts)
     if not prompts:

@@ -13,7 +13,8 @@ histogram, the rows the gates ran their heads for), per generated token:
   exited token's skipped layers, or the attention passes of CALM state propagation);
 - skipped: layers never run (L - path - recomputed): the saving;
 - gates: the exits' confidence tests, in head rows (pre-check subset rows weighted by N / V, plus the
-  full LM head at an exit, which also gives an exiting token its logits);
+  full LM head at an exit, which also gives an exiting token its logits; with cascade's exit_vocab the
+  exit's N-token head instead, also weighted by N / V, which both decides and emits);
 - head: the final LM head, for the tokens that reached the top;
 - adapt: the per-request threshold adaptation's teacher pass over the prompt window
   (decoding/adapt.py: its layers and head rows), spread over the request's tokens;
@@ -35,8 +36,9 @@ def cost_split(num_layers: int, head_cost: float, tokens: int, layers_computed: 
 
     layers_computed: decoder layers run, summed over tokens (RowStats.layers_computed); exit_hist:
     {exit layer: tokens} (the full depth for tokens the full model chose); gates: the strategy's
-    cost_counts() ({"precheck_heads", "exit_heads"} in LM-head rows, {"adapt_layers", "adapt_heads"}
-    for the adaptation passes), None for a strategy without gates. None when nothing was generated."""
+    cost_counts() ({"precheck_heads", "exit_heads", "vocab_heads"} in LM-head rows, {"adapt_layers",
+    "adapt_heads"} for the adaptation passes), None for a strategy without gates. None when nothing was
+    generated."""
     if tokens <= 0:
         return None
     L = num_layers
@@ -44,7 +46,7 @@ def cost_split(num_layers: int, head_cost: float, tokens: int, layers_computed: 
     run = layers_computed / tokens
     path = min(run, sum(layer * n for layer, n in hist.items()) / tokens)
     g = gates or {}
-    gate_rows = g.get("precheck_heads", 0.0) + g.get("exit_heads", 0.0)
+    gate_rows = g.get("precheck_heads", 0.0) + g.get("exit_heads", 0.0) + g.get("vocab_heads", 0.0)
     out = {"path": path, "recomputed": max(0.0, run - path), "skipped": max(0.0, L - run),
            "gates": gate_rows * head_cost / tokens, "head": hist.get(L, 0) * head_cost / tokens,
            "adapt": (g.get("adapt_layers", 0.0) + g.get("adapt_heads", 0.0) * head_cost) / tokens}

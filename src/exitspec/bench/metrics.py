@@ -121,6 +121,15 @@ def answer_agreement(text: str, reference: str) -> bool | None:
     return None if ref is None else final_number(text) == ref
 
 
+def until_eos(tokens: Sequence[int], eos_ids: set[int]) -> list[int]:
+    """The answer part of a run's tokens: up to (not including) the first EOS. The bench ignores EOS to
+    time a fixed budget; what a model writes after its answer ended is not part of the answer."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return list(tokens[:i])
+    return list(tokens)
+
+
 def first_mismatch(tokens: Sequence[int], reference: Sequence[int]) -> int | None:
     """Index of the first differing token (a length difference counts), None when identical."""
     for i, (a, b) in enumerate(zip(tokens, reference, strict=False)):

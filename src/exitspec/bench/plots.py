@@ -128,13 +128,21 @@ def pareto(res: SavedResults, out: Path) -> str | None:
             if r.get("exit_layer") is not None:
                 ax.annotate(f"l={r['exit_layer']}", (r["speedup"], r[key]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-        ax.axvline(1.0, color="gray", ls=":", lw=0.8)
-        ax.set_xlabel("speedup vs fastest vanilla")
         ax.set_ylabel(ylabel)
+    return _finish_speed_panels(fig, axes, "speedup vs fastest vanilla",
+                                "circles: lossless claim, triangles: lossy; l = exit layer", 5, out, "pareto")
+
+
+def _finish_speed_panels(fig, axes, xlabel: str, title: str, ncol: int, out: Path, name: str) -> str:
+    """What every speed-vs-quality figure ends with: vanilla's speed marked (x = 1), the x label and a
+    grid on each panel, `title` over the first, one legend below them all, the figure saved as `name`."""
+    for ax in axes:
+        ax.axvline(1.0, color="gray", ls=":", lw=0.8)
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_title("circles: lossless claim, triangles: lossy; l = exit layer", fontsize=8)
-    _legend_below(fig, axes, ncol=5)
-    return _save(fig, out, "pareto", tight=False)
+    axes[0].set_title(title, fontsize=8)
+    _legend_below(fig, axes, ncol=ncol)
+    return _save(fig, out, name, tight=False)
 
 
 def _legend_below(fig, axes, ncol: int) -> None:
@@ -181,13 +189,9 @@ def threshold_pareto(res: SavedResults, out: Path) -> str | None:
         for r in (r for r in vanilla if r.get(key) is not None):
             ax.scatter([r["speedup"]], [r[key]], marker="*", s=90, color="black", zorder=3,
                        label=f"vanilla ({r.get('weights') or 'dense'})")
-        ax.axvline(1.0, color="gray", ls=":", lw=0.8)
-        ax.set_xlabel("tokens/s over the fastest vanilla")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_title("lossy modes at each threshold (labels); star: vanilla", fontsize=8)
-    _legend_below(fig, axes, ncol=4)
-    return _save(fig, out, "threshold_pareto", tight=False)
+    return _finish_speed_panels(fig, axes, "tokens/s over the fastest vanilla",
+                                "lossy modes at each threshold (labels); star: vanilla", 4, out, "threshold_pareto")
 
 
 def acceptance_histograms(res: SavedResults, out: Path, max_panels: int = 12) -> str | None:

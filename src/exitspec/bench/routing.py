@@ -7,8 +7,10 @@ with the pre-check). One teacher pass over the text therefore gives, position by
 exit the cascade takes and the distribution it samples from (tested against its own greedy decode).
 Two uses: log-likelihoods of a lossy mode for task accuracy (bench/tasks.py), and CascadeExit's
 routing table in the benchmark report (tokens per exit, their top-1 agreement with the full model,
-the full model's perplexity of them). A cascade that adapts its thresholds per request
-(decoding/adapt.py) is routed with the thresholds it adapts to on the text's prompt, as it decodes.
+the full model's perplexity of them). With exit_vocab an exit emits from its N-token subset, so an
+exited position's distribution is that subset's, -inf outside it. A cascade that adapts its thresholds
+per request (decoding/adapt.py) is routed with the thresholds it adapts to on the text's prompt, as it
+decodes.
 
 mlp-skip's head probe is exact under teacher forcing too: it reads the state after `exit_layer`
 layers, and below `start_layer` (>= exit_layer) every layer runs in full for every token, so those
@@ -60,8 +62,8 @@ def route(model, strategy, ids: list[int], start: int) -> Routing:
     decided = torch.zeros(full.shape[0], dtype=torch.bool, device=full.device)
     for ex in exits:  # shallowest first, as the cascade decides
         ok, exit_logits = ex.confident(tp.hidden[ex.layer][0, rows], ~decided)
-        if exit_logits is not None:
-            logits[ok] = exit_logits[ok].float()
+        if exit_logits is not None:  # with exit_vocab: -inf outside the exit's N tokens, as it emits
+            logits[ok] = ex.full_logits(exit_logits[ok]).float()
             layer[ok.cpu()] = ex.layer
             decided |= ok
     return Routing(logits, full, layer)

@@ -37,6 +37,7 @@ from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
 from exitspec.bench.results import ResultsWriter
 from exitspec.bench.routing import routing_table, token_recovery
 from exitspec.decoding.api import encode_prompt
+from exitspec.decoding.config import eos_ids_for
 from exitspec.decoding.exits import head_cost
 from exitspec.decoding.strategies.cascade import Cascade
 from exitspec.decoding.strategies.lookup import Lookup
@@ -73,6 +74,7 @@ class BenchRunner:
         self.cfg, self.model, self.prompts, self.out = cfg, model, prompts, out
         self.injected = injected or {}
         self.ids = [encode_prompt(model.tokenizer, p.text, cfg.chat) for p in prompts]
+        self.eos_ids = set(eos_ids_for(model.lm.model, model.tokenizer))  # where an answer ends (EOS is ignored)
         self.specs = cfg.specs()
         self.machine = describe_machine()
         self.writer = ResultsWriter(out)
@@ -252,9 +254,14 @@ class BenchRunner:
             if ref is not None:
                 rec["first_mismatch"] = metrics.first_mismatch(s.tokens, ref[i])
                 rec["agreement"] = metrics.token_agreement(s.tokens, ref[i])
-                if p.category in ANSWER_CATEGORIES:  # the final number, as GSM8K scores it
+                reference_answer = metrics.until_eos(ref[i], self.eos_ids)
+                # The final number of the answer, as GSM8K scores it; only where vanilla's answer ended
+                # within the budget (a cut-off answer has no final number to agree with).
+                if p.category in ANSWER_CATEGORIES and len(reference_answer) < len(ref[i]):
+                    decode = self.model.tokenizer.decode
                     rec["answer_agreement"] = metrics.answer_agreement(
-                        rec["text"], self.model.tokenizer.decode(ref[i], skip_special_tokens=True))
+                        decode(metrics.until_eos(s.tokens, self.eos_ids), skip_special_tokens=True),
+                        decode(reference_answer, skip_special_tokens=True))
             if cfg.quality and (lossy or spec.name == "vanilla"):
                 rec["nll"], rec["nll_tokens"] = text_nll(self.model, self.ids[i], s.tokens)
             per_prompt.append(rec)

@@ -11,8 +11,11 @@ judged as it decodes, not as the full model:
   the mode would emit each token from. For the lossless strategies (vanilla, self-spec, lookup, hybrid, dssd)
   that is the full model's. For cascade it is the distribution of the shallowest confident exit at
   each position, else the full model's (bench/routing.py: teacher-forced routing, exact for
-  cascade). Modes whose states depend on earlier decisions (mlp-skip; cascade with
-  state_propagation) are refused for loglikelihood with that reason; their generation tasks run.
+  cascade). With cascade's exit_vocab=N an exited position's distribution is the renormalised one
+  over the exit's N most frequent tokens: a continuation token outside them has log-probability -inf
+  there (the mode can never emit it from that exit). Modes whose states depend on earlier decisions
+  (mlp-skip; cascade with state_propagation) are refused for loglikelihood with that reason; their
+  generation tasks run.
 
 `TaskScorer` holds the logic and needs no lm_eval; `register()` wraps it as lm_eval's `LM` subclass
 (lm-eval is the optional `eval` extra). Task configs that read local files (a JSONL per split via
@@ -20,6 +23,8 @@ judged as it decodes, not as the full model:
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -66,7 +71,8 @@ class TaskScorer:
 
     # --- the mode's distributions ------------------------------------------------------------------
     def routed_logprobs(self, ids: list[int], start: int) -> torch.Tensor:
-        """(len(ids) - start, V) log-probabilities the mode emits tokens ids[start:] from."""
+        """(len(ids) - start, V) log-probabilities the mode emits tokens ids[start:] from (cascade with
+        exit_vocab: -inf outside the exit's subset at the positions an exit takes)."""
         strategy = self.routing_strategy
         if not isinstance(strategy, Cascade) and self.strategy not in FULL_MODEL:
             raise ValueError(f"loglikelihood through {self.strategy!r} is not defined: its states depend on its "
@@ -100,8 +106,10 @@ def _value(v):
     return parse_scalar(v) if isinstance(v, str) else v
 
 
+@functools.cache
 def register() -> type:
-    """Register and return the `exitspec` model class of lm-evaluation-harness."""
+    """Register and return the `exitspec` model class of lm-evaluation-harness (once per process: the
+    harness's registry refuses a second class under the same name)."""
     try:
         from lm_eval.api.model import LM  # optional: the eval extra
         from lm_eval.api.registry import register_model  # optional: the eval extra

@@ -23,8 +23,10 @@ SCORE_CHOICES = (*ALL_SCORES, "auto")
 
 def calibrate_bundle(bundle, data: dict[int, ExitTokens], target: float, score: str = "auto",
                      train: EstimatorTrainConfig | None = None, data_info: dict | None = None,
-                     progress: bool = False) -> dict[int, dict]:
-    """Set the thresholds (and learned estimators) of every exit of `bundle`; returns the entries."""
+                     progress: bool = False, exit_vocab: int = 0) -> dict[int, dict]:
+    """Set the thresholds (and learned estimators) of every exit of `bundle`; returns the entries.
+    exit_vocab: N when `data` scored an N-token exit vocabulary (collect(vocab=...)); stored with each
+    threshold, so that only a cascade with the same exit_vocab uses it (decoding/exits.gates_for)."""
     target = check_target(target)
     if score not in SCORE_CHOICES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORE_CHOICES)}")
@@ -60,6 +62,8 @@ def calibrate_bundle(bundle, data: dict[int, ExitTokens], target: float, score: 
         entry["base_agreement"] = float(tok.agree.float().mean())  # agreement with no threshold
         if data_info:
             entry["data"] = dict(data_info)
+        if exit_vocab:
+            entry["exit_vocab"] = int(exit_vocab)
         bundle.config.thresholds[str(layer)] = entry
         out[layer] = entry
         if progress:

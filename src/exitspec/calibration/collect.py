@@ -106,12 +106,18 @@ def _cat(chunks: list[dict]) -> dict:
 
 @torch.inference_mode()
 def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
-            keep_features: bool = False, progress: bool = False) -> Collected:
+            keep_features: bool = False, progress: bool = False, vocab: torch.Tensor | None = None) -> Collected:
     """Run the teacher once per sequence and gather per-token stats for every exit of every bundle.
 
     `lm` is a LayeredModel (or a LoadedModel); `bundles` maps a label to a HeadBundle.
     keep_features=True also keeps the learned estimator's inputs (needed to train one).
+    vocab (N,) token ids (cascade's exit_vocab): the scores are those of each exit's renormalised
+    distribution over these tokens and "agree" compares the subset's top-1 with the full model's, as
+    such an exit decides and emits; the other statistics stay the full head's. No learned features.
     """
+    if vocab is not None and keep_features:
+        raise ValueError("a learned estimator reads full-vocabulary features; collect an exit vocabulary's scores "
+                         "without keep_features")
     lm = getattr(lm, "lm", lm)
     if not sequences:
         raise ValueError("no sequences to evaluate on; check the prompt set (it may be empty)")
@@ -134,8 +140,8 @@ def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
                 head = bundle.head(layer)
                 h = whole[layer][rows]  # (N, C)
                 logits = head.rows(whole[layer], rows)  # (N, V)
-                sc = scores(logits)
-                if str(layer) in bundle.estimators:
+                sc = scores(logits if vocab is None else logits[:, vocab])
+                if str(layer) in bundle.estimators and vocab is None:
                     sc["learned"] = learned_score(bundle, layer, h[None], logits[None])[0]
                 row = {
                     **token_metrics(logits, full_logp, labels, training_temperature(bundle)),
@@ -144,6 +150,8 @@ def collect(lm, bundles: dict[str, object], sequences: list[TokenSequence], *,
                     "features": score_features(h[None], logits[None])[0] if keep_features else None,
                     "normed": position_wise(head).normed(h[None])[0].half() if keep_features else None,
                 }
+                if vocab is not None:  # the token such an exit emits: the subset's top-1
+                    row["agree"] = vocab[logits[:, vocab].argmax(-1)] == full_top1
                 per[name][layer].append({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in row.items()})
         # This sequence's (N, V) tensors are freed; what it keeps would pin their pages (runtime/heap.py).
         release_free_memory()

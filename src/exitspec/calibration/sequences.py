@@ -17,10 +17,8 @@ import os
 from pathlib import Path
 
 from exitspec.decoding.api import encode_prompt, generate
-from exitspec.prompts import Prompt, interleave, load_prompts, prompt_sets
+from exitspec.prompts import PARTS, Prompt, interleave, load_prompts, prompt_sets
 from exitspec.runtime.sequences import TokenSequence, scored_sequence
-
-PARTS = {"calibrate": 0, "eval": 1}  # record parity inside the held-out split
 
 
 def heldout_prompts(part: str, n: int, prompts_file: str | Path | None = None,

@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run every cascade / mlp-skip run without a threshold at each of these (speed-vs-quality "
                         "Pareto, plot threshold_pareto)")
     g.add_argument("--prompts", default=None, help="prompt file (MT-Bench/Spec-Bench/plain JSONL...) or 'heldout'")
-    g.add_argument("--split", default=None, help="split of --prompts: heldout (default), train, all")
+    g.add_argument("--split", default=None,
+                   help="split of --prompts: heldout (default), eval (the held-out records calibration never "
+                        "takes), train, all")
     g.add_argument("--data-dir", default=None, help="folder of the shared prompt sets (default: ../shared/data)")
     g.add_argument("--num-prompts", type=int, default=None)
     g.add_argument("--max-new-tokens", type=int, default=None)
@@ -73,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interleave", action="store_true",
                    help="run every configuration in turn on each prompt (fair ratios on a machine whose speed drifts)")
     g.add_argument("--no-quality", action="store_true", help="skip the layer sweep and perplexities")
+    g.add_argument("--no-dense-baselines", action="store_true",
+                   help="leave out the dense vanilla loop and HF generate (slow on long runs); needs a vanilla --run")
     g.add_argument("--llama-server", default=None, metavar="PATH",
                    help="llama.cpp's llama-server binary for `llama.cpp` runs "
                         "(default: $EXITSPEC_LLAMA_SERVER, then PATH)")
@@ -97,6 +101,8 @@ def build_config(args: argparse.Namespace):
         cfg.quality = False
     if args.interleave:
         cfg.interleave = True
+    if args.no_dense_baselines:
+        cfg.dense_baselines = False
     runs = [parse_run(r) for r in args.run]
     for name in args.strategies or []:
         run: dict = {"name": name}

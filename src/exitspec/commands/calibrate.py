@@ -33,6 +33,7 @@ from exitspec.commands.common import add_model_args, load_model
 from exitspec.commands.heldout import add_data_args, data_info, resolve_bundle, sequences_from_args
 from exitspec.decoding.adapt import DEFAULT_WINDOW, MIN_POSITIONS
 from exitspec.decoding.api import encode_prompt
+from exitspec.decoding.draft_vocab import draft_vocabulary
 from exitspec.heads.bundle import CONFIG_FILE
 
 
@@ -51,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapt-window", type=int, default=DEFAULT_WINDOW,
                    help="prompt positions the stored prompt reference scores: the adapt_window to decode with "
                         "(cascade / mlp-skip adapt=...)")
+    p.add_argument("--exit-vocab", type=int, default=0,
+                   help="calibrate for cascade's exit_vocab=N: scores and agreement of each exit's N most frequent "
+                        "tokens (the bundle's token_frequencies); the thresholds then serve only exit_vocab=N "
+                        "(0 = the full vocabulary, default)")
     p.add_argument("--reference-only", action="store_true",
                    help="keep the bundle's thresholds and estimators, only (re)store its prompt references from "
                         "the held-out calibration prompts (no answers are generated)")
@@ -90,11 +95,13 @@ def run(args: argparse.Namespace) -> int:
     info = data_info(args, seqs, "calibrate")
     print(f"{info['n_sequences']} held-out sequences, {info['n_tokens']} scored tokens "
           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    keep = args.score in ("auto", "learned")
-    data = collect(model.lm, {"heads": bundle}, seqs, keep_features=keep).exits["heads"]
+    keep = args.score in ("auto", "learned") and not args.exit_vocab
+    vocab = exit_vocab_ids(model, bundle, args.exit_vocab, args.score)
+    data = collect(model.lm, {"heads": bundle}, seqs, keep_features=keep, vocab=vocab).exits["heads"]
     train = EstimatorTrainConfig(proj_dim=args.estimator_proj_dim, mlp_dim=args.estimator_mlp_dim,
                                  inputs=args.estimator_inputs)
-    entries = calibrate_bundle(bundle, data, target, args.score, train=train, data_info=info, progress=True)
+    entries = calibrate_bundle(bundle, data, target, args.score, train=train, data_info=info, progress=True,
+                               exit_vocab=args.exit_vocab)
     prompts = [s.ids[:s.start] for s in seqs]
     try:
         add_prompt_references(model.lm, bundle, prompts, args.adapt_window)
@@ -107,6 +114,22 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=1))
     print(f"saved calibrated bundle to {path} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return 0
+
+
+def exit_vocab_ids(model, bundle, n: int, score: str) -> torch.Tensor | None:
+    """--exit-vocab N -> the (N,) token ids cascade's exit_vocab=N emits from, None for 0; refused where
+    cascade would refuse it (decoding/strategies/cascade.py)."""
+    if n == 0:
+        return None
+    if not 0 < n <= model.lm.vocab_size:
+        raise ValueError(f"--exit-vocab must be between 0 and the vocabulary size {model.lm.vocab_size}, got {n}")
+    if score == "learned":
+        raise ValueError("--exit-vocab calibrates max_prob, entropy or margin (a learned estimator reads "
+                         "full-vocabulary features); pass --score auto or one of those")
+    if bundle.config.training.get("token_frequencies") is None:
+        raise ValueError("--exit-vocab needs the bundle's token frequency list (bundle.json "
+                         "training.token_frequencies); calibrate a bundle that has one")
+    return draft_vocabulary(model, n, bundle)
 
 
 def save(bundle, out: Path) -> Path:

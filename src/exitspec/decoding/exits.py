@@ -143,13 +143,14 @@ class GatedExits:
 
 
 def gated_exits(model, strategy: str, exit_layers=None, exit_layer=None, threshold=None,
-                score: str | None = None) -> GatedExits:
+                score: str | None = None, exit_vocab: int = 0) -> GatedExits:
     """Resolve the exit-layer options (exit_layers, or exit_layer, else the bundle's recommendation)
     into heads and confidence gates; shared by the strategies that gate on several exits."""
     chosen = exit_layers if exit_layers is not None else exit_layer
     layers = as_layers(chosen) if chosen is not None else default_exit_layers(model, strategy)
     bundle = exit_bundle(model, layers)
-    return GatedExits(layers, bundle, gates_for(bundle, layers, threshold, score, strategy=strategy))
+    return GatedExits(layers, bundle, gates_for(bundle, layers, threshold, score, strategy=strategy,
+                                                exit_vocab=exit_vocab))
 
 
 def check_threshold(score: str, value, strategy: str = "") -> float:
@@ -180,9 +181,26 @@ def _learned(bundle: HeadBundle, layer: int, strategy: str) -> dict:
     return {"estimator": bundle.estimators[str(layer)], "head": bundle.head(layer)}
 
 
+def per_exit(threshold, layers: list[int], strategy: str = ""):
+    """A threshold option given as one value per exit, shallowest first ("0.6,0.8" or [0.6, 0.8]) ->
+    {layer: value}; one value or a {layer: value} dict stays as it is."""
+    if isinstance(threshold, str) and "," in threshold:
+        threshold = [v for v in threshold.replace(" ", "").split(",") if v]
+    if not isinstance(threshold, (list, tuple)):
+        return threshold
+    if len(threshold) != len(layers):
+        raise StrategyOptionError(f"{strategy}: {len(threshold)} thresholds for {len(layers)} exits {layers}; pass "
+                                  "one value, or one per exit, shallowest first (e.g. threshold=0.6,0.8)")
+    return dict(zip(sorted(layers), threshold, strict=True))
+
+
 def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str | None = None,
-              strategy: str = "") -> dict[int, Gate]:
-    """Gate per exit: `threshold` option (one value or {layer: value}) overrides the bundle's calibration."""
+              strategy: str = "", exit_vocab: int = 0) -> dict[int, Gate]:
+    """Gate per exit: `threshold` option (one value, one per exit as "0.6,0.8" / a list, or {layer: value})
+    overrides the bundle's calibration. A calibrated threshold holds only for the scores it was fitted
+    to: the full vocabulary's, or an N-token exit vocabulary's (`exitspec calibrate --exit-vocab N`
+    stores N with it), so one stored for another `exit_vocab` (0 = full) is refused."""
+    threshold = per_exit(threshold, layers, strategy)
     out = {}
     for layer in layers:
         cal = bundle.threshold(layer) or {}
@@ -198,6 +216,13 @@ def gates_for(bundle: HeadBundle, layers: list[int], threshold=None, score: str 
                     f"{strategy} needs a calibrated confidence threshold for the exit at layer {layer}; "
                     "attach a calibrated bundle (--heads) or pass --option threshold=0.9 (max_prob)")
             value = cal["value"]
+            if int(cal.get("exit_vocab", 0)) != exit_vocab:
+                fitted = f"exit_vocab={cal['exit_vocab']}" if cal.get("exit_vocab") else "full-vocabulary"
+                raise StrategyOptionError(
+                    f"{strategy}: the bundle's threshold for the exit at layer {layer} was calibrated on {fitted} "
+                    f"scores, not on {f'exit_vocab={exit_vocab}' if exit_vocab else 'the full vocabulary'}'s; "
+                    "pass threshold= (one value, or one per exit, e.g. threshold=0.6,0.8) or calibrate the bundle "
+                    f"with `exitspec calibrate --exit-vocab {exit_vocab}`")
             if score is not None and score != cal.get("score", "max_prob"):
                 raise StrategyOptionError(f"the bundle calibrated layer {layer} with {cal.get('score')!r}; "
                                           f"pass a threshold for score {score!r} too")
@@ -217,43 +242,79 @@ class CheckedExit:
     so it rejects next to nothing the full gate would accept, and what it rejects is computed deeper:
     it may cost a little speed, never quality. A learned gate that reads only the hidden state needs
     neither: it decides first, and only then does the full head run (for the token of rows that exit).
-    A learned gate that reads logits is pre-checked on the subset's scores like the others."""
+    A learned gate that reads logits is pre-checked on the subset's scores like the others.
 
-    def __init__(self, head, gate: Gate, precheck: torch.Tensor | None = None):
+    `vocab` (cascade's exit_vocab): the exit never runs the full head. Its logits are the subset's
+    (B, N), the gate scores their renormalised distribution, and a confident row emits from it
+    (token_ids maps a subset index back to its token id): an exited token costs N/V of a head per
+    exit tried instead of a full one, at the price of never emitting a token outside the subset from
+    an exit. A pre-check no smaller than `vocab` would test the same rows again, so it is dropped."""
+
+    def __init__(self, head, gate: Gate, precheck: torch.Tensor | None = None, vocab: torch.Tensor | None = None):
         self.head, self.gate, self.layer = head, gate, head.layer
+        if vocab is not None and precheck is not None and precheck.numel() >= vocab.numel():
+            precheck = None
         self.precheck = DraftHead(head, precheck) if precheck is not None else None
-        # Rows this exit ran its pre-check subset and its full LM head for (the bench's cost split).
+        self.sub = DraftHead(head, vocab) if vocab is not None else None  # the exit's own (N,) vocabulary
+        # Rows this exit ran its pre-check subset, its full LM head and its exit vocabulary for (the
+        # bench's cost split).
         self.precheck_rows = 0
         self.head_rows = 0
+        self.vocab_rows = 0
 
     @property
     def precheck_size(self) -> int | None:
         return None if self.precheck is None else int(self.precheck.vocab.numel())
 
+    @property
+    def vocab(self) -> torch.Tensor | None:
+        """(N,) token ids an exit emits from (exit_vocab), None for the full vocabulary."""
+        return None if self.sub is None else self.sub.vocab
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, C) -> the exit's logits: (B, V) from the full head, (B, N) over `vocab`."""
+        if self.sub is None:
+            self.head_rows += h.shape[0]
+            return self.head(h[:, None])[:, 0]
+        self.vocab_rows += h.shape[0]
+        return self.sub.logits(h)
+
+    def token_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Indices into this exit's logits (from sample / argmax) -> token ids."""
+        return idx if self.sub is None else self.sub.vocab[idx]
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """This exit's logits -> (..., V): -inf outside `vocab` (a distribution that never emits them)."""
+        return logits if self.sub is None else self.sub.to_full(logits, self.head.lm.vocab_size)
+
     def confident(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h (B, C) at this exit, rows (B,) bool still undecided (default: all) -> (confident (B,) bool,
-        the full head's logits (B, V), or None where no row got that far)."""
+        the exit's logits: the full head's (B, V), or (B, N) over `vocab`; None where no row got that
+        far)."""
         if rows is None:
             rows = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         if not self.gate.needs_logits:
             rows = rows & self.gate.passes(None, h)  # from the hidden state alone: no head yet
             if not bool(rows.any()):
                 return rows, None
-            self.head_rows += h.shape[0]
-            return rows, self.head(h[:, None])[:, 0]
+            return rows, self._logits(h)
         if self.precheck is not None:
             self.precheck_rows += h.shape[0]
             rows = rows & self.gate.passes(self.precheck.logits(h), h)  # (B, N) logits: cheap
             if not bool(rows.any()):
                 return rows, None
-        self.head_rows += h.shape[0]
-        logits = self.head(h[:, None])[:, 0]  # (B, V)
+        logits = self._logits(h)
         return self.gate.passes(logits, h) & rows, logits
 
     @property
     def precheck_share(self) -> float:
         """What one pre-check row costs in full LM-head rows (N / V)."""
         return 0.0 if self.precheck is None else self.precheck_size / self.head.lm.vocab_size
+
+    @property
+    def vocab_share(self) -> float:
+        """What one exit-vocabulary row costs in full LM-head rows (N / V)."""
+        return 0.0 if self.sub is None else self.sub.vocab.numel() / self.head.lm.vocab_size
 
 
 def precheck_vocabulary(model, precheck_vocab, bundle: HeadBundle, strategy: str) -> torch.Tensor | None:
@@ -270,10 +331,11 @@ def precheck_vocabulary(model, precheck_vocab, bundle: HeadBundle, strategy: str
 
 
 def gate_counts(exits: list[CheckedExit]) -> dict[str, float]:
-    """The gates' work so far, in full LM-head rows: pre-check rows (weighted by N / V) and full-head
-    rows over all `exits` (what the bench's cost split reads)."""
+    """The gates' work so far, in full LM-head rows: pre-check rows and exit-vocabulary rows (each
+    weighted by N / V) and full-head rows over all `exits` (what the bench's cost split reads)."""
     return {"precheck_heads": sum(e.precheck_rows * e.precheck_share for e in exits),
-            "exit_heads": float(sum(e.head_rows for e in exits))}
+            "exit_heads": float(sum(e.head_rows for e in exits)),
+            "vocab_heads": sum(e.vocab_rows * e.vocab_share for e in exits)}
 
 
 def head_cost(lm: LayeredModel) -> float:

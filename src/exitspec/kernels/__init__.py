@@ -4,8 +4,9 @@ attention, and a fused Llama-family layer stack.
 They are C++ with SIMD intrinsics in two builds, compiled on first use with the machine's C++
 compiler through torch's extension builder (slow, so once each) and cached under the exitspec cache
 folder, keyed by the sources, the flags and the torch version:
-  * avx512bf16 (AVX-512 with BF16, e.g. Zen 4/5, Sapphire Rapids): products' inputs rounded to bf16,
-    vdpbf16ps dot products (csrc/gemm_avx512.cpp);
+  * avx512bf16 (AVX-512 with BF16 and VNNI, e.g. Zen 4/5, Sapphire Rapids): products' inputs rounded
+    to bf16, vdpbf16ps dot products; the q8 LM head's inputs quantized to int8 per group of 32 as on
+    AVX2, vpdpbusd dot products (csrc/gemm_avx512.cpp);
   * avx2 (AVX2 + FMA + F16C, any x86-64 of the last decade): inputs rounded to int8 per group of 32
     (llama.cpp's q8_0 scheme), vpmaddubsw dot products (csrc/gemm_avx2.cpp).
 The rest (attention, norms, RoPE, the fused Llama stack) is one source over csrc/vec.h, a 16-float

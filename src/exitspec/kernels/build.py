@@ -31,8 +31,9 @@ class Isa:
 # the CPU is checked for exactly them before loading. -fopenmp: at::parallel_for expands to OpenMP
 # pragmas in our own code; the runtime is the libgomp torch already loaded (same soname).
 ISAS = (
-    Isa("avx512bf16", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mf16c", "-mfma"),
+    # avx512_vnni: the q8 LM head's vpdpbusd (every AVX512-BF16 CPU has it).
+    Isa("avx512bf16", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "f16c", "fma"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma"),
         "gemm_avx512.cpp", "kquant_avx512.cpp"),
     Isa("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), "gemm_avx2.cpp", "kquant_avx2.cpp"),
 )

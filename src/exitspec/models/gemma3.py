@@ -23,7 +23,8 @@ the whole stack runs as one C++ call (kernels/csrc/gemma.cpp, `GemmaStack`; both
 projections on the K-quant kernels from the file's own blocks (a fused q|k|v or gate|up mixing block
 types), and the glue this module runs as ~40 torch ops a layer (the four sandwich norms, q/k norms,
 each kind's RoPE table, GELU-tanh, residuals) in C++ on the calling thread, attention on exitspec's
-kernel with each layer's window and query_pre_attn_scalar scaling. The per-op path below stays the
+kernel with each layer's window and query_pre_attn_scalar scaling (token trees included: the `tree`
+strategy verifies its tries on it as on the Llama stack). The per-op path below stays the
 reference the fused stack is tested against (`fuse=False`), and runs where the stack cannot: dense
 weights, Q4_0 / Q4_1 groups (one q4-kernel call per projection, Adapter.projection), no kernels.
 Where a Gemma 3 270M step goes, with and without the stack, against the machine's read bandwidth:
@@ -92,6 +93,7 @@ class Gemma3Adapter(Adapter):
 
     family = "gemma3"
     model_types = ("gemma3_text",)
+    fused_tree = True  # kernels/csrc/gemma.cpp takes tree masks (sliding windows counted in path positions)
 
     # RoPE types whose tables depend only on the position (read from a table filled once, as Llama's).
     STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -154,7 +156,7 @@ class Gemma3Adapter(Adapter):
         cos, sin = ctx.rope  # (K, B, T, D) each: one table per attention kind
         skip = [i in skip_mlp for i in range(self.num_layers)] if skip_mlp else []
         return self.stack.forward(h.contiguous(), cache.k, cache.v, ctx.positions.contiguous(), cos.contiguous(),
-                                  sin.contiguous(), start, stop, skip)
+                                  sin.contiguous(), start, stop, skip, ctx.tree)
 
     # --- pieces ---------------------------------------------------------------------------------
     def embed(self, ids, positions):

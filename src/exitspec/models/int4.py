@@ -15,9 +15,10 @@ Two backends, chosen when the runtime is built:
     group's codes are expanded once for all rows of a call (per tile of 4 rows on AVX2), and a
     Llama-family stack runs as one fused C++ call (norms, RoPE, cache writes, attention in C++); the
     Q8_0 LM head runs from its int8 codes (`Q8Linear`). Only the products' inputs are rounded: to
-    bf16 on AVX-512 (the head takes fp32), to int8 per group of 32 on AVX2 (llama.cpp's Q8_0 rule,
-    what its CPU products do; AVX2 has no bf16 dot product and fp32 FMAs would make a many-row step
-    cost a multiple of a 1-row one); everything else is fp32.
+    bf16 on AVX-512, to int8 per group of 32 on AVX2 (llama.cpp's Q8_0 rule, what its CPU products
+    do; AVX2 has no bf16 dot product and fp32 FMAs would make a many-row step cost a multiple of a
+    1-row one), and the head's to int8 per group of 32 on both (integer dot products keep it at the
+    read rate; EXITSPEC_Q8_HEAD=fp32 keeps fp32 inputs on AVX-512); everything else is fp32.
   * torch's int4 CPU kernel (`aten._weight_int4pack_mm_for_cpu`) where those cannot run: it takes
     bf16 inputs and bf16 per-group scale/zero (d and m + 8d rounded to bf16, a relative change
     <= 2^-9 per group) and dequantizes again for every block of 4 rows; the LM head is a prepacked
@@ -201,9 +202,10 @@ class Int4Linear:
 
 class Q8Linear:
     """The int4 mode's LM head where the checkpoint stores it as GGUF Q8_0 (the default model's tied
-    embedding): int8 codes with one fp16 scale per 32 inputs, multiplied by exitspec's kernel (fp32
-    inputs on AVX-512, int8 per group of 32 on AVX2; exact weights; half the bytes of a bf16 copy, a
-    quarter of fp32). Build with `from_weight`."""
+    embedding): int8 codes with one fp16 scale per 32 inputs, multiplied by exitspec's kernel (inputs
+    quantized to int8 per group of 32 on both builds, the same logits on each; fp32 inputs on AVX-512
+    with EXITSPEC_Q8_HEAD=fp32; exact weights; half the bytes of a bf16 copy, a quarter of fp32).
+    Build with `from_weight`."""
 
     __slots__ = ("kernel", "bias", "out_features", "_ops")
 

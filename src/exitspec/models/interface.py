@@ -137,8 +137,8 @@ class Adapter:
     # A fused kernel stack runs layers start..stop in one call (LlamaAdapter over q4 weights, Gemma3Adapter
     # over K-quant blocks); it masks by position itself, so the step context then carries no mask.
     fused: bool = False
-    # Whether that fused stack takes token-tree masks (StepContext.tree; the Llama stack does). The
-    # per-layer path always can: its masks are dense.
+    # Whether that fused stack takes token-tree masks (StepContext.tree; the Llama and Gemma 3 stacks
+    # do). The per-layer path always can: its masks are dense.
     fused_tree: bool = False
 
     # The fused C++ stack where one runs (kernels/csrc/llama.cpp, gemma.cpp), else None.

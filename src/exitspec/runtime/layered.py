@@ -180,7 +180,7 @@ class LayeredModel:
     @property
     def takes_trees(self) -> bool:
         """Can a forward verify a token tree (`context(tree=...)`)? The per-layer path always can; a fused
-        stack where it takes tree masks (the Llama family's)."""
+        stack where it takes tree masks (the Llama family's and Gemma 3's)."""
         return not self.adapter.fused or self.adapter.fused_tree
 
     def masked_context(self, h: torch.Tensor, positions: torch.Tensor,

@@ -24,6 +24,13 @@ exits.CheckedExit): the many tokens that are confident nowhere then skip the ful
 exit. It can only send tokens deeper; on the default model (int4) it made cascade both faster and
 better, lowering the perplexity of its outputs (benchmarks/README.md, 'Design measurements').
 
+`exit_vocab` (N > 0; issue 20): every exit computes its logits over the N most frequent tokens only
+(the bundle's token_frequencies, the ids precheck_vocab and draft_vocab use), its gate scores their
+renormalised distribution, and a confident exit emits from it: an exited token never pays for the full
+LM head, only N/V of one per exit tried (exits.CheckedExit). Tokens no exit takes use the full head as
+without it. The bundle's calibrated thresholds were fitted to full-vocabulary scores, so they are used
+only where the bundle stored them for the same exit_vocab; otherwise pass `threshold=`.
+
 `adapt` (SEDAC's run-time adaptation, decoding/adapt.py): at the start of each request every exit's
 threshold is moved by how much harder or easier the request's own prompt reads than the calibration
 prompts did, with weight `adapt` (0 = off: the calibrated thresholds, exactly as without the option).
@@ -47,6 +54,7 @@ from exitspec.decoding.adapt import (
 )
 from exitspec.decoding.api import register_strategy
 from exitspec.decoding.deferred import DeferredStack
+from exitspec.decoding.draft_vocab import draft_vocabulary
 from exitspec.decoding.exits import (
     CheckedExit,
     Gate,
@@ -70,10 +78,11 @@ class Cascade(Strategy):
     def __init__(self, heads: list[ExitHead], gates: dict[int, Gate], state_propagation: bool = False,
                  max_deferred: int = 16, precheck: torch.Tensor | None = None,
                  adaptation: Adaptation | None = None, targets: dict[int, float] | None = None,
-                 references: dict[int, Reference | None] | None = None):
+                 references: dict[int, Reference | None] | None = None, exit_vocab: torch.Tensor | None = None):
         if not isinstance(max_deferred, int) or max_deferred < 1:
             raise StrategyOptionError(f"max_deferred must be a positive integer, got {max_deferred!r}")
-        self.exits = [CheckedExit(h, gates[h.layer], precheck) for h in sorted(heads, key=lambda h: h.layer)]
+        self.exits = [CheckedExit(h, gates[h.layer], precheck, exit_vocab)
+                      for h in sorted(heads, key=lambda h: h.layer)]
         self.propagate = state_propagation
         self.max_deferred = max_deferred
         self.stack: DeferredStack | None = None
@@ -132,7 +141,7 @@ class Cascade(Strategy):
             ok, logits = ex.confident(h, ~decided & ~forced)
             if logits is None:  # no row passed the pre-check
                 continue
-            tok = torch.where(ok, sample(logits, state.sampling), tok)
+            tok = torch.where(ok, ex.token_ids(sample(logits, state.sampling)), tok)
             layer_of = torch.where(ok.cpu(), ex.layer, layer_of)
             decided |= ok
             if bool(decided.all()):
@@ -165,6 +174,7 @@ class Cascade(Strategy):
                 "thresholds": {e.layer: (e.gate.score, e.gate.value) for e in self.exits},
                 "state_propagation": self.propagate, "max_deferred": self.max_deferred,
                 "precheck_vocab": self.exits[0].precheck_size,
+                "exit_vocab": 0 if self.exits[0].vocab is None else int(self.exits[0].vocab.numel()),
                 **({"adapt": self.adaptation.to_dict() | {"references": {
                     k: None if r is None else asdict(r) for k, r in self.references.items()}}}
                    if self.adaptation else {})}
@@ -173,15 +183,18 @@ class Cascade(Strategy):
 def make_cascade(model, exit_layers=None, exit_layer=None, threshold=None, score: str | None = None,
                  state_propagation: bool = False, max_deferred: int = 16, precheck_vocab: int | list[int] = 4096,
                  adapt: float = 0.0, adapt_window: int | None = None, adapt_target: float | None = None,
-                 **unknown) -> Cascade:
+                 exit_vocab: int = 0, **unknown) -> Cascade:
     """precheck_vocab: the frequent-token pre-check's size or token ids (exits.CheckedExit); 0 = off.
-    adapt, adapt_window, adapt_target: per-request threshold adaptation (decoding/adapt.py); adapt=0 = off."""
+    adapt, adapt_window, adapt_target: per-request threshold adaptation (decoding/adapt.py); adapt=0 = off.
+    exit_vocab: exits decide and emit over the N most frequent tokens, never the full head; 0 = off."""
     if unknown:
         raise StrategyOptionError(f"cascade has no option(s) {sorted(unknown)}; it takes exit_layers, threshold, "
                                   "score, state_propagation, max_deferred, precheck_vocab, adapt, adapt_window, "
-                                  "adapt_target")
+                                  "adapt_target, exit_vocab")
     adaptation = adaptation_option("cascade", adapt, adapt_window, adapt_target)
-    ex = gated_exits(model, "cascade", exit_layers, exit_layer, threshold, score)
+    vocab_size = check_exit_vocab(model, exit_vocab)
+    ex = gated_exits(model, "cascade", exit_layers, exit_layer, threshold, score, exit_vocab=vocab_size)
+    vocab = exit_vocabulary(model, vocab_size, ex, adaptation)
     targets = refs = None
     if adaptation:
         targets = adaptation_targets(ex.bundle, ex.layers, adaptation, "cascade")
@@ -189,7 +202,33 @@ def make_cascade(model, exit_layers=None, exit_layer=None, threshold=None, score
     return Cascade([ex.bundle.head(layer) for layer in ex.layers], ex.gates,
                    state_propagation=bool(state_propagation), max_deferred=max_deferred,
                    precheck=precheck_vocabulary(model, precheck_vocab, ex.bundle, "cascade"),
-                   adaptation=adaptation, targets=targets, references=refs)
+                   adaptation=adaptation, targets=targets, references=refs, exit_vocab=vocab)
+
+
+def check_exit_vocab(model, exit_vocab) -> int:
+    """The exit_vocab option -> N (0 = off), refused where it is not a token count the model has."""
+    if isinstance(exit_vocab, bool) or not isinstance(exit_vocab, int) or exit_vocab < 0:
+        raise StrategyOptionError(f"cascade: exit_vocab must be a number of tokens >= 0 (0 = off), got {exit_vocab!r}")
+    V = model.lm.vocab_size
+    if exit_vocab > V:
+        raise StrategyOptionError(f"cascade: exit_vocab={exit_vocab} is larger than the model's vocabulary ({V}); "
+                                  "pick N <= that, e.g. exit_vocab=4096")
+    return exit_vocab
+
+
+def exit_vocabulary(model, exit_vocab: int, ex, adaptation: Adaptation | None) -> torch.Tensor | None:
+    """N -> (N,) token ids (the bundle's N most frequent, draft_vocab.py) or None (0 = off). The gates'
+    thresholds were already checked to be meant for N-token scores (exits.gates_for)."""
+    if exit_vocab == 0:
+        return None
+    if ex.bundle.config.training.get("token_frequencies") is None:
+        raise StrategyOptionError("cascade: exit_vocab needs the head bundle's token frequency list "
+                                  "(bundle.json training.token_frequencies) to pick the N most frequent tokens; "
+                                  "attach a bundle that has one (--heads default) or pass exit_vocab=0")
+    if adaptation is not None:
+        raise StrategyOptionError("cascade: adapt shifts thresholds from the bundle's full-vocabulary prompt "
+                                  "references, which do not hold for exit_vocab's scores; pass adapt=0 with exit_vocab")
+    return draft_vocabulary(model, exit_vocab, ex.bundle)
 
 
 register_strategy("cascade", make_cascade)

@@ -19,20 +19,55 @@
 //                                               byte 2j+1 = q[j,k1] | q[j,k3] << 4
 //   (zero-extending the 32 bytes to 32 words puts (q[j,k0], q[j,k1]) in dword lane j, a vdpbf16ps
 //   pair; a 4-bit shift gives (q[j,k2], q[j,k3])), then 16 fp16 scales, then 16 fp16 lows.
-// Packed q8 layout (the tied LM head, GGUF Q8_0: w = d * q, q int8): per block and group, 32 inputs
-// x 16 bytes (q[j,k] for j = 0..15), then 16 fp16 scales; multiplied in fp32 (exact weights).
+//
+// The q8 LM head (GGUF Q8_0: w = d * q, q int8) is a third of a small model's step bytes (178 MB of
+// Gemma 3 270M's 247), so it must run at the read roofline. Widening the codes to fp32 for fp32 FMAs
+// costs 3 instructions per 16 weights per row: 1 row read ~75% of the streaming rate on 2 Zen cores,
+// 8 rows ~45% (compute-bound). So by default the head quantizes its input rows to int8 per group of 32
+// exactly as the AVX2 build does (scale xd = max|x| / 127, codes round-half-even(x * 127 / max|x|)) and
+// multiplies with AVX512-VNNI's vpdpbusd: 64 byte products per instruction, 1 instruction per 64
+// weights per row. vpdpbusd takes unsigned x signed bytes; the weights are stored offset by 128 (u =
+// q + 128, 1..255) and the row's int8 codes xq, broadcast 4 at a time, are the signed operand, so
+//     sum_k u[k] * xq[k] = sum_k q[k] * xq[k] + 128 * sum_k xq[k]
+// and a group's accumulator starts at -128 * sum_k xq[k] (per row and group, computed once with the
+// codes): the group's dot product is the exact integer the AVX2 build computes, then scaled the same
+// way (fp32: tot += float(dot) * (d * xd), groups in order), so both builds give the head the same
+// numerics (and, finite inputs, the same bits). |dot| <= 32 * 255 * 127: no overflow in 32 bits.
+// EXITSPEC_Q8_HEAD=fp32 (read once, at load) keeps the former head instead: fp32 inputs, int8 codes
+// widened to fp32, fp32 FMAs; the packing follows the same switch.
+// Packed q8 layout, per block of 16 outputs and group of 32 inputs (544 bytes, in stream order):
+//   int8 head: 8 quads of 4 inputs, 64 bytes each: byte 4j + i = q[j, 4qd + i] + 128 (a dword per
+//              output, as vpdpbusd reads it), then 16 fp16 scales;
+//   fp32 head: 32 inputs x 16 bytes (q[j,k] for j = 0..15), then 16 fp16 scales.
 #include "gemm.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "vec.h"
 
 namespace exitspec {
 
 const char* const kIsa = "avx512bf16";
-const char* const kNumerics = "q4 products from bf16-rounded inputs, q8 LM head in fp32";
+namespace {
+// EXITSPEC_Q8_HEAD=fp32: the fp32 q8 head (see the top of this file); anything else: the int8 head.
+bool q8_head_fp32() {
+  static const bool fp32 = [] {
+    const char* v = std::getenv("EXITSPEC_Q8_HEAD");
+    return v != nullptr && std::strcmp(v, "fp32") == 0;
+  }();
+  return fp32;
+}
+}  // namespace
+
+const char* const kNumerics =
+    q8_head_fp32() ? "q4 products from bf16-rounded inputs, q8 LM head in fp32 (EXITSPEC_Q8_HEAD=fp32)"
+                   : "q4 products from bf16-rounded inputs, q8 LM head from inputs quantized to int8 per group of "
+                     "32 (scale max|x|/127)";
 
 constexpr int kQ4GroupBytes = 320;  // 16 outputs x 32 inputs: 256 B of nibbles + 16 fp16 scales + 16 fp16 lows
 constexpr int kQ8GroupBytes = 544;  // 16 outputs x 32 inputs: 512 B of int8 + 16 fp16 scales
@@ -62,11 +97,16 @@ void pack_q4(const uint8_t* q, const float* scale, const float* low, int N, int 
 
 void pack_q8(const int8_t* q, const float* scale, int N, int K, uint8_t* out) {
   const int G = K / kGroup;
+  const bool fp32 = q8_head_fp32();
   for (int nb = 0; nb < N / kBlockN; ++nb)
     for (int g = 0; g < G; ++g) {
       uint8_t* dst = out + ((size_t)nb * G + g) * kQ8GroupBytes;
       for (int k = 0; k < kGroup; ++k)
-        for (int j = 0; j < kBlockN; ++j) dst[k * 16 + j] = (uint8_t)q[(size_t)(nb * kBlockN + j) * K + g * kGroup + k];
+        for (int j = 0; j < kBlockN; ++j) {
+          const int8_t c = q[(size_t)(nb * kBlockN + j) * K + g * kGroup + k];
+          if (fp32) dst[k * 16 + j] = (uint8_t)c;
+          else dst[(k / 4) * 64 + 4 * j + k % 4] = (uint8_t)(c + 128);
+        }
       uint16_t* sc = (uint16_t*)(dst + 512);
       for (int j = 0; j < kBlockN; ++j) sc[j] = _cvtss_sh(scale[(size_t)(nb * kBlockN + j) * G + g], _MM_FROUND_TO_NEAREST_INT);
     }
@@ -198,8 +238,9 @@ void q4_rows(const uint8_t* W, int nb0, const Q4Input& in, int m0, int rows, con
 // registers for them (measured on Zen 5, 2048 x 576, one thread: NB=4 best up to 6 rows, 2 above).
 inline int q4_blocks_per_tile(int M) { return M <= 6 ? 4 : 2; }
 
+// The fp32 head (EXITSPEC_Q8_HEAD=fp32): M rows x NB blocks of 16 outputs starting at block nb0.
 template <int M, int NB>
-void q8_tile(const uint8_t* W, int nb0, const float* x, int K, int m0, float* Y, int ldy) {
+void q8_tile_fp32(const uint8_t* W, int nb0, const float* x, int K, int m0, float* Y, int ldy) {
   const int G = K / kGroup;
   __m512 tot[M][NB];
   for (int m = 0; m < M; ++m)
@@ -234,23 +275,118 @@ void q8_tile(const uint8_t* W, int nb0, const float* x, int K, int m0, float* Y,
     for (int b = 0; b < NB; ++b) _mm512_storeu_ps(Y + (size_t)(m0 + m) * ldy + (nb0 + b) * kBlockN, tot[m][b]);
 }
 
-template <int NB>
-void q8_rows(const uint8_t* W, int nb0, const float* x, int K, int m0, int rows, float* Y, int ldy) {
-  switch (rows) {
-    case 1: q8_tile<1, NB>(W, nb0, x, K, m0, Y, ldy); break;
-    case 2: q8_tile<2, NB>(W, nb0, x, K, m0, Y, ldy); break;
-    case 3: q8_tile<3, NB>(W, nb0, x, K, m0, Y, ldy); break;
-    case 4: q8_tile<4, NB>(W, nb0, x, K, m0, Y, ldy); break;
-    default:  // 5..8 rows: one block at a time (more would not fit the registers)
-      for (int b = 0; b < NB; ++b) {
-        if (rows == 5) q8_tile<5, 1>(W, nb0 + b, x, K, m0, Y, ldy);
-        else if (rows == 6) q8_tile<6, 1>(W, nb0 + b, x, K, m0, Y, ldy);
-        else if (rows == 7) q8_tile<7, 1>(W, nb0 + b, x, K, m0, Y, ldy);
-        else q8_tile<8, 1>(W, nb0 + b, x, K, m0, Y, ldy);
+// Rows quantized to int8 per group of 32 for the int8 head: codes, scales and the offset's correction.
+struct Q8Rows {
+  int M = 0, K = 0;
+  std::vector<int8_t> xq;   // (M, K)
+  std::vector<float> xd;    // (M, K / 32) scales
+  std::vector<int32_t> xc;  // (M, K / 32): -128 * the group's sum of codes, a group accumulator's start
+
+  // GGUF's Q8_0 rule, with the AVX2 build's arithmetic (gemm_avx2.cpp Q4Input::set) so that both
+  // builds read the same codes: d = amax / 127, codes = round-half-even(x * (127 / amax)). A group
+  // holding a NaN or an infinity gets a NaN scale (it reaches the row's outputs as in fp32); one so
+  // small that 127 / amax overflows (max |x| < ~4e-37) is taken as zeros.
+  void set(const float* x, int rows, int cols) {
+    M = rows, K = cols;
+    const int G = K / kGroup;
+    xq.resize((size_t)M * K);
+    xd.resize((size_t)M * G);
+    xc.resize((size_t)M * G);
+    for (int m = 0; m < M; ++m)
+      for (int g = 0; g < G; ++g) {
+        const float* src = x + (size_t)m * K + g * kGroup;
+        const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        // x - x is 0 for a finite x and NaN for a NaN or an infinity
+        const bool finite = _mm512_cmp_ps_mask(_mm512_sub_ps(v0, v0), _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF &&
+                            _mm512_cmp_ps_mask(_mm512_sub_ps(v1, v1), _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF;
+        float d = finite ? amax / 127.0f : NAN, id = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+        if (!std::isfinite(id)) id = 0.0f, d = 0.0f;
+        // round to nearest even (the default MXCSR mode); |x * id| <= 127 by construction
+        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+        const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+        int8_t* dst = xq.data() + (size_t)m * K + g * kGroup;
+        _mm_storeu_si128((__m128i*)dst, _mm512_cvtsepi32_epi8(c0));
+        _mm_storeu_si128((__m128i*)(dst + 16), _mm512_cvtsepi32_epi8(c1));
+        xd[(size_t)m * G + g] = d;
+        xc[(size_t)m * G + g] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
       }
-      break;
+  }
+};
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// The int8 head: M rows x NB blocks of 16 outputs starting at block nb0 (see the top of this file).
+// q8_gemm runs it one block at a time (NB = 1): a thread's blocks are then one sequential stream,
+// which the hardware prefetchers follow without help. Measured on a loaded Zen machine, one thread:
+// 1 and 4 rows streamed as fast as a plain sum of the same bytes with NB = 1 and no software
+// prefetch, 1.1-1.3x slower with NB = 2 or 4 or with prefetching 3 groups ahead.
+template <int M, int NB>
+void q8_tile(const uint8_t* W, int nb0, const Q8Rows& in, int m0, float* Y, int ldy) {
+  const int K = in.K, G = K / kGroup;
+  __m512 tot[M][NB];
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < NB; ++b) tot[m][b] = _mm512_setzero_ps();
+  const uint8_t* blk[NB];
+  for (int b = 0; b < NB; ++b) blk[b] = W + (size_t)(nb0 + b) * G * kQ8GroupBytes;
+  for (int g = 0; g < G; ++g) {
+    const int8_t* xg[M];
+    __m512i acc[M][NB];  // int32, output j in lane j; starts at the offset's correction
+    for (int m = 0; m < M; ++m) {
+      xg[m] = in.xq.data() + (size_t)(m0 + m) * K + g * kGroup;
+      const __m512i c = _mm512_set1_epi32(in.xc[(size_t)(m0 + m) * G + g]);
+      for (int b = 0; b < NB; ++b) acc[m][b] = c;
+    }
+#pragma GCC unroll 8
+    for (int qd = 0; qd < 8; ++qd) {
+      __m512i w[NB];
+      for (int b = 0; b < NB; ++b) w[b] = _mm512_loadu_si512(blk[b] + (size_t)g * kQ8GroupBytes + qd * 64);
+      for (int m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_set1_epi32(load_i32(xg[m] + 4 * qd));
+        for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbusd_epi32(acc[m][b], w[b], xv);
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk[b] + (size_t)g * kQ8GroupBytes + 512)));
+      for (int m = 0; m < M; ++m)
+        tot[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][b]),
+                                    _mm512_mul_ps(d, _mm512_set1_ps(in.xd[(size_t)(m0 + m) * G + g])), tot[m][b]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(Y + (size_t)(m0 + m) * ldy + (nb0 + b) * kBlockN, tot[m][b]);
+}
+
+// Rows 1..8 -> the tile instantiated for that count (the accumulators must be compile-time arrays to
+// stay in registers); 5..8 rows one block at a time (more would not fit the registers), so the codes
+// are loaded once for all rows.
+template <template <int, int> class Tile, int NB, typename... Args>
+void by_rows(int rows, Args&&... args) {
+  switch (rows) {
+    case 1: Tile<1, NB>::run(args...); break;
+    case 2: Tile<2, NB>::run(args...); break;
+    case 3: Tile<3, NB>::run(args...); break;
+    case 4: Tile<4, NB>::run(args...); break;
+    case 5: Tile<5, 1>::run(args...); break;
+    case 6: Tile<6, 1>::run(args...); break;
+    case 7: Tile<7, 1>::run(args...); break;
+    default: Tile<8, 1>::run(args...); break;
   }
 }
+template <int M, int NB>
+struct Q8Tile {
+  template <typename... A>
+  static void run(A&&... a) { q8_tile<M, NB>(a...); }
+};
+template <int M, int NB>
+struct Q8TileFp32 {
+  template <typename... A>
+  static void run(A&&... a) { q8_tile_fp32<M, NB>(a...); }
+};
 
 // Split the output blocks over threads (never the reduction) and walk all rows in tiles of
 // `max_rows`; `tile(nb, nblocks_in_tile, m0, rows)` computes one tile.
@@ -279,13 +415,19 @@ void q4_gemm(const uint8_t* W, int N, const Q4Input& in, const float* bias, floa
 
 void q8_gemm(const uint8_t* W, int N, const float* x, int M, int K, float* Y, int ldy) {
   const int nblocks = N / kBlockN;
-  // 5..8 rows: one block per tile (8 + 8 accumulators), so the int8 codes are widened once for all rows.
-  const int per_tile = M <= 2 ? 4 : M <= 4 ? 2 : 1;
-  for_tiles(nblocks, per_tile, M, 8, [&](int nb, int nbt, int m0, int rows) {
-    if (nbt == 4) q8_rows<4>(W, nb, x, K, m0, rows, Y, ldy);
-    else if (nbt == 2) q8_rows<2>(W, nb, x, K, m0, rows, Y, ldy);
-    else q8_rows<1>(W, nb, x, K, m0, rows, Y, ldy);
-  });
+  if (q8_head_fp32()) {
+    // 5..8 rows: one block per tile (8 + 8 accumulators), so the int8 codes are widened once for all rows.
+    const int per_tile = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+    for_tiles(nblocks, per_tile, M, 8, [&](int nb, int nbt, int m0, int rows) {
+      if (nbt == 4) by_rows<Q8TileFp32, 4>(rows, W, nb, x, K, m0, Y, ldy);
+      else if (nbt == 2) by_rows<Q8TileFp32, 2>(rows, W, nb, x, K, m0, Y, ldy);
+      else by_rows<Q8TileFp32, 1>(rows, W, nb, x, K, m0, Y, ldy);
+    });
+    return;
+  }
+  Q8Rows in;
+  in.set(x, M, K);
+  for_tiles(nblocks, 1, M, 8, [&](int nb, int, int m0, int rows) { by_rows<Q8Tile, 1>(rows, W, nb, in, m0, Y, ldy); });
 }
 
 }  // namespace exitspec

@@ -67,7 +67,7 @@ struct GemmaLayer {
 
 }  // namespace
 
-class GemmaStack {
+class GemmaStack : public StackCalls<GemmaStack> {
  public:
   GemmaStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale)
       : C_((int)hidden), H_((int)heads), Hkv_((int)kv_heads), D_((int)head_dim), I_((int)intermediate),
@@ -97,29 +97,15 @@ class GemmaStack {
 
   int64_t num_layers() const { return (int64_t)layers_.size(); }
 
-  // ms since the last take_times(): (weight products, attention over the cache, the rest), as the
-  // Llama stack's (`exitspec info` splits a step's layers by them).
-  std::array<double, 3> take_times() {
-    std::array<double, 3> ms;
-    for (int i = 0; i < 3; ++i) ms[i] = times_ns_[i].exchange(0) * 1e-6;
-    return ms;
-  }
-
-  // h (B, T, C) entering layer `start` -> hidden states leaving layer stop-1 (a new tensor); cos, sin
-  // (kinds, B, T, D): one RoPE table per attention kind, each layer reads its own.
-  torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
-                        const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin,
-                        int64_t start, int64_t stop, const std::vector<bool>& skip_mlp) const {
-    if (fp16_caches(cache_k, cache_v))
-      return run<Half>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp);
-    return run<float>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp);
-  }
-
  private:
+  friend class StackCalls<GemmaStack>;  // forward calls run
+
+  // StackCalls::forward for a KV cache of KV elements; cos, sin (kinds, B, T, D): one RoPE table per
+  // attention kind, each layer reads its own.
   template <typename KV>
   torch::Tensor run(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                     const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin, int64_t start,
-                    int64_t stop, const std::vector<bool>& skip_mlp) const {
+                    int64_t stop, const std::vector<bool>& skip_mlp, const c10::optional<torch::Tensor>& tree) const {
     const int64_t slots =
         check_stack_call(h, cache_k, cache_v, positions, start, stop, skip_mlp, num_layers(), C_, Hkv_, D_);
     check_cpu_f32(cos, "cos");
@@ -131,10 +117,12 @@ class GemmaStack {
     for (int64_t l = start; l < stop; ++l)
       TORCH_CHECK(layers_[l].rope < kinds, "layer ", l, " reads RoPE table ", layers_[l].rope, " of ", kinds);
 
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* masks = M ? tree_masks(tree, pos, B, T, slots) : nullptr;
+
     torch::Tensor out = h.clone();
     if (M == 0) return out;  // no rows: nothing to run (and attention divides by T)
     float* x = out.data_ptr<float>();
-    const int64_t* pos = positions.data_ptr<int64_t>();
     const int Nqkv = (H_ + 2 * Hkv_) * D_;
     std::vector<float> normed((size_t)M * std::max(C_, I_)), qkv((size_t)M * Nqkv), att((size_t)M * H_ * D_),
         gu((size_t)M * 2 * I_), sub((size_t)M * C_);
@@ -154,19 +142,15 @@ class GemmaStack {
       L.qkv.run(prep, qkv.data(), Nqkv);
       laps.mark(kProducts);
       for (int r = 0; r < M; ++r) {
-        const int b = r / T;
         float* row = qkv.data() + (size_t)r * Nqkv;  // [q heads | k heads | v heads], each D
         rms_norm_rows(row, L.q_norm.data_ptr<float>(), L.eps, H_, D_, row);  // in place, per head
         rms_norm_rows(row + H_ * D_, L.k_norm.data_ptr<float>(), L.eps, Hkv_, D_, row + H_ * D_);
         for (int hh = 0; hh < H_ + Hkv_; ++hh) rope_head(row + hh * D_, cs + (size_t)r * D_, sn + (size_t)r * D_, D_);
-        for (int kh = 0; kh < Hkv_; ++kh) {
-          const size_t slot = (((size_t)b * Hkv_ + kh) * slots + pos[r]) * D_;
-          write_slot(kc + slot, row + (H_ + kh) * D_, D_);
-          write_slot(vc + slot, row + (H_ + Hkv_ + kh) * D_, D_);
-        }
+        store_kv(kc, vc, row, r, T, pos, masks, H_, Hkv_, D_, slots);
       }
       laps.mark(kGlue);
-      AttentionShape s{M, T, H_, Hkv_, D_, slots, scale_, L.window, Nqkv};
+      // A tree query's sliding window counts the positions its path would occupy (attention.cpp).
+      AttentionShape s{M, T, H_, Hkv_, D_, slots, scale_, L.window, Nqkv, masks};
       decode_attention<KV>(qkv.data(), kc, vc, pos, s, att.data());
       laps.mark(kAttention);
       prep.set(att.data(), M, H_ * D_);
@@ -195,14 +179,13 @@ class GemmaStack {
       add_normed_rows(x, sub.data(), L.ln_post_ff.data_ptr<float>(), L.eps, M, C_);
       laps.mark(kGlue);
     }
-    for (int i = 0; i < 3; ++i) times_ns_[i] += laps.ns[i];
+    add_times(laps);
     return out;
   }
 
   int C_, H_, Hkv_, D_, I_;
   float scale_;
   std::vector<GemmaLayer> layers_;
-  mutable std::array<std::atomic<int64_t>, 3> times_ns_{};  // by Part; atomic: the server may run two calls at once
 };
 
 void bind_gemma(pybind11::module_& m) {
@@ -215,7 +198,9 @@ void bind_gemma(pybind11::module_& m) {
            py::arg("k_norm"), py::arg("eps"), py::arg("window"), py::arg("rope"))
       .def("num_layers", &GemmaStack::num_layers)
       .def("take_times", &GemmaStack::take_times)
-      .def("forward", &GemmaStack::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &GemmaStack::forward, py::arg("h"), py::arg("cache_k"), py::arg("cache_v"), py::arg("positions"),
+           py::arg("cos"), py::arg("sin"), py::arg("start"), py::arg("stop"), py::arg("skip_mlp"),
+           py::arg("tree") = py::none(), py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace exitspec

@@ -80,18 +80,6 @@ struct Q8Weight {
   }
 };
 
-// Optional tree masks (B, T) int64 of a call whose new tokens are a token tree (attention.h): checked
-// against the positions, nullptr when there are none.
-const int64_t* tree_masks(const c10::optional<torch::Tensor>& tree, const int64_t* pos, int64_t B, int64_t T,
-                          int64_t slots) {
-  if (!tree || !tree->defined()) return nullptr;
-  TORCH_CHECK(tree->device().is_cpu() && tree->scalar_type() == torch::kInt64 && tree->is_contiguous() &&
-                  tree->dim() == 2 && tree->size(0) == B && tree->size(1) == T,
-              "tree masks must be (batch, new tokens) int64 on the CPU");
-  check_tree(tree->data_ptr<int64_t>(), pos, B * T, (int)T, slots);
-  return tree->data_ptr<int64_t>();
-}
-
 struct LlamaLayer {
   Q4Weight qkv, o, gate_up, down;
   torch::Tensor ln1, ln2;
@@ -101,7 +89,7 @@ struct LlamaLayer {
 
 }  // namespace
 
-class LlamaStack {
+class LlamaStack : public StackCalls<LlamaStack> {
  public:
   LlamaStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double scale)
       : C_((int)hidden), H_((int)heads), Hkv_((int)kv_heads), D_((int)head_dim), I_((int)intermediate),
@@ -123,28 +111,10 @@ class LlamaStack {
 
   int64_t num_layers() const { return (int64_t)layers_.size(); }
 
-  // Where the calls' time went since the last take_times(), in ms: (weight products, attention over
-  // the cache, the rest: norms, RoPE, cache writes, SiLU, input quantization). What `exitspec info`
-  // and bench-runtime split a step's layers by. A clock read costs ~20 ns, 10 per layer: always on.
-  std::array<double, 3> take_times() {
-    std::array<double, 3> ms;
-    for (int i = 0; i < 3; ++i) ms[i] = times_ns_[i].exchange(0) * 1e-6;
-    return ms;
-  }
-
-  // h (B, T, C) entering layer `start` -> hidden states leaving layer stop-1 (a new tensor). `tree`:
-  // (B, T) masks when the new tokens are a token tree (attention.h): token t then writes slot
-  // positions[b, 0] + t, not its position (root + depth).
-  torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
-                        const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin,
-                        int64_t start, int64_t stop, const std::vector<bool>& skip_mlp,
-                        const c10::optional<torch::Tensor>& tree) const {
-    if (fp16_caches(cache_k, cache_v))
-      return run<Half>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp, tree);
-    return run<float>(h, cache_k, cache_v, positions, cos, sin, start, stop, skip_mlp, tree);
-  }
-
  private:
+  friend class StackCalls<LlamaStack>;  // forward calls run
+
+  // StackCalls::forward for a KV cache of KV elements; cos, sin (B, T, D).
   template <typename KV>
   torch::Tensor run(const torch::Tensor& h, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                     const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin, int64_t start,
@@ -180,15 +150,9 @@ class LlamaStack {
       q4_gemm(L.qkv.packed.data_ptr<uint8_t>(), Nqkv, prep, L.qkv.bias_ptr(), qkv.data(), Nqkv, false);
       laps.mark(kProducts);
       for (int r = 0; r < M; ++r) {
-        const int b = r / T;
         float* row = qkv.data() + (size_t)r * Nqkv;  // [q heads | k heads | v heads], each D
         for (int hh = 0; hh < H_ + Hkv_; ++hh) rope_head(row + hh * D_, cs + (size_t)r * D_, sn + (size_t)r * D_, D_);
-        for (int kh = 0; kh < Hkv_; ++kh) {
-          const int64_t at = masks ? pos[b * T] + (r - b * T) : pos[r];  // a tree node: root slot + index
-          const size_t slot = (((size_t)b * Hkv_ + kh) * slots + at) * D_;
-          write_slot(kc + slot, row + (H_ + kh) * D_, D_);
-          write_slot(vc + slot, row + (H_ + Hkv_ + kh) * D_, D_);
-        }
+        store_kv(kc, vc, row, r, T, pos, masks, H_, Hkv_, D_, slots);
       }
       laps.mark(kGlue);
       AttentionShape s{M, T, H_, Hkv_, D_, slots, scale_, L.window, Nqkv, masks};
@@ -220,14 +184,13 @@ class LlamaStack {
       q4_gemm(L.down.packed.data_ptr<uint8_t>(), C_, prep, L.down.bias_ptr(), x, C_, true);
       laps.mark(kProducts);
     }
-    for (int i = 0; i < 3; ++i) times_ns_[i] += laps.ns[i];
+    add_times(laps);
     return out;
   }
 
   int C_, H_, Hkv_, D_, I_;
   float scale_;
   std::vector<LlamaLayer> layers_;
-  mutable std::array<std::atomic<int64_t>, 3> times_ns_{};  // by Part; atomic: the server may run two calls at once
 };
 
 // --- single kernels, for the per-op runtime of other families and for tests -------------------
