@@ -230,19 +230,27 @@ def test_self_spec_rows_carry_the_cost_models_prediction_beside_the_measurement(
     assert vanilla.get("predicted_speedup") is None
 
 
-def test_lookup_rows_carry_the_cost_models_prediction(tmp_path):
-    """A lookup row: each verification's drafts priced by the row-cost curve (bench/prediction.py),
-    predicted next to measured in the results and the report."""
+def test_lookup_tree_and_hybrid_rows_carry_the_cost_models_prediction(tmp_path):
+    """Lookup, tree and hybrid rows: each verification priced as the vanilla forward x its cost timed
+    alone + the row's host work (bench/prediction.py), predicted next to measured in the results and
+    the report."""
+    from exitspec.heads.bundle import HeadBundle
+
     m = tiny_loaded("llama")
+    m.heads = HeadBundle.create(m.lm, [3], "norm_lm")
     cfg = BenchConfig(num_prompts=2, max_new_tokens=24, repeats=1, warmup=0, quality=False,
-                      runs=[{"name": "lookup", "draft_len": 3}])
+                      runs=[{"name": "lookup", "draft_len": 3}, {"name": "tree"},
+                            {"name": "hybrid", "exit_layer": 3, "draft_len": 2, "draft_cost": 0.05}])
     outcome = BenchRunner(cfg, m, tiny_prompts(), tmp_path, progress=False).run()
-    row = next(r for r in outcome.rows if r["name"] == "lookup")
-    assert row["predicted_speedup"] > 0 and 1.0 <= row["mean_verified_rows"] <= 4.0
-    gap = abs(row["measured_decode_speedup"] / row["predicted_speedup"] - 1)
-    assert (row.get("prediction_note") is not None) == (gap > 0.10)
+    for name in ("lookup", "tree", "hybrid"):
+        row = next(r for r in outcome.rows if r["name"] == name)
+        assert row["predicted_speedup"] > 0 and row["mean_verified_rows"] >= 1.0, name
+        assert 0 < row["host_ms"] < row["cycle_ms"], name
+        gap = abs(row["measured_decode_speedup"] / row["predicted_speedup"] - 1)
+        assert (row.get("prediction_note") is not None) == (gap > 0.10), name
+    assert next(r for r in outcome.rows if r["name"] == "hybrid")["head_cycles"] is not None
     finish(tmp_path)
-    assert "rows |" in (tmp_path / "report.md").read_text().split("## Cost model: predicted vs measured")[1]
+    assert "rows; host" in (tmp_path / "report.md").read_text().split("## Cost model: predicted vs measured")[1]
 
 
 def test_cascade_rows_carry_cascadeexits_routing_table(tmp_path):

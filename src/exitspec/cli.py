@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-scale": ("exitspec.commands.bench_scale", "training memory and self-spec cost model at 1B-8B shapes"),
     "train": ("exitspec.commands.train", "train exit heads by distillation from the frozen model"),
     "datastore": ("exitspec.commands.datastore", "rebuild a bundle's lookup datastore from the model's own answers"),
+    "train-lookahead": ("exitspec.commands.train_lookahead", "add a lookahead draft head (EAGLE-style) to a bundle"),
     "calibrate": ("exitspec.commands.calibrate", "choose per-exit confidence thresholds on held-out data"),
     "eval-heads": ("exitspec.commands.eval_heads", "per-exit KL, perplexity, agreement and coverage"),
     "export-draft": ("exitspec.commands.export_draft", "write a trained exit as a standard draft model folder"),

@@ -30,6 +30,8 @@ class Sample:
     layers_computed: float | None = None  # decoder layers run, summed over tokens
     exit_hist: dict[int, int] = field(default_factory=dict)  # exit layer -> tokens
     gates: dict | None = None  # the strategy's gate work in LM-head rows (its cost_counts(); bench/costs.py)
+    host_s: float | None = None  # its steps' time outside the model's forwards (exitspec's loop: RowStats.host_s)
+    cycle_sources: list[str] | None = None  # per step, where its drafts came from (hybrid)
 
 
 class PeerUnavailable(ValueError):
@@ -92,7 +94,8 @@ class ExitspecContender(Contender):
                       accept_lengths=list(row.accept_lengths) if speculative else None,
                       draft_lengths=list(row.draft_lengths) if speculative else None,
                       layers_computed=row.layers_computed, exit_hist=dict(row.exit_layers),
-                      gates=counts() if counts else None)
+                      gates=counts() if counts else None, host_s=row.host_s,
+                      cycle_sources=list(row.cycle_sources) or None)
 
     def describe(self) -> dict:
         return {**super().describe(), **self.strategy_description}

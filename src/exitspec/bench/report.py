@@ -112,16 +112,23 @@ def render(res: SavedResults, figures: list[str]) -> str:
     if predicted:
         lines += ["", "## Cost model: predicted vs measured", "",
                   "Predicted: the parts of one self-spec cycle timed alone on a warm cache at the run's typical "
-                  "context, with the row's measured E[acc] (Leviathan et al.: vanilla step x (E[acc] + 1) / cycle); "
-                  "for lookup (free drafts), each verification's K + 1 rows priced by the runtime's row-cost "
-                  "curve: sum(accepted + 1) / sum(cost(K + 1)), the mean rows verified in the cycle column. "
+                  "context, with the row's measured E[acc] (Leviathan et al.: vanilla step x (E[acc] + 1) / cycle). "
+                  "Lookup, tree and hybrid: each verification after the first priced as forward x cost + host, "
+                  "tokens/s = sum(accepted + 1) / sum(cycle); forward = the vanilla loop's 1-row forward as run "
+                  "(its decode step less its host work); cost = the verification in 1-row forwards timed alone "
+                  "(lookup: K + 1 rows on the row-cost curve; tree: its nodes on the position-cost table; hybrid: "
+                  "lookup cycles as lookup, head cycles of K drafts as a self-spec cycle of K timed alone); host = "
+                  "the row's own time per step outside the model's forwards, accounted by the engine around each "
+                  "step (drafting, argmax, bookkeeping), priced apart from the forwards. The cycle column: the "
+                  "predicted cycle in ms (mean verified rows or nodes; host ms per cycle). "
                   "Measured: decode-phase tokens/s (after the first step) over the vanilla loop's, same runtime and "
                   "temperature. A gap over 10% names which side moved.", "",
                   "| configuration | cycle ms | vanilla step ms | E[acc] | predicted | measured (decode) | note |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for r in predicted:
-            cycle = _f(r.get('cycle_ms'), '.2f') if r.get("cycle_ms") is not None else \
-                f"{_f(r.get('mean_verified_rows'), '.2f')} rows"
+            cycle = _f(r.get('cycle_ms'), '.2f')
+            if r.get("host_ms") is not None:
+                cycle += f" ({_f(r.get('mean_verified_rows'), '.2f')} rows; host {_f(r.get('host_ms'), '.2f')})"
             lines.append(f"| {r['label']} | {cycle} | {_f(r.get('vanilla_step_ms'), '.2f')} | "
                          f"{_f(r.get('mean_accepted'))} | {_f(r['predicted_speedup'])}x | "
                          f"{_f(r.get('measured_decode_speedup'))}x | {r.get('prediction_note') or 'within 10%'} |")

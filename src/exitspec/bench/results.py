@@ -29,9 +29,9 @@ COLUMNS = [
     "mean_accepted", "gamma_mean", "acceptance_rate", "mean_accept_length", "target_calls_per_token",
     "layers_per_token", "exit_hist", "routing", "draft_reading", "top1_agreement", "overlap", "tv",
     "overlap_temperature", "trr", "trr_exited", "cost_split",
-    # the cost model (bench/prediction.py, self-spec rows)
+    # the cost model (bench/prediction.py: self-spec, lookup, tree and hybrid rows)
     "predicted_speedup", "measured_decode_speedup", "cycle_ms", "vanilla_step_ms", "cost_context", "prediction_note",
-    "mean_verified_rows",
+    "mean_verified_rows", "host_ms", "head_cycles",
     # quality and audit
     "lossless_claim", "lossless_ok", "lossless_mismatches", "agreement", "agreement_lo", "agreement_hi",
     "answer_agreement", "answer_prompts",

@@ -32,7 +32,14 @@ from exitspec.bench.costs import cost_split
 from exitspec.bench.datastore_facts import measure_datastore
 from exitspec.bench.machine import PeakMemory, describe_machine, machine_line
 from exitspec.bench.peers import make_peer
-from exitspec.bench.prediction import decode_tokens_per_s, lookup_prediction, self_spec_prediction
+from exitspec.bench.prediction import (
+    VanillaPace,
+    hybrid_prediction,
+    lookup_prediction,
+    self_spec_prediction,
+    tree_prediction,
+    vanilla_pace,
+)
 from exitspec.bench.quality import layer_sweep, pool_sweeps, text_nll
 from exitspec.bench.results import ResultsWriter
 from exitspec.bench.routing import routing_table, token_recovery
@@ -40,7 +47,9 @@ from exitspec.decoding.api import encode_prompt
 from exitspec.decoding.config import eos_ids_for
 from exitspec.decoding.exits import head_cost
 from exitspec.decoding.strategies.cascade import Cascade
+from exitspec.decoding.strategies.hybrid import Hybrid
 from exitspec.decoding.strategies.lookup import Lookup
+from exitspec.decoding.strategies.tree_lookup import TreeLookup
 from exitspec.decoding.strategies.vanilla import Vanilla
 from exitspec.loading import attach_heads, load
 from exitspec.prompts import Prompt
@@ -86,8 +95,8 @@ class BenchRunner:
         self.sweep_layers = [x for x in (cfg.quality_layers or range(1, L)) if 0 < x < L]
         self.models = {"dense": model}  # RunSpec.runtime -> loaded model (others loaded when first needed)
         self.vanilla_tokens: dict[str, list[list[int]]] = {}  # RunSpec.runtime -> exitspec vanilla, greedy
-        # runtime, temperature -> the vanilla loop's decode-phase tokens/s (bench/prediction.py)
-        self.vanilla_decode: dict[tuple[str, float], float | None] = {}
+        # runtime, temperature -> the vanilla loop's decode-phase pace (bench/prediction.py)
+        self.vanilla_decode: dict[tuple[str, float], VanillaPace | None] = {}
         self.ref_tokens: list[list[int]] | None = None  # exitspec vanilla at the reference temperature
         self.pending: list[tuple[RunSpec, dict, list[dict]]] = []  # baseline rows waiting for both baselines
         self.baseline: dict[float, dict] = {}  # temperature -> {"label", "tps", "by_category"}
@@ -249,6 +258,7 @@ class BenchRunner:
                    "mean_accepted": (sum(s.accept_lengths) / len(s.accept_lengths)) if s.accept_lengths else None,
                    "accepted": sum(s.accept_lengths) if s.accept_lengths else None,
                    "verifications": len(s.accept_lengths) if s.accept_lengths else None,
+                   "steps": s.target_calls, "host_s": s.host_s, "cycle_sources": s.cycle_sources,
                    "layers_computed": s.layers_computed, "exit_hist": {str(k): v for k, v in s.exit_hist.items()},
                    "tokens": s.tokens, "text": self.model.tokenizer.decode(s.tokens, skip_special_tokens=True)}
             if ref is not None:
@@ -270,7 +280,7 @@ class BenchRunner:
                | self._draft_quality(spec, settings["exit_layer"]))
         row["peak_mem_mib"], row["mem_source"] = mem.peak_mib, mem.source
         if spec.name == "vanilla":
-            self.vanilla_decode[(rt, spec.temperature)] = decode_tokens_per_s(per_prompt)
+            self.vanilla_decode[(rt, spec.temperature)] = vanilla_pace(per_prompt)
         strategy = contender.factory() if isinstance(contender, ExitspecContender) else None
         pairs = [(ids, s.tokens) for ids, s in zip(self.ids, samples, strict=True)]
         if isinstance(strategy, Cascade):  # CascadeExit's routing table: tokens, agreement, perplexity per exit
@@ -286,12 +296,17 @@ class BenchRunner:
             row["cost_split"] = cost_split(lm.num_layers, head_cost(lm), row["new_tokens"],
                                            sum(s.layers_computed or 0.0 for s in samples),
                                            metrics.merge_histograms(s.exit_hist for s in samples), gates)
-        if spec.name == "self-spec" and hasattr(strategy, "drafter"):  # the cost model's prediction, beside
-            context = round(sum(len(x) for x in self.ids) / len(self.ids) + cfg.max_new_tokens / 2)
-            row |= self_spec_prediction(strategy, row, per_prompt, self.vanilla_decode.get((rt, spec.temperature)),
-                                        context)
-        elif isinstance(strategy, Lookup):  # drafts are free: the verification rows are the cost
-            row |= lookup_prediction(contender.model.lm, per_prompt, self.vanilla_decode.get((rt, spec.temperature)))
+        # The cost model's prediction, beside the measurement (bench/prediction.py).
+        pace = self.vanilla_decode.get((rt, spec.temperature))
+        context = round(sum(len(x) for x in self.ids) / len(self.ids) + cfg.max_new_tokens / 2)
+        if spec.name == "self-spec" and hasattr(strategy, "drafter"):
+            row |= self_spec_prediction(strategy, row, per_prompt, pace.tokens_per_s if pace else None, context)
+        elif isinstance(strategy, Lookup):  # drafts are free: the verification rows and host work are the cost
+            row |= lookup_prediction(contender.model.lm, per_prompt, pace)
+        elif isinstance(strategy, TreeLookup):
+            row |= tree_prediction(contender.model.lm, per_prompt, pace)
+        elif isinstance(strategy, Hybrid):
+            row |= hybrid_prediction(strategy, per_prompt, pace, context)
         # The lossless audit: greedy outputs of every lossless-claiming contender against vanilla's.
         row["lossless_claim"] = not lossy
         row["weights"], row["kv_cache"] = spec.weights, spec.kv_cache or "model dtype"

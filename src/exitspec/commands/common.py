@@ -73,3 +73,13 @@ def load_from_args(args: argparse.Namespace):
     if heads:
         attach_heads(model, heads)
     return model
+
+
+def add_bundle_answers_args(p: argparse.ArgumentParser, limit: int, limit_help: str) -> None:
+    """The options of a command that answers train-split prompts to add to a bundle (datastore,
+    train-lookahead): where the bundle goes, which prompts, how many."""
+    p.add_argument("--out", required=True, help="bundle folder to write (may be the --heads folder itself)")
+    p.add_argument("--data", default="mixed",
+                   help="'mixed' (train splits of ../shared/data) or a prompt file (its train split)")
+    p.add_argument("--per-set", type=int, default=2000, help="with --data mixed: prompts per shared set")
+    p.add_argument("--limit", type=int, default=limit, help=limit_help)

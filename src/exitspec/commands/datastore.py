@@ -21,17 +21,13 @@ from pathlib import Path
 
 import torch
 
-from exitspec.commands.common import add_model_args, load_from_args
+from exitspec.commands.common import add_bundle_answers_args, add_model_args, load_from_args
 from exitspec.training.data import DistillSettings, draft_corpus, read_source, self_distill
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p, heads=True)
-    p.add_argument("--out", required=True, help="bundle folder to write (may be the --heads folder itself)")
-    p.add_argument("--data", default="mixed",
-                   help="'mixed' (train splits of ../shared/data) or a prompt file (its train split)")
-    p.add_argument("--per-set", type=int, default=2000, help="with --data mixed: prompts per shared set")
-    p.add_argument("--limit", type=int, default=0, help="at most this many prompts (0 = all)")
+    add_bundle_answers_args(p, 0, "at most this many prompts (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16, help="prompts decoded together")
     p.add_argument("--work", help="folder for the cached answers (default runs/datastore-<out name>)")

@@ -42,7 +42,9 @@ class DraftHead:
                 bias = head.head_bias()
                 rows = head.head_weight()[vocab].contiguous()
                 sub_bias = bias[vocab].contiguous() if bias is not None else None
-                self.proj = _quantised_rows(head, vocab, rows, sub_bias) or Linear(rows, sub_bias)
+                own = head.head_weight() is head.lm.lm_head.weight  # not a tuned copy of the head
+                self.proj = (_quantised_rows(head.lm, vocab, rows, sub_bias) if own else None) \
+                    or Linear(rows, sub_bias)
 
     def logits(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset). A
@@ -87,14 +89,26 @@ class DraftHead:
         return self.vocab[tok], full.index_copy_(-1, self.vocab, q)
 
 
-def _quantised_rows(head: ExitHead, vocab: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None):
-    """In int4 mode, where this head drafts from the runtime's own LM head (not a tuned copy) and that
+def subset_rows(lm, vocab: torch.Tensor):
+    """The runtime's own LM head restricted to `vocab`'s rows: final-normed (..., C) -> (..., N) logits,
+    on the int4 runtime's kernel where it has one (_quantised_rows), else fp32 rows; softcapped as
+    LayeredModel.head is."""
+    with outside_inference_mode():
+        rows = lm.lm_head.weight[vocab].contiguous()
+        bias = getattr(lm.lm_head, "bias", None)
+        bias = bias[vocab].contiguous() if bias is not None else None
+        proj = _quantised_rows(lm, vocab, rows, bias) or Linear(rows, bias)
+    cap = lm.adapter.logit_softcap
+    return proj if cap is None else (lambda x: torch.tanh(proj(x) / cap) * cap)
+
+
+def _quantised_rows(lm, vocab: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None):
+    """In int4 mode, for a draft head that reads the runtime's own LM head (not a tuned copy) where that
     head runs from the checkpoint's blocks, the same kernel on the subset's rows: the Q8_0 codes on the
     int8 kernel (~4x fewer bytes than fp32 rows: a 4096-token draft head reads 2.4 instead of 9.4 MB
     per draft on the default model), K-quant blocks (models/kquants.py) on the K-quant kernel, the
     rows' stored blocks taken as they are. None otherwise (the caller keeps fp32 rows)."""
-    lm = head.lm
-    if lm.weights != "int4" or head.head_weight() is not lm.lm_head.weight:
+    if lm.weights != "int4":
         return None
     n = rows.shape[0]
     pad = -n % 16  # the kernels work in tiles of 16 rows: zero rows (zero blocks decode to 0) fill the last

@@ -32,6 +32,7 @@ Not thread-safe: one thread owns an engine (the server's decode worker).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -268,6 +269,9 @@ class Engine:
 
     # --- the step -----------------------------------------------------------------------------------
     def _decode(self, events: list[Event]) -> None:
+        # The step's time outside the model's forwards is its host work (ForwardClock), kept per row.
+        t0, forward0 = time.perf_counter(), self.lm.clock.seconds
+        stepped = list(self.rows)
         with torch.inference_mode():
             out = self.strategy.step(self.state)
         self.steps += 1
@@ -283,6 +287,8 @@ class Engine:
                 rs.accepted += out.accepted[j]
                 rs.accept_lengths.append(out.accepted[j])
                 rs.draft_lengths.append(out.drafted[j])
+            if "sources" in out.extra:
+                rs.cycle_sources.append(out.extra["sources"][j])
             new, layers, reason = [], [], ""
             for tok, layer in zip(out.tokens[j], out.exit_layers[j], strict=True):
                 new.append(tok)
@@ -307,5 +313,8 @@ class Engine:
                 self._finish(r, reason, events, text)
             else:
                 keep.append(j)
+        host = time.perf_counter() - t0 - (self.lm.clock.seconds - forward0)
+        for r in stepped:  # finished rows' stats too: their FinishEvents hold the same objects
+            r.stats.host_s += host
         if len(keep) < B:
             self._keep(keep)

@@ -29,6 +29,10 @@ class RowStats:
     accept_lengths: list[int] = field(default_factory=list)  # accepted drafts per verification
     draft_lengths: list[int] = field(default_factory=list)  # drafts verified per verification (the row's own)
     batch_peak: int = 0  # most rows decoded together in one step while this row ran
+    # Seconds of its steps outside the model's forwards (LayeredModel.clock): drafting, verification's
+    # argmax, the engine's bookkeeping; a step shared by several rows counts in full for each.
+    host_s: float = 0.0
+    cycle_sources: list[str] = field(default_factory=list)  # per step, where its drafts came from (hybrid)
 
 
 @dataclass

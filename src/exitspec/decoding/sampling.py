@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 # torch.Generator.manual_seed takes [-2^63, 2^64); a seed outside fails deep inside torch
@@ -125,6 +126,23 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dimension, (..., V) -> (...) long: the one greedy choice of every strategy.
+
+    Why not torch's argmax: on a CPU its reduction over a vocabulary row runs unvectorised, about ten
+    times slower than numpy's, and a speculative verification takes one per verified row (a lookup
+    or tree cycle several, a vanilla step one). numpy's argmax returns the same index: the first
+    maximum, and the first NaN where there is one, as torch's does. Every greedy path (vanilla's
+    sample, verify, verify_tree, probs' one-hot) goes through here, so they cannot disagree on a tie.
+    Other devices and dtypes numpy lacks (bfloat16) keep torch's."""
+    if logits.device.type != "cpu" or logits.dtype not in _NUMPY_FLOATS or logits.requires_grad:
+        return logits.argmax(-1)
+    return torch.from_numpy(np.asarray(logits.numpy().argmax(-1)))  # a (V,) row gives a 0-d array
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
 def probs(logits: torch.Tensor, params: Sampling) -> torch.Tensor:
     """The distribution a token is drawn from: (..., V) float32, one-hot at the argmax if greedy.
     Per-row settings (RowSampling): (B, ..., V), rows grouped by setting."""
@@ -141,14 +159,14 @@ def probs(logits: torch.Tensor, params: Sampling) -> torch.Tensor:
     params = one[0]
     if params.greedy:
         out = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return out.scatter_(-1, greedy_tokens(logits).unsqueeze(-1).to(out.device), 1.0)
     return warp(logits, params).softmax(-1)
 
 
 def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row from logits (..., V) -> (...) long."""
     if params.greedy:
-        return logits.argmax(-1)
+        return greedy_tokens(logits)
     return sample_from(probs(logits, params), generator if isinstance(params, SamplingParams) else params)
 
 
@@ -159,7 +177,7 @@ def sample_from(p: torch.Tensor, generator: torch.Generator | RowSampling | None
         if generator.uniform:
             generator = generator.first[1]
         else:
-            return torch.stack([p[b].argmax(-1) if params.greedy else sample_from(p[b:b + 1], g)[0]
+            return torch.stack([greedy_tokens(p[b]) if params.greedy else sample_from(p[b:b + 1], g)[0]
                                 for b, (params, g) in enumerate(zip(generator.params, generator.generators,
                                                                     strict=True))])
     flat = p.reshape(-1, p.shape[-1])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from exitspec.decoding.draft_vocab import DraftHead, draft_vocabulary
+from exitspec.decoding.sampling import greedy_tokens
 from exitspec.heads.bundle import HeadBundle
 from exitspec.runtime.layered import LayeredModel
 from exitspec.runtime.profile import full_step, median_ms, warm_cache
@@ -40,10 +41,10 @@ def cycle_costs(lm: LayeredModel, drafter: DraftHead, gamma: int, context: int =
 
     def draft():
         h = draft_layers()
-        (drafter.logits(h, p1, cache) if contextual else drafter.logits(h[:, -1])).argmax(-1)
+        greedy_tokens(drafter.logits(h, p1, cache) if contextual else drafter.logits(h[:, -1]))
 
     def verify():
-        lm.logits(lm.run_layers(hk, pk, cache, E, L)).argmax(-1)
+        greedy_tokens(lm.logits(lm.run_layers(hk, pk, cache, E, L)))  # the argmax verification takes
 
     out = {"exit_layer": E, "draft_len": gamma, "context": context,
            "draft_vocab": None if drafter.vocab is None else int(drafter.vocab.numel()),

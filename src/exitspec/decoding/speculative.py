@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exitspec.decoding.sampling import RowSampling, Sampling, probs, sample_from, uniform_draws
+from exitspec.decoding.sampling import RowSampling, Sampling, greedy_tokens, probs, sample_from, uniform_draws
 
 
 @dataclass
@@ -41,7 +41,7 @@ def verify(
     if limit is None:
         limit = torch.full((B,), K, dtype=torch.long, device=drafts.device)
     if params.greedy:
-        target = target_logits.argmax(-1)  # (B, K+1)
+        target = greedy_tokens(target_logits).to(drafts.device)  # (B, K+1)
         ok = drafts == target[:, :K]
         n = _accepted_prefix(ok, limit)
         # Whether the row stopped at a rejection or ran out of drafts, the next token is the

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exitspec.decoding.sampling import RowSampling, Sampling, SamplingParams, probs, sample_from
+from exitspec.decoding.sampling import RowSampling, Sampling, SamplingParams, greedy_tokens, probs, sample_from
 from exitspec.decoding.token_tree import TokenTree
 
 
@@ -53,7 +53,7 @@ def verify_tree(
     paths: list[list[int]] = [[0] for _ in range(B)]
     nxt = [0] * B
     if any(greedy):
-        top = target_logits.argmax(-1).tolist()  # (B, T) one host transfer for every greedy walk
+        top = greedy_tokens(target_logits).tolist()  # (B, T) one host transfer for every greedy walk
         for b in (b for b in range(B) if greedy[b]):
             node = 0
             while (child := trees[b].child(node, top[b][node])) is not None:

@@ -21,10 +21,14 @@ from exitspec.atomic import atomic_dir
 from exitspec.heads.base import ExitHead
 from exitspec.heads.confidence import ConfidenceEstimator, EstimatorConfig
 from exitspec.heads.kinds import make_head
+from exitspec.heads.lookahead import LookaheadConfig, LookaheadHead
 from exitspec.runtime.layered import LayeredModel
 
-FORMAT_VERSION = 2  # 2 added the optional draft corpus; an older exitspec refuses it by number, not as "corrupt"
-READABLE_FORMATS = (1, 2)  # format 1 is format 2 without a draft corpus
+# 2 added the optional draft corpus, 3 the optional lookahead head; an older exitspec refuses a newer
+# format by number, not as "corrupt". Format 1 is format 2 without a draft corpus, 2 is 3 without a
+# lookahead head.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 CONFIG_FILE = "bundle.json"
 WEIGHTS_FILE = "heads.safetensors"
 
@@ -69,6 +73,9 @@ class BundleConfig:
     # The model's own answers kept as a draft datastore for `lookup` (tokens in heads.safetensors
     # under `draft_corpus`): {"sequences": M, "length": stored ids incl. separators, "source": ...}
     draft_corpus: dict = field(default_factory=dict)
+    # An optional lookahead draft head (heads/lookahead.py; weights under `lookahead.`):
+    # {"config": LookaheadConfig fields, "training": what trained it and how well it drafted}
+    lookahead: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -83,6 +90,7 @@ class HeadBundle(nn.Module):
         self._base = (lm,)
         # Optional learned confidence estimators, str(layer) -> module (see calibration).
         self.estimators = nn.ModuleDict()
+        self.lookahead: LookaheadHead | None = None  # an optional lookahead draft head (set_lookahead)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -117,6 +125,11 @@ class HeadBundle(nn.Module):
         self.estimators[str(layer)] = estimator
         self.config.estimators[str(layer)] = estimator.config.to_dict()
 
+    def set_lookahead(self, head: LookaheadHead, training: dict) -> None:
+        """Attach a lookahead draft head, saved with the bundle with its settings and training report."""
+        self.lookahead = head
+        self.config.lookahead = {"config": head.config.to_dict(), "training": dict(training)}
+
     def set_draft_corpus(self, sequences: list[list[int]], source: str) -> None:
         """Keep token sequences (the base model's own answers) for lookup's draft datastore; saved
         with the bundle as one int32 tensor, sequences separated by -1."""
@@ -146,6 +159,8 @@ class HeadBundle(nn.Module):
                "thresholds": {k: round(v.get("value", float("nan")), 4) for k, v in self.config.thresholds.items()}}
         if self.config.draft_corpus:
             out["draft_corpus_sequences"] = self.config.draft_corpus["sequences"]
+        if self.config.lookahead:
+            out["lookahead"] = self.config.lookahead["config"]
         return out
 
     # --- persistence --------------------------------------------------------------------------
@@ -195,6 +210,12 @@ class HeadBundle(nn.Module):
         bundle = cls(lm, heads, cfg)
         for k, est_cfg in cfg.estimators.items():
             bundle.estimators[k] = ConfidenceEstimator(EstimatorConfig.from_dict(est_cfg))
+        if cfg.lookahead:
+            try:
+                bundle.lookahead = LookaheadHead(lm, LookaheadConfig.from_dict(cfg.lookahead.get("config", {})))
+            except ValueError as err:
+                raise BundleError(f"{cfg_path}'s lookahead head settings are invalid ({err}); retrain it with "
+                                  "`exitspec train-lookahead`") from err
         try:
             state = load_file(str(w_path))
         except Exception as err:  # safetensors raises several types for truncated files
@@ -213,6 +234,11 @@ class HeadBundle(nn.Module):
             raise BundleError(f"{w_path} does not match {CONFIG_FILE} (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}); the bundle is damaged, retrain or re-save it")
         bundle.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
+        if bundle.lookahead is not None:
+            ids = bundle.lookahead.vocab
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= lm.vocab_size):
+                raise BundleError(f"{w_path}'s lookahead vocabulary has ids outside 0..{lm.vocab_size - 1}; the bundle "
+                                  "is damaged, retrain or re-save it")
         return bundle.to(lm.device).eval().requires_grad_(False)
 
 

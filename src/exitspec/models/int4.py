@@ -224,6 +224,20 @@ class Q8Linear:
         q, scale = found
         return cls(ops.Q8Weight(q.contiguous(), scale.contiguous()), bias, ops)
 
+    @classmethod
+    def quantized(cls, weight: torch.Tensor) -> Q8Linear | None:
+        """`weight` (out, in) rounded to Q8_0 (per group of 32 inputs: scale = max|w| / 127 in fp16, codes
+        round(w / scale)), for products whose exact fp32 weights are not needed (a draft head's);
+        None where the kernels are unavailable or the shape is not whole tiles and groups."""
+        ops = kernels.load()
+        out, n_in = weight.shape
+        if ops is None or weight.device.type != "cpu" or out % BLOCK or n_in % GROUP:
+            return None
+        b = weight.detach().to(torch.float32).reshape(out, n_in // GROUP, GROUP)
+        scale = (b.abs().amax(-1) / 127).half().float()  # (out, in / 32), fp16-exact as Q8_0 stores it
+        q = torch.round(b / torch.where(scale == 0, 1.0, scale)[..., None]).clamp_(-127, 127)
+        return cls(ops.Q8Weight(q.to(torch.int8).reshape(out, n_in).contiguous(), scale.contiguous()), None, ops)
+
     @property
     def nbytes(self) -> int:
         """Bytes of int8 codes and scales a call reads."""

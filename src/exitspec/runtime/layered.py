@@ -20,6 +20,7 @@ from exitspec.models.dims import dim
 from exitspec.models.int4 import Int4Groups, Q8Linear
 from exitspec.models.kquants import GGUFBlocks, QuantLinear
 from exitspec.models.ops import MIN_ROWS, Linear, onednn_packing_available, outside_inference_mode
+from exitspec.runtime.clock import ForwardClock
 from exitspec.runtime.kv_cache import KVCache, aligned
 
 # Most tokens of a token tree per row (decoding/token_tree.py): the fused attention kernel keeps a
@@ -89,6 +90,8 @@ class LayeredModel:
             )
         # Distinct sliding-window sizes, looked up once rather than per layer per step.
         self._windows = sorted({w for i in range(self.num_layers) if (w := a.window(i)) is not None})
+        # Time inside embed / run_layers / logits: a decode step's time outside it is host work.
+        self.clock = ForwardClock()
 
     @property
     def backend(self) -> str:
@@ -157,7 +160,8 @@ class LayeredModel:
         return (self.dtype, torch.float16) if self.adapter.fused and self.dtype != torch.float16 else (self.dtype,)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.adapter.embed(ids, positions)
+        with self.clock:
+            return self.adapter.embed(ids, positions)
 
     def context(self, h: torch.Tensor, positions: torch.Tensor, tree: torch.Tensor | None = None) -> StepContext:
         """Shared per-call state: cache write pattern, causal mask, rotary tables. `tree`: (B, T) int64
@@ -171,6 +175,10 @@ class LayeredModel:
         if tree is not None and not self.takes_trees:
             raise ValueError("this runtime's fused stack takes no token-tree masks; verify chains (no tree), or "
                              "load the model with fuse=False for the per-layer path")
+        with self.clock:  # part of the forward (run_layers builds it when not given one)
+            return self._context(h, positions, tree)
+
+    def _context(self, h: torch.Tensor, positions: torch.Tensor, tree: torch.Tensor | None) -> StepContext:
         if self.adapter.fused:  # the fused kernels attend by position: no mask, no cache write pattern
             return StepContext(positions=positions, rows=None, start=0, attend_len=0, mask=None,
                                rope=self.adapter.rope(h, positions), windowed_mask={},
@@ -256,14 +264,15 @@ class LayeredModel:
     ) -> torch.Tensor:  # (B, T, C) hidden states leaving layer stop-1
         if not 0 <= start <= stop <= self.num_layers:
             raise ValueError(f"layer range {start}..{stop} outside 0..{self.num_layers}")
-        if ctx is None:
-            ctx = self.context(h, positions)
-        # A token tree fills slots root..root+T-1 (its positions stop at root + depth).
-        end = positions[:, -1] + 1 if ctx.tree is None else positions[:, 0] + positions.shape[1]
-        cache.check_room(end)
-        h = self.adapter.run(h, cache, ctx, start, stop, skip_mlp)
-        cache.mark_filled(start, stop, end)
-        return h
+        with self.clock:
+            if ctx is None:
+                ctx = self.context(h, positions)
+            # A token tree fills slots root..root+T-1 (its positions stop at root + depth).
+            end = positions[:, -1] + 1 if ctx.tree is None else positions[:, 0] + positions.shape[1]
+            cache.check_room(end)
+            h = self.adapter.run(h, cache, ctx, start, stop, skip_mlp)
+            cache.mark_filled(start, stop, end)
+            return h
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.adapter.norm(h)
@@ -277,7 +286,8 @@ class LayeredModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, T, C) -> (B, T, V)."""
-        return self.head(self.adapter.norm(h))
+        with self.clock:
+            return self.head(self.adapter.norm(h))
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -200,7 +200,8 @@ class Hybrid(Strategy):
         plans = [self.plan(row, seq) for row, seq in zip(self.rows, state.seqs, strict=True)]
         plans = self.share_cycle(plans, [p.greedy for p in params.params])
         K = max(p.k for p in plans)
-        limit = torch.tensor([p.k for p in plans], dtype=torch.long, device=dev)  # (B,) drafts per row
+        drafted = [p.k for p in plans]
+        limit = torch.tensor(drafted, dtype=torch.long, device=dev)  # (B,) drafts per row
         # Copied drafts in place, the rest padded with a repeated token (`limit` makes verify ignore it);
         # head rows' slots are overwritten as the head drafts.
         d = torch.tensor([p.drafts + [p.drafts[-1] if p.drafts else s[-1]] * (K - len(p.drafts))
@@ -217,18 +218,21 @@ class Hybrid(Strategy):
             self.cycles["lookup"] += 1
             h = self.lookup_cycle(state, x, p0, d)
         v = verify(lm.logits(h), d, q, params, limit=limit)
-        n = v.accepted.cpu()
-        cache.rollback(p0[:, 0].cpu() + n + 1)  # drop rejected drafts and padding in every layer
+        # One host transfer each for the verdict and the drafts (the head wrote its rows' into d).
+        accepted, nxt, drafts = v.accepted.tolist(), v.next_token.tolist(), d.tolist()
+        # Drop rejected drafts and padding in every layer: row b keeps its pending token (at len - 1)
+        # and its accepted drafts.
+        cache.rollback(torch.tensor([len(s) + a for s, a in zip(state.seqs, accepted, strict=True)]))
         tokens, exits, layers = [], [], []
         extra_head = self.drafter.head.layers_run - E  # a block head's own layer (heads/block.py)
         for b, (row, p) in enumerate(zip(self.rows, plans, strict=True)):
-            acc = int(n[b])
-            tokens.append(d[b, :acc].tolist() + [int(v.next_token[b])])
+            acc = accepted[b]
+            tokens.append(drafts[b][:acc] + [nxt[b]])
             exits.append([E if p.source == HEAD else L] * acc + [L])
             layers.append(float((K + 1) * L + (p.k * extra_head if p.source == HEAD else 0)))
             self.record(row, p, acc)
-        return StepOutput(tokens=tokens, exit_layers=exits, layers_computed=layers, drafted=limit.tolist(),
-                          accepted=n.tolist(), extra={"sources": [p.source or "none" for p in plans]})
+        return StepOutput(tokens=tokens, exit_layers=exits, layers_computed=layers, drafted=drafted,
+                          accepted=accepted, extra={"sources": [p.source or "none" for p in plans]})
 
     def lookup_cycle(self, state: DecodeState, x: torch.Tensor, p0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """No row drafts from the head: one pass of all L layers over the pending tokens and the copied
@@ -265,11 +269,13 @@ class Hybrid(Strategy):
                 idx = torch.tensor(rows, device=x.device)
                 # A block head attends over its own cache of every row; a position-wise head reads
                 # only the drafting rows.
-                logits = self.drafter.logits(h, pos, cache)[idx, -1] if contextual else self.drafter.logits(h[idx, -1])
                 # Only the drafting rows draw (each from its own generator): a lookup row's random
                 # stream is what it would be alone.
                 sub = RowSampling([params.params[b] for b in rows], [params.generators[b] for b in rows])
-                tok, qd = self.drafter.choose(logits, sub, None, V)
+                with lm.clock:  # the head's draft is model work, as spec_costs.cycle_costs times it
+                    logits = self.drafter.logits(h, pos, cache)[idx, -1] if contextual else \
+                        self.drafter.logits(h[idx, -1])
+                    tok, qd = self.drafter.choose(logits, sub, None, V)
                 d[idx, i] = tok
                 if q is not None:
                     q[idx, i] = qd if qd is not None else torch.zeros(len(rows), V, device=x.device).scatter_(

@@ -101,15 +101,23 @@ class AcceptanceTracker:
         self.depth, self.prior, self.weight = depth, prior, weight
         self.hits: dict[str, list[float]] = {}
         self.tries: dict[str, list[float]] = {}
+        # survival() per source until its next update: a cycle reads it several times per candidate
+        # (length, the net gain, a batch's fit), and recomputing the product each time was host work
+        # of every cycle. Callers read the lists, never change them.
+        self._survival: dict[str, list[float]] = {}
 
     def survival(self, source: str) -> list[float]:
         """[P(draft 1 accepted), P(drafts 1..2 accepted), ...] up to `depth`."""
+        cached = self._survival.get(source)
+        if cached is not None:
+            return cached
         hits = self.hits.get(source)
         out, p = [], 1.0
         for d in range(self.depth):
             rate = self.prior if hits is None else hits[d] / self.tries[source][d]
             p *= rate
             out.append(p)
+        self._survival[source] = out
         return out
 
     def length(self, source: str, available: int, costs: list[float], rate: float) -> int:
@@ -128,6 +136,7 @@ class AcceptanceTracker:
         return best_k
 
     def update(self, source: str, proposed: int, accepted: int) -> None:
+        self._survival.pop(source, None)
         if source not in self.hits:
             self.hits[source] = [self.prior * self.weight] * self.depth
             self.tries[source] = [self.weight] * self.depth
@@ -222,7 +231,8 @@ class Lookup(Strategy):
             props = self.fit_batch(position_costs(lm, BATCH_POSITIONS), props, sources,
                                    [p.greedy for p in params.params])
         K = max(len(p) for p in props)
-        limit = torch.tensor([len(p) for p in props], dtype=torch.long)  # (B,) drafts per row
+        drafted = [len(p) for p in props]
+        limit = torch.tensor(drafted, dtype=torch.long, device=dev)  # (B,) drafts per row
         # Shorter proposals are padded by repeating a token; `limit` makes the verifier ignore the padding.
         d = torch.tensor([p + [p[-1] if p else s[-1]] * (K - len(p)) for p, s in zip(props, state.seqs, strict=True)],
                          dtype=torch.long, device=dev).view(B, K)  # (B, K)
@@ -233,17 +243,21 @@ class Lookup(Strategy):
         q = None
         if not params.greedy:  # the copied token was "drawn" with probability 1
             q = torch.zeros(B, K, V, device=dev).scatter_(-1, d[..., None], 1.0)  # (B, K, V)
-        v = verify(target, d, q, params, limit=limit.to(dev))
-        n = v.accepted.cpu()
-        cache.rollback(p0[:, 0].cpu() + n + 1)  # drop rejected drafts and padding in every layer
-        tokens = [d[b, :int(n[b])].tolist() + [int(v.next_token[b])] for b in range(B)]
-        for src, prop, acc in zip(sources, props, n.tolist(), strict=True):
+        v = verify(target, d, q, params, limit=limit)
+        # One host transfer each for the verdict; the kept drafts are the row's own proposal's prefix
+        # (accepted <= limit), so the tokens come from the Python lists, not from indexing d row by row.
+        accepted, nxt = v.accepted.tolist(), v.next_token.tolist()
+        # Drop rejected drafts and padding in every layer: row b keeps its pending token (at len - 1)
+        # and its accepted drafts.
+        cache.rollback(torch.tensor([len(s) + a for s, a in zip(state.seqs, accepted, strict=True)]))
+        tokens = [p[:a] + [t] for p, a, t in zip(props, accepted, nxt, strict=True)]
+        for src, prop, acc in zip(sources, props, accepted, strict=True):
             if prop:
                 self.tracker.update(src, len(prop), acc)
         self.tokens += sum(len(t) for t in tokens) / B
         self.spent += self.costs[min(K, len(self.costs) - 1)]
         return StepOutput(tokens=tokens, exit_layers=[[L] * len(t) for t in tokens],
-                          layers_computed=[float((K + 1) * L)] * B, drafted=limit.tolist(), accepted=n.tolist())
+                          layers_computed=[float((K + 1) * L)] * B, drafted=drafted, accepted=accepted)
 
     def warm_up(self, lm, max_rows: int) -> None:
         if max_rows > 1:

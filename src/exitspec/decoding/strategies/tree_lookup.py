@@ -15,13 +15,19 @@ Candidates (their order is the order of a node's children, which sampling tries 
   2. the draft datastore's continuation after its longest and its shorter matches (datastore.py);
   3. a 1-token context match, only when nothing else matched;
 lookup's own proposal from 1 and from 2 first, then the rest of 1 and 2; at most `width` distinct
-candidates of up to `depth` tokens.
+candidates of up to `depth` tokens;
+  4. where the bundle has a lookahead head (heads/lookahead.py) and `lookahead` is on: the nodes it
+drafts from the full model's final hidden state at the last accepted position (decoding/lookahead.py,
+EAGLE-2's expansion: the best `frontier` paths by draft probability, `topk` children each, `depth`
+deep), after 1-3, most probable first. Unlike 1-3 they need no earlier occurrence: they are the
+drafts of text the context and the datastore have never seen.
 
 Tree size. A node costs a verification position; past a few positions a step's products turn
 compute-bound and every position costs about as much as a row of its own (runtime/profile
 .position_costs, measured once per runtime on this CPU). With `adaptive` (default) a greedy row keeps
 the nodes most likely to be accepted (each source's running survival rate at that depth,
-lookup.AcceptanceTracker; a node shared by several candidates takes the best) as long as the
+lookup.AcceptanceTracker; a lookahead node its draft probability, scaled by how often such nodes were
+accepted so far; a node shared by several candidates takes the best) as long as the
 expected accepted tokens per unit of step cost grow: (1 + sum of the kept nodes' survival) /
 cost(positions), over the whole batch's positions when rows share a step. A sampled row keeps its
 first max_nodes nodes in candidate order, never depending on timings or on who shares its batch, so
@@ -35,6 +41,7 @@ import torch
 from exitspec.decoding.api import register_strategy
 from exitspec.decoding.datastore import NgramStore
 from exitspec.decoding.exits import StrategyOptionError
+from exitspec.decoding.lookahead import DraftNodes, LookaheadDrafter
 from exitspec.decoding.strategies.lookup import BATCH_POSITIONS, AcceptanceTracker, NgramIndex, bundle_store
 from exitspec.decoding.strategy import DecodeState, StepOutput, Strategy
 from exitspec.decoding.token_tree import MAX_TREE_NODES, TokenTree, pack_trees
@@ -81,7 +88,7 @@ class TreeLookup(Strategy):
     lossless = True
 
     def __init__(self, depth: int = 4, width: int = 4, max_nodes: int = 16, max_ngram: int = 3,
-                 store: NgramStore | None = None, adaptive: bool = True):
+                 store: NgramStore | None = None, adaptive: bool = True, lookahead: LookaheadDrafter | None = None):
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise StrategyOptionError(f"width (candidate continuations per cycle) must be an integer >= 1, got "
                                       f"{width!r}; for no drafts at all use strategy='vanilla'")
@@ -97,8 +104,14 @@ class TreeLookup(Strategy):
         if not isinstance(adaptive, bool):
             raise StrategyOptionError(f"adaptive must be true or false, got {adaptive!r}")
         self.depth, self.width, self.max_nodes, self.max_ngram = depth, width, max_nodes, max_ngram
-        self.store, self.adaptive = store, adaptive
+        self.store, self.adaptive, self.lookahead = store, adaptive, lookahead
         self.indexes: list[Occurrences] = []
+        # Per row, the final hidden state (C,) at its last accepted position, which the lookahead head
+        # drafts from (None until the row's first verification: prefill keeps no hidden states).
+        self.hidden: list[torch.Tensor | None] = []
+        # Lookahead nodes kept in verified trees: summed draft probability, and how many were accepted;
+        # their ratio rescales the draft probability into a chance of acceptance (gains()).
+        self.head_expected, self.head_accepted = 1.0, 1.0
         self.tracker = AcceptanceTracker(depth)
         self.costs: dict[int, float] | None = None  # position_costs of the runtime, read on first use
         self.cycles = {"tree": 0, "chain": 0}  # forwards that verified a branching tree / chains only
@@ -112,13 +125,16 @@ class TreeLookup(Strategy):
 
     def prepare(self, state: DecodeState) -> None:
         self.indexes = [self.new_index() for _ in state.seqs]
+        self.hidden = [None] * len(state.seqs)
         self.tracker = AcceptanceTracker(self.depth)
 
     def add_rows(self, state: DecodeState, n: int) -> None:
         self.indexes += [self.new_index() for _ in range(n)]
+        self.hidden += [None] * n
 
     def select_rows(self, keep: list[int]) -> None:
         self.indexes = [self.indexes[i] for i in keep]
+        self.hidden = [self.hidden[i] for i in keep]
 
     def warm_up(self, lm, max_rows: int) -> None:
         if self.adaptive:
@@ -146,22 +162,36 @@ class TreeLookup(Strategy):
                 out.append((c, src))
         return out[: self.width]
 
-    def build(self, index: Occurrences, seq: list[int], branch: bool = True
-              ) -> tuple[TokenTree, list[tuple[str, list[int]]]]:
-        """The row's tree (at most max_nodes nodes, candidates in order) and each candidate's source
-        and nodes in it; with branch=False (a runtime whose fused stack takes no tree masks) only the
-        first candidate, a chain."""
+    def build(self, index: Occurrences, seq: list[int], branch: bool = True, drafted: DraftNodes | None = None,
+              room: int | None = None) -> tuple[TokenTree, list[tuple[str, list[int]]], dict[int, float]]:
+        """The row's tree (at most `room` nodes, default max_nodes, candidates in order), each
+        candidate's source and nodes in it, and the lookahead nodes' draft probabilities by node; with
+        branch=False (a runtime whose fused stack takes no tree masks) only the first candidate, a chain."""
+        room = room or self.max_nodes
         tree = TokenTree(seq[-1])
         cands = self.candidates(index, seq)[: None if branch else 1]
-        return tree, [(src, tree.add(c, self.max_nodes)) for c, src in cands]
+        placed = [(src, tree.add(c, room)) for c, src in cands]
+        head: dict[int, float] = {}
+        if drafted is not None and (branch or not cands):
+            for path, p in sorted(zip(drafted.paths(), drafted.probs, strict=True), key=lambda x: (-x[1], len(x[0]))):
+                nodes = tree.add(path, room)
+                if len(nodes) == len(path):  # parents first: a path whose end fits has every ancestor in
+                    head[nodes[-1]] = max(head.get(nodes[-1], 0.0), p)
+                if not branch:
+                    break
+        return tree, placed, head
 
-    def gains(self, tree: TokenTree, placed: list[tuple[str, list[int]]]) -> list[float]:
-        """Per node, the chance it is accepted as the source survival rates see it (the root: 1)."""
+    def gains(self, tree: TokenTree, placed: list[tuple[str, list[int]]], head: dict[int, float]) -> list[float]:
+        """Per node, the chance it is accepted as the source survival rates see it, or a lookahead
+        node's draft probability rescaled by the head's record (the root: 1)."""
         out = [1.0] + [0.0] * (len(tree) - 1)
         for src, nodes in placed:
             surv = self.tracker.survival(src)
             for node in nodes:
                 out[node] = max(out[node], surv[tree.depths[node] - 1])
+        scale = self.head_accepted / self.head_expected
+        for node, p in head.items():
+            out[node] = max(out[node], min(1.0, p * scale))
         return out
 
     def sizes(self, gains: list[list[float]], greedy: list[bool], costs: dict[int, float]) -> list[int]:
@@ -171,7 +201,7 @@ class TreeLookup(Strategy):
         B = len(gains)
         ranked = [sorted(g[1:], reverse=True) for g in gains]
         floor = max((len(g) for g, gr in zip(gains, greedy, strict=True) if not gr), default=1)
-        longest = max(len(g) for g in gains)
+        longest = min(max(len(g) for g in gains), self.max_nodes)
         best_t, best = longest, -1.0
         for t in range(floor, longest + 1):
             tokens = sum(1.0 + sum(r[: t - 1]) for r in ranked)
@@ -182,12 +212,13 @@ class TreeLookup(Strategy):
 
     @staticmethod
     def prune(tree: TokenTree, placed: list[tuple[str, list[int]]], gains: list[float], n: int
-              ) -> tuple[TokenTree, list[tuple[str, list[int]]]]:
+              ) -> tuple[TokenTree, list[tuple[str, list[int]]], list[int]]:
         """The n nodes of the highest gain (ties: shallower, then earlier), renumbered. A node's gain
         never exceeds its parent's (survival falls with depth; a candidate through the node passes
-        through its parent), so parents come first and the kept set is a tree."""
+        through its parent), so parents come first and the kept set is a tree. Also the old index of
+        each kept node."""
         if n >= len(tree):
-            return tree, placed
+            return tree, placed, list(range(len(tree)))
         keep = sorted(range(1, len(tree)), key=lambda i: (-gains[i], tree.depths[i], i))[: n - 1]
         keep.sort(key=lambda i: (tree.depths[i], i))  # parents before children whatever rounding did
         small, order = tree.subtree(keep)
@@ -200,31 +231,59 @@ class TreeLookup(Strategy):
                     break
                 kept.append(new[node])
             moved.append((src, kept))
-        return small, moved
+        return small, moved, order
 
     # --- the step -------------------------------------------------------------------------------------
+    def draft_lookahead(self, state: DecodeState, greedy: list[bool]) -> list[DraftNodes | None]:
+        """Each row's lookahead nodes (None: no head, or no verification of the row yet). Greedy rows
+        are drafted together, sampled rows one at a time (decoding/lookahead.py: determinism)."""
+        out: list[DraftNodes | None] = [None] * state.batch
+        if self.lookahead is None:
+            return out
+        for group, together in (([b for b, g in enumerate(greedy) if g], True),
+                                ([b for b, g in enumerate(greedy) if not g], False)):
+            group = [b for b in group if self.hidden[b] is not None]
+            if group:
+                hidden = torch.stack([self.hidden[b] for b in group])  # (G, C)
+                drafted = self.lookahead.draft(hidden, [state.seqs[b][-1] for b in group], together)
+                for b, nodes in zip(group, drafted, strict=True):
+                    out[b] = nodes
+        return out
+
     def step(self, state: DecodeState) -> StepOutput:
         lm, cache, params = state.lm, state.cache, state.sampling
         L = lm.num_layers
         _, p0 = state.pending()  # (B, 1)
         roots = p0[:, 0].tolist()
         B, dev = len(roots), p0.device
-        built = [self.build(ix, seq, lm.takes_trees) for ix, seq in zip(self.indexes, state.seqs, strict=True)]
         greedy = [p.greedy for p in params.params]
-        if self.adaptive and any(greedy):
-            gains = [self.gains(t, placed) for t, placed in built]
+        adapt = self.adaptive and any(greedy)
+        drafted = self.draft_lookahead(state, greedy)
+        # An adaptive greedy row gathers up to the kernel's limit and keeps the best max_nodes or fewer.
+        built = [self.build(ix, seq, lm.takes_trees, d, MAX_TREE_NODES if adapt and g else None)
+                 for ix, seq, d, g in zip(self.indexes, state.seqs, drafted, greedy, strict=True)]
+        if adapt:
+            gains = [self.gains(t, placed, head) for t, placed, head in built]
             n = self.sizes(gains, greedy, self.cost_table(lm))
-            built = [self.prune(t, placed, g, k) for (t, placed), g, k in zip(built, gains, n, strict=True)]
-        trees = [t for t, _ in built]
+            pruned = [self.prune(t, placed, g, k) for (t, placed, _), g, k in zip(built, gains, n, strict=True)]
+            built = [(t, placed, {new: head[old] for new, old in enumerate(order) if old in head})
+                     for (t, placed, order), (_, _, head) in zip(pruned, built, strict=True)]
+        trees = [t for t, _, _ in built]
         # --- one forward of all L layers over every row's tree ----------------------------------------
         ids, pos, masks = pack_trees(trees, roots, dev)  # (B, T) each; masks None: all chains
         self.cycles["chain" if masks is None else "tree"] += 1
         h = lm.embed(ids, pos)
-        target = lm.logits(lm.run_layers(h, pos, cache, 0, L, ctx=lm.context(h, pos, tree=masks)))  # (B, T, V)
+        h = lm.run_layers(h, pos, cache, 0, L, ctx=lm.context(h, pos, tree=masks))  # (B, T, C)
+        target = lm.logits(h)  # (B, T, V)
         verdict = verify_tree(target, trees, params)
         cache.keep_path(roots, verdict.paths)  # the accepted nodes to slots root + depth
         cache.rollback(torch.tensor([r + len(p) for r, p in zip(roots, verdict.paths, strict=True)]))
-        for (_, placed), path in zip(built, verdict.paths, strict=True):
+        if self.lookahead is not None:
+            for b, ((_, _, head), path) in enumerate(zip(built, verdict.paths, strict=True)):
+                self.hidden[b] = h[b, path[-1]].clone()  # what chose the pending token: the next drafts' input
+                self.head_expected += sum(head.values())
+                self.head_accepted += sum(node in head for node in path)
+        for (_, placed, _), path in zip(built, verdict.paths, strict=True):
             for src, nodes in placed:
                 if nodes:
                     agree = next((k for k, (a, b) in enumerate(zip(nodes, path[1:], strict=False)) if a != b),
@@ -238,11 +297,17 @@ class TreeLookup(Strategy):
     def describe(self) -> dict:
         return {"strategy": self.name, "depth": self.depth, "width": self.width, "max_nodes": self.max_nodes,
                 "max_ngram": self.max_ngram, "adaptive": self.adaptive, "cycles": dict(self.cycles),
-                "datastore_tokens": self.store.tokens if self.store else 0}
+                "datastore_tokens": self.store.tokens if self.store else 0,
+                "lookahead": None if self.lookahead is None else
+                {"topk": self.lookahead.topk, "frontier": self.lookahead.frontier,
+                 "accepted_per_expected": round(self.head_accepted / self.head_expected, 3)}}
 
 
 def make_tree_lookup(model, depth: int = 4, width: int = 4, max_nodes: int = 16, max_ngram: int = 3,
-                     datastore: bool | None = None, adaptive: bool = True) -> TreeLookup:
+                     datastore: bool | None = None, adaptive: bool = True, lookahead: bool | None = None,
+                     lookahead_depth: int = 2, topk: int = 4, frontier: int = 2) -> TreeLookup:
+    """`lookahead`: draft from the bundle's lookahead head too (None: where the bundle has one);
+    `lookahead_depth`, `topk` and `frontier`: its expansion (decoding/lookahead.py)."""
     context = model.lm.max_positions
     if isinstance(depth, int) and depth >= context:
         raise StrategyOptionError(f"depth {depth} is deeper than the model's context ({context} positions): a "
@@ -252,8 +317,22 @@ def make_tree_lookup(model, depth: int = 4, width: int = 4, max_nodes: int = 16,
     if datastore is True and store is None:
         raise StrategyOptionError("datastore=true needs a head bundle that keeps a draft corpus: attach "
                                   "--heads default or a bundle made by `exitspec train` with self_distill")
+    if lookahead is not None and not isinstance(lookahead, bool):
+        raise StrategyOptionError(f"lookahead must be true or false, got {lookahead!r}")
+    head = getattr(bundle, "lookahead", None) if lookahead is not False else None
+    if lookahead is True and head is None:
+        raise StrategyOptionError("lookahead=true needs a head bundle with a lookahead head: attach --heads default "
+                                  "or train one with `exitspec train-lookahead`")
+    if head is not None and isinstance(lookahead_depth, int) and isinstance(depth, int) and lookahead_depth > depth:
+        raise StrategyOptionError(f"lookahead_depth {lookahead_depth} is deeper than the tree (depth {depth}); "
+                                  "lower lookahead_depth or raise depth")
+    try:
+        drafter = None if head is None else \
+            LookaheadDrafter(head, depth=lookahead_depth, topk=topk, frontier=frontier)
+    except ValueError as err:
+        raise StrategyOptionError(str(err)) from None
     return TreeLookup(depth=depth, width=width, max_nodes=max_nodes, max_ngram=max_ngram, store=store,
-                      adaptive=adaptive)
+                      adaptive=adaptive, lookahead=drafter)
 
 
 register_strategy("tree", make_tree_lookup)
