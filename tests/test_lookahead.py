@@ -204,7 +204,8 @@ def test_the_command_adds_a_lookahead_head_and_keeps_the_rest_of_the_bundle(tmp_
     assert new.config.lookahead["training"]["answers"] == "generate"
     # The same answers as a datastore, then the head again from it: no generation.
     assert main(["datastore", *common, "--heads", str(tmp_path / "new"), "--out", str(tmp_path / "ds")]) == 0
-    assert main(["train-lookahead", *common, *args, "--heads", str(tmp_path / "ds"), "--out", str(tmp_path / "ds")]) == 0
+    ds = str(tmp_path / "ds")
+    assert main(["train-lookahead", *common, *args, "--heads", ds, "--out", ds]) == 0
     again = HeadBundle.load(tmp_path / "ds", m.lm)
     assert again.config.lookahead["training"]["answers"] == "corpus" and again.draft_sequences()
     # Without --heads the command says what it needs.
