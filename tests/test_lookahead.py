@@ -94,8 +94,8 @@ def test_training_fits_the_models_own_text_better_than_the_untrained_head_drafts
 def test_trees_with_lookahead_drafts_are_vanilla_token_for_token(family):
     m = with_lookahead(tiny_loaded(family), family)
     ref = greedy(m, PROMPTS, n=40)
-    for opts in ({}, {"adaptive": False, "max_nodes": 24, "topk": 3, "frontier": 2},
-                 {"datastore": False, "width": 1, "depth": 2}):
+    for opts in ({}, {"adaptive": False, "max_nodes": 24, "topk": 3, "frontier": 2, "lookahead_depth": 3},
+                 {"datastore": False, "width": 1, "depth": 2, "lookahead_always": False}):
         strat = make_strategy("tree", m, **opts)
         assert strat.lookahead is not None
         out = greedy(m, PROMPTS, n=40, strategy=strat)
@@ -155,6 +155,10 @@ def test_bad_lookahead_settings_are_refused_with_what_to_do():
     with_lookahead(m)
     with pytest.raises(StrategyOptionError, match="topk must be an integer >= 1"):
         make_strategy("tree", m, topk=0)
+    with pytest.raises(StrategyOptionError, match="lookahead_depth 5 is deeper than the tree"):
+        make_strategy("tree", m, lookahead_depth=5)
+    with pytest.raises(StrategyOptionError, match="sampled_nodes must be an integer in 2..max_nodes \\(16\\)"):
+        make_strategy("tree", m, sampled_nodes=17)
     with pytest.raises(ValueError, match="exceeds the model's vocabulary"):
         LookaheadHead(LayeredModel(m.model), LookaheadConfig(width=8, draft_vocab=1000))
     with pytest.raises(ValueError, match="width must be a positive integer"):

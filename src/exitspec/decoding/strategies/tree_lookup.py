@@ -19,8 +19,9 @@ candidates of up to `depth` tokens;
   4. where the bundle has a lookahead head (heads/lookahead.py) and `lookahead` is on: the nodes it
 drafts from the full model's final hidden state at the last accepted position (decoding/lookahead.py,
 EAGLE-2's expansion: the best `frontier` paths by draft probability, `topk` children each, `depth`
-deep), after 1-3, most probable first. Unlike 1-3 they need no earlier occurrence: they are the
-drafts of text the context and the datastore have never seen.
+deep), after 1-3, most probable first; every cycle, or with `lookahead_always` off only in the
+cycles where 1-3 found nothing (hybrid drafting's rule: a copy is free to make). Unlike 1-3 they
+need no earlier occurrence: they are the drafts of text the context and the datastore have never seen.
 
 Tree size. A node costs a verification position; past a few positions a step's products turn
 compute-bound and every position costs about as much as a row of its own (runtime/profile
@@ -30,7 +31,8 @@ lookup.AcceptanceTracker; a lookahead node its draft probability, scaled by how 
 accepted so far; a node shared by several candidates takes the best) as long as the
 expected accepted tokens per unit of step cost grow: (1 + sum of the kept nodes' survival) /
 cost(positions), over the whole batch's positions when rows share a step. A sampled row keeps its
-first max_nodes nodes in candidate order, never depending on timings or on who shares its batch, so
+first `sampled_nodes` (default 4; its rejection walk rarely gets past a few nodes) nodes in candidate
+order, never depending on timings or on who shares its batch, so
 that a seeded row gives the same output on every run and in any batch (engine.py).
 """
 
@@ -88,7 +90,8 @@ class TreeLookup(Strategy):
     lossless = True
 
     def __init__(self, depth: int = 4, width: int = 4, max_nodes: int = 16, max_ngram: int = 3,
-                 store: NgramStore | None = None, adaptive: bool = True, lookahead: LookaheadDrafter | None = None):
+                 store: NgramStore | None = None, adaptive: bool = True, lookahead: LookaheadDrafter | None = None,
+                 lookahead_always: bool = True, sampled_nodes: int | None = None):
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise StrategyOptionError(f"width (candidate continuations per cycle) must be an integer >= 1, got "
                                       f"{width!r}; for no drafts at all use strategy='vanilla'")
@@ -104,7 +107,15 @@ class TreeLookup(Strategy):
         if not isinstance(adaptive, bool):
             raise StrategyOptionError(f"adaptive must be true or false, got {adaptive!r}")
         self.depth, self.width, self.max_nodes, self.max_ngram = depth, width, max_nodes, max_ngram
+        sampled_nodes = min(4, max_nodes) if sampled_nodes is None else sampled_nodes
+        if isinstance(sampled_nodes, bool) or not isinstance(sampled_nodes, int) or \
+                not 2 <= sampled_nodes <= max_nodes:
+            raise StrategyOptionError(f"sampled_nodes must be an integer in 2..max_nodes ({max_nodes}), got "
+                                      f"{sampled_nodes!r}")
+        if not isinstance(lookahead_always, bool):
+            raise StrategyOptionError(f"lookahead_always must be true or false, got {lookahead_always!r}")
         self.store, self.adaptive, self.lookahead = store, adaptive, lookahead
+        self.lookahead_always, self.sampled_nodes = lookahead_always, sampled_nodes
         self.indexes: list[Occurrences] = []
         # Per row, the final hidden state (C,) at its last accepted position, which the lookahead head
         # drafts from (None until the row's first verification: prefill keeps no hidden states).
@@ -162,14 +173,16 @@ class TreeLookup(Strategy):
                 out.append((c, src))
         return out[: self.width]
 
-    def build(self, index: Occurrences, seq: list[int], branch: bool = True, drafted: DraftNodes | None = None,
-              room: int | None = None) -> tuple[TokenTree, list[tuple[str, list[int]]], dict[int, float]]:
-        """The row's tree (at most `room` nodes, default max_nodes, candidates in order), each
-        candidate's source and nodes in it, and the lookahead nodes' draft probabilities by node; with
-        branch=False (a runtime whose fused stack takes no tree masks) only the first candidate, a chain."""
+    def build(self, cands: list[tuple[list[int], str]], root: int, branch: bool = True,
+              drafted: DraftNodes | None = None, room: int | None = None
+              ) -> tuple[TokenTree, list[tuple[str, list[int]]], dict[int, float]]:
+        """The row's tree after its pending token `root` (at most `room` nodes, default max_nodes,
+        candidates in order, then the lookahead nodes), each candidate's source and nodes in it, and
+        the lookahead nodes' draft probabilities by node; with branch=False (a runtime whose fused stack
+        takes no tree masks) only the first candidate, a chain."""
         room = room or self.max_nodes
-        tree = TokenTree(seq[-1])
-        cands = self.candidates(index, seq)[: None if branch else 1]
+        tree = TokenTree(root)
+        cands = cands[: None if branch else 1]
         placed = [(src, tree.add(c, room)) for c, src in cands]
         head: dict[int, float] = {}
         if drafted is not None and (branch or not cands):
@@ -234,15 +247,15 @@ class TreeLookup(Strategy):
         return small, moved, order
 
     # --- the step -------------------------------------------------------------------------------------
-    def draft_lookahead(self, state: DecodeState, greedy: list[bool]) -> list[DraftNodes | None]:
-        """Each row's lookahead nodes (None: no head, or no verification of the row yet). Greedy rows
-        are drafted together, sampled rows one at a time (decoding/lookahead.py: determinism)."""
+    def draft_lookahead(self, state: DecodeState, greedy: list[bool], want: list[bool]) -> list[DraftNodes | None]:
+        """Each row's lookahead nodes (None: no head, not `want`ed, or no verification of the row yet).
+        Greedy rows are drafted together, sampled rows one at a time (decoding/lookahead.py: determinism)."""
         out: list[DraftNodes | None] = [None] * state.batch
         if self.lookahead is None:
             return out
         for group, together in (([b for b, g in enumerate(greedy) if g], True),
                                 ([b for b, g in enumerate(greedy) if not g], False)):
-            group = [b for b in group if self.hidden[b] is not None]
+            group = [b for b in group if want[b] and self.hidden[b] is not None]
             if group:
                 hidden = torch.stack([self.hidden[b] for b in group])  # (G, C)
                 drafted = self.lookahead.draft(hidden, [state.seqs[b][-1] for b in group], together)
@@ -258,10 +271,15 @@ class TreeLookup(Strategy):
         B, dev = len(roots), p0.device
         greedy = [p.greedy for p in params.params]
         adapt = self.adaptive and any(greedy)
-        drafted = self.draft_lookahead(state, greedy)
-        # An adaptive greedy row gathers up to the kernel's limit and keeps the best max_nodes or fewer.
-        built = [self.build(ix, seq, lm.takes_trees, d, MAX_TREE_NODES if adapt and g else None)
-                 for ix, seq, d, g in zip(self.indexes, state.seqs, drafted, greedy, strict=True)]
+        cands = [self.candidates(ix, seq) for ix, seq in zip(self.indexes, state.seqs, strict=True)]
+        # The head drafts every cycle, or (lookahead_always off) only where the context and datastore have
+        # nothing: a copy is free to make and, where one matches, often the better bet.
+        drafted = self.draft_lookahead(state, greedy, [self.lookahead_always or not c for c in cands])
+        # An adaptive greedy row gathers up to the kernel's limit and keeps the best max_nodes or fewer;
+        # a sampled row keeps its first sampled_nodes (a fixed count: its tree may not depend on timings).
+        built = [self.build(c, seq[-1], lm.takes_trees, d, MAX_TREE_NODES if adapt and g else
+                            None if g else self.sampled_nodes)
+                 for c, seq, d, g in zip(cands, state.seqs, drafted, greedy, strict=True)]
         if adapt:
             gains = [self.gains(t, placed, head) for t, placed, head in built]
             n = self.sizes(gains, greedy, self.cost_table(lm))
@@ -305,9 +323,12 @@ class TreeLookup(Strategy):
 
 def make_tree_lookup(model, depth: int = 4, width: int = 4, max_nodes: int = 16, max_ngram: int = 3,
                      datastore: bool | None = None, adaptive: bool = True, lookahead: bool | None = None,
-                     lookahead_depth: int = 2, topk: int = 4, frontier: int = 2) -> TreeLookup:
-    """`lookahead`: draft from the bundle's lookahead head too (None: where the bundle has one);
-    `lookahead_depth`, `topk` and `frontier`: its expansion (decoding/lookahead.py)."""
+                     lookahead_depth: int = 1, topk: int = 4, frontier: int = 2, lookahead_always: bool = True,
+                     sampled_nodes: int | None = None) -> TreeLookup:
+    """`lookahead`: draft from the bundle's lookahead head too (None: where the bundle has one), in
+    every cycle, or with lookahead_always=false only where the context and datastore have no candidate;
+    `lookahead_depth`, `topk` and `frontier`: its expansion (decoding/lookahead.py). `sampled_nodes`:
+    the nodes a sampled row's tree keeps, its first ones in candidate order."""
     context = model.lm.max_positions
     if isinstance(depth, int) and depth >= context:
         raise StrategyOptionError(f"depth {depth} is deeper than the model's context ({context} positions): a "
@@ -332,7 +353,8 @@ def make_tree_lookup(model, depth: int = 4, width: int = 4, max_nodes: int = 16,
     except ValueError as err:
         raise StrategyOptionError(str(err)) from None
     return TreeLookup(depth=depth, width=width, max_nodes=max_nodes, max_ngram=max_ngram, store=store,
-                      adaptive=adaptive, lookahead=drafter)
+                      adaptive=adaptive, lookahead=drafter, lookahead_always=lookahead_always,
+                      sampled_nodes=sampled_nodes)
 
 
 register_strategy("tree", make_tree_lookup)
