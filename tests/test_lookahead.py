@@ -96,12 +96,12 @@ def test_trees_with_lookahead_drafts_are_vanilla_token_for_token(family):
     ref = greedy(m, PROMPTS, n=40)
     for opts in ({}, {"adaptive": False, "max_nodes": 24, "topk": 3, "frontier": 2, "lookahead_depth": 3},
                  {"datastore": False, "width": 1, "depth": 2, "lookahead_always": False}):
-        strat = make_strategy("tree", m, **opts)
+        strat = make_strategy("tree", m, lookahead=True, **opts)
         assert strat.lookahead is not None
         out = greedy(m, PROMPTS, n=40, strategy=strat)
         assert out.token_ids == ref.token_ids, opts
         assert strat.head_accepted > 1.0  # some lookahead nodes were accepted (the record starts at 1)
-    off = make_strategy("tree", m, lookahead=False)
+    off = make_strategy("tree", m)  # off by default
     assert off.lookahead is None and greedy(m, PROMPTS, n=40, strategy=off).token_ids == ref.token_ids
 
 
@@ -110,7 +110,7 @@ def test_lookahead_trees_on_the_fused_int4_stack_are_vanilla_token_for_token(ker
     assert m.lm.adapter.fused
     m = with_lookahead(m, "llama")  # trained on the dense twin: drafts differ, output may not
     ref = greedy(m, PROMPTS, n=40)
-    strat = make_strategy("tree", m, adaptive=False, max_nodes=20)
+    strat = make_strategy("tree", m, adaptive=False, max_nodes=20, lookahead=True)
     assert greedy(m, PROMPTS, n=40, strategy=strat).token_ids == ref.token_ids
     assert strat.cycles["tree"] > 0 and strat.head_expected > 1.0
 
@@ -122,7 +122,7 @@ def test_sampled_trees_with_lookahead_drafts_repeat_with_their_seed():
     m = with_lookahead(tiny_loaded("llama"))
     outs = []
     for _ in range(2):
-        strat = make_strategy("tree", m)
+        strat = make_strategy("tree", m, lookahead=True)
         outs.append(greedy(m, PROMPTS[:2], n=30, strategy=strat, temperature=0.8, seed=7))
         assert strat.head_expected > 1.0  # lookahead nodes went into the sampled rows' trees
     assert outs[0].token_ids == outs[1].token_ids and all(len(t) == 30 for t in outs[0].token_ids)
@@ -130,7 +130,7 @@ def test_sampled_trees_with_lookahead_drafts_repeat_with_their_seed():
 
 def test_a_bundle_keeps_its_lookahead_head_and_refuses_a_damaged_one(tmp_path):
     m = with_lookahead(tiny_loaded("llama"))
-    ref = greedy(m, PROMPTS[:2], n=30, strategy="tree")
+    ref = greedy(m, PROMPTS[:2], n=30, strategy="tree", lookahead=True)
     m.heads.save(tmp_path / "b")
     cfg = json.loads((tmp_path / "b" / "bundle.json").read_text())
     assert cfg["format_version"] == 3 and cfg["lookahead"]["config"] == {"width": 64, "draft_vocab": 96}
@@ -138,7 +138,7 @@ def test_a_bundle_keeps_its_lookahead_head_and_refuses_a_damaged_one(tmp_path):
     for k, v in m.heads.lookahead.state_dict().items():
         assert torch.equal(back.lookahead.state_dict()[k], v)
     m.heads = back
-    assert greedy(m, PROMPTS[:2], n=30, strategy="tree").token_ids == ref.token_ids
+    assert greedy(m, PROMPTS[:2], n=30, strategy="tree", lookahead=True).token_ids == ref.token_ids
     cfg["lookahead"]["config"]["width"] = 0
     (tmp_path / "b" / "bundle.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="lookahead head settings are invalid"):
@@ -154,9 +154,9 @@ def test_bad_lookahead_settings_are_refused_with_what_to_do():
         make_strategy("tree", m, lookahead="yes")
     with_lookahead(m)
     with pytest.raises(StrategyOptionError, match="topk must be an integer >= 1"):
-        make_strategy("tree", m, topk=0)
+        make_strategy("tree", m, lookahead=True, topk=0)
     with pytest.raises(StrategyOptionError, match="lookahead_depth 5 is deeper than the tree"):
-        make_strategy("tree", m, lookahead_depth=5)
+        make_strategy("tree", m, lookahead=True, lookahead_depth=5)
     with pytest.raises(StrategyOptionError, match="sampled_nodes must be an integer in 2..max_nodes \\(16\\)"):
         make_strategy("tree", m, sampled_nodes=17)
     with pytest.raises(ValueError, match="exceeds the model's vocabulary"):

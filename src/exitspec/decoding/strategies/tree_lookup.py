@@ -16,8 +16,8 @@ Candidates (their order is the order of a node's children, which sampling tries 
   3. a 1-token context match, only when nothing else matched;
 lookup's own proposal from 1 and from 2 first, then the rest of 1 and 2; at most `width` distinct
 candidates of up to `depth` tokens;
-  4. where the bundle has a lookahead head (heads/lookahead.py) and `lookahead` is on: the nodes it
-drafts from the full model's final hidden state at the last accepted position (decoding/lookahead.py,
+  4. with `lookahead` on (off by default) and a bundle that has a lookahead head (heads/lookahead.py):
+the nodes it drafts from the full model's final hidden state at the last accepted position (decoding/lookahead.py,
 EAGLE-2's expansion: the best `frontier` paths by draft probability, `topk` children each, `depth`
 deep), after 1-3, most probable first; every cycle, or with `lookahead_always` off only in the
 cycles where 1-3 found nothing (hybrid drafting's rule: a copy is free to make). Unlike 1-3 they
@@ -322,10 +322,11 @@ class TreeLookup(Strategy):
 
 
 def make_tree_lookup(model, depth: int = 4, width: int = 4, max_nodes: int = 16, max_ngram: int = 3,
-                     datastore: bool | None = None, adaptive: bool = True, lookahead: bool | None = None,
+                     datastore: bool | None = None, adaptive: bool = True, lookahead: bool = False,
                      lookahead_depth: int = 1, topk: int = 4, frontier: int = 2, lookahead_always: bool = True,
                      sampled_nodes: int | None = None) -> TreeLookup:
-    """`lookahead`: draft from the bundle's lookahead head too (None: where the bundle has one), in
+    """`lookahead`: draft from the bundle's lookahead head too (off by default: on the default model on a
+    CPU its drafting cost more than its extra accepted tokens saved, benchmarks/unseen-lookahead), in
     every cycle, or with lookahead_always=false only where the context and datastore have no candidate;
     `lookahead_depth`, `topk` and `frontier`: its expansion (decoding/lookahead.py). `sampled_nodes`:
     the nodes a sampled row's tree keeps, its first ones in candidate order."""
@@ -338,10 +339,10 @@ def make_tree_lookup(model, depth: int = 4, width: int = 4, max_nodes: int = 16,
     if datastore is True and store is None:
         raise StrategyOptionError("datastore=true needs a head bundle that keeps a draft corpus: attach "
                                   "--heads default or a bundle made by `exitspec train` with self_distill")
-    if lookahead is not None and not isinstance(lookahead, bool):
+    if not isinstance(lookahead, bool):
         raise StrategyOptionError(f"lookahead must be true or false, got {lookahead!r}")
-    head = getattr(bundle, "lookahead", None) if lookahead is not False else None
-    if lookahead is True and head is None:
+    head = getattr(bundle, "lookahead", None) if lookahead else None
+    if lookahead and head is None:
         raise StrategyOptionError("lookahead=true needs a head bundle with a lookahead head: attach --heads default "
                                   "or train one with `exitspec train-lookahead`")
     if head is not None and isinstance(lookahead_depth, int) and isinstance(depth, int) and lookahead_depth > depth:
