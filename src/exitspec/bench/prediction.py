@@ -134,6 +134,14 @@ def self_spec_prediction(strategy, row: dict, per_prompt: list[dict], vanilla_de
     return out
 
 
+def priceable_cycles(per_prompt: list[dict], vanilla: VanillaPace | None) -> list[Cycle]:
+    """The row's verifications after its first (cycles), or none where the row cannot be priced: no
+    vanilla pace to price it against, or host time the runs did not account."""
+    if vanilla is None or host_ms_per_step(per_prompt) is None:
+        return []
+    return cycles(per_prompt)
+
+
 def _priced(per_prompt: list[dict], steps: list[Cycle], costs: list[float], vanilla: VanillaPace,
             shape: str) -> dict:
     """Predicted vs measured for verifications `steps` whose forwards cost `costs` (1-row forwards
@@ -162,8 +170,8 @@ def _priced(per_prompt: list[dict], steps: list[Cycle], costs: list[float], vani
 def lookup_prediction(lm, per_prompt: list[dict], vanilla: VanillaPace | None) -> dict:
     """Predicted vs measured decode speedup of a lookup row: each verification's K+1 rows on the
     row-cost curve, plus the row's host work per cycle."""
-    steps = cycles(per_prompt)
-    if not steps or vanilla is None or host_ms_per_step(per_prompt) is None:
+    steps = priceable_cycles(per_prompt, vanilla)
+    if not steps:
         return {}
     curve = row_costs(lm, max(c.drafted for c in steps) + 1)
     return _priced(per_prompt, steps, [curve[c.drafted] for c in steps], vanilla, "the row-cost curve")
@@ -172,8 +180,8 @@ def lookup_prediction(lm, per_prompt: list[dict], vanilla: VanillaPace | None) -
 def tree_prediction(lm, per_prompt: list[dict], vanilla: VanillaPace | None) -> dict:
     """Predicted vs measured decode speedup of a tree row: each verification's nodes (the pending token
     and the drafted ones) on the position-cost table, plus the row's host work per cycle."""
-    steps = cycles(per_prompt)
-    if not steps or vanilla is None or host_ms_per_step(per_prompt) is None:
+    steps = priceable_cycles(per_prompt, vanilla)
+    if not steps:
         return {}
     table = position_costs(lm, max(c.drafted for c in steps) + 1)
     return _priced(per_prompt, steps, [interpolate_cost(table, c.drafted + 1) for c in steps], vanilla,
@@ -186,8 +194,8 @@ def hybrid_prediction(strategy, per_prompt: list[dict], vanilla: VanillaPace | N
     (and draftless) cycles on the row-cost curve, its head cycles of K drafts as cycle_costs times a
     self-spec cycle of K drafts at the run's typical context (over the vanilla step timed with it),
     every cycle plus the row's host work."""
-    steps = cycles(per_prompt)
-    if not steps or vanilla is None or host_ms_per_step(per_prompt) is None:
+    steps = priceable_cycles(per_prompt, vanilla)
+    if not steps:
         return {}
     lm = strategy.drafter.head.lm
     curve = row_costs(lm, max(c.drafted for c in steps) + 1)

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # e.g. plain text (--text-file) has no prompts: the thresholds still hold
         print(f"warning: no prompt reference stored ({err}); `adapt` on this bundle falls back to the blend",
               file=sys.stderr)
-    path = save(bundle, out)
+    path = bundle.save_as_trained(out)
     keys = ("score", "value", "coverage", "agreement")
     summary = {str(layer): {k: e[k] for k in keys} for layer, e in entries.items()}
     print(json.dumps(summary, indent=1))
@@ -132,12 +132,6 @@ def exit_vocab_ids(model, bundle, n: int, score: str) -> torch.Tensor | None:
     return draft_vocabulary(model, n, bundle)
 
 
-def save(bundle, out: Path) -> Path:
-    """Save in the dtype the heads were trained to be saved in (a shipped fp16 bundle stays fp16)."""
-    save_dtype = bundle.config.training.get("config", {}).get("save_dtype")
-    return bundle.save(out, dtype=getattr(torch, save_dtype) if save_dtype else None)
-
-
 def run_reference_only(args: argparse.Namespace, model, bundle, out: Path) -> int:
     """Only the prompt references, from the calibration prompts (or --sequences' prompts)."""
     if args.text_file:
@@ -151,7 +145,7 @@ def run_reference_only(args: argparse.Namespace, model, bundle, out: Path) -> in
         prompts = [encode_prompt(model.tokenizer, p.text, True)
                    for p in heldout_prompts("calibrate", args.num_prompts, args.prompts)]
     stored = add_prompt_references(model.lm, bundle, prompts, args.adapt_window)
-    path = save(bundle, out)
+    path = bundle.save_as_trained(out)
     print(json.dumps({str(layer): {"values": r["values"], "never": r["never"], "n_prompts": r["n_prompts"]}
                       for layer, r in stored.items()}, indent=1))
     print(f"saved the bundle with prompt references (window {args.adapt_window}) to {path}", file=sys.stderr)

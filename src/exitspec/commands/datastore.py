@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from exitspec.commands.common import add_bundle_answers_args, add_model_args, load_from_args
 from exitspec.training.data import DistillSettings, draft_corpus, read_source, self_distill
 
@@ -56,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     bundle.set_draft_corpus(corpus, source=f"greedy answers ({model.weights} weights, {args.max_new_tokens} "
                                            f"tokens) to {len(corpus)} train prompts of {args.data}")
     # Heads are shipped in fp16 and come back exactly from an fp16 copy; a bundle trained in fp32 stays fp32.
-    save_dtype = bundle.config.training.get("config", {}).get("save_dtype")
-    bundle.save(out, dtype=getattr(torch, save_dtype) if save_dtype else None)
+    bundle.save_as_trained(out)
     n_tok = sum(len(c) for c in corpus)
     print(f"wrote {out}: draft datastore of {len(corpus)} answers ({n_tok} tokens), heads at layers {bundle.layers}")
     return 0

@@ -17,8 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from exitspec.commands.common import add_bundle_answers_args, add_model_args, load_from_args
 from exitspec.decoding.api import encode_prompt
 from exitspec.decoding.draft_vocab import draft_vocabulary
@@ -92,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     report |= {"answers": args.answers, "data": args.data, "weights": model.weights, "positions": data.positions}
     bundle = model.heads
     bundle.set_lookahead(head, report)
-    save_dtype = bundle.config.training.get("config", {}).get("save_dtype")
-    bundle.save(args.out, dtype=getattr(torch, save_dtype) if save_dtype else None)
+    bundle.save_as_trained(args.out)
     print(f"wrote {args.out}: lookahead head ({head.param_count():,} parameters, draft vocabulary {len(vocab)}), "
           f"held-out top-1 by step {report.get('val_top1_by_step')}, "
           f"chain acceptance {report.get('val_chain_acceptance')}")

@@ -38,13 +38,7 @@ class DraftHead:
         self.vocab = vocab  # (N,) long token ids, or None for the full vocabulary
         if vocab is not None:
             # Slice the rows once: (N, C). Tuned heads change their weights only when trained.
-            with outside_inference_mode():  # kept by the strategy, used in and out of inference mode
-                bias = head.head_bias()
-                rows = head.head_weight()[vocab].contiguous()
-                sub_bias = bias[vocab].contiguous() if bias is not None else None
-                own = head.head_weight() is head.lm.lm_head.weight  # not a tuned copy of the head
-                self.proj = (_quantised_rows(head.lm, vocab, rows, sub_bias) if own else None) \
-                    or Linear(rows, sub_bias)
+            self.proj = vocab_rows(head.lm, vocab, head.head_weight(), head.head_bias())
 
     def logits(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """(..., C) -> (..., N) logits over the draft vocabulary (N = V without a subset). A
@@ -89,15 +83,22 @@ class DraftHead:
         return self.vocab[tok], full.index_copy_(-1, self.vocab, q)
 
 
-def subset_rows(lm, vocab: torch.Tensor):
-    """The runtime's own LM head restricted to `vocab`'s rows: final-normed (..., C) -> (..., N) logits,
-    on the int4 runtime's kernel where it has one (_quantised_rows), else fp32 rows; softcapped as
-    LayeredModel.head is."""
+def vocab_rows(lm, vocab: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """An LM head (`weight` (V, C), `bias`) restricted to `vocab`'s rows: final-normed (..., C) -> (..., N)
+    logits, no softcap. Where `weight` is the runtime's own head (not a tuned copy), on the int4
+    runtime's kernel where it has one (_quantised_rows); else fp32 rows. Made outside inference mode:
+    kept by a strategy, used in and out of it."""
     with outside_inference_mode():
-        rows = lm.lm_head.weight[vocab].contiguous()
-        bias = getattr(lm.lm_head, "bias", None)
-        bias = bias[vocab].contiguous() if bias is not None else None
-        proj = _quantised_rows(lm, vocab, rows, bias) or Linear(rows, bias)
+        rows = weight[vocab].contiguous()
+        sub_bias = bias[vocab].contiguous() if bias is not None else None
+        own = weight is lm.lm_head.weight
+        return (_quantised_rows(lm, vocab, rows, sub_bias) if own else None) or Linear(rows, sub_bias)
+
+
+def subset_rows(lm, vocab: torch.Tensor):
+    """The runtime's own LM head restricted to `vocab`'s rows (vocab_rows), softcapped as
+    LayeredModel.head is."""
+    proj = vocab_rows(lm, vocab, lm.lm_head.weight, getattr(lm.lm_head, "bias", None))
     cap = lm.adapter.logit_softcap
     return proj if cap is None else (lambda x: torch.tanh(proj(x) / cap) * cap)
 

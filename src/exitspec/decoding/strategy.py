@@ -12,6 +12,7 @@ end of the batch (`add_rows`): rows come and go while the batch runs (continuous
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,11 @@ class DecodeState:
         ids = torch.tensor([[s[-1]] for s in self.seqs], device=dev)
         pos = torch.tensor([[len(s) - 1] for s in self.seqs], device=dev)
         return ids, pos
+
+    def drop_rejected(self, accepted: Sequence[int]) -> None:
+        """After a verification: every layer's cache keeps, per row, its pending token (slot len - 1) and
+        the row's `accepted` drafts after it; the rejected drafts and any padding are rolled back."""
+        self.cache.rollback(torch.tensor([len(s) + a for s, a in zip(self.seqs, accepted, strict=True)]))
 
     def filled(self) -> torch.Tensor:
         """(B,) number of positions every layer's cache must hold at the start of a step."""

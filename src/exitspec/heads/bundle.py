@@ -177,6 +177,12 @@ class HeadBundle(nn.Module):
             (tmp / CONFIG_FILE).write_text(self.config.to_json())
         return path
 
+    def save_as_trained(self, path: str | Path) -> Path:
+        """`save` in the dtype the heads were trained to be saved in (training.config.save_dtype: a shipped
+        fp16 bundle stays fp16 when a command rewrites it), as they are where the bundle names none."""
+        save_dtype = self.config.training.get("config", {}).get("save_dtype")
+        return self.save(path, dtype=getattr(torch, save_dtype) if save_dtype else None)
+
     @classmethod
     def load(cls, path: str | Path, lm: LayeredModel, *, check_fingerprint: bool = True) -> HeadBundle:
         path = Path(path)

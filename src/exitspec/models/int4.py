@@ -116,7 +116,7 @@ def recover_q8(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, 
         b = w[r0: r0 + _Q8_ROWS].to(torch.float32).reshape(-1, n_in // group, group)
         amax = b.abs().amax(-1)
         for scale in (amax / 127, (amax / 127).half().float()):
-            qc = torch.round(b / torch.where(scale == 0, 1.0, scale)[..., None]).clamp_(-127, 127)
+            qc = q8_codes(b, scale)
             if fp16_exact(scale) and torch.equal(qc * scale[..., None], b):
                 q[r0: r0 + _Q8_ROWS] = qc.reshape(-1, n_in)
                 scales[r0: r0 + _Q8_ROWS] = scale
@@ -124,6 +124,12 @@ def recover_q8(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, 
         else:
             return None
     return q, scales
+
+
+def q8_codes(groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Q8_0 codes of fp32 `groups` (..., n, 32) at `scale` (..., n): round(w / scale) in -127..127 (as
+    floats; a zero scale, an all-zero group, gives zero codes)."""
+    return torch.round(groups / torch.where(scale == 0, 1.0, scale)[..., None]).clamp_(-127, 127)
 
 
 def int4_table(model: nn.Module, group: int = GROUP) -> dict[nn.Linear, Int4Groups]:
@@ -215,10 +221,8 @@ class Q8Linear:
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Q8Linear | None:
         """None where the kernels are unavailable or `weight` is not Q8_0 groups bit for bit."""
-        ops = kernels.load()
-        if ops is None or weight.device.type != "cpu" or weight.shape[0] % BLOCK or weight.shape[1] % GROUP:
-            return None
-        found = recover_q8(weight)
+        ops = cls._ops_for(weight)
+        found = None if ops is None else recover_q8(weight)
         if found is None:
             return None
         q, scale = found
@@ -229,14 +233,23 @@ class Q8Linear:
         """`weight` (out, in) rounded to Q8_0 (per group of 32 inputs: scale = max|w| / 127 in fp16, codes
         round(w / scale)), for products whose exact fp32 weights are not needed (a draft head's);
         None where the kernels are unavailable or the shape is not whole tiles and groups."""
-        ops = kernels.load()
-        out, n_in = weight.shape
-        if ops is None or weight.device.type != "cpu" or out % BLOCK or n_in % GROUP:
+        ops = cls._ops_for(weight)
+        if ops is None:
             return None
+        out, n_in = weight.shape
         b = weight.detach().to(torch.float32).reshape(out, n_in // GROUP, GROUP)
         scale = (b.abs().amax(-1) / 127).half().float()  # (out, in / 32), fp16-exact as Q8_0 stores it
-        q = torch.round(b / torch.where(scale == 0, 1.0, scale)[..., None]).clamp_(-127, 127)
-        return cls(ops.Q8Weight(q.to(torch.int8).reshape(out, n_in).contiguous(), scale.contiguous()), None, ops)
+        q = q8_codes(b, scale).to(torch.int8).reshape(out, n_in)
+        return cls(ops.Q8Weight(q.contiguous(), scale.contiguous()), None, ops)
+
+    @staticmethod
+    def _ops_for(weight: torch.Tensor):
+        """The kernels' module where they can multiply `weight` (out, in): loaded, on the CPU, whole
+        16-row tiles and 32-input groups; else None."""
+        ops = kernels.load()
+        if ops is None or weight.device.type != "cpu" or weight.shape[0] % BLOCK or weight.shape[1] % GROUP:
+            return None
+        return ops
 
     @property
     def nbytes(self) -> int:

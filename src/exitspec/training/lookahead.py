@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from exitspec.heads.lookahead import LookaheadConfig, LookaheadHead, unit_rms
 from exitspec.runtime.layered import LayeredModel
 from exitspec.runtime.sequences import TokenSequence
+from exitspec.training.losses import VocabSubset
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,11 @@ class Objective:
         self.head, self.cfg = head, cfg
         with torch.no_grad():
             self.rows = lm.lm_head.weight.detach()[head.vocab].float().clone()  # (N, C) frozen
-            self.remap = torch.full((lm.vocab_size,), -100, dtype=torch.long, device=head.vocab.device)
-            self.remap[head.vocab] = torch.arange(len(head.vocab), device=head.vocab.device)
+        self.subset = VocabSubset(head.vocab, lm.vocab_size)
+
+    def targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their index in the draft vocabulary, -1 outside it (not drafted, not scored)."""
+        return self.subset.labels(tokens)
 
     def logits(self, f_hat: torch.Tensor) -> torch.Tensor:
         return self.head.lm.norm(f_hat) @ self.rows.T  # (n, N)
@@ -128,8 +132,8 @@ class Objective:
         for k in range(toks.shape[1] - 1):
             f_hat = self.head(f, toks[:, k])
             lg = self.logits(f_hat)
-            target = self.remap[toks[:, k + 1]]
-            ce = F.cross_entropy(lg, target, ignore_index=-100) if (target >= 0).any() else lg.sum() * 0
+            target = self.targets(toks[:, k + 1])
+            ce = F.cross_entropy(lg, target, ignore_index=-1) if (target >= 0).any() else lg.sum() * 0
             reg = F.smooth_l1_loss(f_hat, ft[:, k].float())
             loss = loss + (self.cfg.decay ** k) * (ce + self.cfg.feature_weight * reg)
             hits.append((lg.argmax(-1) == target) & (target >= 0))
@@ -185,7 +189,7 @@ def evaluate_lookahead(objective: Objective, val: Features, unroll: int, topk: S
     _, hits = objective(f0, toks, ft)
     chain = torch.cumprod(torch.stack(hits, 1).float(), 1).mean(0)
     first = objective.logits(objective.head(f0.float(), toks[:, 0]))
-    target = objective.remap[toks[:, 1]]
+    target = objective.targets(toks[:, 1])
     top = first.topk(max(topk), -1).indices
     return {"val_windows": len(f0),
             "val_top1_by_step": [round(h.float().mean().item(), 4) for h in hits],

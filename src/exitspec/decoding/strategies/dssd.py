@@ -117,7 +117,7 @@ class DSSD(Strategy):
         qd = torch.stack(qs, 1) if k and not params.greedy else (None if params.greedy else target.new_zeros(B, 0, V))
         v = verify(target, d, qd, params, limit=limit.to(dev))
         n = v.accepted.cpu()
-        cache.rollback(p0[:, 0].cpu() + n + 1)
+        state.drop_rejected(n.tolist())
         if self.adaptive:
             full = (n == limit) & (limit == gamma)
             self.gamma = torch.where(full, gamma + 2, gamma - (n < limit).long()).clamp(self.min_draft, self.max_draft)

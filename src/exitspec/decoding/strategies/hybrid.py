@@ -193,7 +193,7 @@ class Hybrid(Strategy):
 
     # --- the step -------------------------------------------------------------------------------------
     def step(self, state: DecodeState) -> StepOutput:
-        lm, cache, params = state.lm, state.cache, state.sampling
+        lm, params = state.lm, state.sampling
         L, E, V = lm.num_layers, self.layer, lm.vocab_size
         x, p0 = state.pending()  # (B, 1) each
         B, dev = x.shape[0], x.device
@@ -220,9 +220,7 @@ class Hybrid(Strategy):
         v = verify(lm.logits(h), d, q, params, limit=limit)
         # One host transfer each for the verdict and the drafts (the head wrote its rows' into d).
         accepted, nxt, drafts = v.accepted.tolist(), v.next_token.tolist(), d.tolist()
-        # Drop rejected drafts and padding in every layer: row b keeps its pending token (at len - 1)
-        # and its accepted drafts.
-        cache.rollback(torch.tensor([len(s) + a for s, a in zip(state.seqs, accepted, strict=True)]))
+        state.drop_rejected(accepted)
         tokens, exits, layers = [], [], []
         extra_head = self.drafter.head.layers_run - E  # a block head's own layer (heads/block.py)
         for b, (row, p) in enumerate(zip(self.rows, plans, strict=True)):

@@ -247,9 +247,7 @@ class Lookup(Strategy):
         # One host transfer each for the verdict; the kept drafts are the row's own proposal's prefix
         # (accepted <= limit), so the tokens come from the Python lists, not from indexing d row by row.
         accepted, nxt = v.accepted.tolist(), v.next_token.tolist()
-        # Drop rejected drafts and padding in every layer: row b keeps its pending token (at len - 1)
-        # and its accepted drafts.
-        cache.rollback(torch.tensor([len(s) + a for s, a in zip(state.seqs, accepted, strict=True)]))
+        state.drop_rejected(accepted)
         tokens = [p[:a] + [t] for p, a, t in zip(props, accepted, nxt, strict=True)]
         for src, prop, acc in zip(sources, props, accepted, strict=True):
             if prop:

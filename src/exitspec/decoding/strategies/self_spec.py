@@ -79,7 +79,7 @@ class SelfSpec(Strategy):
         v = verify(lm.logits(h), d, q, params)
         # --- roll back the rejected drafts in every layer (per-row lengths) -------------------
         n = v.accepted.cpu()
-        cache.rollback(p0[:, 0].cpu() + n + 1)
+        state.drop_rejected(n.tolist())
         tokens, exits = [], []
         for b in range(B):
             k = int(n[b])

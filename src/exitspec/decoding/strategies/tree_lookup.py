@@ -295,7 +295,7 @@ class TreeLookup(Strategy):
         target = lm.logits(h)  # (B, T, V)
         verdict = verify_tree(target, trees, params)
         cache.keep_path(roots, verdict.paths)  # the accepted nodes to slots root + depth
-        cache.rollback(torch.tensor([r + len(p) for r, p in zip(roots, verdict.paths, strict=True)]))
+        state.drop_rejected([len(p) - 1 for p in verdict.paths])
         if self.lookahead is not None:
             for b, ((_, _, head), path) in enumerate(zip(built, verdict.paths, strict=True)):
                 self.hidden[b] = h[b, path[-1]].clone()  # what chose the pending token: the next drafts' input

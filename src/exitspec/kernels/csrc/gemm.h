@@ -2,6 +2,7 @@
 // implementations, one per build: gemm_avx512.cpp (bf16 dot products) and gemm_avx2.cpp (int8 dot
 // products); each packs the weights in the byte layout its inner loop reads and describes it.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -11,6 +12,20 @@ namespace exitspec {
 
 constexpr int kGroup = 32;   // weights per quantization group along the input dimension
 constexpr int kBlockN = 16;  // the interface takes output sizes that are multiples of this
+
+// GGUF's Q8_0 rule for a group of activations whose largest magnitude is `amax`, one definition for
+// both builds (their int8 codes must be the same): scale d = amax / 127, codes round(x * id) with
+// id = 127 / amax. A group holding a NaN or an infinity (finite == false) gets a NaN scale, so it
+// reaches the row's outputs as in fp32; one so small that 127 / amax overflows (max |x| < ~4e-37), or
+// all zero, is taken as zeros.
+struct Q8Scale {
+  float d, id;
+};
+inline Q8Scale q8_scale(float amax, bool finite) {
+  float d = finite ? amax / 127.0f : NAN, id = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+  if (!std::isfinite(id)) id = 0.0f, d = 0.0f;
+  return {d, id};
+}
 
 // Which build this is ("avx512bf16" or "avx2"), and a sentence on how its products round.
 extern const char* const kIsa;

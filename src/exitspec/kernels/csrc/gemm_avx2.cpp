@@ -282,13 +282,11 @@ const Q4Input& Q4Input::set(const float* x, int rows, int cols) {
       a = _mm_max_ps(a, _mm_movehl_ps(a, a));
       const float amax = _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
       // A non-finite input makes the group's scale NaN, so it reaches the output as it would in fp32;
-      // a group so small that 127 / amax overflows (max |x| < ~4e-37) is taken as zeros.
+      // a group so small that 127 / amax overflows (max |x| < ~4e-37) is taken as zeros (q8_scale).
       const __m256 sum8 = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
-      const bool finite = std::isfinite(hsum8(sum8)) && std::isfinite(amax);
-      float d = finite ? amax / 127.0f : NAN, id = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-      if (!std::isfinite(id)) id = 0.0f, d = 0.0f;
+      const Q8Scale s = q8_scale(amax, std::isfinite(hsum8(sum8)) && std::isfinite(amax));
       __m256i c[4];  // round to nearest even (the default MXCSR mode): |x * id| <= 127 by construction
-      for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+      for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(s.id)));
       // The sum of the rounded inputs (see the top of this file for why not the exact ones): an exact
       // integer (|sum| <= 32 * 127), scaled once.
       const __m256i isum = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
@@ -297,8 +295,8 @@ const Q4Input& Q4Input::set(const float* x, int rows, int cols) {
       const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(b16a, b16b),
                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
       _mm256_storeu_si256((__m256i*)(xq.data() + (size_t)m * K + g * kGroup), b8);
-      xd[(size_t)m * G + g] = d;
-      xs[(size_t)m * G + g] = d * hsum8(_mm256_cvtepi32_ps(isum));
+      xd[(size_t)m * G + g] = s.d;
+      xs[(size_t)m * G + g] = s.d * hsum8(_mm256_cvtepi32_ps(isum));
     }
   return *this;
 }

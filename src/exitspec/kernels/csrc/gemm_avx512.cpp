@@ -300,15 +300,14 @@ struct Q8Rows {
         // x - x is 0 for a finite x and NaN for a NaN or an infinity
         const bool finite = _mm512_cmp_ps_mask(_mm512_sub_ps(v0, v0), _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF &&
                             _mm512_cmp_ps_mask(_mm512_sub_ps(v1, v1), _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF;
-        float d = finite ? amax / 127.0f : NAN, id = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-        if (!std::isfinite(id)) id = 0.0f, d = 0.0f;
+        const Q8Scale s = q8_scale(amax, finite);
         // round to nearest even (the default MXCSR mode); |x * id| <= 127 by construction
-        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
-        const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(s.id)));
+        const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(s.id)));
         int8_t* dst = xq.data() + (size_t)m * K + g * kGroup;
         _mm_storeu_si128((__m128i*)dst, _mm512_cvtsepi32_epi8(c0));
         _mm_storeu_si128((__m128i*)(dst + 16), _mm512_cvtsepi32_epi8(c1));
-        xd[(size_t)m * G + g] = d;
+        xd[(size_t)m * G + g] = s.d;
         xc[(size_t)m * G + g] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
       }
   }
